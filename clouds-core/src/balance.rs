@@ -1,0 +1,268 @@
+//! The caller's view of who provides what, and the choice of provider for each attempt.
+//!
+//! Filled from the registry on first use, corrected at once by join/leave events and by
+//! `PUBLISH` returning 0 (the provider's inbox is gone), and refreshed every heartbeat as a
+//! fallback for missed events. Reads on the call path take a read lock and touch no Redis.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use crate::config::Balance;
+use crate::node_id::NodeId;
+
+#[derive(Debug, Default)]
+struct Entry {
+    providers: Vec<NodeId>,
+    cursor: AtomicUsize,
+}
+
+/// Provider cache and balancer of one node.
+#[derive(Debug)]
+pub(crate) struct Balancer {
+    strategy: Balance,
+    methods: RwLock<HashMap<String, Entry>>,
+    /// Providers that timed out recently, until when: tried last while others exist.
+    suspects: Mutex<HashMap<NodeId, Instant>>,
+    /// Calls from this node waiting on each provider (for least-in-flight).
+    outstanding: Mutex<HashMap<NodeId, usize>>,
+    suspect_for: Duration,
+}
+
+// The locks guard plain maps; a panic while holding one cannot leave them inconsistent, so a
+// poisoned lock is used as it is.
+fn read<T>(lock: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    lock.read().unwrap_or_else(|e| e.into_inner())
+}
+fn write<T>(lock: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
+    lock.write().unwrap_or_else(|e| e.into_inner())
+}
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Balancer {
+    pub(crate) fn new(strategy: Balance, suspect_for: Duration) -> Self {
+        Balancer {
+            strategy,
+            methods: RwLock::default(),
+            suspects: Mutex::default(),
+            outstanding: Mutex::default(),
+            suspect_for,
+        }
+    }
+
+    /// Whether the method has been looked up before (even if nobody provided it then).
+    pub(crate) fn knows(&self, method: &str) -> bool {
+        read(&self.methods).contains_key(method)
+    }
+
+    /// The methods in the cache, for the periodic refresh.
+    pub(crate) fn methods(&self) -> Vec<String> {
+        read(&self.methods).keys().cloned().collect()
+    }
+
+    /// Replaces a method's providers with a fresh registry read.
+    pub(crate) fn set(&self, method: &str, mut providers: Vec<NodeId>) {
+        providers.sort();
+        providers.dedup();
+        let mut methods = write(&self.methods);
+        methods.entry(method.to_string()).or_default().providers = providers;
+    }
+
+    /// A join event: `node` now provides `methods` (only methods this node calls are tracked).
+    pub(crate) fn join(&self, node: &NodeId, methods: &[String]) {
+        let mut cache = write(&self.methods);
+        for method in methods {
+            if let Some(entry) = cache.get_mut(method) {
+                if let Err(at) = entry.providers.binary_search(node) {
+                    entry.providers.insert(at, node.clone());
+                }
+            }
+        }
+    }
+
+    /// A leave event, or proof that `node`'s inbox is gone: it provides nothing any more.
+    pub(crate) fn remove(&self, node: &NodeId) {
+        let mut cache = write(&self.methods);
+        for entry in cache.values_mut() {
+            entry.providers.retain(|p| p != node);
+        }
+        drop(cache);
+        lock(&self.suspects).remove(node);
+    }
+
+    /// `node` timed out: try others first for a while. Its registry entry stays; it may only
+    /// be slow.
+    pub(crate) fn suspect(&self, node: &NodeId) {
+        lock(&self.suspects).insert(node.clone(), Instant::now() + self.suspect_for);
+    }
+
+    /// `node` answered: it is fine.
+    pub(crate) fn clear_suspect(&self, node: &NodeId) {
+        let mut suspects = lock(&self.suspects);
+        if !suspects.is_empty() {
+            suspects.remove(node);
+        }
+    }
+
+    /// Picks a provider for `method`, preferring ones not in `tried` and not suspect; `None`
+    /// when there is none at all.
+    pub(crate) fn pick(&self, method: &str, tried: &[NodeId]) -> Option<NodeId> {
+        let cache = read(&self.methods);
+        let entry = cache.get(method)?;
+        if entry.providers.is_empty() {
+            return None;
+        }
+        let now = Instant::now();
+        let suspects = lock(&self.suspects);
+        let healthy = |p: &NodeId| suspects.get(p).is_none_or(|until| *until <= now);
+        // Best tier first: untried and healthy, then untried, then healthy, then anyone.
+        let tiers: [&dyn Fn(&NodeId) -> bool; 4] = [
+            &|p| !tried.contains(p) && healthy(p),
+            &|p| !tried.contains(p),
+            &|p| healthy(p),
+            &|_| true,
+        ];
+        for tier in tiers {
+            let candidates: Vec<&NodeId> = entry.providers.iter().filter(|p| tier(p)).collect();
+            if candidates.is_empty() {
+                continue;
+            }
+            let start = entry.cursor.fetch_add(1, Ordering::Relaxed);
+            let chosen = match self.strategy {
+                Balance::RoundRobin => candidates[start % candidates.len()],
+                Balance::LeastInFlight => {
+                    let outstanding = lock(&self.outstanding);
+                    let load = |p: &NodeId| outstanding.get(p).copied().unwrap_or(0);
+                    // Rotate the start so ties are spread instead of always hitting the first.
+                    (0..candidates.len())
+                        .map(|i| candidates[(start + i) % candidates.len()])
+                        .min_by_key(|p| load(p))
+                        .unwrap_or(candidates[0])
+                }
+            };
+            return Some(chosen.clone());
+        }
+        None
+    }
+
+    /// Counts a call to `node` as outstanding until the guard drops.
+    pub(crate) fn start_call(&self, node: &NodeId) -> Outstanding<'_> {
+        if self.strategy == Balance::LeastInFlight {
+            *lock(&self.outstanding).entry(node.clone()).or_default() += 1;
+        }
+        Outstanding {
+            balancer: self,
+            node: node.clone(),
+        }
+    }
+}
+
+/// One call waiting on a provider; dropping it ends the count.
+pub(crate) struct Outstanding<'a> {
+    balancer: &'a Balancer,
+    node: NodeId,
+}
+
+impl Drop for Outstanding<'_> {
+    fn drop(&mut self) {
+        if self.balancer.strategy == Balance::LeastInFlight {
+            let mut outstanding = lock(&self.balancer.outstanding);
+            if let Some(n) = outstanding.get_mut(&self.node) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    outstanding.remove(&self.node);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ids(names: &[&str]) -> Vec<NodeId> {
+        names.iter().map(|n| NodeId::from(*n)).collect()
+    }
+
+    #[test]
+    fn round_robin_visits_every_provider_evenly() {
+        let b = Balancer::new(Balance::RoundRobin, Duration::from_secs(6));
+        b.set("m", ids(&["a", "b", "c"]));
+        let mut counts = HashMap::new();
+        for _ in 0..300 {
+            *counts
+                .entry(b.pick("m", &[]).expect("provider"))
+                .or_insert(0) += 1;
+        }
+        assert_eq!(counts.len(), 3);
+        assert!(counts.values().all(|&n| n == 100), "{counts:?}");
+    }
+
+    #[test]
+    fn unknown_or_empty_methods_have_no_provider() {
+        let b = Balancer::new(Balance::RoundRobin, Duration::from_secs(6));
+        assert_eq!(b.pick("m", &[]), None);
+        assert!(!b.knows("m"));
+        b.set("m", vec![]);
+        assert!(b.knows("m"));
+        assert_eq!(b.pick("m", &[]), None);
+    }
+
+    #[test]
+    fn prefers_untried_then_healthy_providers() {
+        let b = Balancer::new(Balance::RoundRobin, Duration::from_secs(60));
+        b.set("m", ids(&["a", "b"]));
+        let a = NodeId::from("a");
+        for _ in 0..10 {
+            assert_eq!(b.pick("m", std::slice::from_ref(&a)), Some("b".into()));
+        }
+        b.suspect(&"b".into());
+        for _ in 0..10 {
+            assert_eq!(b.pick("m", &[]), Some(a.clone()));
+        }
+        // Everyone tried and suspect: still returns someone rather than nobody.
+        b.suspect(&a);
+        assert!(b.pick("m", &ids(&["a", "b"])).is_some());
+        b.clear_suspect(&a);
+        assert_eq!(b.pick("m", &[]), Some(a));
+    }
+
+    #[test]
+    fn events_update_the_cache() {
+        let b = Balancer::new(Balance::RoundRobin, Duration::from_secs(6));
+        b.set("m", ids(&["a"]));
+        b.join(&"b".into(), &["m".into(), "other".into()]);
+        assert!(
+            !b.knows("other"),
+            "joins do not create entries for methods never called"
+        );
+        b.remove(&"a".into());
+        for _ in 0..5 {
+            assert_eq!(b.pick("m", &[]), Some("b".into()));
+        }
+        b.remove(&"b".into());
+        assert_eq!(b.pick("m", &[]), None);
+    }
+
+    #[test]
+    fn least_in_flight_avoids_busy_providers() {
+        let b = Balancer::new(Balance::LeastInFlight, Duration::from_secs(6));
+        b.set("m", ids(&["a", "b", "c"]));
+        let busy_a = b.start_call(&"a".into());
+        let busy_b = b.start_call(&"b".into());
+        for _ in 0..10 {
+            assert_eq!(b.pick("m", &[]), Some("c".into()));
+        }
+        drop(busy_a);
+        drop(busy_b);
+        let mut seen = std::collections::HashSet::new();
+        for _ in 0..30 {
+            seen.insert(b.pick("m", &[]).expect("provider"));
+        }
+        assert_eq!(seen.len(), 3, "ties are spread");
+    }
+}

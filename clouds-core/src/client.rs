@@ -1,0 +1,333 @@
+//! Calling providers: pick one, publish the call, wait for the reply, retry on failure.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::codec;
+use crate::config::Config;
+use crate::envelope::{Reply, Status};
+use crate::error::{Error, RemoteError};
+use crate::message::Messages;
+use crate::node::{Node, Owner, Stats};
+use crate::node_id::NodeId;
+
+/// A connection to the services of one Redis deployment: calls methods, sends messages.
+///
+/// Cheap to clone; clones share the connections. Typed stubs (`HelloClient::new(&client)`)
+/// are built on it. A [`Server`](crate::Server) hands out a client sharing its connections
+/// with [`Server::client`](crate::Server::client).
+///
+/// ```no_run
+/// # async fn demo() -> Result<(), clouds_core::Error> {
+/// let config = clouds_core::Config::from_url("redis://127.0.0.1:6379/3")?;
+/// let client = clouds_core::Client::connect(config).await?.with_retries(2);
+/// let echoed: String = client.call("test.echo", ("hi",)).await?;
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct Client {
+    owner: Arc<Owner>,
+    retries: u32,
+    timeout: Duration,
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client")
+            .field("id", self.id())
+            .field("retries", &self.retries)
+            .field("timeout", &self.timeout)
+            .finish()
+    }
+}
+
+/// How one attempt ended.
+enum Attempt {
+    Replied(Reply),
+    /// PUBLISH reached nobody: the provider's inbox is gone and the call certainly did not run.
+    NotDelivered,
+    /// The node shut down while waiting.
+    Closed,
+}
+
+impl Client {
+    /// Connects a new client node.
+    pub async fn connect(config: Config) -> Result<Client, Error> {
+        let node = Node::start(config, "client").await?;
+        Ok(Client::from_owner(Arc::new(Owner { node })))
+    }
+
+    pub(crate) fn from_owner(owner: Arc<Owner>) -> Client {
+        let config = &owner.node.config;
+        Client {
+            retries: config.retries,
+            timeout: config.timeout,
+            owner,
+        }
+    }
+
+    fn node(&self) -> &Arc<Node> {
+        &self.owner.node
+    }
+
+    /// This node's id.
+    pub fn id(&self) -> &NodeId {
+        &self.node().id
+    }
+
+    /// This handle, retrying calls up to `retries` more times on timeout, overload or no
+    /// provider.
+    pub fn with_retries(mut self, retries: u32) -> Self {
+        self.retries = retries;
+        self
+    }
+
+    /// This handle, waiting `timeout` for each attempt's reply.
+    pub fn with_timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    /// Calls `method` by name with `args` as a tuple (`(a, b)`, `(a,)` or `()`).
+    ///
+    /// An application error from the handler arrives as [`Error::Remote`].
+    pub async fn call<A, R>(&self, method: &str, args: A) -> Result<R, Error>
+    where
+        A: Serialize,
+        R: DeserializeOwned,
+    {
+        let args = encode_args(method, &args)?;
+        let (node, reply) = self.invoke(method, &args).await?;
+        decode_reply(method, node, reply)
+    }
+
+    /// Sends `message` to the node `to`. Fails with [`Error::Unreachable`] when no such node
+    /// listens.
+    pub async fn send<T: Serialize + ?Sized>(
+        &self,
+        to: impl AsRef<str>,
+        message: &T,
+    ) -> Result<(), Error> {
+        let to = to.as_ref();
+        let node = self.node();
+        if node.is_closed() {
+            return Err(Error::Shutdown);
+        }
+        let body = codec::encode_value(message).map_err(|reason| Error::Codec {
+            action: format!("encode a message to {to}"),
+            reason,
+        })?;
+        let frame = codec::encode_message(node.id.as_str(), &body);
+        let receivers = node
+            .publish(&node.names.inbox(to), frame, || format!("message to {to}"))
+            .await?;
+        if receivers == 0 {
+            return Err(Error::Unreachable { node: to.into() });
+        }
+        Ok(())
+    }
+
+    /// The messages other nodes sent to this one.
+    pub fn messages(&self) -> Messages {
+        self.node().messages.reader()
+    }
+
+    /// Counters of this node (bad frames received, calls pending, ...).
+    pub fn stats(&self) -> Stats {
+        self.node().stats()
+    }
+
+    /// Closes this node's connections now, instead of when the last handle drops. Calls still
+    /// waiting fail with [`Error::Shutdown`].
+    pub async fn close(&self) {
+        self.node().close().await;
+    }
+
+    /// Runs a call with retries; returns the provider that answered and its reply.
+    pub(crate) async fn invoke(&self, method: &str, args: &[u8]) -> Result<(NodeId, Reply), Error> {
+        let node = self.node();
+        let started = Instant::now();
+        let max_attempts = self.retries.saturating_add(1);
+        let deadline_ms = u64::try_from(self.timeout.as_millis())
+            .unwrap_or(u64::MAX)
+            .max(1);
+        let mut attempts = 0u32;
+        let mut reroutes = 0u32;
+        let mut tried: Vec<NodeId> = Vec::new();
+        let mut refresh = !node.balancer.knows(method);
+        loop {
+            if node.is_closed() {
+                return Err(Error::Shutdown);
+            }
+            if refresh {
+                node.refresh(&[method.to_string()]).await?;
+                refresh = false;
+            }
+            let Some(provider) = node.balancer.pick(method, &tried) else {
+                attempts += 1;
+                if attempts >= max_attempts {
+                    return Err(Error::NoProvider {
+                        method: method.to_string(),
+                        attempts,
+                    });
+                }
+                // Wait for a provider to join (the join event fills the cache), then look again.
+                tokio::time::sleep(backoff(attempts, node.config.heartbeat)).await;
+                refresh = true;
+                continue;
+            };
+            attempts += 1;
+            let outcome = {
+                let (slot, reply) = node.pending.open();
+                let _load = node.balancer.start_call(&provider);
+                let frame =
+                    codec::encode_call(slot.id, method, node.id.as_str(), deadline_ms, args);
+                let channel = node.names.calls(provider.as_str());
+                let attempt = async {
+                    let receivers = node
+                        .publish(&channel, frame, || format!("the call to {method}"))
+                        .await?;
+                    if receivers == 0 {
+                        return Ok::<_, Error>(Attempt::NotDelivered);
+                    }
+                    Ok(match reply.await {
+                        Ok(reply) => Attempt::Replied(reply),
+                        Err(_) => Attempt::Closed,
+                    })
+                };
+                tokio::time::timeout(self.timeout, attempt).await
+            };
+            let failure = match outcome {
+                Ok(Ok(Attempt::Replied(reply))) => match reply.status {
+                    Status::Overloaded => Error::Overloaded {
+                        method: method.to_string(),
+                        attempts,
+                    },
+                    Status::ShuttingDown => {
+                        node.balancer.remove(&provider);
+                        Error::NoProvider {
+                            method: method.to_string(),
+                            attempts,
+                        }
+                    }
+                    _ => {
+                        node.balancer.clear_suspect(&provider);
+                        return Ok((provider, reply));
+                    }
+                },
+                Ok(Ok(Attempt::NotDelivered)) => {
+                    // Certainly not executed: re-route at once without using up an attempt
+                    // (bounded, in case every provider vanished together).
+                    node.balancer.remove(&provider);
+                    attempts -= 1;
+                    reroutes += 1;
+                    if reroutes > 16 {
+                        refresh = true;
+                        reroutes = 0;
+                        attempts += 1;
+                        if attempts >= max_attempts {
+                            return Err(Error::NoProvider {
+                                method: method.to_string(),
+                                attempts,
+                            });
+                        }
+                    }
+                    continue;
+                }
+                Ok(Ok(Attempt::Closed)) => return Err(Error::Shutdown),
+                Ok(Err(e @ (Error::TooLarge { .. } | Error::Codec { .. }))) => return Err(e),
+                Ok(Err(e)) => e,
+                Err(_elapsed) => {
+                    node.balancer.suspect(&provider);
+                    Error::Timeout {
+                        method: method.to_string(),
+                        after: started.elapsed(),
+                        attempts,
+                    }
+                }
+            };
+            tried.push(provider);
+            if attempts >= max_attempts {
+                return Err(failure);
+            }
+            if matches!(failure, Error::Redis(_)) {
+                tokio::time::sleep(backoff(attempts, node.config.heartbeat)).await;
+            }
+        }
+    }
+}
+
+/// Waits between attempts that found nothing to call: 25 ms doubling, at most a heartbeat.
+fn backoff(attempt: u32, heartbeat: Duration) -> Duration {
+    let exp = Duration::from_millis(25).saturating_mul(1 << attempt.min(10));
+    exp.min(heartbeat)
+}
+
+pub(crate) fn encode_args<A: Serialize + ?Sized>(method: &str, args: &A) -> Result<Vec<u8>, Error> {
+    codec::encode_args(args).map_err(|reason| Error::Codec {
+        action: format!("encode the arguments of {method}"),
+        reason,
+    })
+}
+
+fn text(body: &[u8]) -> String {
+    codec::decode_value::<String>(body).unwrap_or_else(|_| "(no description)".to_string())
+}
+
+/// Turns a reply into the value, or into the error it reports.
+pub(crate) fn decode_reply<T: DeserializeOwned>(
+    method: &str,
+    node: NodeId,
+    reply: Reply,
+) -> Result<T, Error> {
+    let method_s = || method.to_string();
+    match reply.status {
+        Status::Ok => codec::decode_value(&reply.body).map_err(|reason| Error::Codec {
+            action: format!("decode the reply of {method} from {node}"),
+            reason,
+        }),
+        Status::AppError => Err(Error::Remote(RemoteError {
+            method: method_s(),
+            node,
+            payload: reply.body,
+        })),
+        Status::Panic => Err(Error::Panicked {
+            method: method_s(),
+            node,
+            message: text(&reply.body),
+        }),
+        Status::UnknownMethod => Err(Error::UnknownMethod {
+            method: method_s(),
+            node,
+        }),
+        Status::BadArguments => Err(Error::BadArguments {
+            method: method_s(),
+            node,
+            reason: text(&reply.body),
+        }),
+        Status::ServerError => Err(Error::Server {
+            method: method_s(),
+            node,
+            reason: text(&reply.body),
+        }),
+        Status::Overloaded | Status::ShuttingDown => Err(Error::Protocol(format!(
+            "unexpected status {:?} from {node}",
+            reply.status
+        ))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_and_is_capped() {
+        let hb = Duration::from_secs(2);
+        assert!(backoff(1, hb) < backoff(2, hb));
+        assert_eq!(backoff(30, hb), hb);
+    }
+}

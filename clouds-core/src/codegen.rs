@@ -1,0 +1,105 @@
+//! What `#[clouds::service]` expands to calls. Not a stable API: reach it only through the
+//! macro (the facade re-exports it as a hidden module).
+
+use std::future::Future;
+use std::time::Duration;
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::client::{Client, decode_reply, encode_args};
+use crate::envelope::Status;
+use crate::error::Error;
+use crate::service::{self, Route};
+
+/// The inside of a generated `{Trait}Client`: a client handle with its call options.
+#[derive(Clone, Debug)]
+pub struct Stub {
+    client: Client,
+}
+
+impl Stub {
+    /// A stub calling through `client`, with its retries and timeout.
+    pub fn new(client: &Client) -> Stub {
+        Stub {
+            client: client.clone(),
+        }
+    }
+
+    /// See `Client::with_retries`.
+    pub fn with_retries(self, retries: u32) -> Stub {
+        Stub {
+            client: self.client.with_retries(retries),
+        }
+    }
+
+    /// See `Client::with_timeout`.
+    pub fn with_timeout(self, timeout: Duration) -> Stub {
+        Stub {
+            client: self.client.with_timeout(timeout),
+        }
+    }
+
+    /// The client underneath.
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+
+    /// Calls a method whose return value is a plain value.
+    pub async fn call_value<A, T>(&self, method: &'static str, args: &A) -> Result<T, Error>
+    where
+        A: Serialize + ?Sized,
+        T: DeserializeOwned,
+    {
+        let args = encode_args(method, args)?;
+        let (node, reply) = self.client.invoke(method, &args).await?;
+        decode_reply(method, node, reply)
+    }
+
+    /// Calls a method returning `Result<T, E>`: its `Err` arrives typed, as `Ok(Err(e))`.
+    pub async fn call_result<A, T, E>(
+        &self,
+        method: &'static str,
+        args: &A,
+    ) -> Result<Result<T, E>, Error>
+    where
+        A: Serialize + ?Sized,
+        T: DeserializeOwned,
+        E: DeserializeOwned,
+    {
+        let args = encode_args(method, args)?;
+        let (node, reply) = self.client.invoke(method, &args).await?;
+        if reply.status == Status::AppError {
+            return crate::codec::decode_value(&reply.body)
+                .map(Err)
+                .map_err(|reason| Error::Codec {
+                    action: format!("decode the error of {method} from {node}"),
+                    reason,
+                });
+        }
+        decode_reply(method, node, reply).map(Ok)
+    }
+}
+
+/// A route for a method returning a plain value.
+pub fn value_route<A, F, Fut, T>(name: &'static str, f: F) -> Route
+where
+    A: DeserializeOwned + Send + 'static,
+    F: Fn(A) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = T> + Send + 'static,
+    T: Serialize + Send + 'static,
+{
+    service::value_route(name, f)
+}
+
+/// A route for a method returning `Result<T, E>`, whose `Err` travels typed.
+pub fn result_route<A, F, Fut, T, E>(name: &'static str, f: F) -> Route
+where
+    A: DeserializeOwned + Send + 'static,
+    F: Fn(A) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<T, E>> + Send + 'static,
+    T: Serialize + Send + 'static,
+    E: Serialize + Send + 'static,
+{
+    service::result_route(name, f)
+}

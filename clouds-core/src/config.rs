@@ -1,0 +1,246 @@
+//! How a node connects and behaves.
+
+use std::time::Duration;
+
+use clouds_redis::{Endpoint, TransportOptions};
+
+use crate::error::Error;
+
+/// How calls are spread over the live providers of a method.
+///
+/// ```
+/// let config = clouds_core::Config::default().balance(clouds_core::Balance::LeastInFlight);
+/// assert_eq!(config.balance_strategy(), clouds_core::Balance::LeastInFlight);
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum Balance {
+    /// Each provider in turn.
+    #[default]
+    RoundRobin,
+    /// The provider with the fewest calls from this node still waiting for a reply.
+    LeastInFlight,
+}
+
+/// Connection and behaviour settings shared by servers, clients and monitors.
+///
+/// Every node that should see the same services uses the same Redis, db and namespace.
+///
+/// ```
+/// use std::time::Duration;
+/// let config = clouds_core::Config::from_url("redis://127.0.0.1:6379/3")?
+///     .heartbeat(Duration::from_secs(2))
+///     .timeout(Duration::from_secs(2));
+/// assert_eq!(config.db(), 3);
+/// assert_eq!(config.ttl_duration(), Duration::from_secs(6));
+/// # Ok::<(), clouds_core::Error>(())
+/// ```
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub(crate) endpoint: Endpoint,
+    pub(crate) namespace: String,
+    pub(crate) heartbeat: Duration,
+    pub(crate) ttl: Option<Duration>,
+    pub(crate) timeout: Duration,
+    pub(crate) retries: u32,
+    pub(crate) max_in_flight: usize,
+    pub(crate) max_frame_size: usize,
+    pub(crate) balance: Balance,
+    pub(crate) shutdown_timeout: Duration,
+    pub(crate) message_buffer: usize,
+    pub(crate) transport: TransportOptions,
+}
+
+impl Default for Config {
+    /// `redis://127.0.0.1:6379`, db 0, namespace `clouds`, heartbeat 2 s, timeout 2 s.
+    fn default() -> Self {
+        let endpoint = Endpoint::parse("redis://127.0.0.1:6379").expect("the default URL is valid");
+        Config {
+            endpoint,
+            namespace: "clouds".to_string(),
+            heartbeat: Duration::from_secs(2),
+            ttl: None,
+            timeout: Duration::from_secs(2),
+            retries: 0,
+            max_in_flight: 1024,
+            max_frame_size: 4 << 20,
+            balance: Balance::RoundRobin,
+            shutdown_timeout: Duration::from_secs(30),
+            message_buffer: 1024,
+            transport: TransportOptions::default(),
+        }
+    }
+}
+
+impl Config {
+    /// Settings for the Redis at `redis://[user:password@]host[:port][/db]`, defaults for the rest.
+    pub fn from_url(url: &str) -> Result<Self, Error> {
+        Ok(Config {
+            endpoint: Endpoint::parse(url)?,
+            ..Config::default()
+        })
+    }
+
+    /// Uses Redis database `db`. Nodes in different dbs never see each other.
+    pub fn db(&self) -> u8 {
+        self.endpoint.db()
+    }
+
+    /// Selects Redis database `db`.
+    pub fn with_db(mut self, db: u8) -> Self {
+        self.endpoint.set_db(db);
+        self
+    }
+
+    /// Authenticates with `password` (and an ACL `username`, if given).
+    pub fn password(mut self, username: Option<&str>, password: &str) -> Self {
+        self.endpoint
+            .set_credentials(username.map(str::to_string), password.to_string());
+        self
+    }
+
+    /// Prefix of every key and channel (default `clouds`); deployments sharing a Redis and db
+    /// stay apart with different namespaces.
+    pub fn namespace(mut self, namespace: &str) -> Self {
+        self.namespace = namespace.to_string();
+        self
+    }
+
+    /// How often a server renews its registry entry (default 2 s).
+    pub fn heartbeat(mut self, every: Duration) -> Self {
+        self.heartbeat = every;
+        self
+    }
+
+    /// How long a registry entry lives without a heartbeat (default 3 × heartbeat): a server
+    /// that dies stops receiving calls after at most this long.
+    pub fn ttl(mut self, ttl: Duration) -> Self {
+        self.ttl = Some(ttl);
+        self
+    }
+
+    /// How long one attempt of a call waits for its reply (default 2 s).
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    /// How many more attempts a call makes after a timeout, an overloaded provider or no
+    /// provider (default 0). Stubs and clients can override it per handle.
+    pub fn retries(mut self, retries: u32) -> Self {
+        self.retries = retries;
+        self
+    }
+
+    /// How many calls a server runs at once (default 1024); past it, calls are refused at once
+    /// as overloaded and the caller retries elsewhere.
+    pub fn max_in_flight(mut self, limit: usize) -> Self {
+        self.max_in_flight = limit;
+        self
+    }
+
+    /// Largest frame sent or accepted, in bytes (default 4 MiB). Larger calls, replies and
+    /// messages fail at the sender, before they reach Redis.
+    pub fn max_frame_size(mut self, bytes: usize) -> Self {
+        self.max_frame_size = bytes;
+        self
+    }
+
+    /// How calls are spread over providers (default round-robin).
+    pub fn balance(mut self, balance: Balance) -> Self {
+        self.balance = balance;
+        self
+    }
+
+    /// How long `Server::shutdown` waits for calls in flight before closing anyway (default 30 s).
+    pub fn shutdown_timeout(mut self, timeout: Duration) -> Self {
+        self.shutdown_timeout = timeout;
+        self
+    }
+
+    /// Longest wait for any single Redis command (default 5 s).
+    pub fn command_timeout(mut self, timeout: Duration) -> Self {
+        self.transport.command_timeout = timeout;
+        self
+    }
+
+    /// How many received node messages are kept until read (default 1024); more are dropped
+    /// and logged.
+    pub fn message_buffer(mut self, messages: usize) -> Self {
+        self.message_buffer = messages;
+        self
+    }
+
+    /// The effective registry TTL.
+    pub fn ttl_duration(&self) -> Duration {
+        self.ttl.unwrap_or(self.heartbeat * 3)
+    }
+
+    /// The balancing strategy in use.
+    pub fn balance_strategy(&self) -> Balance {
+        self.balance
+    }
+
+    /// Checks the settings fit together; nodes call this when they start.
+    pub(crate) fn validate(&self) -> Result<(), Error> {
+        let fail = |m: String| Err(Error::Config(m));
+        if self.namespace.is_empty()
+            || self.namespace.len() > 64
+            || self
+                .namespace
+                .chars()
+                .any(|c| c.is_whitespace() || c.is_control() || matches!(c, '{' | '}' | ':'))
+        {
+            return fail(format!(
+                "namespace {:?} must be 1-64 characters without whitespace, ':', '{{' or '}}'",
+                self.namespace
+            ));
+        }
+        if self.heartbeat < Duration::from_millis(10) {
+            return fail(format!("heartbeat {:?} is below 10 ms", self.heartbeat));
+        }
+        if self.ttl_duration() <= self.heartbeat {
+            return fail(format!(
+                "ttl {:?} must be longer than the heartbeat {:?} (3x is the default)",
+                self.ttl_duration(),
+                self.heartbeat
+            ));
+        }
+        if self.timeout.is_zero() {
+            return fail("timeout must be above zero".into());
+        }
+        if self.max_in_flight == 0 {
+            return fail("max_in_flight must be at least 1".into());
+        }
+        if self.max_frame_size < 1024 {
+            return fail(format!(
+                "max_frame_size {} is below 1024 bytes",
+                self.max_frame_size
+            ));
+        }
+        if self.message_buffer == 0 {
+            return fail("message_buffer must be at least 1".into());
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn validates() {
+        assert!(Config::default().validate().is_ok());
+        assert!(Config::default().namespace("a:b").validate().is_err());
+        assert!(Config::default().namespace("").validate().is_err());
+        assert!(
+            Config::default()
+                .ttl(Duration::from_secs(1))
+                .validate()
+                .is_err()
+        );
+        assert!(Config::default().max_in_flight(0).validate().is_err());
+        assert!(Config::from_url("nope://x").is_err());
+    }
+}

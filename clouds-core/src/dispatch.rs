@@ -1,0 +1,96 @@
+//! The server side of a call: route lookup, in-flight limit, deadline, running the handler.
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use tokio::sync::Semaphore;
+use tokio_util::task::TaskTracker;
+
+use crate::codec;
+use crate::envelope::{Call, Status};
+use crate::node::{Node, bump};
+use crate::service::Route;
+
+/// Routes calls to handlers and runs them, at most `max_in_flight` at once.
+pub(crate) struct Dispatcher {
+    routes: RwLock<HashMap<String, Route>>,
+    slots: Arc<Semaphore>,
+    max_in_flight: usize,
+    /// Every running handler (and error reply), so shutdown can wait for them.
+    pub(crate) tasks: TaskTracker,
+}
+
+impl Dispatcher {
+    pub(crate) fn new(max_in_flight: usize) -> Self {
+        Dispatcher {
+            routes: RwLock::default(),
+            slots: Arc::new(Semaphore::new(max_in_flight)),
+            max_in_flight,
+            tasks: TaskTracker::new(),
+        }
+    }
+
+    /// Adds routes; fails without adding any if a name is taken or repeated.
+    pub(crate) fn add(&self, routes: Vec<Route>) -> Result<Vec<String>, String> {
+        let mut table = self.routes.write().unwrap_or_else(|e| e.into_inner());
+        let mut names = Vec::with_capacity(routes.len());
+        for route in &routes {
+            crate::namespace::validate_method(&route.name)?;
+            if table.contains_key(&route.name) || names.contains(&route.name) {
+                return Err(format!(
+                    "method {} is already registered on this server",
+                    route.name
+                ));
+            }
+            names.push(route.name.clone());
+        }
+        for route in routes {
+            table.insert(route.name.clone(), route);
+        }
+        Ok(names)
+    }
+
+    /// Handlers running now.
+    pub(crate) fn in_flight(&self) -> usize {
+        self.max_in_flight - self.slots.available_permits()
+    }
+
+    /// Starts handling one call; returns at once (the handler runs in its own task).
+    pub(crate) fn dispatch(&self, node: &Arc<Node>, call: Call) {
+        if call.deadline_ms == 0 {
+            // The caller has already given up on this attempt.
+            bump(&node.counters.expired_calls);
+            return;
+        }
+        let deadline = Instant::now() + Duration::from_millis(call.deadline_ms);
+        let route = {
+            let table = self.routes.read().unwrap_or_else(|e| e.into_inner());
+            table.get(&call.method).map(|r| r.handler.clone())
+        };
+        let node = node.clone();
+        let Some(handler) = route else {
+            self.tasks.spawn(async move {
+                let body = codec::encode_value(&call.method).unwrap_or_default();
+                node.reply(&call.reply_to, call.id, Status::UnknownMethod, &body)
+                    .await;
+            });
+            return;
+        };
+        let Ok(permit) = self.slots.clone().try_acquire_owned() else {
+            self.tasks.spawn(async move {
+                node.reply(&call.reply_to, call.id, Status::Overloaded, codec::NIL)
+                    .await;
+            });
+            return;
+        };
+        self.tasks.spawn(async move {
+            let outcome = handler(call.args).await;
+            if Instant::now() > deadline {
+                tracing::debug!(node = %node.id, method = %call.method, "handler finished after the caller's deadline");
+            }
+            node.reply(&call.reply_to, call.id, outcome.status, &outcome.body).await;
+            drop(permit);
+        });
+    }
+}

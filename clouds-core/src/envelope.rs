@@ -1,0 +1,96 @@
+//! The frames nodes exchange (protocol version 1, see `docs/protocol.md`).
+
+use bytes::Bytes;
+
+use crate::node_id::NodeId;
+
+/// A decoded frame.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum Frame {
+    /// A request to run `method`.
+    Call(Call),
+    /// The answer to a call.
+    Reply(Reply),
+    /// A free-form message from one node to another.
+    Message {
+        /// The sender.
+        from: NodeId,
+        /// The MessagePack body.
+        body: Bytes,
+    },
+    /// A server now provides `methods`.
+    Join {
+        /// The server.
+        node: NodeId,
+        /// Methods it provides.
+        methods: Vec<String>,
+    },
+    /// A server is leaving and takes no new calls.
+    Leave {
+        /// The server.
+        node: NodeId,
+    },
+}
+
+/// A call request.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct Call {
+    /// Chosen by the caller, unique among its calls in flight.
+    pub(crate) id: u64,
+    /// Full method name, `service.method`.
+    pub(crate) method: String,
+    /// The caller's node id; the reply goes to its inbox.
+    pub(crate) reply_to: NodeId,
+    /// Milliseconds the caller still waits for this attempt, counted from publication.
+    pub(crate) deadline_ms: u64,
+    /// The arguments: one MessagePack array.
+    pub(crate) args: Bytes,
+}
+
+/// A call's outcome.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct Reply {
+    /// The id of the call answered.
+    pub(crate) id: u64,
+    /// What happened.
+    pub(crate) status: Status,
+    /// Status-specific body, MessagePack.
+    pub(crate) body: Bytes,
+}
+
+/// Reply statuses and their wire codes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Status {
+    /// The handler's return value.
+    Ok = 0,
+    /// The handler's application error value.
+    AppError = 1,
+    /// The handler panicked; body: message string.
+    Panic = 2,
+    /// No such method here; body: method string.
+    UnknownMethod = 3,
+    /// Arguments did not decode; body: reason string.
+    BadArguments = 4,
+    /// At the in-flight limit; body: nil. The caller tries another provider.
+    Overloaded = 5,
+    /// The server is stopping; body: nil. The caller tries another provider.
+    ShuttingDown = 6,
+    /// The server could not produce a reply; body: reason string.
+    ServerError = 7,
+}
+
+impl Status {
+    pub(crate) fn from_code(code: u64) -> Option<Status> {
+        Some(match code {
+            0 => Status::Ok,
+            1 => Status::AppError,
+            2 => Status::Panic,
+            3 => Status::UnknownMethod,
+            4 => Status::BadArguments,
+            5 => Status::Overloaded,
+            6 => Status::ShuttingDown,
+            7 => Status::ServerError,
+            _ => return None,
+        })
+    }
+}

@@ -1,0 +1,111 @@
+//! Free-form messages between nodes.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use serde::de::DeserializeOwned;
+use tokio::sync::{Mutex, mpsc};
+
+use crate::error::Error;
+use crate::node_id::NodeId;
+
+/// A message another node sent to this one with [`Client::send`](crate::Client::send).
+///
+/// ```
+/// # async fn demo(server: clouds_core::Server) -> Result<(), clouds_core::Error> {
+/// if let Some(msg) = server.messages().next().await {
+///     let text: String = msg.decode()?;
+///     println!("{} says {text}", msg.from());
+/// }
+/// # Ok(()) }
+/// ```
+#[derive(Debug, Clone)]
+pub struct Message {
+    pub(crate) from: NodeId,
+    pub(crate) body: Bytes,
+}
+
+impl Message {
+    /// The sender's node id.
+    pub fn from(&self) -> &NodeId {
+        &self.from
+    }
+
+    /// Decodes the body into `T`.
+    pub fn decode<T: DeserializeOwned>(&self) -> Result<T, Error> {
+        crate::codec::decode_value(&self.body).map_err(|reason| Error::Codec {
+            action: format!("decode a message from {}", self.from),
+            reason,
+        })
+    }
+
+    /// The raw MessagePack body.
+    pub fn bytes(&self) -> &[u8] {
+        &self.body
+    }
+}
+
+/// The queue of messages received by a node, read with [`Messages::next`].
+///
+/// Every handle of a node reads the same queue: each message is handed to one reader.
+/// Messages arriving while the queue is full are dropped and logged.
+///
+/// ```
+/// # async fn demo(client: clouds_core::Client) {
+/// let mut inbox = client.messages();
+/// while let Some(msg) = inbox.next().await {
+///     println!("from {}", msg.from());
+/// }
+/// # }
+/// ```
+#[derive(Debug, Clone)]
+pub struct Messages {
+    rx: Arc<Mutex<mpsc::Receiver<Message>>>,
+}
+
+impl Messages {
+    /// Waits for the next message; `None` once the node has shut down.
+    pub async fn next(&mut self) -> Option<Message> {
+        self.rx.lock().await.recv().await
+    }
+
+    /// A message that has already arrived, without waiting.
+    pub fn try_next(&mut self) -> Option<Message> {
+        self.rx.try_lock().ok()?.try_recv().ok()
+    }
+}
+
+/// The sending half, owned by the node's receive loop.
+#[derive(Debug)]
+pub(crate) struct MessageQueue {
+    tx: mpsc::Sender<Message>,
+    readers: Messages,
+}
+
+impl MessageQueue {
+    pub(crate) fn new(capacity: usize) -> Self {
+        let (tx, rx) = mpsc::channel(capacity);
+        MessageQueue {
+            tx,
+            readers: Messages {
+                rx: Arc::new(Mutex::new(rx)),
+            },
+        }
+    }
+
+    /// Queues a message without waiting; false if the queue is full.
+    pub(crate) fn push(&self, message: Message) -> bool {
+        self.tx.try_send(message).is_ok()
+    }
+
+    pub(crate) fn reader(&self) -> Messages {
+        self.readers.clone()
+    }
+}
+
+impl MessageQueue {
+    /// Ends the queue: readers get what is already queued, then `None`.
+    pub(crate) async fn close(&self) {
+        self.readers.rx.lock().await.close();
+    }
+}

@@ -1,0 +1,85 @@
+//! Who serves what, read from the registry.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use crate::config::Config;
+use crate::error::Error;
+use crate::node::{Node, Owner};
+use crate::node_id::NodeId;
+use crate::registry::ServerInfo;
+
+/// Reads the registry: which servers are alive and what they serve.
+///
+/// ```no_run
+/// # async fn demo() -> Result<(), clouds_core::Error> {
+/// let config = clouds_core::Config::from_url("redis://127.0.0.1:6379/3")?;
+/// let status = clouds_core::Monitor::connect(config).await?.status().await?;
+/// for (method, servers) in &status.methods {
+///     println!("{method}: {servers:?}");
+/// }
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct Monitor {
+    owner: Arc<Owner>,
+}
+
+impl std::fmt::Debug for Monitor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Monitor")
+            .field("id", &self.owner.node.id)
+            .finish()
+    }
+}
+
+/// A snapshot of the registry.
+///
+/// ```
+/// let status = clouds_core::Status::default();
+/// assert!(status.methods.is_empty() && status.servers.is_empty());
+/// ```
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Status {
+    /// Each method and the servers providing it, sorted.
+    pub methods: BTreeMap<String, Vec<NodeId>>,
+    /// Each live server and what it reported at its last heartbeat.
+    pub servers: BTreeMap<NodeId, ServerInfo>,
+}
+
+impl Monitor {
+    /// Connects a monitor node.
+    pub async fn connect(config: Config) -> Result<Monitor, Error> {
+        let node = Node::start(config, "monitor").await?;
+        Ok(Monitor {
+            owner: Arc::new(Owner { node }),
+        })
+    }
+
+    /// This monitor's node id.
+    pub fn id(&self) -> &NodeId {
+        &self.owner.node.id
+    }
+
+    /// Reads the live servers and their methods. Expired entries are purged on the way.
+    pub async fn status(&self) -> Result<Status, Error> {
+        let node = &self.owner.node;
+        if node.is_closed() {
+            return Err(Error::Shutdown);
+        }
+        let servers = node.registry.servers(&node.redis).await?;
+        let mut methods: BTreeMap<String, Vec<NodeId>> = BTreeMap::new();
+        for (id, info) in &servers {
+            for method in &info.methods {
+                methods.entry(method.clone()).or_default().push(id.clone());
+            }
+        }
+        Ok(Status { methods, servers })
+    }
+
+    /// Closes the monitor's connections.
+    pub async fn close(&self) {
+        self.owner.node.close().await;
+    }
+}

@@ -1,0 +1,86 @@
+//! Key and channel names.
+//!
+//! Pub/sub ignores the db number, so every name carries `namespace:db`. Registry keys share
+//! one hash tag, `{namespace:db}`, so a script touching several is legal on Redis Cluster;
+//! inbox channels carry no tag so they spread over shards.
+
+use crate::config::Config;
+
+/// All names of one deployment (namespace + db).
+#[derive(Debug, Clone)]
+pub(crate) struct Names {
+    /// `namespace:db`, the channel prefix.
+    scope: String,
+}
+
+impl Names {
+    pub(crate) fn new(config: &Config) -> Self {
+        Names {
+            scope: format!("{}:{}", config.namespace, config.db()),
+        }
+    }
+
+    /// Sorted set of live server ids scored by expiry (ms, Redis clock).
+    pub(crate) fn nodes_key(&self) -> String {
+        format!("{{{}}}:nodes", self.scope)
+    }
+
+    /// Hash of one server's info; expires with its TTL.
+    pub(crate) fn node_key(&self, node: &str) -> String {
+        format!("{{{}}}:node:{node}", self.scope)
+    }
+
+    /// Sorted set of a method's provider ids scored by expiry.
+    pub(crate) fn method_key(&self, method: &str) -> String {
+        format!("{{{}}}:method:{method}", self.scope)
+    }
+
+    /// A node's inbox: replies and messages addressed to it.
+    pub(crate) fn inbox(&self, node: &str) -> String {
+        format!("{}:inbox:{node}", self.scope)
+    }
+
+    /// A server's call channel, apart from its inbox so that shutdown can stop taking calls
+    /// while still receiving replies to the calls its handlers make.
+    pub(crate) fn calls(&self, node: &str) -> String {
+        format!("{}:calls:{node}", self.scope)
+    }
+
+    /// Join and leave announcements.
+    pub(crate) fn events(&self) -> String {
+        format!("{}:events", self.scope)
+    }
+}
+
+/// Checks a method name: what goes on the wire and into key names.
+pub(crate) fn validate_method(name: &str) -> Result<(), String> {
+    if name.is_empty() || name.len() > 256 {
+        return Err(format!("method name {name:?} must be 1-256 bytes"));
+    }
+    if name
+        .chars()
+        .any(|c| c.is_whitespace() || c.is_control() || matches!(c, '{' | '}'))
+    {
+        return Err(format!(
+            "method name {name:?} must not contain whitespace, control characters or braces"
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_carry_namespace_and_db() {
+        let names = Names::new(&Config::default().namespace("app").with_db(3));
+        assert_eq!(names.nodes_key(), "{app:3}:nodes");
+        assert_eq!(names.method_key("test.hello"), "{app:3}:method:test.hello");
+        assert_eq!(names.inbox("n1"), "app:3:inbox:n1");
+        assert_eq!(names.events(), "app:3:events");
+        assert!(validate_method("test.hello").is_ok());
+        assert!(validate_method("bad name").is_err());
+        assert!(validate_method("").is_err());
+    }
+}

@@ -1,0 +1,362 @@
+//! A node: one identity, one pair of Redis connections, one receive loop.
+//!
+//! Servers, clients and monitors are all nodes. The receive loop reads every frame the
+//! subscriber connection delivers and routes it: replies to the pending table, calls to the
+//! dispatcher, messages to the message queue, join/leave events to the balancer. A frame that
+//! does not decode, or arrives on the wrong channel, is counted and logged, never fatal.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use bytes::Bytes;
+use clouds_redis::{Delivery, Inbound, Transport};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::balance::Balancer;
+use crate::codec;
+use crate::config::Config;
+use crate::dispatch::Dispatcher;
+use crate::envelope::{Frame, Status};
+use crate::error::Error;
+use crate::message::{Message, MessageQueue};
+use crate::namespace::Names;
+use crate::node_id::NodeId;
+use crate::pending::Pending;
+use crate::registry::Registry;
+
+/// Counters of what a node received and could not use, plus its current load.
+///
+/// ```
+/// # fn demo(client: &clouds_core::Client) {
+/// let stats = client.stats();
+/// assert_eq!(stats.malformed_frames, 0);
+/// println!("{} calls waiting for replies", stats.pending_calls);
+/// # }
+/// ```
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Stats {
+    /// Frames that did not decode (garbage, truncated, unknown version).
+    pub malformed_frames: u64,
+    /// Frames that decoded but arrived on a channel where they do not belong.
+    pub misrouted_frames: u64,
+    /// Frames lost because the receive loop fell behind the subscriber connection.
+    pub lagged_frames: u64,
+    /// Replies that arrived after their call had given up (timed out or was cancelled).
+    pub late_replies: u64,
+    /// Messages dropped because nobody read the message queue.
+    pub dropped_messages: u64,
+    /// Calls skipped because their deadline had passed on arrival.
+    pub expired_calls: u64,
+    /// Calls of this node waiting for a reply right now.
+    pub pending_calls: usize,
+    /// Handlers running on this node right now (servers only).
+    pub in_flight: usize,
+}
+
+#[derive(Debug, Default)]
+pub(crate) struct Counters {
+    pub(crate) malformed: AtomicU64,
+    pub(crate) misrouted: AtomicU64,
+    pub(crate) lagged: AtomicU64,
+    pub(crate) late_replies: AtomicU64,
+    pub(crate) dropped_messages: AtomicU64,
+    pub(crate) expired_calls: AtomicU64,
+}
+
+pub(crate) fn bump(counter: &AtomicU64) {
+    counter.fetch_add(1, Ordering::Relaxed);
+}
+
+/// The shared state of one node.
+pub(crate) struct Node {
+    pub(crate) id: NodeId,
+    pub(crate) config: Config,
+    pub(crate) names: Names,
+    pub(crate) registry: Registry,
+    pub(crate) redis: Transport,
+    pub(crate) pending: Pending,
+    pub(crate) balancer: Balancer,
+    pub(crate) messages: MessageQueue,
+    /// Set once, when the node starts serving.
+    pub(crate) dispatcher: OnceLock<Arc<Dispatcher>>,
+    pub(crate) counters: Counters,
+    /// Ends the background loops.
+    pub(crate) cancel: CancellationToken,
+    /// The background loops (receive, refresh, heartbeat).
+    pub(crate) tasks: TaskTracker,
+    closed: AtomicBool,
+    inbox: String,
+    calls: String,
+    events: String,
+}
+
+impl std::fmt::Debug for Node {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Node").field("id", &self.id).finish()
+    }
+}
+
+impl Node {
+    /// Connects, subscribes to the node's inbox and the events channel, and starts the
+    /// receive and refresh loops.
+    pub(crate) async fn start(config: Config, kind: &str) -> Result<Arc<Node>, Error> {
+        config.validate()?;
+        let id = NodeId::generate(kind);
+        let names = Names::new(&config);
+        let redis = Transport::connect(&config.endpoint, &config.transport).await?;
+        // Take the receiver before subscribing so nothing delivered is missed.
+        let inbound = redis.inbound();
+        let node = Arc::new(Node {
+            inbox: names.inbox(id.as_str()),
+            calls: names.calls(id.as_str()),
+            events: names.events(),
+            registry: Registry::new(names.clone(), config.ttl_duration()),
+            balancer: Balancer::new(config.balance, config.ttl_duration()),
+            messages: MessageQueue::new(config.message_buffer),
+            pending: Pending::default(),
+            dispatcher: OnceLock::new(),
+            counters: Counters::default(),
+            cancel: CancellationToken::new(),
+            tasks: TaskTracker::new(),
+            closed: AtomicBool::new(false),
+            id,
+            names,
+            redis,
+            config,
+        });
+        let subscribed = async {
+            node.redis.subscribe(&node.inbox).await?;
+            node.redis.subscribe(&node.events).await
+        };
+        if let Err(e) = subscribed.await {
+            node.redis.close().await;
+            return Err(e.into());
+        }
+        node.tasks.spawn(receive_loop(node.clone(), inbound));
+        node.tasks.spawn(refresh_loop(node.clone()));
+        tracing::debug!(node = %node.id, "node started");
+        Ok(node)
+    }
+
+    pub(crate) fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Acquire)
+    }
+
+    /// The channel this server takes calls on.
+    pub(crate) fn calls_channel(&self) -> &str {
+        &self.calls
+    }
+
+    /// Publishes a frame after checking its size against `max_frame_size`.
+    pub(crate) async fn publish(
+        &self,
+        channel: &str,
+        frame: Vec<u8>,
+        what: impl FnOnce() -> String,
+    ) -> Result<u64, Error> {
+        if frame.len() > self.config.max_frame_size {
+            return Err(Error::TooLarge {
+                what: what(),
+                size: frame.len(),
+                max: self.config.max_frame_size,
+            });
+        }
+        Ok(self.redis.publish(channel, Bytes::from(frame)).await?)
+    }
+
+    /// Sends a reply to `caller`'s inbox; failures are logged (the caller will time out).
+    pub(crate) async fn reply(&self, caller: &NodeId, id: u64, status: Status, body: &[u8]) {
+        let mut frame = codec::encode_reply(id, status, body);
+        if frame.len() > self.config.max_frame_size {
+            let reason = format!(
+                "the reply is {} bytes, over the server's max_frame_size of {} bytes",
+                frame.len(),
+                self.config.max_frame_size
+            );
+            tracing::warn!(node = %self.id, %caller, %reason, "reply too large");
+            let body = codec::encode_value(&reason).unwrap_or_default();
+            frame = codec::encode_reply(id, Status::ServerError, &body);
+        }
+        match self
+            .redis
+            .publish(&self.names.inbox(caller.as_str()), Bytes::from(frame))
+            .await
+        {
+            Ok(0) => tracing::debug!(node = %self.id, %caller, "the caller is gone; reply dropped"),
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!(node = %self.id, %caller, error = %e, "could not send a reply")
+            }
+        }
+    }
+
+    /// Waits until the receive loop has handled everything the subscriber connection delivered
+    /// before now, by sending itself a reply and waiting for it to come back through the loop.
+    pub(crate) async fn flush_inbound(&self) -> Result<(), Error> {
+        let (slot, rx) = self.pending.open();
+        let frame = codec::encode_reply(slot.id, Status::Ok, codec::NIL);
+        self.redis.publish(&self.inbox, Bytes::from(frame)).await?;
+        match tokio::time::timeout(self.config.transport.command_timeout, rx).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(_)) => Err(Error::Shutdown),
+            Err(_) => Err(Error::Timeout {
+                method: "(inbox flush)".into(),
+                after: self.config.transport.command_timeout,
+                attempts: 1,
+            }),
+        }
+    }
+
+    /// Looks up providers of `method` in the registry and caches them.
+    pub(crate) async fn refresh(&self, methods: &[String]) -> Result<(), Error> {
+        let lists = self.registry.providers(&self.redis, methods).await?;
+        for (method, providers) in methods.iter().zip(lists) {
+            self.balancer.set(method, providers);
+        }
+        Ok(())
+    }
+
+    pub(crate) fn stats(&self) -> Stats {
+        let c = &self.counters;
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        Stats {
+            malformed_frames: get(&c.malformed),
+            misrouted_frames: get(&c.misrouted),
+            lagged_frames: get(&c.lagged),
+            late_replies: get(&c.late_replies),
+            dropped_messages: get(&c.dropped_messages),
+            expired_calls: get(&c.expired_calls),
+            pending_calls: self.pending.len(),
+            in_flight: self.dispatcher.get().map_or(0, |d| d.in_flight()),
+        }
+    }
+
+    /// Stops the loops and closes the connections; waiting calls fail with `Shutdown`.
+    pub(crate) async fn close(&self) {
+        if self.closed.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        self.cancel.cancel();
+        self.tasks.close();
+        if tokio::time::timeout(Duration::from_secs(5), self.tasks.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(node = %self.id, "background tasks did not stop within 5 s");
+        }
+        self.pending.clear();
+        self.messages.close().await;
+        self.redis.close().await;
+        tracing::debug!(node = %self.id, "node closed");
+    }
+
+    /// Routes one delivery. Never fails: bad input is counted and logged.
+    fn handle(self: &Arc<Self>, delivery: Delivery) {
+        let (channel, payload) = match delivery {
+            Delivery::Frame { channel, payload } => (channel, payload),
+            Delivery::Lagged(n) => {
+                self.counters.lagged.fetch_add(n, Ordering::Relaxed);
+                tracing::warn!(node = %self.id, lost = n, "receive loop fell behind; frames lost (calls will time out and retry)");
+                return;
+            }
+        };
+        let frame = match codec::decode(&payload) {
+            Ok(frame) => frame,
+            Err(e) => {
+                bump(&self.counters.malformed);
+                tracing::warn!(node = %self.id, %channel, len = payload.len(), error = %e, "dropped a malformed frame");
+                return;
+            }
+        };
+        match frame {
+            Frame::Reply(reply) if channel == self.inbox => {
+                if !self.pending.complete(reply) {
+                    bump(&self.counters.late_replies);
+                }
+            }
+            Frame::Message { from, body } if channel == self.inbox => {
+                if !self.messages.push(Message { from, body }) {
+                    bump(&self.counters.dropped_messages);
+                    tracing::warn!(node = %self.id, "message queue full; message dropped");
+                }
+            }
+            Frame::Call(call) if channel == self.calls => match self.dispatcher.get() {
+                Some(dispatcher) => dispatcher.dispatch(self, call),
+                None => bump(&self.counters.misrouted),
+            },
+            Frame::Join { node, methods } if channel == self.events => {
+                self.balancer.join(&node, &methods);
+            }
+            Frame::Leave { node } if channel == self.events => self.balancer.remove(&node),
+            other => {
+                bump(&self.counters.misrouted);
+                tracing::warn!(node = %self.id, %channel, frame = ?kind(&other), "dropped a frame that does not belong on this channel");
+            }
+        }
+    }
+}
+
+fn kind(frame: &Frame) -> &'static str {
+    match frame {
+        Frame::Call(_) => "call",
+        Frame::Reply(_) => "reply",
+        Frame::Message { .. } => "message",
+        Frame::Join { .. } => "join",
+        Frame::Leave { .. } => "leave",
+    }
+}
+
+async fn receive_loop(node: Arc<Node>, mut inbound: Inbound) {
+    loop {
+        let delivery = tokio::select! {
+            biased;
+            _ = node.cancel.cancelled() => break,
+            delivery = inbound.recv() => delivery,
+        };
+        match delivery {
+            Some(delivery) => node.handle(delivery),
+            None => break,
+        }
+    }
+    // Hand over what was already delivered (replies to calls still being waited for).
+    while let Some(delivery) = inbound.try_recv() {
+        node.handle(delivery);
+    }
+}
+
+/// Re-reads the providers of every method this node calls, every heartbeat and after every
+/// reconnect: the fallback for join/leave events missed while a connection was down.
+async fn refresh_loop(node: Arc<Node>) {
+    let mut reconnects = node.redis.reconnects();
+    let mut tick = tokio::time::interval(node.config.heartbeat);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = node.cancel.cancelled() => break,
+            _ = tick.tick() => {}
+            r = reconnects.recv() => if r.is_none() { break },
+        }
+        let methods = node.balancer.methods();
+        if methods.is_empty() {
+            continue;
+        }
+        if let Err(e) = node.refresh(&methods).await {
+            tracing::debug!(node = %node.id, error = %e, "provider refresh failed; keeping the cached view");
+        }
+    }
+}
+
+/// Owns a node for the public handles: when the last handle goes, the loops stop.
+pub(crate) struct Owner {
+    pub(crate) node: Arc<Node>,
+}
+
+impl Drop for Owner {
+    fn drop(&mut self) {
+        self.node.closed.store(true, Ordering::Release);
+        self.node.cancel.cancel();
+    }
+}

@@ -1,0 +1,98 @@
+//! Calls waiting for their reply, by call id.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use tokio::sync::oneshot;
+
+use crate::envelope::Reply;
+
+/// The table of a node's calls in flight.
+#[derive(Debug, Default)]
+pub(crate) struct Pending {
+    next_id: AtomicU64,
+    waiting: Mutex<HashMap<u64, oneshot::Sender<Reply>>>,
+}
+
+impl Pending {
+    /// Opens a slot for one attempt's reply. The slot is removed when the guard drops, so a
+    /// cancelled or timed-out call leaves nothing behind.
+    pub(crate) fn open(&self) -> (PendingGuard<'_>, oneshot::Receiver<Reply>) {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        self.lock().insert(id, tx);
+        (PendingGuard { table: self, id }, rx)
+    }
+
+    /// Hands a reply to its waiting call; false if nobody waits for it (late or foreign).
+    pub(crate) fn complete(&self, reply: Reply) -> bool {
+        let tx = self.lock().remove(&reply.id);
+        match tx {
+            Some(tx) => tx.send(reply).is_ok(),
+            None => false,
+        }
+    }
+
+    /// Calls waiting right now.
+    pub(crate) fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    /// Fails every waiting call (their receivers see the sender dropped): used at shutdown.
+    pub(crate) fn clear(&self) {
+        self.lock().clear();
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, oneshot::Sender<Reply>>> {
+        self.waiting.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// Owns one slot of the pending table.
+pub(crate) struct PendingGuard<'a> {
+    table: &'a Pending,
+    pub(crate) id: u64,
+}
+
+impl Drop for PendingGuard<'_> {
+    fn drop(&mut self) {
+        self.table.lock().remove(&self.id);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::envelope::Status;
+
+    fn reply(id: u64) -> Reply {
+        Reply {
+            id,
+            status: Status::Ok,
+            body: bytes::Bytes::from_static(&[0xc0]),
+        }
+    }
+
+    #[tokio::test]
+    async fn replies_reach_their_caller_and_slots_are_freed() {
+        let pending = Pending::default();
+        let (guard, rx) = pending.open();
+        assert_eq!(pending.len(), 1);
+        assert!(pending.complete(reply(guard.id)));
+        assert_eq!(rx.await.expect("reply").id, guard.id);
+        drop(guard);
+        assert_eq!(pending.len(), 0);
+        assert!(!pending.complete(reply(12345)), "unknown ids are refused");
+    }
+
+    #[test]
+    fn dropped_calls_leave_nothing_behind() {
+        let pending = Pending::default();
+        let (guard, _rx) = pending.open();
+        let id = guard.id;
+        drop(guard);
+        assert_eq!(pending.len(), 0);
+        assert!(!pending.complete(reply(id)), "a late reply finds no slot");
+    }
+}

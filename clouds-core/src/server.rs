@@ -1,0 +1,224 @@
+//! Serving methods: registration, heartbeats and graceful shutdown.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use tokio_util::sync::CancellationToken;
+
+use crate::client::Client;
+use crate::codec;
+use crate::config::Config;
+use crate::dispatch::Dispatcher;
+use crate::error::Error;
+use crate::heartbeat::{self, Advert};
+use crate::message::Messages;
+use crate::node::{Node, Owner, Stats};
+use crate::node_id::NodeId;
+use crate::service::{Route, Service};
+
+/// A provider: serves methods to every client of the same Redis deployment.
+///
+/// It keeps its own registry entry alive with heartbeats (no manager host); if the process
+/// dies, callers stop choosing it within the TTL, and at once for calls whose `PUBLISH`
+/// finds its inbox gone.
+///
+/// ```no_run
+/// # async fn demo() -> Result<(), clouds_core::Error> {
+/// use std::convert::Infallible;
+/// let config = clouds_core::Config::from_url("redis://127.0.0.1:6379/3")?;
+/// let server = clouds_core::Server::start(config).await?;
+/// server.register("test.echo", |(s,): (String,)| async move { Ok::<_, Infallible>(s) }).await?;
+/// // ... serve until it is time to stop, then:
+/// server.shutdown().await?;
+/// # Ok(()) }
+/// ```
+pub struct Server {
+    owner: Arc<Owner>,
+    dispatcher: Arc<Dispatcher>,
+    advert: Arc<Advert>,
+    heartbeat_stop: CancellationToken,
+    heartbeat: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// Serialises registration and shutdown.
+    state: tokio::sync::Mutex<bool>,
+}
+
+impl std::fmt::Debug for Server {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Server")
+            .field("id", self.id())
+            .field("methods", &self.advert.methods())
+            .finish()
+    }
+}
+
+impl Server {
+    /// Connects, starts taking calls on its call channel and starts its heartbeat. It appears
+    /// in the registry (with no methods) before this returns.
+    pub async fn start(config: Config) -> Result<Server, Error> {
+        let node = Node::start(config, "server").await?;
+        let owner = Arc::new(Owner { node: node.clone() });
+        let dispatcher = Arc::new(Dispatcher::new(node.config.max_in_flight));
+        // Fresh node, set once: cannot already be set.
+        let _ = node.dispatcher.set(dispatcher.clone());
+        node.redis.subscribe(node.calls_channel()).await?;
+        let advert = Arc::new(Advert {
+            methods: Default::default(),
+            started_at_ms: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64),
+        });
+        heartbeat::beat(&node, &advert).await?;
+        let heartbeat_stop = node.cancel.child_token();
+        let task = node.tasks.spawn(heartbeat::run(
+            node.clone(),
+            advert.clone(),
+            heartbeat_stop.clone(),
+        ));
+        tracing::info!(node = %node.id, "server started");
+        Ok(Server {
+            owner,
+            dispatcher,
+            advert,
+            heartbeat_stop,
+            heartbeat: std::sync::Mutex::new(Some(task)),
+            state: tokio::sync::Mutex::new(false),
+        })
+    }
+
+    fn node(&self) -> &Arc<Node> {
+        &self.owner.node
+    }
+
+    /// This server's node id: what the monitor lists and messages are addressed to.
+    pub fn id(&self) -> &NodeId {
+        &self.node().id
+    }
+
+    /// Serves every method of `service` (a generated `{Trait}Server`). Once this returns the
+    /// methods are in the registry and callers have been told.
+    pub async fn serve<S: Service>(&self, service: S) -> Result<(), Error> {
+        self.add_routes(service.routes()).await
+    }
+
+    /// Serves one method given as a function of its arguments tuple, returning `Result<T, E>`;
+    /// an `Err` reaches callers as [`Error::Remote`] with the error's text.
+    pub async fn register<A, F, Fut, T, E>(&self, method: &str, handler: F) -> Result<(), Error>
+    where
+        A: DeserializeOwned + Send + 'static,
+        F: Fn(A) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<T, E>> + Send + 'static,
+        T: Serialize + Send + 'static,
+        E: std::fmt::Display + Send + 'static,
+    {
+        self.add_routes(vec![Route::new(method, handler)]).await
+    }
+
+    async fn add_routes(&self, routes: Vec<Route>) -> Result<(), Error> {
+        let shut_down = self.state.lock().await;
+        if *shut_down || self.node().is_closed() {
+            return Err(Error::Shutdown);
+        }
+        let added = self.dispatcher.add(routes).map_err(Error::Config)?;
+        self.advert
+            .methods
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .extend(added.iter().cloned());
+        let node = self.node();
+        heartbeat::beat(node, &self.advert).await?;
+        let join = codec::encode_join(node.id.as_str(), &added);
+        node.redis
+            .publish(&node.names.events(), Bytes::from(join))
+            .await?;
+        tracing::info!(node = %node.id, methods = ?added, "serving");
+        Ok(())
+    }
+
+    /// A client that shares this server's connections (for handlers that call other services).
+    pub fn client(&self) -> Client {
+        Client::from_owner(self.owner.clone())
+    }
+
+    /// Messages other nodes sent to this server.
+    pub fn messages(&self) -> Messages {
+        self.node().messages.reader()
+    }
+
+    /// Counters of this node, including handlers running now.
+    pub fn stats(&self) -> Stats {
+        self.node().stats()
+    }
+
+    /// Leaves gracefully, losing no call:
+    ///
+    /// 1. stops heartbeats, removes its registry entry and announces that it leaves, so
+    ///    callers stop choosing it;
+    /// 2. keeps serving calls that were already on their way, then unsubscribes from its call
+    ///    channel: from then on a caller's `PUBLISH` reaches nobody and is re-routed at once;
+    /// 3. waits (up to `Config::shutdown_timeout`) for running handlers to reply;
+    /// 4. closes its connections.
+    ///
+    /// Calling it again does nothing.
+    pub async fn shutdown(&self) -> Result<(), Error> {
+        let mut shut_down = self.state.lock().await;
+        if *shut_down {
+            return Ok(());
+        }
+        *shut_down = true;
+        let node = self.node().clone();
+        self.heartbeat_stop.cancel();
+        let task = self
+            .heartbeat
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if let Some(task) = task {
+            let _ = task.await;
+        }
+        let methods = self.advert.methods();
+        let mut result = Ok(());
+        if let Err(e) = node
+            .registry
+            .deregister(&node.redis, &node.id, &methods)
+            .await
+        {
+            tracing::warn!(node = %node.id, error = %e, "could not remove the registry entry; it expires with its TTL");
+            result = Err(e);
+        }
+        let leave = codec::encode_leave(node.id.as_str());
+        if let Err(e) = node
+            .redis
+            .publish(&node.names.events(), Bytes::from(leave))
+            .await
+        {
+            tracing::warn!(node = %node.id, error = %e, "could not announce leaving");
+        }
+        if let Err(e) = node.redis.unsubscribe(node.calls_channel()).await {
+            tracing::warn!(node = %node.id, error = %e, "could not unsubscribe the call channel");
+        }
+        // Calls delivered before the unsubscribe are queued ahead of this marker.
+        if let Err(e) = node.flush_inbound().await {
+            tracing::warn!(node = %node.id, error = %e, "could not confirm the inbox was drained");
+        }
+        self.dispatcher.tasks.close();
+        if tokio::time::timeout(node.config.shutdown_timeout, self.dispatcher.tasks.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(node = %node.id, in_flight = self.dispatcher.in_flight(), "shutdown timeout: closing with handlers still running");
+        }
+        node.close().await;
+        tracing::info!(node = %node.id, "server stopped");
+        result
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.heartbeat_stop.cancel();
+    }
+}

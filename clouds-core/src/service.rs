@@ -1,0 +1,238 @@
+//! What a server runs: named handlers that take MessagePack arguments and produce a reply.
+
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use futures_util::FutureExt;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::codec;
+use crate::envelope::Status;
+
+/// A set of methods a [`Server`](crate::Server) can serve.
+///
+/// `#[clouds::service]` implements it for the generated `{Trait}Server`; there is no need to
+/// implement it by hand. For single functions, use
+/// [`Server::register`](crate::Server::register).
+///
+/// ```
+/// # struct MyService;
+/// impl clouds_core::Service for MyService {
+///     fn routes(self) -> Vec<clouds_core::Route> {
+///         vec![clouds_core::Route::new("demo.add", |(a, b): (i64, i64)| async move {
+///             Ok::<_, std::convert::Infallible>(a + b)
+///         })]
+///     }
+/// }
+/// ```
+pub trait Service: Send + 'static {
+    /// The methods, each a full wire name and its handler.
+    fn routes(self) -> Vec<Route>;
+}
+
+pub(crate) type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
+
+/// What a handler produced, ready for the wire.
+pub(crate) struct Outcome {
+    pub(crate) status: Status,
+    pub(crate) body: Vec<u8>,
+}
+
+impl Outcome {
+    fn text(status: Status, text: &str) -> Outcome {
+        Outcome {
+            status,
+            body: codec::encode_value(text).unwrap_or_else(|_| codec::NIL.to_vec()),
+        }
+    }
+
+    fn encoded<T: Serialize + ?Sized>(status: Status, value: &T) -> Outcome {
+        match codec::encode_value(value) {
+            Ok(body) => Outcome { status, body },
+            Err(reason) => Outcome::text(
+                Status::ServerError,
+                &format!("could not encode the result: {reason}"),
+            ),
+        }
+    }
+}
+
+type Handler = Arc<dyn Fn(Bytes) -> BoxFuture<Outcome> + Send + Sync>;
+
+/// One method: its full wire name and its handler.
+///
+/// ```
+/// let route = clouds_core::Route::new("demo.echo", |(s,): (String,)| async move {
+///     Ok::<_, std::convert::Infallible>(s)
+/// });
+/// assert_eq!(route.name(), "demo.echo");
+/// ```
+#[derive(Clone)]
+pub struct Route {
+    pub(crate) name: String,
+    pub(crate) handler: Handler,
+}
+
+impl std::fmt::Debug for Route {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Route").field("name", &self.name).finish()
+    }
+}
+
+impl Route {
+    /// A method from a function taking its arguments as a tuple and returning
+    /// `Result<T, E>`. An `Err` reaches callers as [`Error::Remote`](crate::Error::Remote)
+    /// carrying the error's `Display` text.
+    pub fn new<A, F, Fut, T, E>(name: impl Into<String>, f: F) -> Route
+    where
+        A: DeserializeOwned + Send + 'static,
+        F: Fn(A) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<T, E>> + Send + 'static,
+        T: Serialize + Send + 'static,
+        E: std::fmt::Display + Send + 'static,
+    {
+        Route::build(name.into(), f, |result: Result<T, E>| match result {
+            Ok(value) => Outcome::encoded(Status::Ok, &value),
+            Err(error) => Outcome::encoded(Status::AppError, &error.to_string()),
+        })
+    }
+
+    /// The full wire name, `service.method`.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Decodes the arguments, runs `f`, turns its output into a reply with `finish`. A panic
+    /// anywhere in the handler becomes a panic reply instead of unwinding into the server.
+    pub(crate) fn build<A, F, Fut, R>(name: String, f: F, finish: fn(R) -> Outcome) -> Route
+    where
+        A: DeserializeOwned + Send + 'static,
+        F: Fn(A) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = R> + Send + 'static,
+        R: Send + 'static,
+    {
+        let handler: Handler = Arc::new(move |args: Bytes| -> BoxFuture<Outcome> {
+            let args: A = match codec::decode_args(&args) {
+                Ok(args) => args,
+                Err(reason) => {
+                    return Box::pin(std::future::ready(Outcome::text(
+                        Status::BadArguments,
+                        &reason,
+                    )));
+                }
+            };
+            // Calling `f` may itself panic (before the future exists), so both steps run
+            // under catch_unwind.
+            let fut = match std::panic::catch_unwind(AssertUnwindSafe(|| f(args))) {
+                Ok(fut) => fut,
+                Err(panic) => {
+                    return Box::pin(std::future::ready(Outcome::text(
+                        Status::Panic,
+                        &panic_message(&*panic),
+                    )));
+                }
+            };
+            Box::pin(AssertUnwindSafe(fut).catch_unwind().map(move |r| match r {
+                Ok(output) => finish(output),
+                Err(panic) => Outcome::text(Status::Panic, &panic_message(&*panic)),
+            }))
+        });
+        Route { name, handler }
+    }
+}
+
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = panic.downcast_ref::<&str>() {
+        (*s).to_string()
+    } else if let Some(s) = panic.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "panic with a non-string payload".to_string()
+    }
+}
+
+/// A route whose handler returns a plain value (generated code).
+pub(crate) fn value_route<A, F, Fut, T>(name: &'static str, f: F) -> Route
+where
+    A: DeserializeOwned + Send + 'static,
+    F: Fn(A) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = T> + Send + 'static,
+    T: Serialize + Send + 'static,
+{
+    Route::build(name.to_string(), f, |value: T| {
+        Outcome::encoded(Status::Ok, &value)
+    })
+}
+
+/// A route whose handler returns `Result<T, E>`: `Err` travels as a typed application error
+/// (generated code).
+pub(crate) fn result_route<A, F, Fut, T, E>(name: &'static str, f: F) -> Route
+where
+    A: DeserializeOwned + Send + 'static,
+    F: Fn(A) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<T, E>> + Send + 'static,
+    T: Serialize + Send + 'static,
+    E: Serialize + Send + 'static,
+{
+    Route::build(name.to_string(), f, |result: Result<T, E>| match result {
+        Ok(value) => Outcome::encoded(Status::Ok, &value),
+        Err(error) => Outcome::encoded(Status::AppError, &error),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn run(route: &Route, args: Vec<u8>) -> Outcome {
+        (route.handler)(Bytes::from(args)).await
+    }
+
+    #[tokio::test]
+    async fn decodes_runs_and_encodes() {
+        let route = value_route("t.add", |(a, b): (i64, i64)| async move { a + b });
+        let out = run(&route, codec::encode_args(&(2, 3)).expect("args")).await;
+        assert_eq!(out.status, Status::Ok);
+        assert_eq!(codec::decode_value::<i64>(&out.body), Ok(5));
+    }
+
+    #[tokio::test]
+    async fn bad_arguments_are_reported() {
+        let route = value_route("t.add", |(a, b): (i64, i64)| async move { a + b });
+        let out = run(&route, codec::encode_args(&("x",)).expect("args")).await;
+        assert_eq!(out.status, Status::BadArguments);
+        assert!(codec::decode_value::<String>(&out.body).is_ok());
+    }
+
+    #[tokio::test]
+    async fn panics_become_replies() {
+        let route = value_route("t.boom", |(): ()| async move {
+            if true {
+                panic!("boom");
+            }
+        });
+        let out = run(&route, codec::encode_args(&()).expect("args")).await;
+        assert_eq!(out.status, Status::Panic);
+        assert_eq!(
+            codec::decode_value::<String>(&out.body).as_deref(),
+            Ok("boom")
+        );
+    }
+
+    #[tokio::test]
+    async fn typed_errors_travel_as_values() {
+        let route = result_route("t.div", |(a, b): (i64, i64)| async move {
+            if b == 0 { Err(("div", 0u8)) } else { Ok(a / b) }
+        });
+        let out = run(&route, codec::encode_args(&(1, 0)).expect("args")).await;
+        assert_eq!(out.status, Status::AppError);
+        assert_eq!(
+            codec::decode_value::<(String, u8)>(&out.body),
+            Ok(("div".into(), 0))
+        );
+    }
+}

@@ -1,0 +1,30 @@
+//! The Redis transport of [clouds](https://docs.rs/clouds): everything that touches a Redis
+//! connection lives here, so the runtime in `clouds-core` only sees frames, channels and scripts.
+//!
+//! # Layout
+//!
+//! - [`endpoint`]: where Redis is (URL parsing, db, credentials) and how to talk to it
+//!   ([`TransportOptions`]: timeouts, reconnect policy, inbound buffer).
+//! - [`transport`]: [`Transport`], one node's pair of connections: a command connection (PUBLISH,
+//!   scripts, reads) and a subscriber connection that re-subscribes after every reconnect.
+//!   Its `publish`/`subscribe`/`unsubscribe` methods are the single pub/sub seam: switching to
+//!   sharded pub/sub (SPUBLISH/SSUBSCRIBE) for Redis Cluster changes only that file.
+//! - [`inbound`]: [`Inbound`], the receive side of the subscriber connection, which turns the
+//!   broadcast channel's lag into a counted event instead of a silent stop.
+//! - [`script`]: [`Script`] (Lua run with EVALSHA, reloaded after a Redis restart) and
+//!   [`ScriptValue`], the reply shape the registry reads.
+//! - [`error`]: [`TransportError`], which carries no fred type.
+//!
+//! No fred type appears in this crate's public API.
+
+pub mod endpoint;
+pub mod error;
+pub mod inbound;
+pub mod script;
+pub mod transport;
+
+pub use endpoint::{Endpoint, TransportOptions};
+pub use error::TransportError;
+pub use inbound::{Delivery, Inbound};
+pub use script::{Script, ScriptValue};
+pub use transport::{Reconnects, Transport};

@@ -1,0 +1,279 @@
+//! One node's connections to Redis.
+//!
+//! Each node holds two connections: commands (PUBLISH, scripts, reads — fred pipelines
+//! concurrent commands on it by itself) and a subscriber connection. Both reconnect forever with
+//! exponential backoff (fred's default is not to reconnect at all, which leaves a killed
+//! subscriber dead), and the subscriber re-subscribes to its channels after each reconnect.
+//!
+//! The `publish`/`subscribe`/`unsubscribe` methods are the one place that chooses classic
+//! pub/sub; sharded pub/sub for Redis Cluster would switch them to SPUBLISH/SSUBSCRIBE here.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use fred::interfaces::{ClientLike, EventInterface, HashesInterface, PubsubInterface};
+use fred::types::config::ReconnectPolicy;
+use fred::types::{Builder, Value};
+use tokio::sync::broadcast;
+
+use crate::endpoint::{Endpoint, TransportOptions};
+use crate::error::TransportError;
+use crate::inbound::Inbound;
+use crate::script::{Script, ScriptValue};
+
+/// A node's command and subscriber connections to one Redis.
+///
+/// ```no_run
+/// # async fn demo() -> Result<(), clouds_redis::TransportError> {
+/// use clouds_redis::{Delivery, Endpoint, Transport, TransportOptions};
+/// let endpoint = Endpoint::parse("redis://127.0.0.1:6379/3")?;
+/// let transport = Transport::connect(&endpoint, &TransportOptions::default()).await?;
+/// let mut inbound = transport.inbound();
+/// transport.subscribe("demo").await?;
+/// assert_eq!(transport.publish("demo", "hi".into()).await?, 1);
+/// if let Some(Delivery::Frame { payload, .. }) = inbound.recv().await {
+///     assert_eq!(&payload[..], b"hi");
+/// }
+/// transport.close().await;
+/// # Ok(()) }
+/// ```
+pub struct Transport {
+    commands: fred::clients::Client,
+    subscriber: fred::clients::SubscriberClient,
+    resubscriber: tokio::task::JoinHandle<()>,
+    options: TransportOptions,
+    addr: String,
+}
+
+impl std::fmt::Debug for Transport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Transport")
+            .field("addr", &self.addr)
+            .finish()
+    }
+}
+
+impl Transport {
+    /// Opens both connections; fails at once if Redis cannot be reached now.
+    pub async fn connect(
+        endpoint: &Endpoint,
+        options: &TransportOptions,
+    ) -> Result<Self, TransportError> {
+        let mut builder = Builder::from_config(endpoint.config.clone());
+        builder.with_connection_config(|c| {
+            c.connection_timeout = options.connect_timeout;
+            c.internal_command_timeout = options.command_timeout;
+            // A command in flight when the connection drops fails instead of being written
+            // again after the reconnect: a PUBLISH sent twice could run a call twice.
+            c.max_command_attempts = 1;
+            c.tcp.nodelay = Some(true);
+        });
+        builder.with_performance_config(|p| {
+            p.default_command_timeout = options.command_timeout;
+            p.broadcast_channel_capacity = options.inbound_capacity.max(16);
+        });
+        builder.set_policy(ReconnectPolicy::new_exponential(
+            0, // never give up
+            millis(options.reconnect_min_delay).max(1),
+            millis(options.reconnect_max_delay).max(1),
+            2,
+        ));
+        let addr = endpoint.addr();
+        let connect_error = |e: fred::error::Error| TransportError::Connect {
+            addr: addr.clone(),
+            reason: e.to_string(),
+        };
+        let commands = builder.build().map_err(connect_error)?;
+        let subscriber = builder.build_subscriber_client().map_err(connect_error)?;
+        let connect = async {
+            commands.init().await.map_err(connect_error)?;
+            subscriber.init().await.map_err(connect_error)?;
+            Ok::<_, TransportError>(())
+        };
+        match tokio::time::timeout(options.connect_timeout * 2, connect).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                let _ = commands.quit().await;
+                let _ = subscriber.quit().await;
+                return Err(e);
+            }
+            Err(_) => {
+                let _ = commands.quit().await;
+                let _ = subscriber.quit().await;
+                return Err(TransportError::Connect {
+                    addr,
+                    reason: format!("no answer within {:?}", options.connect_timeout * 2),
+                });
+            }
+        }
+        let resubscriber = subscriber.manage_subscriptions();
+        Ok(Transport {
+            commands,
+            subscriber,
+            resubscriber,
+            options: options.clone(),
+            addr,
+        })
+    }
+
+    /// `host:port` of the Redis server.
+    pub fn addr(&self) -> &str {
+        &self.addr
+    }
+
+    /// The options the transport was opened with.
+    pub fn options(&self) -> &TransportOptions {
+        &self.options
+    }
+
+    /// Publishes `frame` on `channel`; returns how many subscribers received it (0: nobody
+    /// is listening there, so the frame was certainly not delivered).
+    pub async fn publish(&self, channel: &str, frame: Bytes) -> Result<u64, TransportError> {
+        let receivers: i64 = self
+            .commands
+            .publish(channel, Value::Bytes(frame))
+            .await
+            .map_err(|e| self.error("PUBLISH", e))?;
+        Ok(receivers.max(0) as u64)
+    }
+
+    /// Subscribes to `channel`; the subscription is restored after every reconnect.
+    pub async fn subscribe(&self, channel: &str) -> Result<(), TransportError> {
+        self.subscriber
+            .subscribe(channel)
+            .await
+            .map_err(|e| self.error("SUBSCRIBE", e))
+    }
+
+    /// Unsubscribes from `channel`. Once this returns, Redis delivers nothing more from it, and
+    /// everything it delivered before is already waiting in [`Inbound`].
+    pub async fn unsubscribe(&self, channel: &str) -> Result<(), TransportError> {
+        self.subscriber
+            .unsubscribe(channel)
+            .await
+            .map_err(|e| self.error("UNSUBSCRIBE", e))
+    }
+
+    /// A receiver for everything the subscriber connection delivers from now on.
+    pub fn inbound(&self) -> Inbound {
+        Inbound {
+            rx: self.subscriber.message_rx(),
+        }
+    }
+
+    /// Notifications of reconnects of either connection.
+    pub fn reconnects(&self) -> Reconnects {
+        Reconnects {
+            commands: self.commands.reconnect_rx(),
+            subscriber: self.subscriber.reconnect_rx(),
+        }
+    }
+
+    /// Runs `script` with EVALSHA (loading it first if Redis does not know it).
+    pub async fn eval(
+        &self,
+        script: &Script,
+        keys: Vec<String>,
+        args: Vec<String>,
+    ) -> Result<ScriptValue, TransportError> {
+        let value: Value = script
+            .inner
+            .evalsha_with_reload(&self.commands, keys, args)
+            .await
+            .map_err(|e| self.error("EVALSHA", e))?;
+        Ok(ScriptValue::from_fred(value))
+    }
+
+    /// Reads a whole hash as field/value pairs (empty if the key does not exist).
+    pub async fn hgetall(&self, key: &str) -> Result<Vec<(Bytes, Bytes)>, TransportError> {
+        let value: Value = self
+            .commands
+            .hgetall(key)
+            .await
+            .map_err(|e| self.error("HGETALL", e))?;
+        let pairs = match value {
+            Value::Map(map) => map
+                .inner()
+                .into_iter()
+                .map(|(k, v)| (k.into_bytes(), v.into_bytes().unwrap_or_default()))
+                .collect(),
+            Value::Array(items) => {
+                let mut items = items.into_iter();
+                let mut pairs = Vec::new();
+                while let (Some(k), Some(v)) = (items.next(), items.next()) {
+                    pairs.push((
+                        k.into_bytes().unwrap_or_default(),
+                        v.into_bytes().unwrap_or_default(),
+                    ));
+                }
+                pairs
+            }
+            Value::Null => Vec::new(),
+            other => {
+                return Err(TransportError::Reply {
+                    command: "HGETALL",
+                    reason: format!("expected a map, got {:?}", other.kind()),
+                });
+            }
+        };
+        Ok(pairs)
+    }
+
+    /// Whether both connections are up right now.
+    pub fn is_connected(&self) -> bool {
+        self.commands.is_connected() && self.subscriber.is_connected()
+    }
+
+    /// Closes both connections: pending commands finish first, then [`Inbound`] ends.
+    pub async fn close(&self) {
+        self.resubscriber.abort();
+        let wait = self.options.command_timeout;
+        let _ = tokio::time::timeout(wait, self.subscriber.quit()).await;
+        let _ = tokio::time::timeout(wait, self.commands.quit()).await;
+    }
+
+    fn error(&self, command: &'static str, e: fred::error::Error) -> TransportError {
+        TransportError::from_fred(command, self.options.command_timeout, e)
+    }
+}
+
+impl Drop for Transport {
+    fn drop(&mut self) {
+        // fred's connection tasks hold their own handles and would outlive this value, so a
+        // transport dropped without `close()` still sends QUIT on both connections.
+        self.resubscriber.abort();
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            let commands = self.commands.clone();
+            let subscriber = self.subscriber.clone();
+            runtime.spawn(async move {
+                let _ = subscriber.quit().await;
+                let _ = commands.quit().await;
+            });
+        }
+    }
+}
+
+/// Tells when either connection of a [`Transport`] has reconnected.
+pub struct Reconnects {
+    commands: broadcast::Receiver<fred::types::config::Server>,
+    subscriber: broadcast::Receiver<fred::types::config::Server>,
+}
+
+impl Reconnects {
+    /// Waits for the next reconnect; `None` once the transport is closed.
+    pub async fn recv(&mut self) -> Option<()> {
+        use broadcast::error::RecvError;
+        let result = tokio::select! {
+            r = self.commands.recv() => r,
+            r = self.subscriber.recv() => r,
+        };
+        match result {
+            Ok(_) | Err(RecvError::Lagged(_)) => Some(()),
+            Err(RecvError::Closed) => None,
+        }
+    }
+}
+
+fn millis(d: Duration) -> u32 {
+    d.as_millis().min(u32::MAX as u128) as u32
+}

@@ -1,0 +1,111 @@
+//! # clouds: typed remote services over Redis
+//!
+//! Write a trait once; get a typed client stub and a server dispatcher. Services that already
+//! share a Redis call each other through it: no broker to run, no master node, no hand-written
+//! client code.
+//!
+//! ```no_run
+//! use std::time::Duration;
+//!
+//! #[clouds::service("test")]
+//! pub trait Hello {
+//!     /// Greets someone.
+//!     async fn hello(&self, name: String, msg: String) -> String;
+//!     /// Divides, refusing zero.
+//!     async fn div(&self, a: i64, b: i64) -> Result<i64, DivError>;
+//! }
+//!
+//! #[derive(Debug, serde::Serialize, serde::Deserialize)]
+//! pub struct DivError;
+//!
+//! struct Greeter;
+//! impl Hello for Greeter {
+//!     async fn hello(&self, name: String, msg: String) -> String {
+//!         format!("Hello {name}, {msg}")
+//!     }
+//!     async fn div(&self, a: i64, b: i64) -> Result<i64, DivError> {
+//!         if b == 0 { Err(DivError) } else { Ok(a / b) }
+//!     }
+//! }
+//!
+//! # async fn demo() -> Result<(), clouds::Error> {
+//! let config = clouds::Config::from_url("redis://127.0.0.1:6379/3")?
+//!     .heartbeat(Duration::from_secs(2))
+//!     .timeout(Duration::from_secs(2));
+//!
+//! let server = clouds::Server::start(config.clone()).await?;
+//! server.serve(HelloServer::new(Greeter)).await?;
+//!
+//! let client = clouds::Client::connect(config).await?;
+//! let hello = HelloClient::new(&client).with_retries(5);
+//! assert_eq!(hello.hello("Glen", "hi").await?, "Hello Glen, hi");
+//! assert!(hello.div(7, 0).await?.is_err());
+//!
+//! server.shutdown().await?;
+//! # Ok(()) }
+//! ```
+//!
+//! # What happens underneath
+//!
+//! - Every node (server, client, monitor) has a unique id and an inbox channel; calls, replies
+//!   and messages are MessagePack frames published on Redis pub/sub.
+//! - Each server keeps its own registry entry alive with heartbeats; one that dies drops out
+//!   after the TTL (3 × heartbeat). Calls are spread over the live providers of a method.
+//! - A call that times out is retried (up to the stub's retries) on another provider, then
+//!   fails with [`Error::Timeout`]. A call whose provider has vanished is re-routed at once.
+//! - [`Client::send`] sends free-form messages by node id; [`Monitor`] lists who serves what.
+//!
+//! The wire protocol and Redis layout are in `docs/protocol.md` of the repository.
+//!
+//! # Crates
+//!
+//! This crate re-exports the runtime (`clouds-core`) and the macro (`clouds-macros`);
+//! depend on `clouds` alone.
+
+pub use clouds_core::{
+    Balance, Client, Config, Error, Message, Messages, Monitor, NodeId, PROTOCOL_VERSION,
+    RemoteError, Route, Server, ServerInfo, Service, Stats, Status, TransportError,
+};
+
+/// Turns a trait into a remote service: a typed client stub and a server dispatcher.
+///
+/// `#[clouds::service("name")]` on `trait Hello` generates:
+///
+/// - the trait itself, with each `async fn` returning a `Send` future, so implementors write
+///   plain `async fn`;
+/// - `HelloClient`: `HelloClient::new(&client)` with `with_retries(n)` and
+///   `with_timeout(d)`, and one `async` method per trait method returning
+///   `Result<R, clouds::Error>` (`Result<Result<T, E>, clouds::Error>` when the method
+///   returns `Result<T, E>`: application errors arrive typed). `String` arguments accept
+///   anything that is `AsRef<str>`;
+/// - `HelloServer<T>`: `HelloServer::new(implementation)`, to pass to
+///   [`Server::serve`]. Each method is registered as `"name.method"`.
+///
+/// Methods must be `async fn(&self, ...)` with owned argument types (no references, no
+/// `impl Trait`, no generics); arguments and return values must implement serde's
+/// `Serialize` and `Deserialize`. Violations are compile errors pointing at the culprit.
+///
+/// ```
+/// #[clouds::service("math")]
+/// pub trait Math {
+///     /// Adds two numbers.
+///     async fn add(&self, a: i64, b: i64) -> i64;
+/// }
+///
+/// struct Adder;
+/// impl Math for Adder {
+///     async fn add(&self, a: i64, b: i64) -> i64 { a + b }
+/// }
+///
+/// fn wire(client: &clouds::Client) -> (MathClient, MathServer<Adder>) {
+///     (MathClient::new(client).with_retries(2), MathServer::new(Adder))
+/// }
+/// ```
+pub use clouds_macros::service;
+
+/// What `#[clouds::service]` expands to calls; not a stable API.
+#[doc(hidden)]
+pub mod __private {
+    pub use clouds_core::Route;
+    pub use clouds_core::codegen::{Stub, result_route, value_route};
+}

@@ -1,0 +1,38 @@
+//! Shared by the integration tests: a throwaway redis-server per test and polling helpers.
+#![allow(dead_code, unreachable_pub)]
+
+use std::future::Future;
+use std::time::{Duration, Instant};
+
+pub use clouds_testkit::RedisServer;
+
+/// Starts a redis-server on a free loopback port for one test.
+pub fn redis() -> RedisServer {
+    RedisServer::start().expect("start redis-server (apt-get install redis-server)")
+}
+
+/// A config for `redis` in db 3 with short heartbeats and timeouts so tests run fast.
+pub fn config(redis: &RedisServer) -> clouds::Config {
+    clouds::Config::from_url(&redis.url_db(3))
+        .expect("valid url")
+        .heartbeat(Duration::from_millis(200))
+        .timeout(Duration::from_secs(1))
+}
+
+/// Polls `check` until it returns true or `within` passes; panics with `what` on timeout.
+pub async fn eventually<F, Fut>(what: &str, within: Duration, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = Instant::now() + within;
+    loop {
+        if check().await {
+            return;
+        }
+        if Instant::now() > deadline {
+            panic!("timed out after {within:?} waiting for: {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

@@ -1,0 +1,116 @@
+//! Calls by name, without the macro: registration, errors, messages, monitor.
+
+mod common;
+
+use std::convert::Infallible;
+use std::time::Duration;
+
+use clouds::{Client, Error, Monitor, Server};
+use common::{config, eventually, redis};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dynamic_register_and_call() {
+    let redis = redis();
+    let server = Server::start(config(&redis)).await.expect("server");
+    server
+        .register("test.echo", |(s,): (String,)| async move {
+            Ok::<_, Infallible>(s)
+        })
+        .await
+        .expect("register");
+    server
+        .register("test.fail", |(): ()| async move { Err::<(), _>("no luck") })
+        .await
+        .expect("register");
+    let client = Client::connect(config(&redis)).await.expect("client");
+
+    let echoed: String = client.call("test.echo", ("hi",)).await.expect("echo");
+    assert_eq!(echoed, "hi");
+
+    match client.call::<_, ()>("test.fail", ()).await {
+        Err(Error::Remote(e)) => {
+            assert_eq!(e.message(), Some("no luck"));
+            assert_eq!(e.node(), server.id());
+        }
+        other => panic!("expected a remote error, got {other:?}"),
+    }
+    match client.call::<_, String>("test.echo", (1, 2)).await {
+        Err(Error::BadArguments { method, .. }) => assert_eq!(method, "test.echo"),
+        other => panic!("expected bad arguments, got {other:?}"),
+    }
+    match client.call::<_, String>("test.nobody", ()).await {
+        Err(Error::NoProvider { attempts: 1, .. }) => {}
+        other => panic!("expected no provider, got {other:?}"),
+    }
+    match client.call::<_, u32>("test.echo", ("not a number",)).await {
+        Err(Error::Codec { .. }) => {}
+        other => panic!("expected a codec error for the wrong return type, got {other:?}"),
+    }
+    assert_eq!(client.stats().pending_calls, 0);
+    server.shutdown().await.expect("shutdown");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_between_nodes() {
+    let redis = redis();
+    let server = Server::start(config(&redis)).await.expect("server");
+    let client = Client::connect(config(&redis)).await.expect("client");
+    client.send(server.id(), &"ping").await.expect("send");
+    let msg = server.messages().next().await.expect("a message");
+    assert_eq!(msg.from(), client.id());
+    assert_eq!(msg.decode::<String>().expect("text"), "ping");
+    // And back, from the server's own client handle.
+    server
+        .client()
+        .send(client.id(), &(1u8, "pong"))
+        .await
+        .expect("reply");
+    let back = client.messages().next().await.expect("a message");
+    assert_eq!(
+        back.decode::<(u8, String)>().expect("tuple"),
+        (1, "pong".to_string())
+    );
+    match client.send("nobody-here", &1).await {
+        Err(Error::Unreachable { node }) => assert_eq!(node, "nobody-here"),
+        other => panic!("expected unreachable, got {other:?}"),
+    }
+    server.shutdown().await.expect("shutdown");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn monitor_lists_methods_and_servers() {
+    let redis = redis();
+    let a = Server::start(config(&redis)).await.expect("server a");
+    let b = Server::start(config(&redis)).await.expect("server b");
+    a.register("m.one", |(): ()| async { Ok::<_, Infallible>(1) })
+        .await
+        .expect("register");
+    b.register("m.one", |(): ()| async { Ok::<_, Infallible>(1) })
+        .await
+        .expect("register");
+    b.register("m.two", |(): ()| async { Ok::<_, Infallible>(2) })
+        .await
+        .expect("register");
+    let monitor = Monitor::connect(config(&redis)).await.expect("monitor");
+    let status = monitor.status().await.expect("status");
+    let mut both = vec![a.id().clone(), b.id().clone()];
+    both.sort();
+    assert_eq!(status.methods["m.one"], both);
+    assert_eq!(status.methods["m.two"], vec![b.id().clone()]);
+    let info = &status.servers[b.id()];
+    assert_eq!(info.methods, vec!["m.one".to_string(), "m.two".to_string()]);
+    assert_eq!(info.pid, std::process::id());
+    assert_eq!(info.in_flight, 0);
+    a.shutdown().await.expect("shutdown");
+    let status = monitor.status().await.expect("status");
+    assert_eq!(status.methods["m.one"], vec![b.id().clone()]);
+    assert!(!status.servers.contains_key(a.id()));
+    // A server that dies without shutdown drops out after the TTL.
+    drop(b);
+    eventually(
+        "b expires from the registry",
+        Duration::from_secs(5),
+        || async { monitor.status().await.expect("status").servers.is_empty() },
+    )
+    .await;
+}
