@@ -78,7 +78,10 @@ impl Hello for Greeter {
 async fn serve(config: Config, name: &str) -> (Server, Arc<AtomicUsize>) {
     let server = Server::start(config).await.expect("server");
     let (greeter, calls) = Greeter::new(name);
-    server.serve(HelloServer::new(greeter)).await.expect("serve");
+    server
+        .serve(HelloServer::new(greeter))
+        .await
+        .expect("serve");
     (server, calls)
 }
 
@@ -89,7 +92,10 @@ async fn the_readme_example_works() {
     let client = Client::connect(config(&redis)).await.expect("client");
     let hello = HelloClient::new(&client).with_retries(5);
     let ts = 1234;
-    let s: String = hello.hello("Glen", format!("timestamp is {ts}")).await.expect("hello");
+    let s: String = hello
+        .hello("Glen", format!("timestamp is {ts}"))
+        .await
+        .expect("hello");
     assert_eq!(s, "Hello Glen, timestamp is 1234");
     let q: Result<i64, DivError> = hello.div(7, 0).await.expect("call");
     assert_eq!(q, Err(DivError));
@@ -103,7 +109,12 @@ async fn the_readme_example_works() {
     }
     // The server lives on after the panic.
     assert_eq!(hello.whoami().await.expect("whoami"), "a");
-    let status = Monitor::connect(config(&redis)).await.expect("monitor").status().await.expect("status");
+    let status = Monitor::connect(config(&redis))
+        .await
+        .expect("monitor")
+        .status()
+        .await
+        .expect("status");
     assert_eq!(status.methods["test.hello"], vec![server.id().clone()]);
     assert_eq!(status.servers[server.id()].methods.len(), 6);
     assert_eq!(server.stats().in_flight, 0);
@@ -131,7 +142,10 @@ async fn calls_are_balanced_over_three_providers() {
         *seen.entry(hello.whoami().await.expect("call")).or_default() += 1;
     }
     assert_eq!(seen.len(), 3, "{seen:?}");
-    assert!(seen.values().all(|&n| n == 30), "round-robin is even: {seen:?}");
+    assert!(
+        seen.values().all(|&n| n == 30),
+        "round-robin is even: {seen:?}"
+    );
     for server in &servers {
         server.shutdown().await.expect("shutdown");
     }
@@ -181,7 +195,11 @@ async fn timeouts_are_retried_on_another_provider_then_reported() {
     let hello = HelloClient::new(&client).with_retries(2);
     let started = std::time::Instant::now();
     match hello.nap(1_000).await {
-        Err(Error::Timeout { method, attempts, after }) => {
+        Err(Error::Timeout {
+            method,
+            attempts,
+            after,
+        }) => {
             assert_eq!(method, "test.nap");
             assert_eq!(attempts, 3);
             assert!(after >= Duration::from_millis(900), "{after:?}");
@@ -189,16 +207,28 @@ async fn timeouts_are_retried_on_another_provider_then_reported() {
         other => panic!("expected a timeout, got {other:?}"),
     }
     assert!(started.elapsed() < Duration::from_secs(2));
-    eventually("all three attempts reached the provider", Duration::from_secs(2), || async {
-        a_calls.load(Ordering::SeqCst) == 3
-    })
+    eventually(
+        "all three attempts reached the provider",
+        Duration::from_secs(2),
+        || async { a_calls.load(Ordering::SeqCst) == 3 },
+    )
     .await;
     // With a second provider the retry lands there. The timed-out one stays registered.
     let (b, _) = serve(cfg.clone(), "b").await;
-    let slow = HelloClient::new(&client).with_retries(1).with_timeout(Duration::from_millis(300));
+    let slow = HelloClient::new(&client)
+        .with_retries(1)
+        .with_timeout(Duration::from_millis(300));
     // `nap(0)` is instant everywhere; prove a timed-out provider is not evicted.
-    let status = Monitor::connect(cfg).await.expect("monitor").status().await.expect("status");
-    assert!(status.servers.contains_key(a.id()), "a timeout does not evict the provider");
+    let status = Monitor::connect(cfg)
+        .await
+        .expect("monitor")
+        .status()
+        .await
+        .expect("status");
+    assert!(
+        status.servers.contains_key(a.id()),
+        "a timeout does not evict the provider"
+    );
     for _ in 0..4 {
         assert_eq!(slow.nap(0).await.expect("fast call"), 0);
     }
@@ -211,7 +241,9 @@ async fn timeouts_are_retried_on_another_provider_then_reported() {
 async fn dbs_and_namespaces_are_isolated() {
     let redis = redis();
     let db3 = config(&redis);
-    let db4 = Config::from_url(&redis.url_db(4)).expect("url").heartbeat(Duration::from_millis(200));
+    let db4 = Config::from_url(&redis.url_db(4))
+        .expect("url")
+        .heartbeat(Duration::from_millis(200));
     let other_ns = config(&redis).namespace("other");
     let (server, _) = serve(db3.clone(), "a").await;
     for cfg in [db4, other_ns] {
@@ -220,11 +252,22 @@ async fn dbs_and_namespaces_are_isolated() {
             Err(Error::NoProvider { .. }) => {}
             other => panic!("a different deployment must not see the server: {other:?}"),
         }
-        let status = Monitor::connect(cfg).await.expect("monitor").status().await.expect("status");
+        let status = Monitor::connect(cfg)
+            .await
+            .expect("monitor")
+            .status()
+            .await
+            .expect("status");
         assert!(status.servers.is_empty());
     }
     let client = Client::connect(db3).await.expect("client");
-    assert_eq!(HelloClient::new(&client).whoami().await.expect("same deployment"), "a");
+    assert_eq!(
+        HelloClient::new(&client)
+            .whoami()
+            .await
+            .expect("same deployment"),
+        "a"
+    );
     server.shutdown().await.expect("shutdown");
 }
 
@@ -265,7 +308,10 @@ async fn rolling_restart_loses_no_call() {
     let mut total = 0;
     for task in load {
         let (ok, failed) = task.await.expect("load task");
-        assert!(failed.is_empty(), "calls failed during the rolling restart: {failed:?}");
+        assert!(
+            failed.is_empty(),
+            "calls failed during the rolling restart: {failed:?}"
+        );
         total += ok;
     }
     assert!(total > 50, "load ran: {total} calls");
@@ -281,9 +327,17 @@ async fn shutdown_finishes_calls_in_flight() {
     let client = Client::connect(config(&redis)).await.expect("client");
     let hello = HelloClient::new(&client);
     let call = tokio::spawn(async move { hello.nap(300).await });
-    eventually("the call is running", Duration::from_secs(2), || async { server.stats().in_flight == 1 }).await;
+    eventually("the call is running", Duration::from_secs(2), || async {
+        server.stats().in_flight == 1
+    })
+    .await;
     server.shutdown().await.expect("shutdown");
-    assert_eq!(call.await.expect("task").expect("the call in flight completed"), 300);
+    assert_eq!(
+        call.await
+            .expect("task")
+            .expect("the call in flight completed"),
+        300
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -297,9 +351,11 @@ async fn an_overloaded_provider_refuses_and_the_caller_moves_on() {
         let hello = hello.clone();
         tokio::spawn(async move { hello.nap(2_000).await })
     };
-    eventually("one call occupies the only slot", Duration::from_secs(2), || async {
-        busy.stats().in_flight == 1
-    })
+    eventually(
+        "one call occupies the only slot",
+        Duration::from_secs(2),
+        || async { busy.stats().in_flight == 1 },
+    )
     .await;
     match hello.nap(0).await {
         Err(Error::Overloaded { attempts: 1, .. }) => {}
@@ -331,7 +387,11 @@ async fn oversized_payloads_fail_at_the_sender() {
         }
         other => panic!("expected too large, got {other:?}"),
     }
-    assert_eq!(calls.load(Ordering::SeqCst), 0, "nothing reached the server");
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        0,
+        "nothing reached the server"
+    );
     // A reply over the server's limit becomes a clear error, not a hang.
     match hello.blob(100 * 1024).await {
         Err(Error::Server { reason, .. }) => assert!(reason.contains("max_frame_size"), "{reason}"),
@@ -350,10 +410,18 @@ async fn garbage_on_the_wire_is_counted_and_ignored() {
     assert_eq!(hello.whoami().await.expect("call"), "a");
     let calls = format!("clouds:3:calls:{}", server.id());
     let inbox = format!("clouds:3:inbox:{}", client.id());
-    let garbage: [&[u8]; 5] = [b"", b"hello", &[1, 0x96, 0, 1], &[9, 0x90], &[1, 0xdd, 0xff, 0xff, 0xff, 0xff]];
+    let garbage: [&[u8]; 5] = [
+        b"",
+        b"hello",
+        &[1, 0x96, 0, 1],
+        &[9, 0x90],
+        &[1, 0xdd, 0xff, 0xff, 0xff, 0xff],
+    ];
     for channel in [&calls, &inbox, &"clouds:3:events".to_string()] {
         for bytes in garbage {
-            let r = redis.command_bytes(&[b"PUBLISH", channel.as_bytes(), bytes]).expect("publish");
+            let r = redis
+                .command_bytes(&[b"PUBLISH", channel.as_bytes(), bytes])
+                .expect("publish");
             assert!(r.as_int() >= Some(1), "someone listens on {channel}");
         }
     }
@@ -362,6 +430,9 @@ async fn garbage_on_the_wire_is_counted_and_ignored() {
         server.stats().malformed_frames == 10 && client.stats().malformed_frames == 10
     })
     .await;
-    assert_eq!(hello.hello("still", "working").await.expect("call"), "Hello still, working");
+    assert_eq!(
+        hello.hello("still", "working").await.expect("call"),
+        "Hello still, working"
+    );
     server.shutdown().await.expect("shutdown");
 }

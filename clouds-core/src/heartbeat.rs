@@ -1,9 +1,14 @@
 //! A server's heartbeat: renews its registry entry every period and right after a reconnect
 //! (which also restores the entry after a Redis restart).
+//!
+//! It runs on its own thread, with its own single-threaded runtime and its own Redis
+//! connection: handlers that block every worker thread of the application's runtime cannot
+//! starve it, so a busy server is never declared dead.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use clouds_redis::Transport;
 use tokio_util::sync::CancellationToken;
 
 use crate::error::Error;
@@ -26,13 +31,13 @@ impl Advert {
     }
 }
 
-/// Writes the entry once.
-pub(crate) async fn beat(node: &Node, advert: &Advert) -> Result<(), Error> {
+/// Writes the entry once, through `redis`.
+pub(crate) async fn beat(node: &Node, redis: &Transport, advert: &Advert) -> Result<(), Error> {
     let methods = advert.methods();
     let in_flight = node.dispatcher.get().map_or(0, |d| d.in_flight());
     node.registry
         .heartbeat(
-            &node.redis,
+            redis,
             &Announcement {
                 id: &node.id,
                 methods: &methods,
@@ -43,28 +48,81 @@ pub(crate) async fn beat(node: &Node, advert: &Advert) -> Result<(), Error> {
         .await
 }
 
-/// Beats until `stop` is cancelled. A failed beat is retried sooner than the period, so an
-/// entry lost in a Redis restart comes back quickly.
-pub(crate) async fn run(node: Arc<Node>, advert: Arc<Advert>, stop: CancellationToken) {
+/// The heartbeat thread; stopping it waits for the thread to close its connection.
+pub(crate) struct Heartbeat {
+    stop: CancellationToken,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Heartbeat {
+    /// Starts beating every heartbeat period until stopped (or until `node` is cancelled).
+    pub(crate) fn start(node: Arc<Node>, advert: Arc<Advert>) -> Result<Heartbeat, Error> {
+        let stop = node.cancel.child_token();
+        let token = stop.clone();
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| Error::Config(format!("cannot build the heartbeat runtime: {e}")))?;
+        let thread = std::thread::Builder::new()
+            .name(format!("clouds-heartbeat-{}", node.id))
+            .spawn(move || runtime.block_on(run(node, advert, token)))
+            .map_err(|e| Error::Config(format!("cannot start the heartbeat thread: {e}")))?;
+        Ok(Heartbeat {
+            stop,
+            thread: Some(thread),
+        })
+    }
+
+    /// Stops beating; once this returns, no more heartbeats are written.
+    pub(crate) async fn stop(mut self) {
+        self.stop.cancel();
+        if let Some(thread) = self.thread.take() {
+            let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+        }
+    }
+}
+
+impl Drop for Heartbeat {
+    fn drop(&mut self) {
+        // Dropped without `stop()` (the server was dropped): the thread ends on its own.
+        self.stop.cancel();
+    }
+}
+
+async fn run(node: Arc<Node>, advert: Arc<Advert>, stop: CancellationToken) {
     let period = node.config.heartbeat;
-    let mut reconnects = node.redis.reconnects();
+    let retry = (period / 4).max(Duration::from_millis(10));
+    // Its own connection, driven by this thread's runtime.
+    let redis = loop {
+        match Transport::connect(&node.config.endpoint, &node.config.transport).await {
+            Ok(redis) => break redis,
+            Err(e) => {
+                tracing::warn!(node = %node.id, error = %e, "heartbeat cannot connect; retrying");
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tokio::time::sleep(retry) => {}
+                }
+            }
+        }
+    };
+    // A reconnect of either this connection or the node's main ones: callers may have dropped
+    // this server while it was away, so beat and announce at once.
+    let mut own_reconnects = redis.reconnects();
+    let mut node_reconnects = node.redis.reconnects();
     let mut wait = period;
     let mut announce = false;
     loop {
         tokio::select! {
             _ = stop.cancelled() => break,
             _ = tokio::time::sleep(wait) => {}
-            r = reconnects.recv() => match r {
-                // Callers may have dropped this server while its connection was down.
-                Some(()) => announce = true,
-                None => break,
-            },
+            Some(()) = own_reconnects.recv() => announce = true,
+            Some(()) = node_reconnects.recv() => announce = true,
         }
-        wait = match beat(&node, &advert).await {
+        wait = match beat(&node, &redis, &advert).await {
             Ok(()) => {
                 if std::mem::take(&mut announce) {
                     let join = crate::codec::encode_join(node.id.as_str(), &advert.methods());
-                    if let Err(e) = node.redis.publish(&node.names.events(), join.into()).await {
+                    if let Err(e) = redis.publish(&node.names.events(), join.into()).await {
                         tracing::debug!(node = %node.id, error = %e, "could not re-announce after a reconnect");
                     }
                 }
@@ -72,8 +130,9 @@ pub(crate) async fn run(node: Arc<Node>, advert: Arc<Advert>, stop: Cancellation
             }
             Err(e) => {
                 tracing::warn!(node = %node.id, error = %e, "heartbeat failed; retrying");
-                (period / 4).max(Duration::from_millis(10))
+                retry
             }
         };
     }
+    redis.close().await;
 }

@@ -7,14 +7,13 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
-use tokio_util::sync::CancellationToken;
 
 use crate::client::Client;
 use crate::codec;
 use crate::config::Config;
 use crate::dispatch::Dispatcher;
 use crate::error::Error;
-use crate::heartbeat::{self, Advert};
+use crate::heartbeat::{self, Advert, Heartbeat};
 use crate::message::Messages;
 use crate::node::{Node, Owner, Stats};
 use crate::node_id::NodeId;
@@ -40,8 +39,7 @@ pub struct Server {
     owner: Arc<Owner>,
     dispatcher: Arc<Dispatcher>,
     advert: Arc<Advert>,
-    heartbeat_stop: CancellationToken,
-    heartbeat: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
+    heartbeat: std::sync::Mutex<Option<Heartbeat>>,
     /// Serialises registration and shutdown.
     state: tokio::sync::Mutex<bool>,
 }
@@ -71,20 +69,14 @@ impl Server {
                 .duration_since(UNIX_EPOCH)
                 .map_or(0, |d| d.as_millis() as u64),
         });
-        heartbeat::beat(&node, &advert).await?;
-        let heartbeat_stop = node.cancel.child_token();
-        let task = node.tasks.spawn(heartbeat::run(
-            node.clone(),
-            advert.clone(),
-            heartbeat_stop.clone(),
-        ));
+        heartbeat::beat(&node, &node.redis, &advert).await?;
+        let heartbeat = Heartbeat::start(node.clone(), advert.clone())?;
         tracing::info!(node = %node.id, "server started");
         Ok(Server {
             owner,
             dispatcher,
             advert,
-            heartbeat_stop,
-            heartbeat: std::sync::Mutex::new(Some(task)),
+            heartbeat: std::sync::Mutex::new(Some(heartbeat)),
             state: tokio::sync::Mutex::new(false),
         })
     }
@@ -129,7 +121,7 @@ impl Server {
             .unwrap_or_else(|e| e.into_inner())
             .extend(added.iter().cloned());
         let node = self.node();
-        heartbeat::beat(node, &self.advert).await?;
+        heartbeat::beat(node, &node.redis, &self.advert).await?;
         let join = codec::encode_join(node.id.as_str(), &added);
         node.redis
             .publish(&node.names.events(), Bytes::from(join))
@@ -170,14 +162,13 @@ impl Server {
         }
         *shut_down = true;
         let node = self.node().clone();
-        self.heartbeat_stop.cancel();
-        let task = self
+        let heartbeat = self
             .heartbeat
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .take();
-        if let Some(task) = task {
-            let _ = task.await;
+        if let Some(heartbeat) = heartbeat {
+            heartbeat.stop().await;
         }
         let methods = self.advert.methods();
         let mut result = Ok(());
@@ -214,11 +205,5 @@ impl Server {
         node.close().await;
         tracing::info!(node = %node.id, "server stopped");
         result
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        self.heartbeat_stop.cancel();
     }
 }

@@ -1,0 +1,7 @@
+#[clouds::service("svc")]
+pub trait Svc {
+    type Output;
+    async fn ping(&self);
+}
+
+fn main() {}

@@ -1,0 +1,6 @@
+#[clouds::service]
+pub trait Svc {
+    async fn ping(&self);
+}
+
+fn main() {}

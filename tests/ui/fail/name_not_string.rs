@@ -1,0 +1,6 @@
+#[clouds::service(svc)]
+pub trait Svc {
+    async fn ping(&self);
+}
+
+fn main() {}

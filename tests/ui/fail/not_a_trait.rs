@@ -1,0 +1,4 @@
+#[clouds::service("svc")]
+pub struct Svc;
+
+fn main() {}
