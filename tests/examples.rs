@@ -32,6 +32,7 @@ fn output_of(command: &mut Command, within: Duration) -> Output {
     while child.try_wait().expect("wait").is_none() {
         if Instant::now() > deadline {
             let _ = child.kill();
+            let _ = child.wait();
             panic!("example did not finish within {within:?}");
         }
         std::thread::sleep(Duration::from_millis(20));
@@ -39,9 +40,19 @@ fn output_of(command: &mut Command, within: Duration) -> Output {
     child.wait_with_output().expect("output")
 }
 
+/// A child process that is killed and reaped when dropped, so a failing test leaks nothing.
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// Starts a `hello_server` (its output goes to a file, so no pipe can break) and waits until
 /// it says it is serving.
-fn start_server(url: &str) -> Child {
+fn start_server(url: &str) -> Proc {
     static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
     let log = std::env::temp_dir().join(format!(
         "clouds-hello-server-{}-{}.log",
@@ -49,12 +60,14 @@ fn start_server(url: &str) -> Child {
         N.fetch_add(1, std::sync::atomic::Ordering::SeqCst)
     ));
     let file = std::fs::File::create(&log).expect("log file");
-    let child = example("hello_server")
-        .env("REDIS_URL", url)
-        .stdout(file)
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("spawn hello_server");
+    let child = Proc(
+        example("hello_server")
+            .env("REDIS_URL", url)
+            .stdout(file)
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn hello_server"),
+    );
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let text = std::fs::read_to_string(&log).unwrap_or_default();
@@ -70,13 +83,13 @@ fn start_server(url: &str) -> Child {
     }
 }
 
-fn stop(child: &mut Child, signal: &str) {
+fn stop(child: &mut Proc, signal: &str) {
     let status = Command::new("kill")
-        .args([signal, &child.id().to_string()])
+        .args([signal, &child.0.id().to_string()])
         .status()
         .expect("kill");
     assert!(status.success());
-    let _ = child.wait();
+    let _ = child.0.wait();
 }
 
 #[test]
