@@ -398,6 +398,20 @@ async fn oversized_payloads_fail_at_the_sender() {
         other => panic!("expected a server error, got {other:?}"),
     }
     assert_eq!(hello.blob(10).await.expect("small blob"), vec![7; 10]);
+    // A caller with a larger limit than the server: the server refuses the call with a reason.
+    let generous = Client::connect(config(&redis).max_frame_size(1 << 20))
+        .await
+        .expect("client");
+    match HelloClient::new(&generous).hello(&big, "hi").await {
+        Err(Error::Server { reason, .. }) => assert!(reason.contains("max_frame_size"), "{reason}"),
+        other => panic!("expected the server to refuse, got {other:?}"),
+    }
+    assert_eq!(server.stats().oversized_frames, 1);
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        0,
+        "the oversized call never ran"
+    );
     server.shutdown().await.expect("shutdown");
 }
 

@@ -148,6 +148,13 @@ impl Balancer {
         None
     }
 
+    /// Whether `method` has a provider not in `tried`.
+    pub(crate) fn has_untried(&self, method: &str, tried: &[NodeId]) -> bool {
+        read(&self.methods)
+            .get(method)
+            .is_some_and(|e| e.providers.iter().any(|p| !tried.contains(p)))
+    }
+
     /// Counts a call to `node` as outstanding until the guard drops.
     pub(crate) fn start_call(&self, node: &NodeId) -> Outstanding<'_> {
         if self.strategy == Balance::LeastInFlight {

@@ -147,7 +147,13 @@ impl Client {
     }
 
     /// Runs a call with retries; returns the provider that answered and its reply.
+    ///
+    /// An attempt is used up by a timeout, a Redis error, an overloaded provider when no
+    /// untried one is left, or finding no provider at all. A call that certainly did not run
+    /// (PUBLISH reached nobody, the provider refused it as overloaded or stopping) is re-routed
+    /// at once at no cost, up to [`FREE_REROUTES`] times per call.
     pub(crate) async fn invoke(&self, method: &str, args: &[u8]) -> Result<(NodeId, Reply), Error> {
+        crate::namespace::validate_method(method).map_err(Error::Config)?;
         let node = self.node();
         let started = Instant::now();
         let max_attempts = self.retries.saturating_add(1);
@@ -155,7 +161,7 @@ impl Client {
             .unwrap_or(u64::MAX)
             .max(1);
         let mut attempts = 0u32;
-        let mut reroutes = 0u32;
+        let mut free_reroutes = 0u32;
         let mut tried: Vec<NodeId> = Vec::new();
         let mut refresh = !node.balancer.knows(method);
         loop {
@@ -163,7 +169,14 @@ impl Client {
                 return Err(Error::Shutdown);
             }
             if refresh {
-                node.refresh(&[method.to_string()]).await?;
+                if let Err(e) = node.refresh(&[method.to_string()]).await {
+                    attempts += 1;
+                    if attempts >= max_attempts {
+                        return Err(e);
+                    }
+                    tokio::time::sleep(backoff(attempts, node.config.heartbeat)).await;
+                    continue;
+                }
                 refresh = false;
             }
             let Some(provider) = node.balancer.pick(method, &tried) else {
@@ -200,18 +213,34 @@ impl Client {
                 };
                 tokio::time::timeout(self.timeout, attempt).await
             };
+            let no_provider = || Error::NoProvider {
+                method: method.to_string(),
+                attempts,
+            };
             let failure = match outcome {
                 Ok(Ok(Attempt::Replied(reply))) => match reply.status {
-                    Status::Overloaded => Error::Overloaded {
-                        method: method.to_string(),
-                        attempts,
-                    },
-                    Status::ShuttingDown => {
-                        node.balancer.remove(&provider);
-                        Error::NoProvider {
+                    Status::Overloaded => {
+                        tried.push(provider.clone());
+                        if free_reroutes < FREE_REROUTES
+                            && node.balancer.has_untried(method, &tried)
+                        {
+                            attempts -= 1;
+                            free_reroutes += 1;
+                            continue;
+                        }
+                        Error::Overloaded {
                             method: method.to_string(),
                             attempts,
                         }
+                    }
+                    Status::ShuttingDown => {
+                        node.balancer.remove(&provider);
+                        if free_reroutes < FREE_REROUTES {
+                            attempts -= 1;
+                            free_reroutes += 1;
+                            continue;
+                        }
+                        no_provider()
                     }
                     _ => {
                         node.balancer.clear_suspect(&provider);
@@ -219,23 +248,15 @@ impl Client {
                     }
                 },
                 Ok(Ok(Attempt::NotDelivered)) => {
-                    // Certainly not executed: re-route at once without using up an attempt
-                    // (bounded, in case every provider vanished together).
+                    // The provider's inbox is gone: drop it and re-route at once.
                     node.balancer.remove(&provider);
-                    attempts -= 1;
-                    reroutes += 1;
-                    if reroutes > 16 {
-                        refresh = true;
-                        reroutes = 0;
-                        attempts += 1;
-                        if attempts >= max_attempts {
-                            return Err(Error::NoProvider {
-                                method: method.to_string(),
-                                attempts,
-                            });
-                        }
+                    if free_reroutes < FREE_REROUTES {
+                        attempts -= 1;
+                        free_reroutes += 1;
+                        continue;
                     }
-                    continue;
+                    refresh = true;
+                    no_provider()
                 }
                 Ok(Ok(Attempt::Closed)) => return Err(Error::Shutdown),
                 Ok(Err(e @ (Error::TooLarge { .. } | Error::Codec { .. }))) => return Err(e),
@@ -249,16 +270,22 @@ impl Client {
                     }
                 }
             };
-            tried.push(provider);
+            if !tried.contains(&provider) {
+                tried.push(provider);
+            }
             if attempts >= max_attempts {
                 return Err(failure);
             }
-            if matches!(failure, Error::Redis(_)) {
+            if matches!(failure, Error::Redis(_) | Error::Overloaded { .. }) {
                 tokio::time::sleep(backoff(attempts, node.config.heartbeat)).await;
             }
         }
     }
 }
+
+/// Re-routes per call that cost no attempt (the call certainly did not run); bounded so a
+/// flapping set of providers cannot keep a call looping.
+const FREE_REROUTES: u32 = 16;
 
 /// Waits between attempts that found nothing to call: 25 ms doubling, at most a heartbeat.
 fn backoff(attempt: u32, heartbeat: Duration) -> Duration {
@@ -313,6 +340,10 @@ pub(crate) fn decode_reply<T: DeserializeOwned>(
             node,
             reason: text(&reply.body),
         }),
+        Status::Unrecognized => Err(Error::Protocol(format!(
+            "{node} answered {method} with an unknown {} (a newer protocol?)",
+            text(&reply.body)
+        ))),
         Status::Overloaded | Status::ShuttingDown => Err(Error::Protocol(format!(
             "unexpected status {:?} from {node}",
             reply.status

@@ -212,10 +212,17 @@ pub(crate) fn decode(frame: &Bytes) -> Result<Frame, DecodeError> {
             Reader::expect_len(len, 4, "reply")?;
             let id = r.uint("reply id")?;
             let code = r.uint("status")?;
-            let status = Status::from_code(code)
-                .ok_or_else(|| malformed(format!("unknown status {code}")))?;
             let body = r.body("reply body")?;
-            Ok(Frame::Reply(Reply { id, status, body }))
+            Ok(Frame::Reply(match Status::from_code(code) {
+                Some(status) => Reply { id, status, body },
+                None => Reply {
+                    id,
+                    status: Status::Unrecognized,
+                    body: Bytes::from(
+                        encode_value(&format!("status code {code}")).unwrap_or_default(),
+                    ),
+                },
+            }))
         }
         k if k == u64::from(KIND_MESSAGE) => {
             Reader::expect_len(len, 3, "message")?;
@@ -356,6 +363,23 @@ mod tests {
         );
         let leave = Bytes::from(encode_leave("n1"));
         assert_eq!(decode(&leave), Ok(Frame::Leave { node: "n1".into() }));
+    }
+
+    #[test]
+    fn unknown_statuses_still_reach_the_caller() {
+        let frame = Bytes::from(encode_reply(3, Status::Ok, NIL));
+        let mut bytes = frame.to_vec();
+        bytes[4] = 99; // the status byte: [version, array, kind, id, status, body]
+        match decode(&Bytes::from(bytes)) {
+            Ok(Frame::Reply(reply)) => {
+                assert_eq!((reply.id, reply.status), (3, Status::Unrecognized));
+                assert_eq!(
+                    decode_value::<String>(&reply.body).as_deref(),
+                    Ok("status code 99")
+                );
+            }
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]

@@ -85,6 +85,12 @@ impl Dispatcher {
             return;
         };
         self.tasks.spawn(async move {
+            if Instant::now() > deadline {
+                // Waited for a worker thread past the caller's deadline: the caller has moved
+                // on (and may have retried elsewhere), so running it now would only duplicate.
+                bump(&node.counters.expired_calls);
+                return;
+            }
             let outcome = handler(call.args).await;
             if Instant::now() > deadline {
                 tracing::debug!(node = %node.id, method = %call.method, "handler finished after the caller's deadline");

@@ -77,6 +77,10 @@ pub(crate) enum Status {
     ShuttingDown = 6,
     /// The server could not produce a reply; body: reason string.
     ServerError = 7,
+    /// Not a code of this version (a newer peer); never sent. The decoder replaces the body
+    /// with a text naming the code, so the waiting call fails with a clear error instead of
+    /// timing out.
+    Unrecognized = 255,
 }
 
 impl Status {

@@ -42,6 +42,8 @@ pub struct Stats {
     pub malformed_frames: u64,
     /// Frames that decoded but arrived on a channel where they do not belong.
     pub misrouted_frames: u64,
+    /// Frames over this node's `max_frame_size` (a call gets an error reply, others are dropped).
+    pub oversized_frames: u64,
     /// Frames lost because the receive loop fell behind the subscriber connection.
     pub lagged_frames: u64,
     /// Replies that arrived after their call had given up (timed out or was cancelled).
@@ -60,6 +62,7 @@ pub struct Stats {
 pub(crate) struct Counters {
     pub(crate) malformed: AtomicU64,
     pub(crate) misrouted: AtomicU64,
+    pub(crate) oversized: AtomicU64,
     pub(crate) lagged: AtomicU64,
     pub(crate) late_replies: AtomicU64,
     pub(crate) dropped_messages: AtomicU64,
@@ -225,6 +228,7 @@ impl Node {
         Stats {
             malformed_frames: get(&c.malformed),
             misrouted_frames: get(&c.misrouted),
+            oversized_frames: get(&c.oversized),
             lagged_frames: get(&c.lagged),
             late_replies: get(&c.late_replies),
             dropped_messages: get(&c.dropped_messages),
@@ -271,6 +275,24 @@ impl Node {
                 return;
             }
         };
+        if payload.len() > self.config.max_frame_size {
+            bump(&self.counters.oversized);
+            tracing::warn!(node = %self.id, %channel, len = payload.len(), max = self.config.max_frame_size, "dropped an oversized frame");
+            if let Frame::Call(call) = frame {
+                let node = self.clone();
+                let reason = format!(
+                    "the call is {} bytes, over this server's max_frame_size of {} bytes",
+                    payload.len(),
+                    self.config.max_frame_size
+                );
+                self.tasks.spawn(async move {
+                    let body = codec::encode_value(&reason).unwrap_or_default();
+                    node.reply(&call.reply_to, call.id, Status::ServerError, &body)
+                        .await;
+                });
+            }
+            return;
+        }
         match frame {
             Frame::Reply(reply) if channel == self.inbox => {
                 if !self.pending.complete(reply) {
