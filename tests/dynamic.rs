@@ -114,3 +114,77 @@ async fn monitor_lists_methods_and_servers() {
     )
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stale_registry_entry_gets_unknown_method() {
+    let redis = redis();
+    // db 0: the testkit's raw commands run there.
+    let cfg = clouds::Config::from_url(&redis.url()).expect("url");
+    let server = Server::start(cfg.clone()).await.expect("server");
+    // The registry claims the server provides a method it does not serve.
+    let key = "{clouds:0}:method:test.ghost";
+    let reply = redis
+        .command(&["ZADD", key, "99999999999999", server.id().as_str()])
+        .expect("zadd");
+    assert_eq!(reply.as_int(), Some(1));
+    let client = Client::connect(cfg).await.expect("client");
+    match client.call::<_, ()>("test.ghost", ()).await {
+        Err(Error::UnknownMethod { method, node }) => {
+            assert_eq!(method, "test.ghost");
+            assert_eq!(&node, server.id());
+        }
+        other => panic!("expected unknown method, got {other:?}"),
+    }
+    server.shutdown().await.expect("shutdown");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn least_in_flight_avoids_a_busy_provider() {
+    let redis = redis();
+    let cfg = config(&redis)
+        .balance(clouds::Balance::LeastInFlight)
+        .timeout(Duration::from_secs(5));
+    let mut servers = Vec::new();
+    for name in ["slow", "fast"] {
+        let server = Server::start(cfg.clone()).await.expect("server");
+        server
+            .register("lb.work", move |(ms,): (u64,)| async move {
+                tokio::time::sleep(Duration::from_millis(ms)).await;
+                Ok::<_, Infallible>(name)
+            })
+            .await
+            .expect("register");
+        servers.push(server);
+    }
+    let client = Client::connect(cfg).await.expect("client");
+    // Occupy one provider with a long call; every later call goes to the other one.
+    let long = {
+        let client = client.clone();
+        tokio::spawn(async move { client.call::<_, String>("lb.work", (1_500u64,)).await })
+    };
+    eventually(
+        "the long call is running",
+        Duration::from_secs(2),
+        || async { servers.iter().any(|s| s.stats().in_flight == 1) },
+    )
+    .await;
+    let busy = if servers[0].stats().in_flight == 1 {
+        "slow"
+    } else {
+        "fast"
+    };
+    for _ in 0..10 {
+        let who: String = client.call("lb.work", (0u64,)).await.expect("call");
+        assert_ne!(
+            who,
+            busy,
+            "a call went to the provider that is busy: {:?} {:?}",
+            servers[0].stats(),
+            servers[1].stats()
+        );
+    }
+    assert_eq!(long.await.expect("task").expect("long call"), busy);
+    for server in servers {
+        server.shutdown().await.expect("shutdown");
+    }
+}

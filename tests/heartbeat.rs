@@ -11,8 +11,8 @@ use common::{config, redis};
 #[test]
 fn blocking_handlers_do_not_starve_the_heartbeat() {
     let redis = redis();
-    // heartbeat 200 ms, TTL 600 ms; handlers block for 1.5 s = 2.5 TTLs.
-    let cfg = config(&redis).timeout(Duration::from_secs(5));
+    // heartbeat 300 ms, TTL 900 ms; handlers block for 2.5 s, almost 3 TTLs.
+    let cfg = config(&redis).timeout(Duration::from_secs(10));
 
     // The server gets its own two-worker runtime, which the handlers will block completely.
     let server_runtime = tokio::runtime::Builder::new_multi_thread()
@@ -44,11 +44,11 @@ fn blocking_handlers_do_not_starve_the_heartbeat() {
         let calls: Vec<_> = (0..2)
             .map(|_| {
                 let client = client.clone();
-                tokio::spawn(async move { client.call::<_, u64>("busy.block", (1_500u64,)).await })
+                tokio::spawn(async move { client.call::<_, u64>("busy.block", (2_500u64,)).await })
             })
             .collect();
         // Watch the registry for the whole time the workers are blocked.
-        let until = Instant::now() + Duration::from_millis(1_400);
+        let until = Instant::now() + Duration::from_millis(2_400);
         let mut checks = 0;
         while Instant::now() < until {
             let status = monitor.status().await.expect("status");
@@ -61,7 +61,7 @@ fn blocking_handlers_do_not_starve_the_heartbeat() {
         }
         assert!(checks > 10);
         for call in calls {
-            assert_eq!(call.await.expect("task").expect("call"), 1_500);
+            assert_eq!(call.await.expect("task").expect("call"), 2_500);
         }
     });
     server_runtime

@@ -109,7 +109,8 @@ async fn run(node: Arc<Node>, advert: Arc<Advert>, stop: CancellationToken) {
     // this server while it was away, so beat and announce at once.
     let mut own_reconnects = redis.reconnects();
     let mut node_reconnects = node.redis.reconnects();
-    let mut wait = period;
+    // Beat at once: the entry written at start-up is already ageing.
+    let mut wait = Duration::ZERO;
     let mut announce = false;
     loop {
         tokio::select! {
