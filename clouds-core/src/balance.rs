@@ -30,17 +30,7 @@ pub(crate) struct Balancer {
     suspect_for: Duration,
 }
 
-// The locks guard plain maps; a panic while holding one cannot leave them inconsistent, so a
-// poisoned lock is used as it is.
-fn read<T>(lock: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
-    lock.read().unwrap_or_else(|e| e.into_inner())
-}
-fn write<T>(lock: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
-    lock.write().unwrap_or_else(|e| e.into_inner())
-}
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
+use crate::locks::{lock, read, write};
 
 impl Balancer {
     pub(crate) fn new(strategy: Balance, suspect_for: Duration) -> Self {

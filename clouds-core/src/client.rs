@@ -29,7 +29,9 @@ use crate::node_id::NodeId;
 /// ```
 #[derive(Clone)]
 pub struct Client {
-    owner: Arc<Owner>,
+    node: Arc<Node>,
+    /// Set when this handle (with its clones) owns the node; unset for `Server::client`.
+    owner: Option<Arc<Owner>>,
     retries: u32,
     timeout: Duration,
 }
@@ -57,20 +59,24 @@ impl Client {
     /// Connects a new client node.
     pub async fn connect(config: Config) -> Result<Client, Error> {
         let node = Node::start(config, "client").await?;
-        Ok(Client::from_owner(Arc::new(Owner { node })))
+        let owner = Arc::new(Owner { node: node.clone() });
+        let mut client = Client::borrowing(node);
+        client.owner = Some(owner);
+        Ok(client)
     }
 
-    pub(crate) fn from_owner(owner: Arc<Owner>) -> Client {
-        let config = &owner.node.config;
+    /// A handle on a node owned by someone else (a server).
+    pub(crate) fn borrowing(node: Arc<Node>) -> Client {
         Client {
-            retries: config.retries,
-            timeout: config.timeout,
-            owner,
+            retries: node.config.retries,
+            timeout: node.config.timeout,
+            owner: None,
+            node,
         }
     }
 
     fn node(&self) -> &Arc<Node> {
-        &self.owner.node
+        &self.node
     }
 
     /// This node's id.
@@ -85,9 +91,9 @@ impl Client {
         self
     }
 
-    /// This handle, waiting `timeout` for each attempt's reply.
+    /// This handle, waiting `timeout` (at least 1 ms) for each attempt's reply.
     pub fn with_timeout(mut self, timeout: Duration) -> Self {
-        self.timeout = timeout;
+        self.timeout = timeout.max(Duration::from_millis(1));
         self
     }
 
@@ -142,8 +148,13 @@ impl Client {
 
     /// Closes this node's connections now, instead of when the last handle drops. Calls still
     /// waiting fail with [`Error::Shutdown`].
+    ///
+    /// A client from [`Server::client`](crate::Server::client) does not own its node: closing
+    /// it does nothing (shut the server down instead).
     pub async fn close(&self) {
-        self.node().close().await;
+        if self.owner.is_some() {
+            self.node().close().await;
+        }
     }
 
     /// Runs a call with retries; returns the provider that answered and its reply.

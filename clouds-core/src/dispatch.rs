@@ -9,6 +9,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::codec;
 use crate::envelope::{Call, Status};
+use crate::locks::{read, write};
 use crate::node::{Node, bump};
 use crate::service::Route;
 
@@ -33,7 +34,7 @@ impl Dispatcher {
 
     /// Adds routes; fails without adding any if a name is taken or repeated.
     pub(crate) fn add(&self, routes: Vec<Route>) -> Result<Vec<String>, String> {
-        let mut table = self.routes.write().unwrap_or_else(|e| e.into_inner());
+        let mut table = write(&self.routes);
         let mut names = Vec::with_capacity(routes.len());
         for route in &routes {
             crate::namespace::validate_method(&route.name)?;
@@ -51,6 +52,11 @@ impl Dispatcher {
         Ok(names)
     }
 
+    /// Forgets every route (at close).
+    pub(crate) fn clear(&self) {
+        write(&self.routes).clear();
+    }
+
     /// Handlers running now.
     pub(crate) fn in_flight(&self) -> usize {
         self.max_in_flight - self.slots.available_permits()
@@ -65,7 +71,7 @@ impl Dispatcher {
         }
         let deadline = Instant::now() + Duration::from_millis(call.deadline_ms);
         let route = {
-            let table = self.routes.read().unwrap_or_else(|e| e.into_inner());
+            let table = read(&self.routes);
             table.get(&call.method).map(|r| r.handler.clone())
         };
         let node = node.clone();

@@ -5,10 +5,10 @@
 //! connection: handlers that block every worker thread of the application's runtime cannot
 //! starve it, so a busy server is never declared dead.
 
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
-use clouds_redis::Transport;
+use clouds_redis::{Reconnects, Transport};
 use tokio_util::sync::CancellationToken;
 
 use crate::error::Error;
@@ -24,10 +24,7 @@ pub(crate) struct Advert {
 
 impl Advert {
     pub(crate) fn methods(&self) -> Vec<String> {
-        self.methods
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        crate::locks::lock(&self.methods).clone()
     }
 }
 
@@ -56,16 +53,22 @@ pub(crate) struct Heartbeat {
 
 impl Heartbeat {
     /// Starts beating every heartbeat period until stopped (or until `node` is cancelled).
-    pub(crate) fn start(node: Arc<Node>, advert: Arc<Advert>) -> Result<Heartbeat, Error> {
+    ///
+    /// The thread holds the node weakly: it must not be what keeps a dropped server's node
+    /// (and its connections) alive.
+    pub(crate) fn start(node: &Arc<Node>, advert: Arc<Advert>) -> Result<Heartbeat, Error> {
         let stop = node.cancel.child_token();
         let token = stop.clone();
+        let name = format!("clouds-heartbeat-{}", node.id);
+        let node_reconnects = node.redis.reconnects();
+        let weak = Arc::downgrade(node);
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .map_err(|e| Error::Config(format!("cannot build the heartbeat runtime: {e}")))?;
         let thread = std::thread::Builder::new()
-            .name(format!("clouds-heartbeat-{}", node.id))
-            .spawn(move || runtime.block_on(run(node, advert, token)))
+            .name(name)
+            .spawn(move || runtime.block_on(run(weak, node_reconnects, advert, token)))
             .map_err(|e| Error::Config(format!("cannot start the heartbeat thread: {e}")))?;
         Ok(Heartbeat {
             stop,
@@ -84,20 +87,32 @@ impl Heartbeat {
 
 impl Drop for Heartbeat {
     fn drop(&mut self) {
-        // Dropped without `stop()` (the server was dropped): the thread ends on its own.
+        // Dropped without `stop()` (the server was dropped): the thread sees the token, closes
+        // its own connection and ends.
         self.stop.cancel();
     }
 }
 
-async fn run(node: Arc<Node>, advert: Arc<Advert>, stop: CancellationToken) {
-    let period = node.config.heartbeat;
+async fn run(
+    node: Weak<Node>,
+    mut node_reconnects: Reconnects,
+    advert: Arc<Advert>,
+    stop: CancellationToken,
+) {
+    let Some((config, id, events)) = node
+        .upgrade()
+        .map(|n| (n.config.clone(), n.id.clone(), n.names.events()))
+    else {
+        return;
+    };
+    let period = config.heartbeat;
     let retry = (period / 4).max(Duration::from_millis(10));
     // Its own connection, driven by this thread's runtime.
     let redis = loop {
-        match Transport::connect(&node.config.endpoint, &node.config.transport).await {
+        match Transport::connect(&config.endpoint, &config.transport).await {
             Ok(redis) => break redis,
             Err(e) => {
-                tracing::warn!(node = %node.id, error = %e, "heartbeat cannot connect; retrying");
+                tracing::warn!(node = %id, error = %e, "heartbeat cannot connect; retrying");
                 tokio::select! {
                     _ = stop.cancelled() => return,
                     _ = tokio::time::sleep(retry) => {}
@@ -108,7 +123,6 @@ async fn run(node: Arc<Node>, advert: Arc<Advert>, stop: CancellationToken) {
     // A reconnect of either this connection or the node's main ones: callers may have dropped
     // this server while it was away, so beat and announce at once.
     let mut own_reconnects = redis.reconnects();
-    let mut node_reconnects = node.redis.reconnects();
     // Beat at once: the entry written at start-up is already ageing.
     let mut wait = Duration::ZERO;
     let mut announce = false;
@@ -119,18 +133,21 @@ async fn run(node: Arc<Node>, advert: Arc<Advert>, stop: CancellationToken) {
             Some(()) = own_reconnects.recv() => announce = true,
             Some(()) = node_reconnects.recv() => announce = true,
         }
-        wait = match beat(&node, &redis, &advert).await {
+        let Some(node) = node.upgrade() else { break };
+        let result = beat(&node, &redis, &advert).await;
+        drop(node);
+        wait = match result {
             Ok(()) => {
                 if std::mem::take(&mut announce) {
-                    let join = crate::codec::encode_join(node.id.as_str(), &advert.methods());
-                    if let Err(e) = redis.publish(&node.names.events(), join.into()).await {
-                        tracing::debug!(node = %node.id, error = %e, "could not re-announce after a reconnect");
+                    let join = crate::codec::encode_join(id.as_str(), &advert.methods());
+                    if let Err(e) = redis.publish(&events, join.into()).await {
+                        tracing::debug!(node = %id, error = %e, "could not re-announce after a reconnect");
                     }
                 }
                 period
             }
             Err(e) => {
-                tracing::warn!(node = %node.id, error = %e, "heartbeat failed; retrying");
+                tracing::warn!(node = %id, error = %e, "heartbeat failed; retrying");
                 retry
             }
         };

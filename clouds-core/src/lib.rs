@@ -32,6 +32,7 @@ mod dispatch;
 mod envelope;
 pub mod error;
 mod heartbeat;
+mod locks;
 pub mod message;
 pub mod monitor;
 mod namespace;

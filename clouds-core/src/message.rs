@@ -69,7 +69,8 @@ impl Messages {
         self.rx.lock().await.recv().await
     }
 
-    /// A message that has already arrived, without waiting.
+    /// A message that has already arrived, without waiting. `None` also while another handle
+    /// of the same node is waiting in [`Messages::next`].
     pub fn try_next(&mut self) -> Option<Message> {
         self.rx.try_lock().ok()?.try_recv().ok()
     }
@@ -78,7 +79,9 @@ impl Messages {
 /// The sending half, owned by the node's receive loop.
 #[derive(Debug)]
 pub(crate) struct MessageQueue {
-    tx: mpsc::Sender<Message>,
+    /// `None` once closed: dropping the sender is what ends readers' `next()`, without
+    /// touching the receiver a reader may be holding while it waits.
+    tx: std::sync::Mutex<Option<mpsc::Sender<Message>>>,
     readers: Messages,
 }
 
@@ -86,26 +89,27 @@ impl MessageQueue {
     pub(crate) fn new(capacity: usize) -> Self {
         let (tx, rx) = mpsc::channel(capacity);
         MessageQueue {
-            tx,
+            tx: std::sync::Mutex::new(Some(tx)),
             readers: Messages {
                 rx: Arc::new(Mutex::new(rx)),
             },
         }
     }
 
-    /// Queues a message without waiting; false if the queue is full.
+    /// Queues a message without waiting; false if the queue is full or closed.
     pub(crate) fn push(&self, message: Message) -> bool {
-        self.tx.try_send(message).is_ok()
+        match &*crate::locks::lock(&self.tx) {
+            Some(tx) => tx.try_send(message).is_ok(),
+            None => false,
+        }
     }
 
     pub(crate) fn reader(&self) -> Messages {
         self.readers.clone()
     }
-}
 
-impl MessageQueue {
     /// Ends the queue: readers get what is already queued, then `None`.
-    pub(crate) async fn close(&self) {
-        self.readers.rx.lock().await.close();
+    pub(crate) fn close(&self) {
+        crate::locks::lock(&self.tx).take();
     }
 }

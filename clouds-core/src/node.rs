@@ -5,6 +5,7 @@
 //! dispatcher, messages to the message queue, join/leave events to the balancer. A frame that
 //! does not decode, or arrives on the wrong channel, is counted and logged, never fatal.
 
+use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
@@ -91,6 +92,8 @@ pub(crate) struct Node {
     /// The background loops (receive, refresh, heartbeat).
     pub(crate) tasks: TaskTracker,
     closed: AtomicBool,
+    /// The runtime the node was started on, where closing work is spawned from `Drop`.
+    runtime: tokio::runtime::Handle,
     inbox: String,
     calls: String,
     events: String,
@@ -125,6 +128,7 @@ impl Node {
             cancel: CancellationToken::new(),
             tasks: TaskTracker::new(),
             closed: AtomicBool::new(false),
+            runtime: tokio::runtime::Handle::current(),
             id,
             names,
             redis,
@@ -238,12 +242,28 @@ impl Node {
         }
     }
 
+    /// Closes from a `Drop`: stops the loops at once and finishes closing on the node's runtime.
+    pub(crate) fn close_in_background(self: &Arc<Self>) {
+        self.cancel.cancel();
+        let node = self.clone();
+        self.runtime.spawn(async move { node.close().await });
+    }
+
+    /// Spawns `work` on the node's runtime (for `Drop` implementations).
+    pub(crate) fn spawn_detached(&self, work: impl Future<Output = ()> + Send + 'static) {
+        self.runtime.spawn(work);
+    }
+
     /// Stops the loops and closes the connections; waiting calls fail with `Shutdown`.
     pub(crate) async fn close(&self) {
         if self.closed.swap(true, Ordering::AcqRel) {
             return;
         }
         self.cancel.cancel();
+        if let Some(dispatcher) = self.dispatcher.get() {
+            // Routes may hold clients of this very node: dropping them breaks that cycle.
+            dispatcher.clear();
+        }
         self.tasks.close();
         if tokio::time::timeout(Duration::from_secs(5), self.tasks.wait())
             .await
@@ -252,7 +272,7 @@ impl Node {
             tracing::warn!(node = %self.id, "background tasks did not stop within 5 s");
         }
         self.pending.clear();
-        self.messages.close().await;
+        self.messages.close();
         self.redis.close().await;
         tracing::debug!(node = %self.id, "node closed");
     }
@@ -332,6 +352,9 @@ fn kind(frame: &Frame) -> &'static str {
 }
 
 async fn receive_loop(node: Arc<Node>, mut inbound: Inbound) {
+    // If this task is dropped without finishing (its runtime shut down), the whole node stops,
+    // heartbeat included: a node that cannot receive must not stay registered.
+    let _stop_all = node.cancel.clone().drop_guard();
     loop {
         let delivery = tokio::select! {
             biased;
@@ -339,13 +362,21 @@ async fn receive_loop(node: Arc<Node>, mut inbound: Inbound) {
             delivery = inbound.recv() => delivery,
         };
         match delivery {
-            Some(delivery) => node.handle(delivery),
+            Some(delivery) => handle_guarded(&node, delivery),
             None => break,
         }
     }
     // Hand over what was already delivered (replies to calls still being waited for).
     while let Some(delivery) = inbound.try_recv() {
-        node.handle(delivery);
+        handle_guarded(&node, delivery);
+    }
+}
+
+/// Routes one delivery; a bug that panics on some frame costs that frame, not the node.
+fn handle_guarded(node: &Arc<Node>, delivery: Delivery) {
+    if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| node.handle(delivery))).is_err() {
+        bump(&node.counters.malformed);
+        tracing::error!(node = %node.id, "routing a frame panicked; frame dropped");
     }
 }
 
@@ -371,14 +402,17 @@ async fn refresh_loop(node: Arc<Node>) {
     }
 }
 
-/// Owns a node for the public handles: when the last handle goes, the loops stop.
+/// Owns a client's or monitor's node: when the last handle goes, the node closes.
+///
+/// (A server owns its node itself, see `Server`'s `Drop`.) Handles that only borrow a node,
+/// like `Server::client`, hold the `Arc<Node>` without an `Owner`, so a handler that keeps
+/// such a client cannot keep its own server alive.
 pub(crate) struct Owner {
     pub(crate) node: Arc<Node>,
 }
 
 impl Drop for Owner {
     fn drop(&mut self) {
-        self.node.closed.store(true, Ordering::Release);
-        self.node.cancel.cancel();
+        self.node.close_in_background();
     }
 }

@@ -45,7 +45,7 @@ impl Pending {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, oneshot::Sender<Reply>>> {
-        self.waiting.lock().unwrap_or_else(|e| e.into_inner())
+        crate::locks::lock(&self.waiting)
     }
 }
 

@@ -15,7 +15,7 @@ use crate::dispatch::Dispatcher;
 use crate::error::Error;
 use crate::heartbeat::{self, Advert, Heartbeat};
 use crate::message::Messages;
-use crate::node::{Node, Owner, Stats};
+use crate::node::{Node, Stats};
 use crate::node_id::NodeId;
 use crate::service::{Route, Service};
 
@@ -36,7 +36,8 @@ use crate::service::{Route, Service};
 /// # Ok(()) }
 /// ```
 pub struct Server {
-    owner: Arc<Owner>,
+    /// The server owns its node: dropping the server closes it (see `Drop`).
+    node: Arc<Node>,
     dispatcher: Arc<Dispatcher>,
     advert: Arc<Advert>,
     heartbeat: std::sync::Mutex<Option<Heartbeat>>,
@@ -58,7 +59,6 @@ impl Server {
     /// in the registry (with no methods) before this returns.
     pub async fn start(config: Config) -> Result<Server, Error> {
         let node = Node::start(config, "server").await?;
-        let owner = Arc::new(Owner { node: node.clone() });
         let dispatcher = Arc::new(Dispatcher::new(node.config.max_in_flight));
         // Fresh node, set once: cannot already be set.
         let _ = node.dispatcher.set(dispatcher.clone());
@@ -70,10 +70,10 @@ impl Server {
                 .map_or(0, |d| d.as_millis() as u64),
         });
         heartbeat::beat(&node, &node.redis, &advert).await?;
-        let heartbeat = Heartbeat::start(node.clone(), advert.clone())?;
+        let heartbeat = Heartbeat::start(&node, advert.clone())?;
         tracing::info!(node = %node.id, "server started");
         Ok(Server {
-            owner,
+            node,
             dispatcher,
             advert,
             heartbeat: std::sync::Mutex::new(Some(heartbeat)),
@@ -82,7 +82,7 @@ impl Server {
     }
 
     fn node(&self) -> &Arc<Node> {
-        &self.owner.node
+        &self.node
     }
 
     /// This server's node id: what the monitor lists and messages are addressed to.
@@ -115,11 +115,7 @@ impl Server {
             return Err(Error::Shutdown);
         }
         let added = self.dispatcher.add(routes).map_err(Error::Config)?;
-        self.advert
-            .methods
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .extend(added.iter().cloned());
+        crate::locks::lock(&self.advert.methods).extend(added.iter().cloned());
         let node = self.node();
         heartbeat::beat(node, &node.redis, &self.advert).await?;
         let join = codec::encode_join(node.id.as_str(), &added);
@@ -131,8 +127,11 @@ impl Server {
     }
 
     /// A client that shares this server's connections (for handlers that call other services).
+    ///
+    /// It does not keep the server alive: once the server is shut down or dropped, its calls
+    /// fail with [`Error::Shutdown`].
     pub fn client(&self) -> Client {
-        Client::from_owner(self.owner.clone())
+        Client::borrowing(self.node.clone())
     }
 
     /// Messages other nodes sent to this server.
@@ -160,13 +159,10 @@ impl Server {
         if *shut_down {
             return Ok(());
         }
-        *shut_down = true;
+        // Every step below may be repeated, so a shutdown cancelled half-way can be run again;
+        // only a completed one sets the flag.
         let node = self.node().clone();
-        let heartbeat = self
-            .heartbeat
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take();
+        let heartbeat = crate::locks::lock(&self.heartbeat).take();
         if let Some(heartbeat) = heartbeat {
             heartbeat.stop().await;
         }
@@ -203,7 +199,34 @@ impl Server {
             tracing::warn!(node = %node.id, in_flight = self.dispatcher.in_flight(), "shutdown timeout: closing with handlers still running");
         }
         node.close().await;
+        *shut_down = true;
         tracing::info!(node = %node.id, "server stopped");
         result
+    }
+}
+
+impl Drop for Server {
+    /// Dropped without [`Server::shutdown`]: stop the heartbeat, and on the server's runtime
+    /// remove the registry entry, announce leaving and close. Calls in flight are abandoned;
+    /// call `shutdown()` to let them finish.
+    fn drop(&mut self) {
+        if *self.state.get_mut() || self.node.is_closed() {
+            return;
+        }
+        self.node.cancel.cancel();
+        let node = self.node.clone();
+        let methods = self.advert.methods();
+        self.node.spawn_detached(async move {
+            let _ = node
+                .registry
+                .deregister(&node.redis, &node.id, &methods)
+                .await;
+            let leave = codec::encode_leave(node.id.as_str());
+            let _ = node
+                .redis
+                .publish(&node.names.events(), Bytes::from(leave))
+                .await;
+            node.close().await;
+        });
     }
 }

@@ -41,6 +41,9 @@ pub struct Transport {
     commands: fred::clients::Client,
     subscriber: fred::clients::SubscriberClient,
     resubscriber: tokio::task::JoinHandle<()>,
+    /// The runtime the connections run on, where `Drop` sends QUIT from whatever thread the
+    /// last handle is dropped on.
+    runtime: tokio::runtime::Handle,
     options: TransportOptions,
     addr: String,
 }
@@ -106,11 +109,12 @@ impl Transport {
                 });
             }
         }
-        let resubscriber = subscriber.manage_subscriptions();
+        let resubscriber = tokio::spawn(resubscribe(subscriber.clone(), options.clone()));
         Ok(Transport {
             commands,
             subscriber,
             resubscriber,
+            runtime: tokio::runtime::Handle::current(),
             options: options.clone(),
             addr,
         })
@@ -241,15 +245,14 @@ impl Drop for Transport {
     fn drop(&mut self) {
         // fred's connection tasks hold their own handles and would outlive this value, so a
         // transport dropped without `close()` still sends QUIT on both connections.
+        // If that runtime is gone, so are the connection tasks, and there is nothing to close.
         self.resubscriber.abort();
-        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-            let commands = self.commands.clone();
-            let subscriber = self.subscriber.clone();
-            runtime.spawn(async move {
-                let _ = subscriber.quit().await;
-                let _ = commands.quit().await;
-            });
-        }
+        let commands = self.commands.clone();
+        let subscriber = self.subscriber.clone();
+        self.runtime.spawn(async move {
+            let _ = subscriber.quit().await;
+            let _ = commands.quit().await;
+        });
     }
 }
 
@@ -270,6 +273,27 @@ impl Reconnects {
         match result {
             Ok(_) | Err(RecvError::Lagged(_)) => Some(()),
             Err(RecvError::Closed) => None,
+        }
+    }
+}
+
+/// Restores the subscriber's channels after every reconnect, retrying until it works.
+///
+/// fred's own `manage_subscriptions` gives up after one failed attempt (and stops for good on
+/// a lagged notification), which would leave a node connected but deaf.
+async fn resubscribe(subscriber: fred::clients::SubscriberClient, options: TransportOptions) {
+    use broadcast::error::RecvError;
+    let mut reconnects = subscriber.reconnect_rx();
+    loop {
+        match reconnects.recv().await {
+            Ok(_) | Err(RecvError::Lagged(_)) => {}
+            Err(RecvError::Closed) => return,
+        }
+        let mut delay = options.reconnect_min_delay.max(Duration::from_millis(1));
+        while let Err(e) = subscriber.resubscribe_all().await {
+            tracing::warn!(error = %e, "could not restore subscriptions after a reconnect; retrying");
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(options.reconnect_max_delay.max(delay));
         }
     }
 }

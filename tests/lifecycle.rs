@@ -1,0 +1,119 @@
+//! Nodes end cleanly however they end: shutdown, drop, cancelled shutdown, readers waiting.
+
+mod common;
+
+use std::convert::Infallible;
+use std::time::Duration;
+
+use clouds::{Client, Error, Server};
+use common::{RedisServer, config, eventually, redis};
+
+/// How many subscribers `channel` has right now.
+fn subscribers(redis: &RedisServer, channel: &str) -> i64 {
+    let reply = redis
+        .command(&["PUBSUB", "NUMSUB", channel])
+        .expect("numsub");
+    let text = reply.as_str_vec().expect("array");
+    text.get(1).and_then(|n| n.parse().ok()).expect("count")
+}
+
+/// How many client connections Redis has (the testkit's own command connection included).
+fn connections(redis: &RedisServer) -> usize {
+    let reply = redis.command(&["CLIENT", "LIST"]).expect("client list");
+    reply.as_text().expect("text").lines().count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_ends_a_waiting_message_reader() {
+    let redis = redis();
+    let server = Server::start(config(&redis)).await.expect("server");
+    let mut messages = server.messages();
+    let reader = tokio::spawn(async move { messages.next().await });
+    tokio::time::sleep(Duration::from_millis(50)).await; // let the reader start waiting
+    tokio::time::timeout(Duration::from_secs(10), server.shutdown())
+        .await
+        .expect("shutdown does not hang on a waiting reader")
+        .expect("shutdown");
+    let next = tokio::time::timeout(Duration::from_secs(5), reader)
+        .await
+        .expect("reader ends");
+    assert!(next.expect("task").is_none(), "no message, the queue ended");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_server_leaves_and_closes_its_connections() {
+    let redis = redis();
+    let baseline = connections(&redis);
+    let server = Server::start(config(&redis)).await.expect("server");
+    // A handler holding the server's own client must not keep the server alive.
+    let own = server.client();
+    server
+        .register("life.echo", move |(n,): (u32,)| {
+            let _keep = own.clone();
+            async move { Ok::<_, Infallible>(n) }
+        })
+        .await
+        .expect("register");
+    let calls = format!("clouds:3:calls:{}", server.id());
+    let client = Client::connect(config(&redis)).await.expect("client");
+    assert_eq!(
+        client
+            .call::<_, u32>("life.echo", (1,))
+            .await
+            .expect("call"),
+        1
+    );
+    assert!(
+        connections(&redis) >= baseline + 5,
+        "server (3) and client (2) connected"
+    );
+
+    drop(server);
+    eventually(
+        "the call channel is gone",
+        Duration::from_secs(5),
+        || async { subscribers(&redis, &calls) == 0 },
+    )
+    .await;
+    // Deregistered and announced: the next call fails fast instead of timing out.
+    let started = std::time::Instant::now();
+    match client.call::<_, u32>("life.echo", (2,)).await {
+        Err(Error::NoProvider { .. }) => {}
+        other => panic!("expected no provider, got {other:?}"),
+    }
+    assert!(
+        started.elapsed() < Duration::from_millis(500),
+        "{:?}",
+        started.elapsed()
+    );
+    eventually(
+        "the server's connections are closed",
+        Duration::from_secs(5),
+        || async { connections(&redis) == baseline + 2 },
+    )
+    .await;
+    drop(client);
+    eventually(
+        "the client's connections are closed",
+        Duration::from_secs(5),
+        || async { connections(&redis) == baseline },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancelled_shutdown_can_be_run_again() {
+    let redis = redis();
+    let server = Server::start(config(&redis)).await.expect("server");
+    let calls = format!("clouds:3:calls:{}", server.id());
+    let inbox = format!("clouds:3:inbox:{}", server.id());
+    let _ = tokio::time::timeout(Duration::from_millis(2), server.shutdown()).await;
+    server.shutdown().await.expect("second shutdown");
+    assert_eq!(subscribers(&redis, &calls), 0);
+    assert_eq!(subscribers(&redis, &inbox), 0);
+    assert!(matches!(
+        server.client().call::<_, ()>("x.y", ()).await,
+        Err(Error::Shutdown)
+    ));
+    server.shutdown().await.expect("a third call does nothing");
+}
