@@ -103,6 +103,17 @@ pub use clouds_core::{
 /// ```
 pub use clouds_macros::service;
 
+/// serde, re-exported: types that travel over clouds derive `Serialize` and `Deserialize`.
+/// With `#[serde(crate = "clouds::serde")]` on them, a crate needs no serde dependency of its
+/// own.
+///
+/// ```
+/// #[derive(clouds::serde::Serialize, clouds::serde::Deserialize)]
+/// #[serde(crate = "clouds::serde")]
+/// pub struct Point { pub x: i32, pub y: i32 }
+/// ```
+pub use serde;
+
 /// What `#[clouds::service]` expands to calls; not a stable API.
 #[doc(hidden)]
 pub mod __private {

@@ -5,7 +5,7 @@
 //! fallback for missed events. Reads on the call path take a read lock and touch no Redis.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Mutex, RwLock};
 use std::time::{Duration, Instant};
 
@@ -16,6 +16,8 @@ use crate::node_id::NodeId;
 struct Entry {
     providers: Vec<NodeId>,
     cursor: AtomicUsize,
+    /// When a call last asked for this method, in ms since the balancer was made.
+    last_used_ms: AtomicU64,
 }
 
 /// Provider cache and balancer of one node.
@@ -28,6 +30,7 @@ pub(crate) struct Balancer {
     /// Calls from this node waiting on each provider (for least-in-flight).
     outstanding: Mutex<HashMap<NodeId, usize>>,
     suspect_for: Duration,
+    born: Instant,
 }
 
 use crate::locks::{lock, read, write};
@@ -40,7 +43,19 @@ impl Balancer {
             suspects: Mutex::default(),
             outstanding: Mutex::default(),
             suspect_for,
+            born: Instant::now(),
         }
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.born.elapsed().as_millis() as u64
+    }
+
+    /// Forgets methods no call has asked for in `idle`, so the cache (and its periodic
+    /// refresh) does not grow with every name ever called.
+    pub(crate) fn evict_idle(&self, idle: Duration) {
+        let cutoff = self.now_ms().saturating_sub(idle.as_millis() as u64);
+        write(&self.methods).retain(|_, e| e.last_used_ms.load(Ordering::Relaxed) >= cutoff);
     }
 
     /// Whether the method has been looked up before (even if nobody provided it then).
@@ -57,8 +72,14 @@ impl Balancer {
     pub(crate) fn set(&self, method: &str, mut providers: Vec<NodeId>) {
         providers.sort();
         providers.dedup();
+        let now = self.now_ms();
         let mut methods = write(&self.methods);
-        methods.entry(method.to_string()).or_default().providers = providers;
+        let entry = methods.entry(method.to_string()).or_default();
+        entry.providers = providers;
+        // A fresh entry counts as used: it was created for a call.
+        if entry.last_used_ms.load(Ordering::Relaxed) == 0 {
+            entry.last_used_ms.store(now.max(1), Ordering::Relaxed);
+        }
     }
 
     /// A join event: `node` now provides `methods` (only methods this node calls are tracked).
@@ -86,7 +107,10 @@ impl Balancer {
     /// `node` timed out: try others first for a while. Its registry entry stays; it may only
     /// be slow.
     pub(crate) fn suspect(&self, node: &NodeId) {
-        lock(&self.suspects).insert(node.clone(), Instant::now() + self.suspect_for);
+        let now = Instant::now();
+        let mut suspects = lock(&self.suspects);
+        suspects.retain(|_, until| *until > now);
+        suspects.insert(node.clone(), now + self.suspect_for);
     }
 
     /// `node` answered: it is fine.
@@ -102,6 +126,9 @@ impl Balancer {
     pub(crate) fn pick(&self, method: &str, tried: &[NodeId]) -> Option<NodeId> {
         let cache = read(&self.methods);
         let entry = cache.get(method)?;
+        entry
+            .last_used_ms
+            .store(self.now_ms().max(1), Ordering::Relaxed);
         if entry.providers.is_empty() {
             return None;
         }
@@ -243,6 +270,18 @@ mod tests {
         }
         b.remove(&"b".into());
         assert_eq!(b.pick("m", &[]), None);
+    }
+
+    #[test]
+    fn idle_methods_are_forgotten() {
+        let b = Balancer::new(Balance::RoundRobin, Duration::from_secs(6));
+        b.set("old", ids(&["a"]));
+        b.set("new", ids(&["a"]));
+        std::thread::sleep(Duration::from_millis(30));
+        assert!(b.pick("new", &[]).is_some());
+        b.evict_idle(Duration::from_millis(20));
+        assert!(!b.knows("old"));
+        assert!(b.knows("new"));
     }
 
     #[test]

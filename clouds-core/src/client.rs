@@ -11,8 +11,9 @@ use crate::config::Config;
 use crate::envelope::{Reply, Status};
 use crate::error::{Error, RemoteError};
 use crate::message::Messages;
-use crate::node::{Node, Owner, Stats};
+use crate::node::{Node, Owner};
 use crate::node_id::NodeId;
+use crate::stats::Stats;
 
 /// A connection to the services of one Redis deployment: calls methods, sends messages.
 ///
@@ -105,7 +106,16 @@ impl Client {
         A: Serialize,
         R: DeserializeOwned,
     {
-        let args = encode_args(method, &args)?;
+        self.call_ref(method, &args).await
+    }
+
+    /// [`Client::call`] with borrowed arguments (what typed stubs use).
+    pub(crate) async fn call_ref<A, R>(&self, method: &str, args: &A) -> Result<R, Error>
+    where
+        A: Serialize + ?Sized,
+        R: DeserializeOwned,
+    {
+        let args = encode_args(method, args)?;
         let (node, reply) = self.invoke(method, &args).await?;
         decode_reply(method, node, reply)
     }
@@ -164,7 +174,10 @@ impl Client {
     /// (PUBLISH reached nobody, the provider refused it as overloaded or stopping) is re-routed
     /// at once at no cost, up to [`FREE_REROUTES`] times per call.
     pub(crate) async fn invoke(&self, method: &str, args: &[u8]) -> Result<(NodeId, Reply), Error> {
-        crate::namespace::validate_method(method).map_err(Error::Config)?;
+        crate::namespace::validate_method(method).map_err(|reason| Error::InvalidMethod {
+            method: method.to_string(),
+            reason,
+        })?;
         let node = self.node();
         let started = Instant::now();
         let max_attempts = self.retries.saturating_add(1);

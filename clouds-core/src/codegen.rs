@@ -10,7 +10,8 @@ use serde::de::DeserializeOwned;
 use crate::client::{Client, decode_reply, encode_args};
 use crate::envelope::Status;
 use crate::error::Error;
-use crate::service::{self, Route};
+use crate::service::Outcome;
+use crate::service::Route;
 
 /// The inside of a generated `{Trait}Client`: a client handle with its call options.
 #[derive(Clone, Debug)]
@@ -51,9 +52,7 @@ impl Stub {
         A: Serialize + ?Sized,
         T: DeserializeOwned,
     {
-        let args = encode_args(method, args)?;
-        let (node, reply) = self.client.invoke(method, &args).await?;
-        decode_reply(method, node, reply)
+        self.client.call_ref(method, args).await
     }
 
     /// Calls a method returning `Result<T, E>`: its `Err` arrives typed, as `Ok(Err(e))`.
@@ -89,10 +88,12 @@ where
     Fut: Future<Output = T> + Send + 'static,
     T: Serialize + Send + 'static,
 {
-    service::value_route(name, f)
+    Route::build(name.to_string(), f, |value: T| {
+        Outcome::encoded(Status::Ok, &value)
+    })
 }
 
-/// A route for a method returning `Result<T, E>`, whose `Err` travels typed.
+/// A route for a method returning `Result<T, E>`: `Err` travels as a typed application error.
 pub fn result_route<A, F, Fut, T, E>(name: &'static str, f: F) -> Route
 where
     A: DeserializeOwned + Send + 'static,
@@ -101,5 +102,8 @@ where
     T: Serialize + Send + 'static,
     E: Serialize + Send + 'static,
 {
-    service::result_route(name, f)
+    Route::build(name.to_string(), f, |result: Result<T, E>| match result {
+        Ok(value) => Outcome::encoded(Status::Ok, &value),
+        Err(error) => Outcome::encoded(Status::AppError, &error),
+    })
 }

@@ -10,7 +10,7 @@ use crate::error::Error;
 ///
 /// ```
 /// let config = clouds_core::Config::default().balance(clouds_core::Balance::LeastInFlight);
-/// assert_eq!(config.balance_strategy(), clouds_core::Balance::LeastInFlight);
+/// assert_eq!(config.balance_mode(), clouds_core::Balance::LeastInFlight);
 /// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 #[non_exhaustive]
@@ -31,8 +31,8 @@ pub enum Balance {
 /// let config = clouds_core::Config::from_url("redis://127.0.0.1:6379/3")?
 ///     .heartbeat(Duration::from_secs(2))
 ///     .timeout(Duration::from_secs(2));
-/// assert_eq!(config.db(), 3);
-/// assert_eq!(config.ttl_duration(), Duration::from_secs(6));
+/// assert_eq!(config.database(), 3);
+/// assert_eq!(config.effective_ttl(), Duration::from_secs(6));
 /// # Ok::<(), clouds_core::Error>(())
 /// ```
 #[derive(Debug, Clone)]
@@ -75,19 +75,16 @@ impl Default for Config {
 impl Config {
     /// Settings for the Redis at `redis://[user:password@]host[:port][/db]`, defaults for the rest.
     pub fn from_url(url: &str) -> Result<Self, Error> {
+        let endpoint = Endpoint::parse(url).map_err(|e| Error::Config(e.to_string()))?;
         Ok(Config {
-            endpoint: Endpoint::parse(url)?,
+            endpoint,
             ..Config::default()
         })
     }
 
-    /// Uses Redis database `db`. Nodes in different dbs never see each other.
-    pub fn db(&self) -> u8 {
-        self.endpoint.db()
-    }
-
-    /// Selects Redis database `db`.
-    pub fn with_db(mut self, db: u8) -> Self {
+    /// Uses Redis database `db` (overriding the URL's). Nodes in different dbs never see
+    /// each other.
+    pub fn db(mut self, db: u8) -> Self {
         self.endpoint.set_db(db);
         self
     }
@@ -171,13 +168,18 @@ impl Config {
         self
     }
 
-    /// The effective registry TTL.
-    pub fn ttl_duration(&self) -> Duration {
+    /// The Redis database in use.
+    pub fn database(&self) -> u8 {
+        self.endpoint.db()
+    }
+
+    /// The registry TTL in effect: as set, or 3 × heartbeat.
+    pub fn effective_ttl(&self) -> Duration {
         self.ttl.unwrap_or(self.heartbeat * 3)
     }
 
     /// The balancing strategy in use.
-    pub fn balance_strategy(&self) -> Balance {
+    pub fn balance_mode(&self) -> Balance {
         self.balance
     }
 
@@ -199,10 +201,10 @@ impl Config {
         if self.heartbeat < Duration::from_millis(10) {
             return fail(format!("heartbeat {:?} is below 10 ms", self.heartbeat));
         }
-        if self.ttl_duration() <= self.heartbeat {
+        if self.effective_ttl() <= self.heartbeat {
             return fail(format!(
                 "ttl {:?} must be longer than the heartbeat {:?} (3x is the default)",
-                self.ttl_duration(),
+                self.effective_ttl(),
                 self.heartbeat
             ));
         }

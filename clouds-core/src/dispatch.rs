@@ -9,9 +9,11 @@ use tokio_util::task::TaskTracker;
 
 use crate::codec;
 use crate::envelope::{Call, Status};
+use crate::error::Error;
 use crate::locks::{read, write};
-use crate::node::{Node, bump};
+use crate::node::Node;
 use crate::service::Route;
+use crate::stats::bump;
 
 /// Routes calls to handlers and runs them, at most `max_in_flight` at once.
 pub(crate) struct Dispatcher {
@@ -32,17 +34,18 @@ impl Dispatcher {
         }
     }
 
-    /// Adds routes; fails without adding any if a name is taken or repeated.
-    pub(crate) fn add(&self, routes: Vec<Route>) -> Result<Vec<String>, String> {
+    /// Adds routes; fails without adding any if a name is invalid, taken or repeated.
+    pub(crate) fn add(&self, routes: Vec<Route>) -> Result<Vec<String>, Error> {
         let mut table = write(&self.routes);
         let mut names = Vec::with_capacity(routes.len());
         for route in &routes {
-            crate::namespace::validate_method(&route.name)?;
+            let invalid = |reason: String| Error::InvalidMethod {
+                method: route.name.clone(),
+                reason,
+            };
+            crate::namespace::validate_method(&route.name).map_err(invalid)?;
             if table.contains_key(&route.name) || names.contains(&route.name) {
-                return Err(format!(
-                    "method {} is already registered on this server",
-                    route.name
-                ));
+                return Err(invalid("already registered on this server".into()));
             }
             names.push(route.name.clone());
         }

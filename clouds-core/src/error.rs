@@ -130,9 +130,25 @@ pub enum Error {
     /// The node has been shut down; it sends and serves nothing more.
     #[error("this node has been shut down")]
     Shutdown,
-    /// The configuration or a name given is invalid.
+    /// The configuration is invalid (a bad URL, namespace, or settings that do not fit together).
     #[error("invalid configuration: {0}")]
     Config(String),
+    /// A method name cannot be used: malformed, or already registered on this server.
+    #[error("invalid method {method:?}: {reason}")]
+    InvalidMethod {
+        /// The name given.
+        method: String,
+        /// Why it cannot be used.
+        reason: String,
+    },
+    /// The operating system refused something the node needs (such as its heartbeat thread).
+    #[error("could not {action}: {reason}")]
+    Io {
+        /// What was being done.
+        action: String,
+        /// The system's error.
+        reason: String,
+    },
     /// A peer sent a reply that breaks the protocol.
     #[error("protocol violation: {0}")]
     Protocol(String),

@@ -65,11 +65,17 @@ impl Heartbeat {
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
-            .map_err(|e| Error::Config(format!("cannot build the heartbeat runtime: {e}")))?;
+            .map_err(|e| Error::Io {
+                action: "build the heartbeat runtime".into(),
+                reason: e.to_string(),
+            })?;
         let thread = std::thread::Builder::new()
             .name(name)
             .spawn(move || runtime.block_on(run(weak, node_reconnects, advert, token)))
-            .map_err(|e| Error::Config(format!("cannot start the heartbeat thread: {e}")))?;
+            .map_err(|e| Error::Io {
+                action: "start the heartbeat thread".into(),
+                reason: e.to_string(),
+            })?;
         Ok(Heartbeat {
             stop,
             thread: Some(thread),
@@ -99,10 +105,7 @@ async fn run(
     advert: Arc<Advert>,
     stop: CancellationToken,
 ) {
-    let Some((config, id, events)) = node
-        .upgrade()
-        .map(|n| (n.config.clone(), n.id.clone(), n.names.events()))
-    else {
+    let Some((config, id)) = node.upgrade().map(|n| (n.config.clone(), n.id.clone())) else {
         return;
     };
     let period = config.heartbeat;
@@ -134,18 +137,13 @@ async fn run(
             Some(()) = node_reconnects.recv() => announce = true,
         }
         let Some(node) = node.upgrade() else { break };
-        let result = beat(&node, &redis, &advert).await;
+        let mut result = beat(&node, &redis, &advert).await;
+        if result.is_ok() && std::mem::take(&mut announce) {
+            result = node.registry.announce(&redis, &id, &advert.methods()).await;
+        }
         drop(node);
         wait = match result {
-            Ok(()) => {
-                if std::mem::take(&mut announce) {
-                    let join = crate::codec::encode_join(id.as_str(), &advert.methods());
-                    if let Err(e) = redis.publish(&events, join.into()).await {
-                        tracing::debug!(node = %id, error = %e, "could not re-announce after a reconnect");
-                    }
-                }
-                period
-            }
+            Ok(()) => period,
             Err(e) => {
                 tracing::warn!(node = %id, error = %e, "heartbeat failed; retrying");
                 retry

@@ -18,6 +18,7 @@
 //! - `envelope` (the frames) and `codec` (frames and values to bytes and back).
 //! - `namespace`: key and channel names; `registry`: the heartbeat registry's Lua scripts.
 //! - `balance`: the provider cache and the choice of provider; `pending`: calls awaiting replies.
+//! - `stats`: counters of bad input and load; `locks`: poison-tolerant locking.
 //! - `dispatch`: the server side of a call; `heartbeat`: keeping the registry entry alive.
 //! - [`codegen`]: what the macro's expansion calls.
 //!
@@ -42,6 +43,7 @@ mod pending;
 mod registry;
 pub mod server;
 pub mod service;
+mod stats;
 
 pub use client::Client;
 pub use clouds_redis::TransportError;
@@ -49,11 +51,11 @@ pub use config::{Balance, Config};
 pub use error::{Error, RemoteError};
 pub use message::{Message, Messages};
 pub use monitor::{Monitor, Status};
-pub use node::Stats;
 pub use node_id::NodeId;
 pub use registry::ServerInfo;
 pub use server::Server;
 pub use service::{Route, Service};
+pub use stats::Stats;
 
 /// The protocol version this build speaks (the first byte of every frame).
 pub const PROTOCOL_VERSION: u8 = codec::VERSION;

@@ -16,7 +16,7 @@ pub(crate) struct Names {
 impl Names {
     pub(crate) fn new(config: &Config) -> Self {
         Names {
-            scope: format!("{}:{}", config.namespace, config.db()),
+            scope: format!("{}:{}", config.namespace, config.database()),
         }
     }
 
@@ -74,7 +74,7 @@ mod tests {
 
     #[test]
     fn names_carry_namespace_and_db() {
-        let names = Names::new(&Config::default().namespace("app").with_db(3));
+        let names = Names::new(&Config::default().namespace("app").db(3));
         assert_eq!(names.nodes_key(), "{app:3}:nodes");
         assert_eq!(names.method_key("test.hello"), "{app:3}:method:test.hello");
         assert_eq!(names.inbox("n1"), "app:3:inbox:n1");

@@ -26,53 +26,7 @@ use crate::namespace::Names;
 use crate::node_id::NodeId;
 use crate::pending::Pending;
 use crate::registry::Registry;
-
-/// Counters of what a node received and could not use, plus its current load.
-///
-/// ```
-/// # fn demo(client: &clouds_core::Client) {
-/// let stats = client.stats();
-/// assert_eq!(stats.malformed_frames, 0);
-/// println!("{} calls waiting for replies", stats.pending_calls);
-/// # }
-/// ```
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-#[non_exhaustive]
-pub struct Stats {
-    /// Frames that did not decode (garbage, truncated, unknown version).
-    pub malformed_frames: u64,
-    /// Frames that decoded but arrived on a channel where they do not belong.
-    pub misrouted_frames: u64,
-    /// Frames over this node's `max_frame_size` (a call gets an error reply, others are dropped).
-    pub oversized_frames: u64,
-    /// Frames lost because the receive loop fell behind the subscriber connection.
-    pub lagged_frames: u64,
-    /// Replies that arrived after their call had given up (timed out or was cancelled).
-    pub late_replies: u64,
-    /// Messages dropped because nobody read the message queue.
-    pub dropped_messages: u64,
-    /// Calls skipped because their deadline had passed on arrival.
-    pub expired_calls: u64,
-    /// Calls of this node waiting for a reply right now.
-    pub pending_calls: usize,
-    /// Handlers running on this node right now (servers only).
-    pub in_flight: usize,
-}
-
-#[derive(Debug, Default)]
-pub(crate) struct Counters {
-    pub(crate) malformed: AtomicU64,
-    pub(crate) misrouted: AtomicU64,
-    pub(crate) oversized: AtomicU64,
-    pub(crate) lagged: AtomicU64,
-    pub(crate) late_replies: AtomicU64,
-    pub(crate) dropped_messages: AtomicU64,
-    pub(crate) expired_calls: AtomicU64,
-}
-
-pub(crate) fn bump(counter: &AtomicU64) {
-    counter.fetch_add(1, Ordering::Relaxed);
-}
+use crate::stats::{Counters, Stats, bump, bump_and_sample};
 
 /// The shared state of one node.
 pub(crate) struct Node {
@@ -119,8 +73,8 @@ impl Node {
             inbox: names.inbox(id.as_str()),
             calls: names.calls(id.as_str()),
             events: names.events(),
-            registry: Registry::new(names.clone(), config.ttl_duration()),
-            balancer: Balancer::new(config.balance, config.ttl_duration()),
+            registry: Registry::new(names.clone(), config.effective_ttl()),
+            balancer: Balancer::new(config.balance, config.effective_ttl()),
             messages: MessageQueue::new(config.message_buffer),
             pending: Pending::default(),
             dispatcher: OnceLock::new(),
@@ -290,14 +244,16 @@ impl Node {
         let frame = match codec::decode(&payload) {
             Ok(frame) => frame,
             Err(e) => {
-                bump(&self.counters.malformed);
-                tracing::warn!(node = %self.id, %channel, len = payload.len(), error = %e, "dropped a malformed frame");
+                if let Some(seen) = bump_and_sample(&self.counters.malformed) {
+                    tracing::warn!(node = %self.id, %channel, len = payload.len(), error = %e, seen, "dropped a malformed frame");
+                }
                 return;
             }
         };
         if payload.len() > self.config.max_frame_size {
-            bump(&self.counters.oversized);
-            tracing::warn!(node = %self.id, %channel, len = payload.len(), max = self.config.max_frame_size, "dropped an oversized frame");
+            if let Some(seen) = bump_and_sample(&self.counters.oversized) {
+                tracing::warn!(node = %self.id, %channel, len = payload.len(), max = self.config.max_frame_size, seen, "dropped an oversized frame");
+            }
             if let Frame::Call(call) = frame {
                 let node = self.clone();
                 let reason = format!(
@@ -321,8 +277,9 @@ impl Node {
             }
             Frame::Message { from, body } if channel == self.inbox => {
                 if !self.messages.push(Message { from, body }) {
-                    bump(&self.counters.dropped_messages);
-                    tracing::warn!(node = %self.id, "message queue full; message dropped");
+                    if let Some(seen) = bump_and_sample(&self.counters.dropped_messages) {
+                        tracing::warn!(node = %self.id, seen, "message queue full or closed; message dropped");
+                    }
                 }
             }
             Frame::Call(call) if channel == self.calls => match self.dispatcher.get() {
@@ -334,8 +291,9 @@ impl Node {
             }
             Frame::Leave { node } if channel == self.events => self.balancer.remove(&node),
             other => {
-                bump(&self.counters.misrouted);
-                tracing::warn!(node = %self.id, %channel, frame = ?kind(&other), "dropped a frame that does not belong on this channel");
+                if let Some(seen) = bump_and_sample(&self.counters.misrouted) {
+                    tracing::warn!(node = %self.id, %channel, frame = ?kind(&other), seen, "dropped a frame that does not belong on this channel");
+                }
             }
         }
     }
@@ -380,6 +338,9 @@ fn handle_guarded(node: &Arc<Node>, delivery: Delivery) {
     }
 }
 
+/// A method not called for this long leaves the provider cache (and the periodic refresh).
+const IDLE_METHOD: Duration = Duration::from_secs(600);
+
 /// Re-reads the providers of every method this node calls, every heartbeat and after every
 /// reconnect: the fallback for join/leave events missed while a connection was down.
 async fn refresh_loop(node: Arc<Node>) {
@@ -392,6 +353,7 @@ async fn refresh_loop(node: Arc<Node>) {
             _ = tick.tick() => {}
             r = reconnects.recv() => if r.is_none() { break },
         }
+        node.balancer.evict_idle(IDLE_METHOD);
         let methods = node.balancer.methods();
         if methods.is_empty() {
             continue;

@@ -153,7 +153,7 @@ impl Registry {
     }
 
     /// Removes a server's entry.
-    pub(crate) async fn deregister(
+    async fn deregister(
         &self,
         redis: &Transport,
         id: &NodeId,
@@ -161,6 +161,35 @@ impl Registry {
     ) -> Result<(), Error> {
         let keys = self.entry_keys(id, methods);
         redis.eval(&DEREGISTER, keys, vec![id.to_string()]).await?;
+        Ok(())
+    }
+
+    /// Tells callers at once that `id` provides `methods` (a join event). Callers that miss it
+    /// find out at their next refresh.
+    pub(crate) async fn announce(
+        &self,
+        redis: &Transport,
+        id: &NodeId,
+        methods: &[String],
+    ) -> Result<(), Error> {
+        let join = crate::codec::encode_join(id.as_str(), methods);
+        redis.publish(&self.names.events(), join.into()).await?;
+        Ok(())
+    }
+
+    /// Removes a server's entry and tells callers it is leaving. Both steps are attempted;
+    /// the first failure is returned (the entry then expires with its TTL).
+    pub(crate) async fn leave(
+        &self,
+        redis: &Transport,
+        id: &NodeId,
+        methods: &[String],
+    ) -> Result<(), Error> {
+        let removed = self.deregister(redis, id, methods).await;
+        let leave = crate::codec::encode_leave(id.as_str());
+        let announced = redis.publish(&self.names.events(), leave.into()).await;
+        removed?;
+        announced?;
         Ok(())
     }
 

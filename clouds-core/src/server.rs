@@ -4,20 +4,19 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use bytes::Bytes;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use crate::client::Client;
-use crate::codec;
 use crate::config::Config;
 use crate::dispatch::Dispatcher;
 use crate::error::Error;
 use crate::heartbeat::{self, Advert, Heartbeat};
 use crate::message::Messages;
-use crate::node::{Node, Stats};
+use crate::node::Node;
 use crate::node_id::NodeId;
 use crate::service::{Route, Service};
+use crate::stats::Stats;
 
 /// A provider: serves methods to every client of the same Redis deployment.
 ///
@@ -114,13 +113,12 @@ impl Server {
         if *shut_down || self.node().is_closed() {
             return Err(Error::Shutdown);
         }
-        let added = self.dispatcher.add(routes).map_err(Error::Config)?;
+        let added = self.dispatcher.add(routes)?;
         crate::locks::lock(&self.advert.methods).extend(added.iter().cloned());
         let node = self.node();
         heartbeat::beat(node, &node.redis, &self.advert).await?;
-        let join = codec::encode_join(node.id.as_str(), &added);
-        node.redis
-            .publish(&node.names.events(), Bytes::from(join))
+        node.registry
+            .announce(&node.redis, &node.id, &added)
             .await?;
         tracing::info!(node = %node.id, methods = ?added, "serving");
         Ok(())
@@ -167,22 +165,9 @@ impl Server {
             heartbeat.stop().await;
         }
         let methods = self.advert.methods();
-        let mut result = Ok(());
-        if let Err(e) = node
-            .registry
-            .deregister(&node.redis, &node.id, &methods)
-            .await
-        {
-            tracing::warn!(node = %node.id, error = %e, "could not remove the registry entry; it expires with its TTL");
-            result = Err(e);
-        }
-        let leave = codec::encode_leave(node.id.as_str());
-        if let Err(e) = node
-            .redis
-            .publish(&node.names.events(), Bytes::from(leave))
-            .await
-        {
-            tracing::warn!(node = %node.id, error = %e, "could not announce leaving");
+        let result = node.registry.leave(&node.redis, &node.id, &methods).await;
+        if let Err(e) = &result {
+            tracing::warn!(node = %node.id, error = %e, "could not deregister or announce leaving; the entry expires with its TTL");
         }
         if let Err(e) = node.redis.unsubscribe(node.calls_channel()).await {
             tracing::warn!(node = %node.id, error = %e, "could not unsubscribe the call channel");
@@ -217,15 +202,7 @@ impl Drop for Server {
         let node = self.node.clone();
         let methods = self.advert.methods();
         self.node.spawn_detached(async move {
-            let _ = node
-                .registry
-                .deregister(&node.redis, &node.id, &methods)
-                .await;
-            let leave = codec::encode_leave(node.id.as_str());
-            let _ = node
-                .redis
-                .publish(&node.names.events(), Bytes::from(leave))
-                .await;
+            let _ = node.registry.leave(&node.redis, &node.id, &methods).await;
             node.close().await;
         });
     }

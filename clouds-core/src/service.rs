@@ -50,7 +50,7 @@ impl Outcome {
         }
     }
 
-    fn encoded<T: Serialize + ?Sized>(status: Status, value: &T) -> Outcome {
+    pub(crate) fn encoded<T: Serialize + ?Sized>(status: Status, value: &T) -> Outcome {
         match codec::encode_value(value) {
             Ok(body) => Outcome { status, body },
             Err(reason) => Outcome::text(
@@ -155,38 +155,10 @@ fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
     }
 }
 
-/// A route whose handler returns a plain value (generated code).
-pub(crate) fn value_route<A, F, Fut, T>(name: &'static str, f: F) -> Route
-where
-    A: DeserializeOwned + Send + 'static,
-    F: Fn(A) -> Fut + Send + Sync + 'static,
-    Fut: Future<Output = T> + Send + 'static,
-    T: Serialize + Send + 'static,
-{
-    Route::build(name.to_string(), f, |value: T| {
-        Outcome::encoded(Status::Ok, &value)
-    })
-}
-
-/// A route whose handler returns `Result<T, E>`: `Err` travels as a typed application error
-/// (generated code).
-pub(crate) fn result_route<A, F, Fut, T, E>(name: &'static str, f: F) -> Route
-where
-    A: DeserializeOwned + Send + 'static,
-    F: Fn(A) -> Fut + Send + Sync + 'static,
-    Fut: Future<Output = Result<T, E>> + Send + 'static,
-    T: Serialize + Send + 'static,
-    E: Serialize + Send + 'static,
-{
-    Route::build(name.to_string(), f, |result: Result<T, E>| match result {
-        Ok(value) => Outcome::encoded(Status::Ok, &value),
-        Err(error) => Outcome::encoded(Status::AppError, &error),
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::codegen::{result_route, value_route};
 
     async fn run(route: &Route, args: Vec<u8>) -> Outcome {
         (route.handler)(Bytes::from(args)).await

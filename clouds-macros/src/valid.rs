@@ -12,8 +12,10 @@ use syn::{
 
 use crate::ast::{Method, Service, ServiceName};
 
-/// Names of the generated client's own methods: a service method may not take them.
-const RESERVED: [&str; 3] = ["new", "with_retries", "with_timeout"];
+/// Names of the generated client's own methods, and of the trait methods it implements
+/// (`Clone::clone`, `Debug::fmt`): an inherent method of that name would shadow them, so
+/// `hello.clone()` would make a remote call.
+const RESERVED: [&str; 5] = ["new", "with_retries", "with_timeout", "clone", "fmt"];
 
 /// Collects errors so that one expansion reports every mistake, each on its own token.
 #[derive(Default)]
@@ -116,7 +118,7 @@ pub(crate) fn check_service(service: &Service<'_>, errors: &mut Errors) {
             errors.spanned(
                 ident,
                 format!(
-                    "`{ident}` is reserved: the generated `{}Client` has its own `{ident}` method; rename this one",
+                    "`{ident}` is reserved: the generated `{}Client` has its own `{ident}` method (or trait method); rename this one",
                     service.ident()
                 ),
             );
@@ -611,6 +613,8 @@ mod tests {
                 async fn new(&self);
                 async fn with_retries(&self);
                 async fn with_timeout(&self);
+                async fn clone(&self);
+                async fn fmt(&self);
             }
         });
         assert_errors(
@@ -619,6 +623,8 @@ mod tests {
                 "`new` is reserved: the generated `HelloClient`",
                 "`with_retries` is reserved",
                 "`with_timeout` is reserved",
+                "`clone` is reserved",
+                "`fmt` is reserved",
             ],
         );
     }

@@ -1,0 +1,57 @@
+//! What a node counts: frames it could not use, and its current load.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Counters of what a node received and could not use, plus its current load.
+///
+/// ```
+/// # fn demo(client: &clouds_core::Client) {
+/// let stats = client.stats();
+/// assert_eq!(stats.malformed_frames, 0);
+/// println!("{} calls waiting for replies", stats.pending_calls);
+/// # }
+/// ```
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Stats {
+    /// Frames that did not decode (garbage, truncated, unknown version).
+    pub malformed_frames: u64,
+    /// Frames that decoded but arrived on a channel where they do not belong.
+    pub misrouted_frames: u64,
+    /// Frames over this node's `max_frame_size` (a call gets an error reply, others are dropped).
+    pub oversized_frames: u64,
+    /// Frames lost because the receive loop fell behind the subscriber connection.
+    pub lagged_frames: u64,
+    /// Replies that arrived after their call had given up (timed out or was cancelled).
+    pub late_replies: u64,
+    /// Messages dropped because nobody read the message queue.
+    pub dropped_messages: u64,
+    /// Calls skipped because their deadline had passed on arrival.
+    pub expired_calls: u64,
+    /// Calls of this node waiting for a reply right now.
+    pub pending_calls: usize,
+    /// Handlers running on this node right now (servers only).
+    pub in_flight: usize,
+}
+
+#[derive(Debug, Default)]
+pub(crate) struct Counters {
+    pub(crate) malformed: AtomicU64,
+    pub(crate) misrouted: AtomicU64,
+    pub(crate) oversized: AtomicU64,
+    pub(crate) lagged: AtomicU64,
+    pub(crate) late_replies: AtomicU64,
+    pub(crate) dropped_messages: AtomicU64,
+    pub(crate) expired_calls: AtomicU64,
+}
+
+pub(crate) fn bump(counter: &AtomicU64) {
+    counter.fetch_add(1, Ordering::Relaxed);
+}
+
+/// Counts one bad frame and says whether to log it: the 1st, 2nd, 4th, 8th, ... so garbage
+/// flooding a channel cannot flood the logs, while the count stays exact in `stats()`.
+pub(crate) fn bump_and_sample(counter: &AtomicU64) -> Option<u64> {
+    let n = counter.fetch_add(1, Ordering::Relaxed) + 1;
+    n.is_power_of_two().then_some(n)
+}
