@@ -58,6 +58,13 @@ enum Attempt {
 
 impl Client {
     /// Connects a new client node.
+    ///
+    /// ```no_run
+    /// # async fn demo() -> Result<(), clouds_core::Error> {
+    /// let config = clouds_core::Config::from_url("redis://127.0.0.1:6379/3")?;
+    /// let client = clouds_core::Client::connect(config).await?;
+    /// # Ok(()) }
+    /// ```
     pub async fn connect(config: Config) -> Result<Client, Error> {
         let node = Node::start(config, "client").await?;
         let owner = Arc::new(Owner { node: node.clone() });
@@ -81,18 +88,36 @@ impl Client {
     }
 
     /// This node's id.
+    ///
+    /// ```
+    /// # fn demo(client: clouds_core::Client) {
+    /// println!("calling as {}", client.id());
+    /// # }
+    /// ```
     pub fn id(&self) -> &NodeId {
         &self.node().id
     }
 
     /// This handle, retrying calls up to `retries` more times on timeout, overload or no
     /// provider.
+    ///
+    /// ```
+    /// # fn demo(client: clouds_core::Client) {
+    /// let patient = client.with_retries(5); // like the original's bind(name, 5)
+    /// # }
+    /// ```
     pub fn with_retries(mut self, retries: u32) -> Self {
         self.retries = retries;
         self
     }
 
     /// This handle, waiting `timeout` (at least 1 ms) for each attempt's reply.
+    ///
+    /// ```
+    /// # fn demo(client: clouds_core::Client) {
+    /// let quick = client.with_timeout(std::time::Duration::from_millis(200));
+    /// # }
+    /// ```
     pub fn with_timeout(mut self, timeout: Duration) -> Self {
         self.timeout = timeout.max(Duration::from_millis(1));
         self
@@ -101,6 +126,13 @@ impl Client {
     /// Calls `method` by name with `args` as a tuple (`(a, b)`, `(a,)` or `()`).
     ///
     /// An application error from the handler arrives as [`Error::Remote`].
+    ///
+    /// ```
+    /// # async fn demo(client: clouds_core::Client) -> Result<(), clouds_core::Error> {
+    /// let sum: i64 = client.call("math.add", (2, 3)).await?;
+    /// let none: () = client.call("test.ping", ()).await?;
+    /// # Ok(()) }
+    /// ```
     pub async fn call<A, R>(&self, method: &str, args: A) -> Result<R, Error>
     where
         A: Serialize,
@@ -122,6 +154,13 @@ impl Client {
 
     /// Sends `message` to the node `to`. Fails with [`Error::Unreachable`] when no such node
     /// listens.
+    ///
+    /// ```
+    /// # async fn demo(client: clouds_core::Client, server: clouds_core::NodeId) -> Result<(), clouds_core::Error> {
+    /// client.send(&server, &"ping").await?;
+    /// client.send(&server, &(1, "structured", vec![2, 3])).await?;
+    /// # Ok(()) }
+    /// ```
     pub async fn send<T: Serialize + ?Sized>(
         &self,
         to: impl AsRef<str>,
@@ -147,11 +186,26 @@ impl Client {
     }
 
     /// The messages other nodes sent to this one.
+    ///
+    /// ```
+    /// # async fn demo(client: clouds_core::Client) -> Result<(), clouds_core::Error> {
+    /// while let Some(msg) = client.messages().next().await {
+    ///     println!("{} sent {:?}", msg.from(), msg.decode::<String>()?);
+    /// }
+    /// # Ok(()) }
+    /// ```
     pub fn messages(&self) -> Messages {
         self.node().messages.reader()
     }
 
     /// Counters of this node (bad frames received, calls pending, ...).
+    ///
+    /// ```
+    /// # fn demo(client: clouds_core::Client) {
+    /// let stats = client.stats();
+    /// println!("{} calls waiting, {} bad frames seen", stats.pending_calls, stats.malformed_frames);
+    /// # }
+    /// ```
     pub fn stats(&self) -> Stats {
         self.node().stats()
     }
@@ -161,6 +215,13 @@ impl Client {
     ///
     /// A client from [`Server::client`](crate::Server::client) does not own its node: closing
     /// it does nothing (shut the server down instead).
+    ///
+    /// ```
+    /// # async fn demo(client: clouds_core::Client) {
+    /// client.close().await;
+    /// assert!(matches!(client.call::<_, ()>("a.b", ()).await, Err(clouds_core::Error::Shutdown)));
+    /// # }
+    /// ```
     pub async fn close(&self) {
         if self.owner.is_some() {
             self.node().close().await;

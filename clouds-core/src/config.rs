@@ -74,6 +74,12 @@ impl Default for Config {
 
 impl Config {
     /// Settings for the Redis at `redis://[user:password@]host[:port][/db]`, defaults for the rest.
+    ///
+    /// ```
+    /// let config = clouds_core::Config::from_url("redis://user:secret@10.0.0.5:6380/3")?;
+    /// assert_eq!(config.database(), 3);
+    /// # Ok::<(), clouds_core::Error>(())
+    /// ```
     pub fn from_url(url: &str) -> Result<Self, Error> {
         let endpoint = Endpoint::parse(url).map_err(|e| Error::Config(e.to_string()))?;
         Ok(Config {
@@ -84,12 +90,21 @@ impl Config {
 
     /// Uses Redis database `db` (overriding the URL's). Nodes in different dbs never see
     /// each other.
+    ///
+    /// ```
+    /// let config = clouds_core::Config::default().db(3);
+    /// assert_eq!(config.database(), 3);
+    /// ```
     pub fn db(mut self, db: u8) -> Self {
         self.endpoint.set_db(db);
         self
     }
 
     /// Authenticates with `password` (and an ACL `username`, if given).
+    ///
+    /// ```
+    /// let config = clouds_core::Config::default().password(Some("app"), "secret");
+    /// ```
     pub fn password(mut self, username: Option<&str>, password: &str) -> Self {
         self.endpoint
             .set_credentials(username.map(str::to_string), password.to_string());
@@ -98,12 +113,22 @@ impl Config {
 
     /// Prefix of every key and channel (default `clouds`); deployments sharing a Redis and db
     /// stay apart with different namespaces.
+    ///
+    /// ```
+    /// let staging = clouds_core::Config::default().namespace("staging");
+    /// ```
     pub fn namespace(mut self, namespace: &str) -> Self {
         self.namespace = namespace.to_string();
         self
     }
 
     /// How often a server renews its registry entry (default 2 s).
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// let config = clouds_core::Config::default().heartbeat(Duration::from_millis(500));
+    /// assert_eq!(config.effective_ttl(), Duration::from_millis(1500));
+    /// ```
     pub fn heartbeat(mut self, every: Duration) -> Self {
         self.heartbeat = every;
         self
@@ -111,12 +136,23 @@ impl Config {
 
     /// How long a registry entry lives without a heartbeat (default 3 × heartbeat): a server
     /// that dies stops receiving calls after at most this long.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// let config = clouds_core::Config::default().ttl(Duration::from_secs(10));
+    /// assert_eq!(config.effective_ttl(), Duration::from_secs(10));
+    /// ```
     pub fn ttl(mut self, ttl: Duration) -> Self {
         self.ttl = Some(ttl);
         self
     }
 
     /// How long one attempt of a call waits for its reply (default 2 s).
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// let config = clouds_core::Config::default().timeout(Duration::from_secs(5));
+    /// ```
     pub fn timeout(mut self, timeout: Duration) -> Self {
         self.timeout = timeout;
         self
@@ -124,6 +160,10 @@ impl Config {
 
     /// How many more attempts a call makes after a timeout, an overloaded provider or no
     /// provider (default 0). Stubs and clients can override it per handle.
+    ///
+    /// ```
+    /// let config = clouds_core::Config::default().retries(3);
+    /// ```
     pub fn retries(mut self, retries: u32) -> Self {
         self.retries = retries;
         self
@@ -131,6 +171,10 @@ impl Config {
 
     /// How many calls a server runs at once (default 1024); past it, calls are refused at once
     /// as overloaded and the caller retries elsewhere.
+    ///
+    /// ```
+    /// let config = clouds_core::Config::default().max_in_flight(64);
+    /// ```
     pub fn max_in_flight(mut self, limit: usize) -> Self {
         self.max_in_flight = limit;
         self
@@ -138,24 +182,42 @@ impl Config {
 
     /// Largest frame sent or accepted, in bytes (default 4 MiB). Larger calls, replies and
     /// messages fail at the sender, before they reach Redis.
+    ///
+    /// ```
+    /// let config = clouds_core::Config::default().max_frame_size(16 << 20);
+    /// ```
     pub fn max_frame_size(mut self, bytes: usize) -> Self {
         self.max_frame_size = bytes;
         self
     }
 
     /// How calls are spread over providers (default round-robin).
+    ///
+    /// ```
+    /// let config = clouds_core::Config::default().balance(clouds_core::Balance::LeastInFlight);
+    /// ```
     pub fn balance(mut self, balance: Balance) -> Self {
         self.balance = balance;
         self
     }
 
     /// How long `Server::shutdown` waits for calls in flight before closing anyway (default 30 s).
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// let config = clouds_core::Config::default().shutdown_timeout(Duration::from_secs(5));
+    /// ```
     pub fn shutdown_timeout(mut self, timeout: Duration) -> Self {
         self.shutdown_timeout = timeout;
         self
     }
 
     /// Longest wait for any single Redis command (default 5 s).
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// let config = clouds_core::Config::default().command_timeout(Duration::from_secs(1));
+    /// ```
     pub fn command_timeout(mut self, timeout: Duration) -> Self {
         self.transport.command_timeout = timeout;
         self
@@ -163,22 +225,39 @@ impl Config {
 
     /// How many received node messages are kept until read (default 1024); more are dropped
     /// and logged.
+    ///
+    /// ```
+    /// let config = clouds_core::Config::default().message_buffer(10_000);
+    /// ```
     pub fn message_buffer(mut self, messages: usize) -> Self {
         self.message_buffer = messages;
         self
     }
 
     /// The Redis database in use.
+    ///
+    /// ```
+    /// assert_eq!(clouds_core::Config::default().database(), 0);
+    /// ```
     pub fn database(&self) -> u8 {
         self.endpoint.db()
     }
 
     /// The registry TTL in effect: as set, or 3 × heartbeat.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// assert_eq!(clouds_core::Config::default().effective_ttl(), Duration::from_secs(6));
+    /// ```
     pub fn effective_ttl(&self) -> Duration {
         self.ttl.unwrap_or(self.heartbeat * 3)
     }
 
     /// The balancing strategy in use.
+    ///
+    /// ```
+    /// assert_eq!(clouds_core::Config::default().balance_mode(), clouds_core::Balance::RoundRobin);
+    /// ```
     pub fn balance_mode(&self) -> Balance {
         self.balance
     }

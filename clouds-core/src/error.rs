@@ -157,6 +157,11 @@ pub enum Error {
 impl Error {
     /// Whether trying the call again later might succeed (timeouts, missing or overloaded
     /// providers, Redis trouble), as opposed to errors that would repeat.
+    ///
+    /// ```
+    /// let e = clouds_core::Error::Shutdown;
+    /// assert!(!e.is_retryable());
+    /// ```
     pub fn is_retryable(&self) -> bool {
         matches!(
             self,
@@ -188,17 +193,35 @@ pub struct RemoteError {
 
 impl RemoteError {
     /// The method that failed.
+    ///
+    /// ```
+    /// # fn demo(e: clouds_core::RemoteError) {
+    /// println!("{} failed", e.method());
+    /// # }
+    /// ```
     pub fn method(&self) -> &str {
         &self.method
     }
 
     /// The provider it failed on.
+    ///
+    /// ```
+    /// # fn demo(e: clouds_core::RemoteError) {
+    /// println!("on {}", e.node());
+    /// # }
+    /// ```
     pub fn node(&self) -> &NodeId {
         &self.node
     }
 
     /// The error as text, when the handler sent text (dynamic handlers send their error's
     /// `Display`; typed ones send the error value itself).
+    ///
+    /// ```
+    /// # fn demo(e: clouds_core::RemoteError) {
+    /// println!("{}", e.message().unwrap_or("(a structured error)"));
+    /// # }
+    /// ```
     pub fn message(&self) -> Option<&str> {
         let mut bytes = &self.payload[..];
         let len = rmp::decode::read_str_len(&mut bytes).ok()? as usize;
@@ -206,6 +229,13 @@ impl RemoteError {
     }
 
     /// Decodes the error value into `E`.
+    ///
+    /// ```
+    /// # #[derive(serde::Deserialize)] struct MyError { code: u32 }
+    /// # fn demo(e: clouds_core::RemoteError) -> Result<(), clouds_core::Error> {
+    /// let typed: MyError = e.decode()?;
+    /// # Ok(()) }
+    /// ```
     pub fn decode<E: serde::de::DeserializeOwned>(&self) -> Result<E, Error> {
         crate::codec::decode_value(&self.payload).map_err(|reason| Error::Codec {
             action: format!("decode the error of {}", self.method),

@@ -27,11 +27,23 @@ pub struct Message {
 
 impl Message {
     /// The sender's node id.
+    ///
+    /// ```
+    /// # fn demo(msg: clouds_core::Message) {
+    /// println!("from {}", msg.from());
+    /// # }
+    /// ```
     pub fn from(&self) -> &NodeId {
         &self.from
     }
 
     /// Decodes the body into `T`.
+    ///
+    /// ```
+    /// # fn demo(msg: clouds_core::Message) -> Result<(), clouds_core::Error> {
+    /// let (kind, value): (String, u32) = msg.decode()?;
+    /// # Ok(()) }
+    /// ```
     pub fn decode<T: DeserializeOwned>(&self) -> Result<T, Error> {
         crate::codec::decode_value(&self.body).map_err(|reason| Error::Codec {
             action: format!("decode a message from {}", self.from),
@@ -40,6 +52,12 @@ impl Message {
     }
 
     /// The raw MessagePack body.
+    ///
+    /// ```
+    /// # fn demo(msg: clouds_core::Message) {
+    /// println!("{} bytes of MessagePack", msg.bytes().len());
+    /// # }
+    /// ```
     pub fn bytes(&self) -> &[u8] {
         &self.body
     }
@@ -65,12 +83,24 @@ pub struct Messages {
 
 impl Messages {
     /// Waits for the next message; `None` once the node has shut down.
+    ///
+    /// ```
+    /// # async fn demo(mut inbox: clouds_core::Messages) {
+    /// while let Some(msg) = inbox.next().await { /* ... */ }
+    /// # }
+    /// ```
     pub async fn next(&mut self) -> Option<Message> {
         self.rx.lock().await.recv().await
     }
 
     /// A message that has already arrived, without waiting. `None` also while another handle
     /// of the same node is waiting in [`Messages::next`].
+    ///
+    /// ```
+    /// # fn demo(mut inbox: clouds_core::Messages) {
+    /// while let Some(msg) = inbox.try_next() { /* drain what has arrived */ }
+    /// # }
+    /// ```
     pub fn try_next(&mut self) -> Option<Message> {
         self.rx.try_lock().ok()?.try_recv().ok()
     }

@@ -50,6 +50,13 @@ pub struct Status {
 
 impl Monitor {
     /// Connects a monitor node.
+    ///
+    /// ```no_run
+    /// # async fn demo() -> Result<(), clouds_core::Error> {
+    /// let config = clouds_core::Config::from_url("redis://127.0.0.1:6379/3")?;
+    /// let monitor = clouds_core::Monitor::connect(config).await?;
+    /// # Ok(()) }
+    /// ```
     pub async fn connect(config: Config) -> Result<Monitor, Error> {
         let node = Node::start(config, "monitor").await?;
         Ok(Monitor {
@@ -58,11 +65,26 @@ impl Monitor {
     }
 
     /// This monitor's node id.
+    ///
+    /// ```
+    /// # fn demo(monitor: clouds_core::Monitor) {
+    /// println!("monitor {}", monitor.id());
+    /// # }
+    /// ```
     pub fn id(&self) -> &NodeId {
         &self.owner.node.id
     }
 
     /// Reads the live servers and their methods. Expired entries are purged on the way.
+    ///
+    /// ```
+    /// # async fn demo(monitor: clouds_core::Monitor) -> Result<(), clouds_core::Error> {
+    /// let status = monitor.status().await?;
+    /// for (method, servers) in &status.methods {
+    ///     println!("{method}: {} providers", servers.len());
+    /// }
+    /// # Ok(()) }
+    /// ```
     pub async fn status(&self) -> Result<Status, Error> {
         let node = &self.owner.node;
         if node.is_closed() {
@@ -79,6 +101,12 @@ impl Monitor {
     }
 
     /// Closes the monitor's connections.
+    ///
+    /// ```
+    /// # async fn demo(monitor: clouds_core::Monitor) {
+    /// monitor.close().await;
+    /// # }
+    /// ```
     pub async fn close(&self) {
         self.owner.node.close().await;
     }

@@ -51,6 +51,11 @@ impl NodeId {
     }
 
     /// The id as text.
+    ///
+    /// ```
+    /// let id = clouds_core::NodeId::from("server-a-1-1-000000");
+    /// assert!(id.as_str().starts_with("server-"));
+    /// ```
     pub fn as_str(&self) -> &str {
         &self.0
     }

@@ -56,6 +56,14 @@ impl std::fmt::Debug for Server {
 impl Server {
     /// Connects, starts taking calls on its call channel and starts its heartbeat. It appears
     /// in the registry (with no methods) before this returns.
+    ///
+    /// ```no_run
+    /// # async fn demo() -> Result<(), clouds_core::Error> {
+    /// let config = clouds_core::Config::from_url("redis://127.0.0.1:6379/3")?;
+    /// let server = clouds_core::Server::start(config).await?;
+    /// println!("serving as {}", server.id());
+    /// # Ok(()) }
+    /// ```
     pub async fn start(config: Config) -> Result<Server, Error> {
         let node = Node::start(config, "server").await?;
         let dispatcher = Arc::new(Dispatcher::new(node.config.max_in_flight));
@@ -85,18 +93,43 @@ impl Server {
     }
 
     /// This server's node id: what the monitor lists and messages are addressed to.
+    ///
+    /// ```
+    /// # async fn demo(server: clouds_core::Server, client: clouds_core::Client) -> Result<(), clouds_core::Error> {
+    /// client.send(server.id(), &"hello, server").await?;
+    /// # Ok(()) }
+    /// ```
     pub fn id(&self) -> &NodeId {
         &self.node().id
     }
 
     /// Serves every method of `service` (a generated `{Trait}Server`). Once this returns the
     /// methods are in the registry and callers have been told.
+    ///
+    /// ```
+    /// # struct Math;
+    /// # impl clouds_core::Service for Math { fn routes(self) -> Vec<clouds_core::Route> { Vec::new() } }
+    /// # async fn demo(server: clouds_core::Server) -> Result<(), clouds_core::Error> {
+    /// // With #[clouds::service], pass the generated `{Trait}Server::new(implementation)`.
+    /// server.serve(Math).await?;
+    /// # Ok(()) }
+    /// ```
     pub async fn serve<S: Service>(&self, service: S) -> Result<(), Error> {
         self.add_routes(service.routes()).await
     }
 
     /// Serves one method given as a function of its arguments tuple, returning `Result<T, E>`;
     /// an `Err` reaches callers as [`Error::Remote`] with the error's text.
+    ///
+    /// ```
+    /// # async fn demo(server: clouds_core::Server) -> Result<(), clouds_core::Error> {
+    /// server
+    ///     .register("math.div", |(a, b): (i64, i64)| async move {
+    ///         if b == 0 { Err("division by zero") } else { Ok(a / b) }
+    ///     })
+    ///     .await?;
+    /// # Ok(()) }
+    /// ```
     pub async fn register<A, F, Fut, T, E>(&self, method: &str, handler: F) -> Result<(), Error>
     where
         A: DeserializeOwned + Send + 'static,
@@ -128,16 +161,42 @@ impl Server {
     ///
     /// It does not keep the server alive: once the server is shut down or dropped, its calls
     /// fail with [`Error::Shutdown`].
+    ///
+    /// ```
+    /// # async fn demo(server: clouds_core::Server) -> Result<(), clouds_core::Error> {
+    /// let client = server.client();
+    /// server
+    ///     .register("front.total", move |(a, b): (i64, i64)| {
+    ///         let client = client.clone();
+    ///         async move { client.call::<_, i64>("math.add", (a, b)).await }
+    ///     })
+    ///     .await?;
+    /// # Ok(()) }
+    /// ```
     pub fn client(&self) -> Client {
         Client::borrowing(self.node.clone())
     }
 
     /// Messages other nodes sent to this server.
+    ///
+    /// ```
+    /// # async fn demo(server: clouds_core::Server) -> Result<(), clouds_core::Error> {
+    /// if let Some(msg) = server.messages().next().await {
+    ///     println!("{} says {}", msg.from(), msg.decode::<String>()?);
+    /// }
+    /// # Ok(()) }
+    /// ```
     pub fn messages(&self) -> Messages {
         self.node().messages.reader()
     }
 
     /// Counters of this node, including handlers running now.
+    ///
+    /// ```
+    /// # fn demo(server: clouds_core::Server) {
+    /// println!("{} handlers running", server.stats().in_flight);
+    /// # }
+    /// ```
     pub fn stats(&self) -> Stats {
         self.node().stats()
     }
@@ -152,6 +211,13 @@ impl Server {
     /// 4. closes its connections.
     ///
     /// Calling it again does nothing.
+    ///
+    /// ```
+    /// # async fn demo(server: clouds_core::Server) -> Result<(), clouds_core::Error> {
+    /// // ... when it is time to stop (Ctrl-C, SIGTERM, a deploy):
+    /// server.shutdown().await?;
+    /// # Ok(()) }
+    /// ```
     pub async fn shutdown(&self) -> Result<(), Error> {
         let mut shut_down = self.state.lock().await;
         if *shut_down {

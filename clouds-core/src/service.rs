@@ -102,6 +102,11 @@ impl Route {
     }
 
     /// The full wire name, `service.method`.
+    ///
+    /// ```
+    /// let route = clouds_core::Route::new("t.id", |(x,): (u8,)| async move { Ok::<_, String>(x) });
+    /// assert_eq!(route.name(), "t.id");
+    /// ```
     pub fn name(&self) -> &str {
         &self.name
     }
