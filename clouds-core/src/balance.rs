@@ -27,6 +27,9 @@ pub(crate) struct Balancer {
     methods: RwLock<HashMap<String, Entry>>,
     /// Providers that timed out recently, until when: tried last while others exist.
     suspects: Mutex<HashMap<NodeId, Instant>>,
+    /// Providers proven gone (PUBLISH reached nobody), until when: a registry refresh does not
+    /// bring them back before their entry could have expired, unless they announce again.
+    gone: Mutex<HashMap<NodeId, Instant>>,
     /// Calls from this node waiting on each provider (for least-in-flight).
     outstanding: Mutex<HashMap<NodeId, usize>>,
     suspect_for: Duration,
@@ -41,6 +44,7 @@ impl Balancer {
             strategy,
             methods: RwLock::default(),
             suspects: Mutex::default(),
+            gone: Mutex::default(),
             outstanding: Mutex::default(),
             suspect_for,
             born: Instant::now(),
@@ -72,6 +76,14 @@ impl Balancer {
     pub(crate) fn set(&self, method: &str, mut providers: Vec<NodeId>) {
         providers.sort();
         providers.dedup();
+        {
+            let now = Instant::now();
+            let mut gone = lock(&self.gone);
+            if !gone.is_empty() {
+                gone.retain(|_, until| *until > now);
+                providers.retain(|p| !gone.contains_key(p));
+            }
+        }
         let now = self.now_ms();
         let mut methods = write(&self.methods);
         let entry = methods.entry(method.to_string()).or_default();
@@ -84,6 +96,7 @@ impl Balancer {
 
     /// A join event: `node` now provides `methods` (only methods this node calls are tracked).
     pub(crate) fn join(&self, node: &NodeId, methods: &[String]) {
+        lock(&self.gone).remove(node);
         let mut cache = write(&self.methods);
         for method in methods {
             if let Some(entry) = cache.get_mut(method) {
@@ -102,6 +115,13 @@ impl Balancer {
         }
         drop(cache);
         lock(&self.suspects).remove(node);
+    }
+
+    /// `node`'s inbox is gone: drop it, and keep it out of registry refreshes until its entry
+    /// has had time to expire (it comes back at once if it announces itself again).
+    pub(crate) fn mark_gone(&self, node: &NodeId) {
+        self.remove(node);
+        lock(&self.gone).insert(node.clone(), Instant::now() + self.suspect_for);
     }
 
     /// `node` timed out: try others first for a while. Its registry entry stays; it may only
@@ -270,6 +290,21 @@ mod tests {
         }
         b.remove(&"b".into());
         assert_eq!(b.pick("m", &[]), None);
+    }
+
+    #[test]
+    fn gone_providers_stay_out_until_they_announce() {
+        let b = Balancer::new(Balance::RoundRobin, Duration::from_secs(60));
+        b.set("m", ids(&["a", "b"]));
+        b.mark_gone(&"a".into());
+        // A refresh still listing `a` (its entry has not expired) does not bring it back.
+        b.set("m", ids(&["a", "b"]));
+        for _ in 0..5 {
+            assert_eq!(b.pick("m", &[]), Some("b".into()));
+        }
+        b.join(&"a".into(), &["m".into()]);
+        let seen: std::collections::HashSet<_> = (0..10).filter_map(|_| b.pick("m", &[])).collect();
+        assert_eq!(seen.len(), 2);
     }
 
     #[test]

@@ -13,7 +13,7 @@ use crate::error::{Error, RemoteError};
 use crate::message::Messages;
 use crate::node::{Node, Owner};
 use crate::node_id::NodeId;
-use crate::stats::Stats;
+use crate::stats::{Stats, bump};
 
 /// A connection to the services of one Redis deployment: calls methods, sends messages.
 ///
@@ -98,8 +98,8 @@ impl Client {
         &self.node().id
     }
 
-    /// This handle, retrying calls up to `retries` more times on timeout, overload or no
-    /// provider.
+    /// This handle, retrying calls up to `retries` more times on timeout, overload, no
+    /// provider or a Redis error.
     ///
     /// ```
     /// # fn demo(client: clouds_core::Client) {
@@ -320,6 +320,7 @@ impl Client {
                     }
                     Status::ShuttingDown => {
                         node.balancer.remove(&provider);
+                        bump(&node.counters.rerouted);
                         if free_reroutes < FREE_REROUTES {
                             attempts -= 1;
                             free_reroutes += 1;
@@ -334,7 +335,8 @@ impl Client {
                 },
                 Ok(Ok(Attempt::NotDelivered)) => {
                     // The provider's inbox is gone: drop it and re-route at once.
-                    node.balancer.remove(&provider);
+                    node.balancer.mark_gone(&provider);
+                    bump(&node.counters.rerouted);
                     if free_reroutes < FREE_REROUTES {
                         attempts -= 1;
                         free_reroutes += 1;

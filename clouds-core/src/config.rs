@@ -158,8 +158,8 @@ impl Config {
         self
     }
 
-    /// How many more attempts a call makes after a timeout, an overloaded provider or no
-    /// provider (default 0). Stubs and clients can override it per handle.
+    /// How many more attempts a call makes after a timeout, an overloaded provider, no
+    /// provider or a Redis error (default 0). Stubs and clients can override it per handle.
     ///
     /// ```
     /// let config = clouds_core::Config::default().retries(3);
@@ -181,7 +181,9 @@ impl Config {
     }
 
     /// Largest frame sent or accepted, in bytes (default 4 MiB). Larger calls, replies and
-    /// messages fail at the sender, before they reach Redis.
+    /// messages fail at the sender, before they reach Redis; a receiver with a smaller limit
+    /// refuses a larger call with an error reply and drops other frames. Give every node of a
+    /// deployment the same limit.
     ///
     /// ```
     /// let config = clouds_core::Config::default().max_frame_size(16 << 20);
@@ -273,7 +275,7 @@ impl Config {
                 .any(|c| c.is_whitespace() || c.is_control() || matches!(c, '{' | '}' | ':'))
         {
             return fail(format!(
-                "namespace {:?} must be 1-64 characters without whitespace, ':', '{{' or '}}'",
+                "namespace {:?} must be 1-64 bytes without whitespace, ':', '{{' or '}}'",
                 self.namespace
             ));
         }

@@ -138,8 +138,10 @@ async fn run(
         }
         let Some(node) = node.upgrade() else { break };
         let mut result = beat(&node, &redis, &advert).await;
-        if result.is_ok() && std::mem::take(&mut announce) {
+        if result.is_ok() && announce {
             result = node.registry.announce(&redis, &id, &advert.methods()).await;
+            // Cleared only once sent: a failed announcement is retried with the next beat.
+            announce = result.is_err();
         }
         drop(node);
         wait = match result {

@@ -191,6 +191,9 @@ impl Node {
             late_replies: get(&c.late_replies),
             dropped_messages: get(&c.dropped_messages),
             expired_calls: get(&c.expired_calls),
+            rerouted_calls: get(&c.rerouted),
+            overloaded_replies: get(&c.overloaded),
+            tasks: self.tasks.len() + self.dispatcher.get().map_or(0, |d| d.tasks.len()),
             pending_calls: self.pending.len(),
             in_flight: self.dispatcher.get().map_or(0, |d| d.in_flight()),
         }
@@ -254,7 +257,12 @@ impl Node {
             if let Some(seen) = bump_and_sample(&self.counters.oversized) {
                 tracing::warn!(node = %self.id, %channel, len = payload.len(), max = self.config.max_frame_size, seen, "dropped an oversized frame");
             }
-            if let Frame::Call(call) = frame {
+            // Only a call on this server's call channel that someone still waits for is
+            // answered; anything else oversized is just dropped.
+            if let Frame::Call(call) = frame
+                && channel == self.calls
+                && call.deadline_ms > 0
+            {
                 let node = self.clone();
                 let reason = format!(
                     "the call is {} bytes, over this server's max_frame_size of {} bytes",

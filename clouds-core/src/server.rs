@@ -267,7 +267,13 @@ impl Drop for Server {
         self.node.cancel.cancel();
         let node = self.node.clone();
         let methods = self.advert.methods();
+        let heartbeat = crate::locks::lock(&self.heartbeat).take();
         self.node.spawn_detached(async move {
+            // The heartbeat must have stopped, or a beat in progress could re-create the
+            // entry right after it is removed.
+            if let Some(heartbeat) = heartbeat {
+                heartbeat.stop().await;
+            }
             let _ = node.registry.leave(&node.redis, &node.id, &methods).await;
             node.close().await;
         });

@@ -26,8 +26,16 @@ pub struct Stats {
     pub late_replies: u64,
     /// Messages dropped because nobody read the message queue.
     pub dropped_messages: u64,
-    /// Calls skipped because their deadline had passed on arrival.
+    /// Calls skipped because their deadline had passed before a worker could run them.
     pub expired_calls: u64,
+    /// Attempts re-routed at no cost because they certainly did not run (the provider's inbox
+    /// was gone, or it was stopping).
+    pub rerouted_calls: u64,
+    /// Overloaded answers this node received as a caller.
+    pub overloaded_replies: u64,
+    /// Background tasks of this node alive right now (receive and refresh loops, handlers,
+    /// replies being sent); returns to its idle value when nothing is in flight.
+    pub tasks: usize,
     /// Calls of this node waiting for a reply right now.
     pub pending_calls: usize,
     /// Handlers running on this node right now (servers only).
@@ -43,6 +51,8 @@ pub(crate) struct Counters {
     pub(crate) late_replies: AtomicU64,
     pub(crate) dropped_messages: AtomicU64,
     pub(crate) expired_calls: AtomicU64,
+    pub(crate) rerouted: AtomicU64,
+    pub(crate) overloaded: AtomicU64,
 }
 
 pub(crate) fn bump(counter: &AtomicU64) {

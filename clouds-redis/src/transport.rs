@@ -41,6 +41,8 @@ pub struct Transport {
     commands: fred::clients::Client,
     subscriber: fred::clients::SubscriberClient,
     resubscriber: tokio::task::JoinHandle<()>,
+    /// Fires each time the subscriber's channels have been restored after a reconnect.
+    resubscribed: broadcast::Sender<()>,
     /// The runtime the connections run on, where `Drop` sends QUIT from whatever thread the
     /// last handle is dropped on.
     runtime: tokio::runtime::Handle,
@@ -109,11 +111,17 @@ impl Transport {
                 });
             }
         }
-        let resubscriber = tokio::spawn(resubscribe(subscriber.clone(), options.clone()));
+        let (resubscribed, _) = broadcast::channel(16);
+        let resubscriber = tokio::spawn(resubscribe(
+            subscriber.clone(),
+            options.clone(),
+            resubscribed.clone(),
+        ));
         Ok(Transport {
             commands,
             subscriber,
             resubscriber,
+            resubscribed,
             runtime: tokio::runtime::Handle::current(),
             options: options.clone(),
             addr,
@@ -165,11 +173,13 @@ impl Transport {
         }
     }
 
-    /// Notifications of reconnects of either connection.
+    /// Notifications of recovery: the command connection reconnected, or the subscriber
+    /// connection reconnected *and* its channels are subscribed again (so a node announcing
+    /// itself on this signal can really be reached).
     pub fn reconnects(&self) -> Reconnects {
         Reconnects {
             commands: self.commands.reconnect_rx(),
-            subscriber: self.subscriber.reconnect_rx(),
+            subscriber: self.resubscribed.subscribe(),
         }
     }
 
@@ -256,22 +266,22 @@ impl Drop for Transport {
     }
 }
 
-/// Tells when either connection of a [`Transport`] has reconnected.
+/// Tells when a [`Transport`] has recovered from a lost connection.
 pub struct Reconnects {
     commands: broadcast::Receiver<fred::types::config::Server>,
-    subscriber: broadcast::Receiver<fred::types::config::Server>,
+    subscriber: broadcast::Receiver<()>,
 }
 
 impl Reconnects {
-    /// Waits for the next reconnect; `None` once the transport is closed.
+    /// Waits for the next recovery; `None` once the transport is closed.
     pub async fn recv(&mut self) -> Option<()> {
         use broadcast::error::RecvError;
         let result = tokio::select! {
-            r = self.commands.recv() => r,
+            r = self.commands.recv() => r.map(|_| ()),
             r = self.subscriber.recv() => r,
         };
         match result {
-            Ok(_) | Err(RecvError::Lagged(_)) => Some(()),
+            Ok(()) | Err(RecvError::Lagged(_)) => Some(()),
             Err(RecvError::Closed) => None,
         }
     }
@@ -281,7 +291,11 @@ impl Reconnects {
 ///
 /// fred's own `manage_subscriptions` gives up after one failed attempt (and stops for good on
 /// a lagged notification), which would leave a node connected but deaf.
-async fn resubscribe(subscriber: fred::clients::SubscriberClient, options: TransportOptions) {
+async fn resubscribe(
+    subscriber: fred::clients::SubscriberClient,
+    options: TransportOptions,
+    done: broadcast::Sender<()>,
+) {
     use broadcast::error::RecvError;
     let mut reconnects = subscriber.reconnect_rx();
     loop {
@@ -295,6 +309,7 @@ async fn resubscribe(subscriber: fred::clients::SubscriberClient, options: Trans
             tokio::time::sleep(delay).await;
             delay = (delay * 2).min(options.reconnect_max_delay.max(delay));
         }
+        let _ = done.send(());
     }
 }
 
