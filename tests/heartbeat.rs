@@ -60,6 +60,7 @@ fn blocking_handlers_do_not_starve_the_heartbeat() {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         assert!(checks > 10);
+        eprintln!("FIGURES busy_handlers: registry_checks_while_blocked={checks} all_present=true");
         for call in calls {
             assert_eq!(call.await.expect("task").expect("call"), 2_500);
         }

@@ -448,4 +448,72 @@ mod tests {
             }
         }
     }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        fn any_status() -> impl Strategy<Value = Status> {
+            (0u64..8).prop_map(|c| Status::from_code(c).expect("0..8 are codes"))
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(2_000))]
+
+            #[test]
+            fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..256)) {
+                if let Ok(Frame::Call(call)) = decode(&Bytes::from(bytes)) {
+                    let _ = decode_args::<(String, u64, Vec<u8>)>(&call.args);
+                }
+            }
+
+            #[test]
+            fn mutated_frames_never_panic(
+                id in any::<u64>(),
+                method in "[a-z.]{1,40}",
+                name in ".{0,40}",
+                flips in proptest::collection::vec((any::<usize>(), any::<u8>()), 1..6),
+                cut in any::<usize>(),
+            ) {
+                let args = encode_args(&(name, id)).expect("encodable");
+                let mut bytes = encode_call(id, &method, "client-x", 1000, &args);
+                for (at, value) in flips {
+                    let at = at % bytes.len();
+                    bytes[at] = value;
+                }
+                bytes.truncate(cut % (bytes.len() + 1));
+                if let Ok(Frame::Call(call)) = decode(&Bytes::from(bytes)) {
+                    let _ = decode_args::<(String, u64)>(&call.args);
+                }
+            }
+
+            #[test]
+            fn calls_round_trip(
+                id in any::<u64>(),
+                method in "[a-zA-Z0-9._-]{1,256}",
+                caller in "[a-zA-Z0-9._-]{1,256}",
+                deadline in any::<u64>(),
+                name in ".*",
+                n in any::<i64>(),
+            ) {
+                let args = encode_args(&(name.as_str(), n)).expect("encodable");
+                let frame = Bytes::from(encode_call(id, &method, &caller, deadline, &args));
+                let Ok(Frame::Call(call)) = decode(&frame) else { panic!("valid call did not decode") };
+                prop_assert_eq!(call.id, id);
+                prop_assert_eq!(&call.method, &method);
+                prop_assert_eq!(call.reply_to.as_str(), caller.as_str());
+                prop_assert_eq!(call.deadline_ms, deadline);
+                prop_assert_eq!(decode_args::<(String, i64)>(&call.args), Ok((name, n)));
+            }
+
+            #[test]
+            fn replies_round_trip(id in any::<u64>(), status in any_status(), body in proptest::collection::vec(any::<u8>(), 0..64)) {
+                let value = encode_value(&body).expect("encodable");
+                let frame = Bytes::from(encode_reply(id, status, &value));
+                let Ok(Frame::Reply(reply)) = decode(&frame) else { panic!("valid reply did not decode") };
+                prop_assert_eq!((reply.id, reply.status), (id, status));
+                prop_assert_eq!(decode_value::<Vec<u8>>(&reply.body), Ok(body));
+            }
+        }
+    }
 }
