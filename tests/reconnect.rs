@@ -72,6 +72,7 @@ async fn a_killed_subscriber_connection_is_restored() {
         1
     );
 
+    let killed_at = std::time::Instant::now();
     let killed = redis
         .command(&["CLIENT", "KILL", "TYPE", "pubsub"])
         .expect("client kill");
@@ -86,6 +87,11 @@ async fn a_killed_subscriber_connection_is_restored() {
         || async { client.call::<_, u32>("r.echo", (2,)).await.ok() == Some(2) },
     )
     .await;
+    eprintln!(
+        "FIGURES subscriber_killed: killed={} calls_back_after_ms={}",
+        killed.as_int().unwrap_or(0),
+        killed_at.elapsed().as_millis()
+    );
     eventually(
         "messages reach the server again",
         Duration::from_secs(5),

@@ -124,6 +124,11 @@ impl Balancer {
         lock(&self.gone).insert(node.clone(), Instant::now() + self.suspect_for);
     }
 
+    /// Trusts registry refreshes again for every provider marked gone.
+    pub(crate) fn forget_gone(&self) {
+        lock(&self.gone).clear();
+    }
+
     /// `node` timed out: try others first for a while. Its registry entry stays; it may only
     /// be slow.
     pub(crate) fn suspect(&self, node: &NodeId) {

@@ -359,7 +359,12 @@ async fn refresh_loop(node: Arc<Node>) {
         tokio::select! {
             _ = node.cancel.cancelled() => break,
             _ = tick.tick() => {}
-            r = reconnects.recv() => if r.is_none() { break },
+            r = reconnects.recv() => match r {
+                // Join events may have been missed while this node was away: what it
+                // believed gone may be back, so trust the registry again.
+                Some(()) => node.balancer.forget_gone(),
+                None => break,
+            },
         }
         node.balancer.evict_idle(IDLE_METHOD);
         let methods = node.balancer.methods();
