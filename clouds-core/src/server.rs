@@ -69,15 +69,25 @@ impl Server {
         let dispatcher = Arc::new(Dispatcher::new(node.config.max_in_flight));
         // Fresh node, set once: cannot already be set.
         let _ = node.dispatcher.set(dispatcher.clone());
-        node.redis.subscribe(node.calls_channel()).await?;
         let advert = Arc::new(Advert {
             methods: Default::default(),
             started_at_ms: SystemTime::now()
                 .duration_since(UNIX_EPOCH)
                 .map_or(0, |d| d.as_millis() as u64),
         });
-        heartbeat::beat(&node, &node.redis, &advert).await?;
-        let heartbeat = Heartbeat::start(&node, advert.clone())?;
+        let started = async {
+            node.redis.subscribe(node.calls_channel()).await?;
+            heartbeat::beat(&node, &node.redis, &advert).await?;
+            Heartbeat::start(&node, advert.clone())
+        };
+        let heartbeat = match started.await {
+            Ok(heartbeat) => heartbeat,
+            Err(e) => {
+                // Nothing owns the node yet: close it here, or its loops would run on.
+                node.close().await;
+                return Err(e);
+            }
+        };
         tracing::info!(node = %node.id, "server started");
         Ok(Server {
             node,
