@@ -141,9 +141,9 @@ impl Transport {
     /// Publishes `frame` on `channel`; returns how many subscribers received it (0: nobody
     /// is listening there, so the frame was certainly not delivered).
     pub async fn publish(&self, channel: &str, frame: Bytes) -> Result<u64, TransportError> {
-        let receivers: i64 = self
-            .commands
-            .publish(channel, Value::Bytes(frame))
+        // fred's command futures are ~5 KB; boxed, they stop inflating every caller's future
+        // (and with it the memory of each call in flight).
+        let receivers: i64 = Box::pin(self.commands.publish(channel, Value::Bytes(frame)))
             .await
             .map_err(|e| self.error("PUBLISH", e))?;
         Ok(receivers.max(0) as u64)
@@ -151,8 +151,7 @@ impl Transport {
 
     /// Subscribes to `channel`; the subscription is restored after every reconnect.
     pub async fn subscribe(&self, channel: &str) -> Result<(), TransportError> {
-        self.subscriber
-            .subscribe(channel)
+        Box::pin(self.subscriber.subscribe(channel))
             .await
             .map_err(|e| self.error("SUBSCRIBE", e))
     }
@@ -160,8 +159,7 @@ impl Transport {
     /// Unsubscribes from `channel`. Once this returns, Redis delivers nothing more from it, and
     /// everything it delivered before is already waiting in [`Inbound`].
     pub async fn unsubscribe(&self, channel: &str) -> Result<(), TransportError> {
-        self.subscriber
-            .unsubscribe(channel)
+        Box::pin(self.subscriber.unsubscribe(channel))
             .await
             .map_err(|e| self.error("UNSUBSCRIBE", e))
     }
@@ -190,9 +188,7 @@ impl Transport {
         keys: Vec<String>,
         args: Vec<String>,
     ) -> Result<ScriptValue, TransportError> {
-        let value: Value = script
-            .inner
-            .evalsha_with_reload(&self.commands, keys, args)
+        let value: Value = Box::pin(script.inner.evalsha_with_reload(&self.commands, keys, args))
             .await
             .map_err(|e| self.error("EVALSHA", e))?;
         Ok(ScriptValue::from_fred(value))
@@ -200,9 +196,7 @@ impl Transport {
 
     /// Reads a whole hash as field/value pairs (empty if the key does not exist).
     pub async fn hgetall(&self, key: &str) -> Result<Vec<(Bytes, Bytes)>, TransportError> {
-        let value: Value = self
-            .commands
-            .hgetall(key)
+        let value: Value = Box::pin(self.commands.hgetall(key))
             .await
             .map_err(|e| self.error("HGETALL", e))?;
         let pairs = match value {

@@ -1,0 +1,620 @@
+//! # clouds-bench: clouds against the raw Redis pub/sub round trip, in one run
+//!
+//! ```text
+//! cargo run --release -p clouds-bench            # the full table (a few minutes)
+//! cargo run --release -p clouds-bench -- --quick # a smoke test of every row (seconds)
+//! ```
+//!
+//! Starts its own `redis-server` on a free loopback port and measures, against it, an echo
+//! round trip made with fred alone (the floor) and through a `#[clouds::service]` stub. The
+//! table goes to stdout (Markdown), progress to stderr. See `BENCHMARKS.md` at the repository
+//! root for the results and the profile.
+//!
+//! # Layout
+//!
+//! - `main.rs`: arguments, roles (the binary re-executes itself as provider, raw server and
+//!   RSS client processes), the rows and the table.
+//! - `raw.rs`: the baseline, fred alone.
+//! - `clouds_rows.rs`: the `Bench` service, its provider and the caller.
+//! - `load.rs`: the bounded load generator both are driven by.
+//! - `rss.rs`: client memory per call in flight, in a child process.
+//! - `wire.rs`: Redis commands and bytes per call, from `INFO`.
+//! - `report.rs`: the table, the ratios and the targets.
+//! - `procs.rs`: child processes: start, wait for `ready`, stop, never leak.
+//! - `stats.rs`: percentiles and medians.
+
+mod clouds_rows;
+mod load;
+mod procs;
+mod raw;
+mod report;
+mod rss;
+mod stats;
+mod wire;
+
+use std::fmt::Write as _;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use clouds_testkit::RedisServer;
+
+use crate::clouds_rows::{CloudsCaller, InProcess};
+use crate::load::{Caller, payload};
+use crate::procs::Proc;
+use crate::raw::{Channels, RawClient, RawServer};
+use crate::report::{Memory, Row, Setup, fmt_d, table, targets, wire_notes};
+use crate::stats::{Figures, median_figures};
+use crate::wire::{Wire, first_calls, info, wire_cost};
+
+/// How long one call waits for its reply, raw and clouds alike.
+const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+/// The namespace of the in-process provider and client.
+const NS_IN_PROCESS: &str = "bench1";
+/// The namespace of the provider processes and their client.
+const NS_PROCESSES: &str = "bench3";
+/// How many provider processes (and raw server processes) the multi-process rows use.
+const PROCESSES: usize = 3;
+
+/// How much of everything to do.
+#[derive(Debug, Clone)]
+struct Plan {
+    name: &'static str,
+    reps: usize,
+    seq_calls: usize,
+    flight_calls: usize,
+    big_seq_calls: usize,
+    big_flight_calls: usize,
+    rss_in_flight: usize,
+    /// Longest a single measured run may take before it stops starting calls.
+    run_limit: Duration,
+}
+
+impl Plan {
+    fn full() -> Plan {
+        Plan {
+            name: "full",
+            reps: 5,
+            seq_calls: 5_000,
+            flight_calls: 100_000,
+            big_seq_calls: 1_000,
+            big_flight_calls: 10_000,
+            rss_in_flight: 10_000,
+            run_limit: Duration::from_secs(120),
+        }
+    }
+
+    fn quick() -> Plan {
+        Plan {
+            name: "quick",
+            reps: 1,
+            seq_calls: 500,
+            flight_calls: 5_000,
+            big_seq_calls: 100,
+            big_flight_calls: 500,
+            rss_in_flight: 2_000,
+            run_limit: Duration::from_secs(30),
+        }
+    }
+}
+
+/// What this process is.
+enum Role {
+    /// The benchmark itself.
+    Bench(Plan),
+    /// One scenario, once, for a profiler.
+    Profile {
+        clouds: bool,
+        calls: usize,
+        in_flight: usize,
+        payload: usize,
+        /// A Redis to use instead of starting one (to watch it with `redis-cli monitor`).
+        redis: Option<String>,
+    },
+    /// A clouds provider process.
+    Provider { url: String, namespace: String },
+    /// A raw server process.
+    RawServer {
+        url: String,
+        request: String,
+        reply: String,
+    },
+    /// An RSS client process for clouds.
+    RssClouds {
+        start: rss::Start,
+        url: String,
+        namespace: String,
+        round: u32,
+        in_flight: usize,
+        providers: Vec<String>,
+    },
+    /// An RSS client process for the raw baseline.
+    RssRaw {
+        start: rss::Start,
+        url: String,
+        prefix: String,
+        servers: usize,
+        round: u32,
+        in_flight: usize,
+    },
+}
+
+const USAGE: &str = "\
+usage: clouds-bench [--quick] [--reps N]
+       clouds-bench --profile raw|clouds [--calls N] [--in-flight N] [--payload BYTES]
+                    [--redis URL]
+
+  (no flags)   the full table: ~100 B and 64 KiB payloads, sequential, 64 and 1,000 in
+               flight, 1 provider in-process and 3 provider processes, RSS per call in flight
+  --quick      every row with small counts and one run each (a smoke test)
+  --reps N     runs per figure (median reported; default 5, --quick 1)
+  --profile    one in-process scenario once, for callgrind: starts Redis, warms up 200
+               calls, then makes --calls calls (default 2000) --in-flight at a time (default 1)
+               with --payload bytes (default 100), against --redis URL if given (watch it
+               with `redis-cli -p PORT monitor`)
+
+Internal roles (the bench starts them itself): --provider URL NS, --raw-server URL REQ REPLY,
+--rss clouds burst|ramped URL NS ROUND IN_FLIGHT ID...,
+--rss raw burst|ramped URL PREFIX SERVERS ROUND IN_FLIGHT";
+
+fn parse_args(args: &[String]) -> Result<Role, String> {
+    let num = |s: Option<&String>, what: &str| -> Result<usize, String> {
+        s.ok_or_else(|| format!("{what} needs a value"))?
+            .parse()
+            .map_err(|e| format!("{what}: {e}"))
+    };
+    let text = |i: usize| -> Result<String, String> {
+        args.get(i)
+            .cloned()
+            .ok_or_else(|| format!("missing argument {i}\n{USAGE}"))
+    };
+    match args.first().map(String::as_str) {
+        Some("--provider") => Ok(Role::Provider {
+            url: text(1)?,
+            namespace: text(2)?,
+        }),
+        Some("--raw-server") => Ok(Role::RawServer {
+            url: text(1)?,
+            request: text(2)?,
+            reply: text(3)?,
+        }),
+        Some("--rss") if args.get(1).is_some_and(|a| a == "clouds") => Ok(Role::RssClouds {
+            start: rss::Start::from_arg(&text(2)?)?,
+            url: text(3)?,
+            namespace: text(4)?,
+            round: num(args.get(5), "round")? as u32,
+            in_flight: num(args.get(6), "in flight")?,
+            providers: args.get(7..).unwrap_or_default().to_vec(),
+        }),
+        Some("--rss") => Ok(Role::RssRaw {
+            start: rss::Start::from_arg(&text(2)?)?,
+            url: text(3)?,
+            prefix: text(4)?,
+            servers: num(args.get(5), "servers")?,
+            round: num(args.get(6), "round")? as u32,
+            in_flight: num(args.get(7), "in flight")?,
+        }),
+        Some("--profile") => {
+            let clouds = match args.get(1).map(String::as_str) {
+                Some("clouds") => true,
+                Some("raw") => false,
+                _ => return Err(format!("--profile raw|clouds\n{USAGE}")),
+            };
+            let (mut calls, mut in_flight, mut payload) = (2_000, 1, 100);
+            let mut redis = None;
+            let mut i = 2;
+            while i < args.len() {
+                let value = args.get(i + 1);
+                match args[i].as_str() {
+                    "--calls" => calls = num(value, "--calls")?,
+                    "--in-flight" => in_flight = num(value, "--in-flight")?,
+                    "--payload" => payload = num(value, "--payload")?,
+                    "--redis" => redis = Some(text(i + 1)?),
+                    other => return Err(format!("unknown flag {other}\n{USAGE}")),
+                }
+                i += 2;
+            }
+            Ok(Role::Profile {
+                clouds,
+                calls,
+                in_flight,
+                payload,
+                redis,
+            })
+        }
+        _ => {
+            let mut plan = Plan::full();
+            let mut reps = None;
+            let mut i = 0;
+            while i < args.len() {
+                match args[i].as_str() {
+                    "--quick" => plan = Plan::quick(),
+                    "--reps" => {
+                        reps = Some(num(args.get(i + 1), "--reps")?.max(1));
+                        i += 1;
+                    }
+                    "-h" | "--help" => return Err(USAGE.to_string()),
+                    other => return Err(format!("unknown flag {other}\n{USAGE}")),
+                }
+                i += 1;
+            }
+            plan.reps = reps.unwrap_or(plan.reps);
+            Ok(Role::Bench(plan))
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let role = match parse_args(&args) {
+        Ok(role) => role,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::from(2);
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = match role {
+        Role::Bench(plan) => bench(&runtime, &plan),
+        Role::Profile {
+            clouds,
+            calls,
+            in_flight,
+            payload,
+            redis,
+        } => profile(&runtime, clouds, calls, in_flight, payload, redis),
+        Role::Provider { url, namespace } => {
+            runtime.block_on(clouds_rows::serve_until_parent_gone(&url, &namespace))
+        }
+        Role::RawServer {
+            url,
+            request,
+            reply,
+        } => runtime.block_on(raw::serve_until_parent_gone(&url, &request, &reply)),
+        Role::RssClouds {
+            start,
+            url,
+            namespace,
+            round,
+            in_flight,
+            providers,
+        } => runtime
+            .block_on(rss::clouds_child(
+                &url, &namespace, round, in_flight, start, &providers,
+            ))
+            .map(|sample| rss::report(&sample)),
+        Role::RssRaw {
+            start,
+            url,
+            prefix,
+            servers,
+            round,
+            in_flight,
+        } => runtime
+            .block_on(rss::raw_child(
+                &url,
+                &Channels::new(&prefix, servers),
+                round,
+                in_flight,
+                start,
+            ))
+            .map(|sample| rss::report(&sample)),
+    };
+    // Connection tasks that are still closing must not keep the process alive.
+    runtime.shutdown_timeout(Duration::from_secs(2));
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("clouds-bench: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `nproc`, the CPU model and the load average, for the reader to judge the noise.
+fn machine() -> String {
+    let nproc = std::thread::available_parallelism().map_or(0, usize::from);
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let model = cpuinfo
+        .lines()
+        .find_map(|l| l.strip_prefix("model name")?.split_once(':').map(|x| x.1))
+        .unwrap_or("unknown")
+        .trim()
+        .to_string();
+    format!("nproc {nproc}, CPU {model}, loadavg {}", loadavg())
+}
+
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .unwrap_or_default()
+        .trim()
+        .to_string()
+}
+
+fn bench(runtime: &tokio::runtime::Runtime, plan: &Plan) -> Result<(), String> {
+    let started = Instant::now();
+    let at_start = machine();
+    eprintln!("machine: {at_start}");
+    let redis = RedisServer::start().map_err(|e| format!("cannot start redis-server: {e}"))?;
+    let version = info(&redis, "server")
+        .get("redis_version")
+        .cloned()
+        .unwrap_or_default();
+    eprintln!("redis-server {version} on port {}", redis.port());
+    let (rows, wire, memory) = runtime.block_on(measure_all(plan, &redis))?;
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "clouds-bench, {} mode, {} runs per figure (median shown); redis-server {version} on loopback",
+        plan.name, plan.reps
+    );
+    let _ = writeln!(out, "start: {at_start}");
+    out.push_str(&table(&rows, memory.as_ref()));
+    out.push_str(&wire_notes(&wire));
+    out.push_str(&targets(&rows, memory.as_ref()));
+    let _ = writeln!(
+        out,
+        "\nend: loadavg {}; took {:.0?}",
+        loadavg(),
+        started.elapsed()
+    );
+    print!("{out}");
+    Ok(())
+}
+
+async fn measure_all(
+    plan: &Plan,
+    redis: &RedisServer,
+) -> Result<(Vec<Row>, Wire, Option<Memory>), String> {
+    let url = redis.url();
+    let mut rows = Vec::new();
+
+    // One provider in this process.
+    let channels = Channels::new("rawbench:inproc", 1);
+    let raw_server = RawServer::start(&url, &channels.requests[0], &channels.reply).await?;
+    let raw = RawClient::connect(&url, &channels, CALL_TIMEOUT).await?;
+    let in_process = InProcess::start(&url, NS_IN_PROCESS, CALL_TIMEOUT).await?;
+    let clouds = CloudsCaller::new(&in_process.client);
+    let result = async {
+        let wire = Wire {
+            per_call: vec![
+                ("raw", wire_cost(redis, &raw, 2_000).await?),
+                ("clouds", wire_cost(redis, &clouds, 2_000).await?),
+            ],
+            herd: first_calls(redis, &clouds, 1_000).await,
+        };
+        let small = [
+            (100, plan.seq_calls, 1),
+            (100, plan.flight_calls, 64),
+            (100, plan.flight_calls, 1_000),
+            (64 * 1024, plan.big_seq_calls, 1),
+            (64 * 1024, plan.big_flight_calls, 64),
+        ];
+        for (size, calls, in_flight) in small {
+            let row = Row {
+                payload: size,
+                calls,
+                in_flight,
+                setup: Setup::InProcess,
+                raw: Figures::default(),
+                clouds: Figures::default(),
+            };
+            rows.push(measure_row(plan, row, &raw, &clouds).await);
+        }
+        Ok::<_, String>(wire)
+    }
+    .await;
+    raw.close().await;
+    raw_server.stop().await;
+    in_process.stop().await;
+    let wire = result?;
+
+    // Three provider processes, three raw server processes.
+    let mut procs = Vec::new();
+    let result = processes_rows(plan, &url, &mut procs, &mut rows).await;
+    procs::stop_all(procs).await;
+    let memory = result?;
+    Ok((rows, wire, memory))
+}
+
+/// The rows with provider processes, and the memory row.
+async fn processes_rows(
+    plan: &Plan,
+    url: &str,
+    procs: &mut Vec<Proc>,
+    rows: &mut Vec<Row>,
+) -> Result<Option<Memory>, String> {
+    let raw_prefix = "rawbench:procs";
+    let channels = Channels::new(raw_prefix, PROCESSES);
+    let mut provider_ids = Vec::new();
+    for i in 0..PROCESSES {
+        let mut provider = Proc::spawn(&["--provider".into(), url.into(), NS_PROCESSES.into()])?;
+        provider_ids.push(provider.expect("ready ").await?);
+        procs.push(provider);
+        let mut server = Proc::spawn(&[
+            "--raw-server".into(),
+            url.into(),
+            channels.requests[i].clone(),
+            channels.reply.clone(),
+        ])?;
+        server.expect("ready ").await?;
+        procs.push(server);
+    }
+    eprintln!("{PROCESSES} provider processes and {PROCESSES} raw server processes ready");
+    let raw = RawClient::connect(url, &channels, CALL_TIMEOUT).await?;
+    let config = clouds_rows::config(url, NS_PROCESSES, CALL_TIMEOUT)?;
+    let client = clouds::Client::connect(config)
+        .await
+        .map_err(|e| e.to_string())?;
+    let clouds = CloudsCaller::new(&client);
+    for in_flight in [64, 1_000] {
+        let row = Row {
+            payload: 100,
+            calls: plan.flight_calls,
+            in_flight,
+            setup: Setup::Processes,
+            raw: Figures::default(),
+            clouds: Figures::default(),
+        };
+        rows.push(measure_row(plan, row, &raw, &clouds).await);
+    }
+    raw.close().await;
+    client.close().await;
+
+    let memory = memory(plan, url, raw_prefix, &provider_ids).await?;
+    Ok(Some(memory))
+}
+
+/// Client RSS per call in flight, each figure from fresh child processes (raw and clouds
+/// alternately), burst and ramped.
+async fn memory(
+    plan: &Plan,
+    url: &str,
+    raw_prefix: &str,
+    provider_ids: &[String],
+) -> Result<Memory, String> {
+    let n = plan.rss_in_flight.to_string();
+    let processes = PROCESSES.to_string();
+    let mut round = 0u32;
+    let mut medians = Vec::new();
+    for start in [rss::Start::Burst, rss::Start::Ramped] {
+        let mut samples: [Vec<rss::Sample>; 2] = [Vec::new(), Vec::new()];
+        for rep in 0..plan.reps {
+            round += 1;
+            let round = round.to_string();
+            let mode = start.as_arg();
+            let raw_args = [
+                "--rss", "raw", mode, url, raw_prefix, &processes, &round, &n,
+            ];
+            let mut clouds_args = ["--rss", "clouds", mode, url, NS_PROCESSES, &round, &n]
+                .map(String::from)
+                .to_vec();
+            clouds_args.extend(provider_ids.iter().cloned());
+            for (i, args) in [raw_args.map(String::from).to_vec(), clouds_args]
+                .iter()
+                .enumerate()
+            {
+                let sample = rss::in_child(args).await?;
+                eprintln!(
+                    "rss {mode} {} run {}: {:.0} B per call, {sample:?}",
+                    ["raw", "clouds"][i],
+                    rep + 1,
+                    sample.bytes_per_call()
+                );
+                samples[i].push(sample);
+            }
+        }
+        medians.push(samples.map(|s| median_sample(&s)));
+    }
+    Ok(Memory {
+        in_flight: plan.rss_in_flight,
+        burst: medians[0],
+        ramped: medians[1],
+    })
+}
+
+/// The run with the median bytes per call.
+fn median_sample(samples: &[rss::Sample]) -> rss::Sample {
+    let mut sorted = samples.to_vec();
+    sorted.sort_by(|a, b| a.bytes_per_call().total_cmp(&b.bytes_per_call()));
+    sorted
+        .get(sorted.len().saturating_sub(1) / 2)
+        .copied()
+        .unwrap_or_default()
+}
+
+/// Warms both up, then runs raw and clouds alternately `plan.reps` times each.
+async fn measure_row(plan: &Plan, mut row: Row, raw: &impl Caller, clouds: &impl Caller) -> Row {
+    let payload = payload(row.payload);
+    let warm = (row.calls / 10).clamp(100, 2_000);
+    let _ = load::run(raw, &payload, warm, row.in_flight, plan.run_limit).await;
+    let _ = load::run(clouds, &payload, warm, row.in_flight, plan.run_limit).await;
+    let (mut raws, mut cloudss) = (Vec::new(), Vec::new());
+    for rep in 0..plan.reps {
+        for (name, figures) in [("raw", &mut raws), ("clouds", &mut cloudss)] {
+            let run = if name == "raw" {
+                load::run(raw, &payload, row.calls, row.in_flight, plan.run_limit).await
+            } else {
+                load::run(clouds, &payload, row.calls, row.in_flight, plan.run_limit).await
+            };
+            if let Some(e) = &run.first_error {
+                eprintln!("  {name}: {} errors, first: {e}", run.errors);
+            }
+            let f = run.figures();
+            eprintln!(
+                "{} B x{} in flight {} {:?} run {}: {name} {:.0} calls/s p50 {} p99 {}",
+                row.payload,
+                row.calls,
+                row.in_flight,
+                row.setup,
+                rep + 1,
+                f.calls_per_sec,
+                fmt_d(f.p50),
+                fmt_d(f.p99)
+            );
+            figures.push(f);
+        }
+    }
+    row.raw = median_figures(&raws);
+    row.clouds = median_figures(&cloudss);
+    row
+}
+
+/// `--profile`: one scenario once, in-process, for callgrind.
+fn profile(
+    runtime: &tokio::runtime::Runtime,
+    clouds: bool,
+    calls: usize,
+    in_flight: usize,
+    size: usize,
+    redis: Option<String>,
+) -> Result<(), String> {
+    let (url, _throwaway) = match redis {
+        Some(url) => (url, None),
+        None => {
+            let redis =
+                RedisServer::start().map_err(|e| format!("cannot start redis-server: {e}"))?;
+            (redis.url(), Some(redis))
+        }
+    };
+    runtime.block_on(async {
+        let payload = payload(size);
+        let limit = Duration::from_secs(600);
+        let run = if clouds {
+            let in_process = InProcess::start(&url, NS_IN_PROCESS, CALL_TIMEOUT).await?;
+            let caller = CloudsCaller::new(&in_process.client);
+            let _ = load::run(&caller, &payload, 200, in_flight, limit).await;
+            let run = load::run(&caller, &payload, calls, in_flight, limit).await;
+            in_process.stop().await;
+            run
+        } else {
+            let channels = Channels::new("rawbench:profile", 1);
+            let server = RawServer::start(&url, &channels.requests[0], &channels.reply).await?;
+            let raw = RawClient::connect(&url, &channels, CALL_TIMEOUT).await?;
+            let _ = load::run(&raw, &payload, 200, in_flight, limit).await;
+            let run = load::run(&raw, &payload, calls, in_flight, limit).await;
+            raw.close().await;
+            server.stop().await;
+            run
+        };
+        let (errors, first) = (run.errors, run.first_error.clone());
+        let f = run.figures();
+        println!(
+            "{} calls, {in_flight} in flight, {size} B: {:.0} calls/s, p50 {}, p99 {}, {errors} errors {}",
+            calls,
+            f.calls_per_sec,
+            fmt_d(f.p50),
+            fmt_d(f.p99),
+            first.unwrap_or_default()
+        );
+        Ok(())
+    })
+}

@@ -1,0 +1,261 @@
+//! The table: rows, ratios, the memory lines, what Redis did, and the issue's targets.
+
+use std::fmt::Write as _;
+use std::time::Duration;
+
+use crate::rss;
+use crate::stats::Figures;
+use crate::wire::Wire;
+
+/// Where the rows' providers run.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) enum Setup {
+    /// One provider (raw server) in this process, as a separate node.
+    InProcess,
+    /// Three provider (raw server) processes.
+    Processes,
+}
+
+/// One line of the table.
+#[derive(Debug, Clone)]
+pub(crate) struct Row {
+    pub(crate) payload: usize,
+    pub(crate) calls: usize,
+    pub(crate) in_flight: usize,
+    pub(crate) setup: Setup,
+    pub(crate) raw: Figures,
+    pub(crate) clouds: Figures,
+}
+
+/// The memory lines of the table: the median run of each kind (by bytes per call).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Memory {
+    pub(crate) in_flight: usize,
+    pub(crate) burst: [rss::Sample; 2],
+    pub(crate) ramped: [rss::Sample; 2],
+}
+
+/// A duration for the table.
+pub(crate) fn fmt_d(d: Duration) -> String {
+    let us = d.as_secs_f64() * 1e6;
+    if us < 1_000.0 {
+        format!("{us:.0} µs")
+    } else {
+        format!("{:.2} ms", us / 1_000.0)
+    }
+}
+
+pub(crate) fn fmt_size(bytes: usize) -> String {
+    if bytes >= 1024 && bytes % 1024 == 0 {
+        format!("{} KiB", bytes / 1024)
+    } else {
+        format!("{bytes} B")
+    }
+}
+
+pub(crate) fn ratio(clouds: f64, raw: f64) -> String {
+    if raw > 0.0 {
+        format!("{:.2}", clouds / raw)
+    } else {
+        "-".into()
+    }
+}
+
+pub(crate) fn table(rows: &[Row], memory: Option<&Memory>) -> String {
+    let mut t = String::new();
+    let _ = writeln!(
+        t,
+        "\n| payload | calls | in flight | providers | calls/s raw | calls/s clouds | ÷ | p50 raw | p50 clouds | ÷ | p99 raw | p99 clouds | ÷ | errors raw/clouds |"
+    );
+    let _ = writeln!(
+        t,
+        "|---|--:|--:|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|"
+    );
+    for r in rows {
+        let providers = match r.setup {
+            Setup::InProcess => "1, in-process",
+            Setup::Processes => "3 processes",
+        };
+        let flight = if r.in_flight == 1 {
+            "1 (sequential)".to_string()
+        } else {
+            format!("{}", r.in_flight)
+        };
+        let secs = |d: Duration| d.as_secs_f64();
+        let _ = writeln!(
+            t,
+            "| {} | {} | {flight} | {providers} | {:.0} | {:.0} | {} | {} | {} | {} | {} | {} | {} | {}/{} |",
+            fmt_size(r.payload),
+            r.calls,
+            r.raw.calls_per_sec,
+            r.clouds.calls_per_sec,
+            ratio(r.clouds.calls_per_sec, r.raw.calls_per_sec),
+            fmt_d(r.raw.p50),
+            fmt_d(r.clouds.p50),
+            ratio(secs(r.clouds.p50), secs(r.raw.p50)),
+            fmt_d(r.raw.p99),
+            fmt_d(r.clouds.p99),
+            ratio(secs(r.clouds.p99), secs(r.raw.p99)),
+            r.raw.errors,
+            r.clouds.errors,
+        );
+    }
+    if let Some(m) = memory {
+        t.push_str(&memory_table(m));
+    }
+    let _ = writeln!(
+        t,
+        "\nPayload: N application bytes each way. raw sends them after a 9-byte header (call id + op) and \
+         the server republishes the frame unchanged; clouds sends `Payload(#[serde(with = \"serde_bytes\")] Vec<u8>)`, \
+         the same N bytes as one MessagePack bin, inside its call/reply envelope (bytes per call below). \
+         ÷ is clouds ÷ raw: above 1 is better for calls/s, below 1 is better for latencies. \
+         Errors count failed calls plus calls not started within a run's time limit, summed over the runs."
+    );
+    t
+}
+
+pub(crate) fn wire_notes(wire: &Wire) -> String {
+    let mut t = String::from(
+        "\nRedis commands and bytes per call (sequential 100 B calls, 1 provider in-process, from INFO commandstats/stats):\n\n",
+    );
+    for (name, w) in &wire.per_call {
+        let n = w.calls as f64;
+        let commands: Vec<String> = w
+            .commands
+            .iter()
+            .map(|(c, k)| format!("{} {:.3}/call ({k})", c.to_uppercase(), *k as f64 / n))
+            .collect();
+        let _ = writeln!(
+            t,
+            "- {name}: {} calls in {:.1?}: {}; into Redis {:.0} B/call, out of Redis {:.0} B/call",
+            w.calls,
+            w.elapsed,
+            commands.join(", "),
+            w.bytes_in as f64 / n,
+            w.bytes_out as f64 / n
+        );
+    }
+    t.push_str(
+        "  (commands that are not PUBLISH come from timers, not calls: heartbeats and provider refreshes every 2 s)\n",
+    );
+    let (calls, errors, commands) = &wire.herd;
+    let commands: Vec<String> = commands
+        .iter()
+        .map(|(c, k)| format!("{} {k}", c.to_uppercase()))
+        .collect();
+    let _ = writeln!(
+        t,
+        "- clouds, {calls} calls started at once of a method this client had not called yet ({errors} errors): {}",
+        commands.join(", ")
+    );
+    t
+}
+
+/// The memory table.
+pub(crate) fn memory_table(m: &Memory) -> String {
+    let mut t = String::new();
+    let _ = writeln!(
+        t,
+        "\n| client process, {} calls in flight (100 B, 3 provider processes) | raw | clouds | ÷ |",
+        m.in_flight
+    );
+    let _ = writeln!(t, "|---|--:|--:|--:|");
+    let kib = |s: &rss::Sample| s.bytes_per_call() / 1024.0;
+    let mib = |kb: u64| kb as f64 / 1024.0;
+    for (what, [raw, clouds]) in [
+        ("all started at once (burst)", m.burst),
+        (
+            &*format!(
+                "started {} at a time, {} ms apart (ramped)",
+                rss::RAMP_BATCH,
+                rss::RAMP_GAP.as_millis()
+            ),
+            m.ramped,
+        ),
+    ] {
+        let _ = writeln!(
+            t,
+            "| RSS per call in flight, {what} | {:.2} KiB | {:.2} KiB | {} |",
+            kib(&raw),
+            kib(&clouds),
+            ratio(kib(&clouds), kib(&raw))
+        );
+        let _ = writeln!(
+            t,
+            "| … VmRSS before → with all in flight → VmHWM | {:.1} → {:.1} → {:.1} MiB | {:.1} → {:.1} → {:.1} MiB | |",
+            mib(raw.base_kb),
+            mib(raw.full_kb),
+            mib(raw.hwm_kb),
+            mib(clouds.base_kb),
+            mib(clouds.full_kb),
+            mib(clouds.hwm_kb)
+        );
+        let _ = writeln!(
+            t,
+            "| … calls in flight reached / errors | {} / {} | {} / {} | |",
+            raw.reached, raw.errors, clouds.reached, clouds.errors
+        );
+    }
+    let (raw, clouds) = (m.burst[0].future_bytes, m.burst[1].future_bytes);
+    let _ = writeln!(
+        t,
+        "| size of one call's future (`size_of_val`) | {raw} B | {clouds} B | {} |",
+        ratio(clouds as f64, raw as f64)
+    );
+    let _ = writeln!(
+        t,
+        "\nRSS per call in flight = (max(VmHWM, VmRSS with all in flight) − VmRSS before) ÷ calls, \
+         in a fresh child process per figure; the bench spawns one task per call for both."
+    );
+    t
+}
+
+/// The issue's targets, checked against this run.
+pub(crate) fn targets(rows: &[Row], memory: Option<&Memory>) -> String {
+    let find = |payload: usize, in_flight: usize| {
+        rows.iter().find(|r| {
+            r.payload == payload && r.in_flight == in_flight && r.setup == Setup::InProcess
+        })
+    };
+    let mut t = String::from("\nTargets (100 B, 1 provider in-process unless said):\n\n");
+    let mark = |ok: bool| if ok { "met" } else { "NOT met" };
+    if let Some(r) = find(100, 64) {
+        let x = r.clouds.calls_per_sec / r.raw.calls_per_sec.max(1e-9);
+        let _ = writeln!(
+            t,
+            "- 64 in flight, clouds ≥ 0.9 × raw calls/s: {x:.2} — {}",
+            mark(x >= 0.9)
+        );
+    }
+    if let Some(r) = find(100, 1) {
+        let x = r.clouds.p50.as_secs_f64() / r.raw.p50.as_secs_f64().max(1e-9);
+        let _ = writeln!(
+            t,
+            "- sequential p50 ≤ 1.15 × raw: {x:.2} — {}",
+            mark(x <= 1.15)
+        );
+    }
+    if let (Some(a), Some(b)) = (find(100, 64), find(100, 1_000)) {
+        let x = b.clouds.calls_per_sec / a.clouds.calls_per_sec.max(1e-9);
+        let ok = x >= 0.8 && b.clouds.errors == 0;
+        let _ = writeln!(
+            t,
+            "- 1,000 in flight ≥ 0.8 × 64 in flight (clouds), no errors: {x:.2}, {} errors — {}",
+            b.clouds.errors,
+            mark(ok)
+        );
+    }
+    if let Some(m) = memory {
+        let burst = m.burst[1].bytes_per_call() / 1024.0;
+        let ramped = m.ramped[1].bytes_per_call() / 1024.0;
+        let _ = writeln!(
+            t,
+            "- ≤ 2 KiB client RSS per call in flight ({} in flight): {burst:.2} KiB started at once, \
+             {ramped:.2} KiB ramped — {} / {}",
+            m.in_flight,
+            mark(burst <= 2.0),
+            mark(ramped <= 2.0)
+        );
+    }
+    t
+}
