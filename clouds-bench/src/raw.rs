@@ -63,7 +63,7 @@ fn builder(url: &str, timeout: Duration) -> Result<Builder, String> {
     });
     builder.with_performance_config(|p| {
         p.default_command_timeout = timeout;
-        p.broadcast_channel_capacity = 1 << 16;
+        p.broadcast_channel_capacity = 16_384; // as a clouds subscriber (TransportOptions::inbound_capacity)
     });
     Ok(builder)
 }

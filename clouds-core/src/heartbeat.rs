@@ -110,9 +110,12 @@ async fn run(
     };
     let period = config.heartbeat;
     let retry = (period / 4).max(Duration::from_millis(10));
-    // Its own connection, driven by this thread's runtime.
+    // Its own connection, driven by this thread's runtime. It subscribes to nothing, so its
+    // subscriber needs no room for bursts.
+    let mut options = config.transport.clone();
+    options.inbound_capacity = 16;
     let redis = loop {
-        match Transport::connect(&config.endpoint, &config.transport).await {
+        match Transport::connect(&config.endpoint, &options).await {
             Ok(redis) => break redis,
             Err(e) => {
                 tracing::warn!(node = %id, error = %e, "heartbeat cannot connect; retrying");

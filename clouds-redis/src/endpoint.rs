@@ -118,8 +118,9 @@ pub struct TransportOptions {
     /// Longest delay between reconnect attempts. Reconnecting never gives up.
     pub reconnect_max_delay: Duration,
     /// How many received pub/sub frames may wait for the receive loop before the oldest are
-    /// dropped (and counted as lag). fred sizes every broadcast channel of a connection by it,
-    /// up front, so it is memory spent per node whether used or not.
+    /// dropped (and counted as lag): room for a burst of replies to that many calls in flight.
+    /// fred sizes every broadcast channel of the subscriber connection by it, up front, so it
+    /// is memory spent per node whether used or not (about 10 MB at the default).
     pub inbound_capacity: usize,
 }
 
@@ -130,7 +131,7 @@ impl Default for TransportOptions {
             connect_timeout: Duration::from_secs(5),
             reconnect_min_delay: Duration::from_millis(50),
             reconnect_max_delay: Duration::from_secs(2),
-            inbound_capacity: 4096,
+            inbound_capacity: 16_384,
         }
     }
 }

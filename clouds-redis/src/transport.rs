@@ -73,9 +73,12 @@ impl Transport {
             c.max_command_attempts = 1;
             c.tcp.nodelay = Some(true);
         });
+        // fred sizes every broadcast channel of a client (messages, reconnects, errors, ...)
+        // by one capacity, allocated up front. Only the subscriber needs room for bursts of
+        // frames; the command connection gets the minimum.
         builder.with_performance_config(|p| {
             p.default_command_timeout = options.command_timeout;
-            p.broadcast_channel_capacity = options.inbound_capacity.max(16);
+            p.broadcast_channel_capacity = COMMAND_EVENTS_CAPACITY;
         });
         builder.set_policy(ReconnectPolicy::new_exponential(
             0, // never give up
@@ -89,6 +92,9 @@ impl Transport {
             reason: e.to_string(),
         };
         let commands = builder.build().map_err(connect_error)?;
+        builder.with_performance_config(|p| {
+            p.broadcast_channel_capacity = options.inbound_capacity.max(COMMAND_EVENTS_CAPACITY);
+        });
         let subscriber = builder.build_subscriber_client().map_err(connect_error)?;
         let connect = async {
             commands.init().await.map_err(connect_error)?;
@@ -306,6 +312,9 @@ async fn resubscribe(
         let _ = done.send(());
     }
 }
+
+/// Broadcast capacity of the command connection, which only reports reconnects and errors.
+const COMMAND_EVENTS_CAPACITY: usize = 16;
 
 fn millis(d: Duration) -> u32 {
     d.as_millis().min(u32::MAX as u128) as u32
