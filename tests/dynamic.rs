@@ -188,3 +188,44 @@ async fn least_in_flight_avoids_a_busy_provider() {
         server.shutdown().await.expect("shutdown");
     }
 }
+
+/// `EVALSHA` calls Redis has served so far.
+fn evalsha_calls(redis: &common::RedisServer) -> u64 {
+    let info = redis.command(&["INFO", "commandstats"]).expect("info");
+    let text = info.as_text().expect("text");
+    text.lines()
+        .find_map(|l| l.strip_prefix("cmdstat_evalsha:calls="))
+        .and_then(|rest| rest.split(',').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_first_calls_share_one_registry_lookup() {
+    let redis = redis();
+    let server = Server::start(config(&redis)).await.expect("server");
+    server
+        .register("burst.echo", |(n,): (u32,)| async move {
+            Ok::<_, Infallible>(n)
+        })
+        .await
+        .expect("register");
+    let client = Client::connect(config(&redis)).await.expect("client");
+    let before = evalsha_calls(&redis);
+    let calls: Vec<_> = (0..200u32)
+        .map(|n| {
+            let client = client.clone();
+            tokio::spawn(async move { client.call::<_, u32>("burst.echo", (n,)).await })
+        })
+        .collect();
+    for (n, call) in calls.into_iter().enumerate() {
+        assert_eq!(call.await.expect("task").expect("call"), n as u32);
+    }
+    let lookups = evalsha_calls(&redis) - before;
+    // One lookup for the burst; the server's heartbeat may add a beat or two meanwhile.
+    assert!(
+        lookups <= 4,
+        "{lookups} EVALSHA for 200 concurrent first calls"
+    );
+    server.shutdown().await.expect("shutdown");
+}

@@ -254,7 +254,7 @@ impl Client {
                 return Err(Error::Shutdown);
             }
             if refresh {
-                if let Err(e) = node.refresh(&[method.to_string()]).await {
+                if let Err(e) = node.look_up(method, attempts == 0).await {
                     attempts += 1;
                     if attempts >= max_attempts {
                         return Err(e);

@@ -41,6 +41,8 @@ pub(crate) struct Node {
     /// Set once, when the node starts serving.
     pub(crate) dispatcher: OnceLock<Arc<Dispatcher>>,
     pub(crate) counters: Counters,
+    /// Serialises first lookups of methods, so concurrent first calls share one registry read.
+    first_lookups: tokio::sync::Mutex<()>,
     /// Ends the background loops.
     pub(crate) cancel: CancellationToken,
     /// The background loops (receive, refresh, heartbeat).
@@ -79,6 +81,7 @@ impl Node {
             pending: Pending::default(),
             dispatcher: OnceLock::new(),
             counters: Counters::default(),
+            first_lookups: tokio::sync::Mutex::new(()),
             cancel: CancellationToken::new(),
             tasks: TaskTracker::new(),
             closed: AtomicBool::new(false),
@@ -169,6 +172,20 @@ impl Node {
                 attempts: 1,
             }),
         }
+    }
+
+    /// Reads `method`'s providers from the registry for a call. For a first lookup
+    /// (`first`), calls that start together share one read: the ones that waited find the
+    /// method cached and skip theirs.
+    pub(crate) async fn look_up(&self, method: &str, first: bool) -> Result<(), Error> {
+        if !first {
+            return self.refresh(&[method.to_string()]).await;
+        }
+        let _one_at_a_time = self.first_lookups.lock().await;
+        if self.balancer.knows(method) {
+            return Ok(());
+        }
+        self.refresh(&[method.to_string()]).await
     }
 
     /// Looks up providers of `method` in the registry and caches them.
