@@ -8,10 +8,8 @@ use std::time::Duration;
 use clouds::{Client, Error, Monitor, Server};
 use common::{config, eventually, redis};
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn registry_and_calls_come_back_after_a_redis_restart() {
-    let mut redis = redis();
-    let cfg = config(&redis).timeout(Duration::from_millis(500));
+/// A server providing `r.echo`.
+async fn echo_server(cfg: &clouds::Config) -> Server {
     let server = Server::start(cfg.clone()).await.expect("server");
     server
         .register(
@@ -20,6 +18,14 @@ async fn registry_and_calls_come_back_after_a_redis_restart() {
         )
         .await
         .expect("register");
+    server
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn registry_and_calls_come_back_after_a_redis_restart() {
+    let mut redis = redis();
+    let cfg = config(&redis).timeout(Duration::from_millis(500));
+    let server = echo_server(&cfg).await;
     let client = Client::connect(cfg.clone()).await.expect("client");
     let monitor = Monitor::connect(cfg.clone()).await.expect("monitor");
     assert_eq!(
@@ -58,14 +64,7 @@ async fn registry_and_calls_come_back_after_a_redis_restart() {
 async fn a_killed_subscriber_connection_is_restored() {
     let redis = redis();
     let cfg = config(&redis);
-    let server = Server::start(cfg.clone()).await.expect("server");
-    server
-        .register(
-            "r.echo",
-            |(n,): (u32,)| async move { Ok::<_, Infallible>(n) },
-        )
-        .await
-        .expect("register");
+    let server = echo_server(&cfg).await;
     let client = Client::connect(cfg).await.expect("client").with_retries(3);
     assert_eq!(
         client.call::<_, u32>("r.echo", (1,)).await.expect("call"),

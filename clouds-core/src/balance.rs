@@ -168,24 +168,25 @@ impl Balancer {
             &|_| true,
         ];
         for tier in tiers {
-            let candidates: Vec<&NodeId> = entry.providers.iter().filter(|p| tier(p)).collect();
-            if candidates.is_empty() {
+            // Counted, then indexed: no list is built on this per-call path.
+            let count = entry.providers.iter().filter(|p| tier(p)).count();
+            if count == 0 {
                 continue;
             }
+            let nth = |i: usize| entry.providers.iter().filter(|p| tier(p)).nth(i % count);
             let start = entry.cursor.fetch_add(1, Ordering::Relaxed);
             let chosen = match self.strategy {
-                Balance::RoundRobin => candidates[start % candidates.len()],
+                Balance::RoundRobin => nth(start),
                 Balance::LeastInFlight => {
                     let outstanding = lock(&self.outstanding);
                     let load = |p: &NodeId| outstanding.get(p).copied().unwrap_or(0);
                     // Rotate the start so ties are spread instead of always hitting the first.
-                    (0..candidates.len())
-                        .map(|i| candidates[(start + i) % candidates.len()])
+                    (0..count)
+                        .filter_map(|i| nth(start + i))
                         .min_by_key(|p| load(p))
-                        .unwrap_or(candidates[0])
                 }
             };
-            return Some(chosen.clone());
+            return chosen.cloned();
         }
         None
     }

@@ -235,11 +235,15 @@ impl Client {
     /// (PUBLISH reached nobody, the provider refused it as overloaded or stopping) is re-routed
     /// at once at no cost, up to [`FREE_REROUTES`] times per call.
     pub(crate) async fn invoke(&self, method: &str, args: &[u8]) -> Result<(NodeId, Reply), Error> {
-        crate::namespace::validate_method(method).map_err(|reason| Error::InvalidMethod {
-            method: method.to_string(),
-            reason,
-        })?;
         let node = self.node();
+        let mut refresh = !node.balancer.knows(method);
+        if refresh {
+            // Only names never looked up need checking: a cached one passed this before.
+            crate::namespace::validate_method(method).map_err(|reason| Error::InvalidMethod {
+                method: method.to_string(),
+                reason,
+            })?;
+        }
         let started = Instant::now();
         let max_attempts = self.retries.saturating_add(1);
         let deadline_ms = u64::try_from(self.timeout.as_millis())
@@ -248,7 +252,6 @@ impl Client {
         let mut attempts = 0u32;
         let mut free_reroutes = 0u32;
         let mut tried: Vec<NodeId> = Vec::new();
-        let mut refresh = !node.balancer.knows(method);
         loop {
             if node.is_closed() {
                 return Err(Error::Shutdown);

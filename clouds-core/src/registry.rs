@@ -107,11 +107,14 @@ pub(crate) struct Announcement<'a> {
 pub(crate) struct Registry {
     names: Names,
     ttl: Duration,
+    /// This machine's host name, read once: every heartbeat writes it.
+    host: String,
 }
 
 impl Registry {
     pub(crate) fn new(names: Names, ttl: Duration) -> Self {
-        Registry { names, ttl }
+        let host = gethostname::gethostname().to_string_lossy().into_owned();
+        Registry { names, ttl, host }
     }
 
     fn entry_keys(&self, id: &NodeId, methods: &[String]) -> Vec<String> {
@@ -129,14 +132,13 @@ impl Registry {
         me: &Announcement<'_>,
     ) -> Result<(), Error> {
         let keys = self.entry_keys(me.id, me.methods);
-        let host = gethostname::gethostname().to_string_lossy().into_owned();
         let args = vec![
             me.id.to_string(),
             self.ttl.as_millis().to_string(),
             "id".into(),
             me.id.to_string(),
             "host".into(),
-            host,
+            self.host.clone(),
             "pid".into(),
             std::process::id().to_string(),
             "started_at_ms".into(),
