@@ -44,6 +44,7 @@ pub struct Config {
     pub(crate) timeout: Duration,
     pub(crate) retries: u32,
     pub(crate) max_in_flight: usize,
+    pub(crate) spawn_handlers: bool,
     pub(crate) max_frame_size: usize,
     pub(crate) balance: Balance,
     pub(crate) shutdown_timeout: Duration,
@@ -63,6 +64,7 @@ impl Default for Config {
             timeout: Duration::from_secs(2),
             retries: 0,
             max_in_flight: 1024,
+            spawn_handlers: false,
             max_frame_size: 4 << 20,
             balance: Balance::RoundRobin,
             shutdown_timeout: Duration::from_secs(30),
@@ -177,6 +179,25 @@ impl Config {
     /// ```
     pub fn max_in_flight(mut self, limit: usize) -> Self {
         self.max_in_flight = limit;
+        self
+    }
+
+    /// Whether a server runs every handler in a task of its own from the start (default:
+    /// `false`).
+    ///
+    /// By default a handler starts on the server's receive loop: most handlers finish without
+    /// waiting on anything, and their reply is sent from there, which saves a task spawn and a
+    /// hop between threads per call. A handler that does wait (on I/O, a timer, another call)
+    /// moves to its own task at its first `.await` that is not ready, so slow handlers still run
+    /// side by side. What a handler computes *before* that first wait holds up the server's
+    /// other deliveries meanwhile; for handlers that compute for long (or block), set this so
+    /// each call gets its own task and calls spread over the runtime's worker threads.
+    ///
+    /// ```
+    /// let config = clouds_core::Config::default().spawn_handlers(true);
+    /// ```
+    pub fn spawn_handlers(mut self, spawn: bool) -> Self {
+        self.spawn_handlers = spawn;
         self
     }
 

@@ -1,7 +1,9 @@
-//! The server side of a call: route lookup, in-flight limit, deadline, running the handler.
+//! The server side of a call: route lookup, in-flight limit, deadline, running the handler
+//! (on the receive loop while it does not wait, in its own task once it does).
 
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
+use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
 use tokio::sync::Semaphore;
@@ -12,7 +14,7 @@ use crate::envelope::{Call, Status};
 use crate::error::Error;
 use crate::locks::{read, write};
 use crate::node::Node;
-use crate::service::Route;
+use crate::service::{BoxFuture, Route};
 use crate::stats::bump;
 
 /// Routes calls to handlers and runs them, at most `max_in_flight` at once.
@@ -20,13 +22,16 @@ pub(crate) struct Dispatcher {
     routes: RwLock<HashMap<String, Route>>,
     slots: Arc<Semaphore>,
     max_in_flight: usize,
-    /// Every running handler (and error reply), so shutdown can wait for them.
+    /// `Config::spawn_handlers`: a task per call from the start.
+    spawn_all: bool,
+    /// Every running handler and every reply being sent, so shutdown can wait for them.
     pub(crate) tasks: TaskTracker,
 }
 
 impl Dispatcher {
-    pub(crate) fn new(max_in_flight: usize) -> Self {
+    pub(crate) fn new(max_in_flight: usize, spawn_all: bool) -> Self {
         Dispatcher {
+            spawn_all,
             routes: RwLock::default(),
             slots: Arc::new(Semaphore::new(max_in_flight)),
             max_in_flight,
@@ -65,47 +70,88 @@ impl Dispatcher {
         self.max_in_flight - self.slots.available_permits()
     }
 
-    /// Starts handling one call; returns at once (the handler runs in its own task).
-    pub(crate) fn dispatch(&self, node: &Arc<Node>, call: Call) {
+    /// Starts handling one call.
+    ///
+    /// The handler is polled once right here, on the receive loop. If it finishes (most do),
+    /// the returned future sends its reply, and the receive loop drives it alongside the next
+    /// deliveries, as raw pub/sub code would: no task per call. A handler that has to wait
+    /// moves on to a task of its own, so it never holds up the loop while waiting. Error
+    /// replies (unknown method, overloaded) are also returned for the loop to send.
+    /// `Config::spawn_handlers` gives every handler its own task from the start instead.
+    ///
+    /// Everything returned or spawned is tracked by `tasks`, so shutdown waits for it.
+    pub(crate) fn dispatch(&self, node: &Arc<Node>, call: Call) -> Option<BoxFuture<()>> {
         if call.deadline_ms == 0 {
             // The caller has already given up on this attempt.
             bump(&node.counters.expired_calls);
-            return;
+            return None;
         }
-        let deadline = Instant::now() + Duration::from_millis(call.deadline_ms);
         let route = {
             let table = read(&self.routes);
             table.get(&call.method).map(|r| r.handler.clone())
         };
         let node = node.clone();
         let Some(handler) = route else {
-            self.tasks.spawn(async move {
+            return Some(Box::pin(self.tasks.track_future(async move {
                 let body = codec::encode_value(&call.method).unwrap_or_default();
                 node.reply(&call.reply_to, call.id, Status::UnknownMethod, &body)
                     .await;
-            });
-            return;
+            })));
         };
         let Ok(permit) = self.slots.clone().try_acquire_owned() else {
-            self.tasks.spawn(async move {
+            return Some(Box::pin(self.tasks.track_future(async move {
                 node.reply(&call.reply_to, call.id, Status::Overloaded, codec::NIL)
                     .await;
-            });
-            return;
+            })));
         };
-        self.tasks.spawn(async move {
-            if Instant::now() > deadline {
-                // Waited for a worker thread past the caller's deadline: the caller has moved
-                // on (and may have retried elsewhere), so running it now would only duplicate.
-                bump(&node.counters.expired_calls);
-                return;
+        let Call {
+            id,
+            method,
+            reply_to,
+            deadline_ms,
+            args,
+        } = call;
+        if self.spawn_all {
+            let deadline = Instant::now() + Duration::from_millis(deadline_ms);
+            self.tasks.spawn(async move {
+                if Instant::now() > deadline {
+                    // Waited for a worker thread past the caller's deadline: the caller has
+                    // moved on (and may have retried elsewhere), so running it now would only
+                    // duplicate.
+                    bump(&node.counters.expired_calls);
+                    return;
+                }
+                let outcome = handler(args).await;
+                if Instant::now() > deadline {
+                    tracing::debug!(node = %node.id, %method, "handler finished after the caller's deadline");
+                }
+                node.reply(&reply_to, id, outcome.status, &outcome.body).await;
+                drop(permit);
+            });
+            return None;
+        }
+        let mut running = handler(args);
+        // A no-op waker: if the handler is not done, the task it moves to polls it again at
+        // once, with that task's waker, before anything could have been missed.
+        let mut cx = Context::from_waker(Waker::noop());
+        match running.as_mut().poll(&mut cx) {
+            Poll::Ready(outcome) => Some(Box::pin(self.tasks.track_future(async move {
+                node.reply(&reply_to, id, outcome.status, &outcome.body)
+                    .await;
+                drop(permit);
+            }))),
+            Poll::Pending => {
+                let deadline = Instant::now() + Duration::from_millis(deadline_ms);
+                self.tasks.spawn(async move {
+                    let outcome = running.await;
+                    if Instant::now() > deadline {
+                        tracing::debug!(node = %node.id, %method, "handler finished after the caller's deadline");
+                    }
+                    node.reply(&reply_to, id, outcome.status, &outcome.body).await;
+                    drop(permit);
+                });
+                None
             }
-            let outcome = handler(call.args).await;
-            if Instant::now() > deadline {
-                tracing::debug!(node = %node.id, method = %call.method, "handler finished after the caller's deadline");
-            }
-            node.reply(&call.reply_to, call.id, outcome.status, &outcome.body).await;
-            drop(permit);
-        });
+        }
     }
 }

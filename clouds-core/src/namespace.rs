@@ -4,6 +4,8 @@
 //! one hash tag, `{namespace:db}`, so a script touching several is legal on Redis Cluster;
 //! inbox channels carry no tag so they spread over shards.
 
+use clouds_redis::Channel;
+
 use crate::config::Config;
 
 /// All names of one deployment (namespace + db).
@@ -36,19 +38,29 @@ impl Names {
     }
 
     /// A node's inbox: replies and messages addressed to it.
-    pub(crate) fn inbox(&self, node: &str) -> String {
-        format!("{}:inbox:{node}", self.scope)
+    pub(crate) fn inbox(&self, node: &str) -> Channel {
+        self.channel(":inbox:", node)
     }
 
     /// A server's call channel, apart from its inbox so that shutdown can stop taking calls
     /// while still receiving replies to the calls its handlers make.
-    pub(crate) fn calls(&self, node: &str) -> String {
-        format!("{}:calls:{node}", self.scope)
+    pub(crate) fn calls(&self, node: &str) -> Channel {
+        self.channel(":calls:", node)
     }
 
     /// Join and leave announcements.
-    pub(crate) fn events(&self) -> String {
-        format!("{}:events", self.scope)
+    pub(crate) fn events(&self) -> Channel {
+        self.channel(":events", "")
+    }
+
+    /// `scope` + `infix` + `node` in one allocation of the exact size: this runs for every
+    /// call and every reply, and fred takes the buffer over as it is.
+    fn channel(&self, infix: &str, node: &str) -> Channel {
+        let mut name = String::with_capacity(self.scope.len() + infix.len() + node.len());
+        name.push_str(&self.scope);
+        name.push_str(infix);
+        name.push_str(node);
+        Channel::from(name)
     }
 }
 
@@ -77,8 +89,9 @@ mod tests {
         let names = Names::new(&Config::default().namespace("app").db(3));
         assert_eq!(names.nodes_key(), "{app:3}:nodes");
         assert_eq!(names.method_key("test.hello"), "{app:3}:method:test.hello");
-        assert_eq!(names.inbox("n1"), "app:3:inbox:n1");
-        assert_eq!(names.events(), "app:3:events");
+        assert_eq!(names.inbox("n1").as_str(), "app:3:inbox:n1");
+        assert_eq!(names.calls("n1").as_str(), "app:3:calls:n1");
+        assert_eq!(names.events().as_str(), "app:3:events");
         assert!(validate_method("test.hello").is_ok());
         assert!(validate_method("bad name").is_err());
         assert!(validate_method("").is_err());

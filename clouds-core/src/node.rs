@@ -11,7 +11,9 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use bytes::Bytes;
-use clouds_redis::{Delivery, Inbound, Transport};
+use clouds_redis::{Channel, Delivery, Inbound, Transport};
+use futures_util::StreamExt;
+use futures_util::stream::FuturesUnordered;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -26,6 +28,7 @@ use crate::namespace::Names;
 use crate::node_id::NodeId;
 use crate::pending::Pending;
 use crate::registry::Registry;
+use crate::service::BoxFuture;
 use crate::stats::{Counters, Stats, bump, bump_and_sample};
 
 /// The shared state of one node.
@@ -50,9 +53,9 @@ pub(crate) struct Node {
     closed: AtomicBool,
     /// The runtime the node was started on, where closing work is spawned from `Drop`.
     runtime: tokio::runtime::Handle,
-    inbox: String,
-    calls: String,
-    events: String,
+    inbox: Channel,
+    calls: Channel,
+    events: Channel,
 }
 
 impl std::fmt::Debug for Node {
@@ -110,14 +113,14 @@ impl Node {
     }
 
     /// The channel this server takes calls on.
-    pub(crate) fn calls_channel(&self) -> &str {
+    pub(crate) fn calls_channel(&self) -> &Channel {
         &self.calls
     }
 
     /// Publishes a frame after checking its size against `max_frame_size`.
     pub(crate) async fn publish(
         &self,
-        channel: &str,
+        channel: &Channel,
         frame: Vec<u8>,
         what: impl FnOnce() -> String,
     ) -> Result<u64, Error> {
@@ -251,14 +254,15 @@ impl Node {
         tracing::debug!(node = %self.id, "node closed");
     }
 
-    /// Routes one delivery. Never fails: bad input is counted and logged.
-    fn handle(self: &Arc<Self>, delivery: Delivery) {
+    /// Routes one delivery. Never fails: bad input is counted and logged. Returns the work
+    /// left for the receive loop to drive: sending the reply of a call handled right here.
+    fn handle(self: &Arc<Self>, delivery: Delivery) -> Option<BoxFuture<()>> {
         let (channel, payload) = match delivery {
             Delivery::Frame { channel, payload } => (channel, payload),
             Delivery::Lagged(n) => {
                 self.counters.lagged.fetch_add(n, Ordering::Relaxed);
                 tracing::warn!(node = %self.id, lost = n, "receive loop fell behind; frames lost (calls will time out and retry)");
-                return;
+                return None;
             }
         };
         let frame = match codec::decode(&payload) {
@@ -267,7 +271,7 @@ impl Node {
                 if let Some(seen) = bump_and_sample(&self.counters.malformed) {
                     tracing::warn!(node = %self.id, %channel, len = payload.len(), error = %e, seen, "dropped a malformed frame");
                 }
-                return;
+                return None;
             }
         };
         if payload.len() > self.config.max_frame_size {
@@ -292,7 +296,7 @@ impl Node {
                         .await;
                 });
             }
-            return;
+            return None;
         }
         match frame {
             Frame::Reply(reply) if channel == self.inbox => {
@@ -308,7 +312,7 @@ impl Node {
                 }
             }
             Frame::Call(call) if channel == self.calls => match self.dispatcher.get() {
-                Some(dispatcher) => dispatcher.dispatch(self, call),
+                Some(dispatcher) => return dispatcher.dispatch(self, call),
                 None => bump(&self.counters.misrouted),
             },
             Frame::Join { node, methods } if channel == self.events => {
@@ -321,6 +325,7 @@ impl Node {
                 }
             }
         }
+        None
     }
 }
 
@@ -338,28 +343,39 @@ async fn receive_loop(node: Arc<Node>, mut inbound: Inbound) {
     // If this task is dropped without finishing (its runtime shut down), the whole node stops,
     // heartbeat included: a node that cannot receive must not stay registered.
     let _stop_all = node.cancel.clone().drop_guard();
+    // Replies of calls handled on this loop, being sent (at most `max_in_flight` of them).
+    let mut sending = FuturesUnordered::new();
+    let cancelled = node.cancel.cancelled();
+    tokio::pin!(cancelled);
     loop {
         let delivery = tokio::select! {
             biased;
-            _ = node.cancel.cancelled() => break,
+            _ = &mut cancelled => break,
+            Some(()) = sending.next(), if !sending.is_empty() => continue,
             delivery = inbound.recv() => delivery,
         };
         match delivery {
-            Some(delivery) => handle_guarded(&node, delivery),
+            Some(delivery) => sending.extend(handle_guarded(&node, delivery)),
             None => break,
         }
     }
     // Hand over what was already delivered (replies to calls still being waited for).
     while let Some(delivery) = inbound.try_recv() {
-        handle_guarded(&node, delivery);
+        sending.extend(handle_guarded(&node, delivery));
     }
+    // Finish sending the replies already made; each PUBLISH ends within the command timeout.
+    while sending.next().await.is_some() {}
 }
 
 /// Routes one delivery; a bug that panics on some frame costs that frame, not the node.
-fn handle_guarded(node: &Arc<Node>, delivery: Delivery) {
-    if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| node.handle(delivery))).is_err() {
-        bump(&node.counters.malformed);
-        tracing::error!(node = %node.id, "routing a frame panicked; frame dropped");
+fn handle_guarded(node: &Arc<Node>, delivery: Delivery) -> Option<BoxFuture<()>> {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| node.handle(delivery))) {
+        Ok(work) => work,
+        Err(_) => {
+            bump(&node.counters.malformed);
+            tracing::error!(node = %node.id, "routing a frame panicked; frame dropped");
+            None
+        }
     }
 }
 

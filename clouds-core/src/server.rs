@@ -66,7 +66,10 @@ impl Server {
     /// ```
     pub async fn start(config: Config) -> Result<Server, Error> {
         let node = Node::start(config, "server").await?;
-        let dispatcher = Arc::new(Dispatcher::new(node.config.max_in_flight));
+        let dispatcher = Arc::new(Dispatcher::new(
+            node.config.max_in_flight,
+            node.config.spawn_handlers,
+        ));
         // Fresh node, set once: cannot already be set.
         let _ = node.dispatcher.set(dispatcher.clone());
         let advert = Arc::new(Advert {

@@ -122,6 +122,12 @@ pub struct TransportOptions {
     /// fred sizes every broadcast channel of the subscriber connection by it, up front, so it
     /// is memory spent per node whether used or not (about 10 MB at the default).
     pub inbound_capacity: usize,
+    /// Most `PUBLISH`es sent and not yet answered on the command connection; more wait for a
+    /// free slot. fred keeps every command it has been handed in memory until Redis answers,
+    /// so without a bound a burst of calls holds a command's state for each of them at once.
+    /// Redis answers a pipeline this deep in well under a millisecond, so the bound costs no
+    /// throughput.
+    pub max_pending_publishes: usize,
 }
 
 impl Default for TransportOptions {
@@ -132,6 +138,7 @@ impl Default for TransportOptions {
             reconnect_min_delay: Duration::from_millis(50),
             reconnect_max_delay: Duration::from_secs(2),
             inbound_capacity: 16_384,
+            max_pending_publishes: 256,
         }
     }
 }

@@ -7,13 +7,15 @@
 use bytes::Bytes;
 use tokio::sync::broadcast::{self, error::RecvError, error::TryRecvError};
 
+use crate::channel::Channel;
+
 /// One item from the subscriber connection.
 #[derive(Debug, Clone)]
 pub enum Delivery {
     /// A frame published on `channel`.
     Frame {
         /// The channel it arrived on.
-        channel: String,
+        channel: Channel,
         /// The raw bytes as published.
         payload: Bytes,
     },
@@ -51,7 +53,7 @@ impl Inbound {
 
 fn to_delivery(message: fred::types::Message) -> Delivery {
     Delivery::Frame {
-        channel: message.channel.to_string(),
+        channel: Channel(message.channel),
         // Bulk strings arrive as `String` or `Bytes` depending on UTF-8 validity; both are a
         // cheap reference-counted view of the same buffer. Anything else is not a frame of
         // ours, and an empty payload fails decoding upstream where it is counted.

@@ -9,6 +9,8 @@
 //!   scripts, reads) and a subscriber connection that re-subscribes after every reconnect.
 //!   Its `publish`/`subscribe`/`unsubscribe` methods are the single pub/sub seam: switching to
 //!   sharded pub/sub (SPUBLISH/SSUBSCRIBE) for Redis Cluster changes only that file.
+//! - [`channel`]: [`Channel`], a channel name shared by reference count, so publishing to
+//!   and receiving from the same channels allocates no copies of their names.
 //! - [`inbound`]: [`Inbound`], the receive side of the subscriber connection, which turns the
 //!   broadcast channel's lag into a counted event instead of a silent stop.
 //! - [`script`]: [`Script`] (Lua run with EVALSHA, reloaded after a Redis restart) and
@@ -17,12 +19,14 @@
 //!
 //! No fred type appears in this crate's public API.
 
+pub mod channel;
 pub mod endpoint;
 pub mod error;
 pub mod inbound;
 pub mod script;
 pub mod transport;
 
+pub use channel::Channel;
 pub use endpoint::{Endpoint, TransportOptions};
 pub use error::TransportError;
 pub use inbound::{Delivery, Inbound};

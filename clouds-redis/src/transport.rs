@@ -14,8 +14,9 @@ use bytes::Bytes;
 use fred::interfaces::{ClientLike, EventInterface, HashesInterface, PubsubInterface};
 use fred::types::config::ReconnectPolicy;
 use fred::types::{Builder, Value};
-use tokio::sync::broadcast;
+use tokio::sync::{Semaphore, broadcast};
 
+use crate::channel::Channel;
 use crate::endpoint::{Endpoint, TransportOptions};
 use crate::error::TransportError;
 use crate::inbound::Inbound;
@@ -30,7 +31,7 @@ use crate::script::{Script, ScriptValue};
 /// let transport = Transport::connect(&endpoint, &TransportOptions::default()).await?;
 /// let mut inbound = transport.inbound();
 /// transport.subscribe("demo").await?;
-/// assert_eq!(transport.publish("demo", "hi".into()).await?, 1);
+/// assert_eq!(transport.publish(&"demo".into(), "hi".into()).await?, 1);
 /// if let Some(Delivery::Frame { payload, .. }) = inbound.recv().await {
 ///     assert_eq!(&payload[..], b"hi");
 /// }
@@ -43,6 +44,8 @@ pub struct Transport {
     resubscriber: tokio::task::JoinHandle<()>,
     /// Fires each time the subscriber's channels have been restored after a reconnect.
     resubscribed: broadcast::Sender<()>,
+    /// Slots for `PUBLISH`es awaiting their answer (`max_pending_publishes`).
+    publish_slots: Semaphore,
     /// The runtime the connections run on, where `Drop` sends QUIT from whatever thread the
     /// last handle is dropped on.
     runtime: tokio::runtime::Handle,
@@ -128,6 +131,7 @@ impl Transport {
             subscriber,
             resubscriber,
             resubscribed,
+            publish_slots: Semaphore::new(options.max_pending_publishes.max(1)),
             runtime: tokio::runtime::Handle::current(),
             options: options.clone(),
             addr,
@@ -146,12 +150,20 @@ impl Transport {
 
     /// Publishes `frame` on `channel`; returns how many subscribers received it (0: nobody
     /// is listening there, so the frame was certainly not delivered).
-    pub async fn publish(&self, channel: &str, frame: Bytes) -> Result<u64, TransportError> {
+    ///
+    /// At most `max_pending_publishes` are outstanding at once; beyond that this waits for
+    /// a slot.
+    pub async fn publish(&self, channel: &Channel, frame: Bytes) -> Result<u64, TransportError> {
+        // Never closed, so acquiring only fails if that changes: then publish unbounded.
+        let _slot = self.publish_slots.acquire().await.ok();
         // fred's command futures are ~5 KB; boxed, they stop inflating every caller's future
         // (and with it the memory of each call in flight).
-        let receivers: i64 = Box::pin(self.commands.publish(channel, Value::Bytes(frame)))
-            .await
-            .map_err(|e| self.error("PUBLISH", e))?;
+        let receivers: i64 = Box::pin(
+            self.commands
+                .publish(channel.0.clone(), Value::Bytes(frame)),
+        )
+        .await
+        .map_err(|e| self.error("PUBLISH", e))?;
         Ok(receivers.max(0) as u64)
     }
 
