@@ -135,7 +135,7 @@ impl Client {
     /// ```
     pub async fn call<A, R>(&self, method: &str, args: A) -> Result<R, Error>
     where
-        A: Serialize,
+        A: Serialize + Sync,
         R: DeserializeOwned,
     {
         self.call_ref(method, &args).await
@@ -144,10 +144,9 @@ impl Client {
     /// [`Client::call`] with borrowed arguments (what typed stubs use).
     pub(crate) async fn call_ref<A, R>(&self, method: &str, args: &A) -> Result<R, Error>
     where
-        A: Serialize + ?Sized,
+        A: Serialize + Sync + ?Sized,
         R: DeserializeOwned,
     {
-        let args = encode_args(method, args)?;
         let (node, reply) = self.invoke(method, &args).await?;
         decode_reply(method, node, reply)
     }
@@ -177,7 +176,7 @@ impl Client {
         })?;
         let frame = codec::encode_message(node.id.as_str(), &body);
         let receivers = node
-            .publish(&node.names.inbox(to), frame, || format!("message to {to}"))
+            .publish(node.names.inbox(to), frame, || format!("message to {to}"))?
             .await?;
         if receivers == 0 {
             return Err(Error::Unreachable { node: to.into() });
@@ -234,7 +233,14 @@ impl Client {
     /// untried one is left, or finding no provider at all. A call that certainly did not run
     /// (PUBLISH reached nobody, the provider refused it as overloaded or stopping) is re-routed
     /// at once at no cost, up to [`FREE_REROUTES`] times per call.
-    pub(crate) async fn invoke(&self, method: &str, args: &[u8]) -> Result<(NodeId, Reply), Error> {
+    ///
+    /// The arguments are encoded into each attempt's frame, straight from the caller's values:
+    /// a call waiting for its reply holds no encoded copy of them.
+    pub(crate) async fn invoke(
+        &self,
+        method: &str,
+        args: &(dyn codec::Args + Sync),
+    ) -> Result<(NodeId, Reply), Error> {
         let node = self.node();
         let mut refresh = !node.balancer.knows(method);
         if refresh {
@@ -256,13 +262,15 @@ impl Client {
             if node.is_closed() {
                 return Err(Error::Shutdown);
             }
+            // The cold paths (registry reads, backoff sleeps) are boxed: inlined, they would
+            // make every call's future as large as the largest of them, for its whole life.
             if refresh {
-                if let Err(e) = node.look_up(method, attempts == 0).await {
+                if let Err(e) = Box::pin(node.look_up(method, attempts == 0)).await {
                     attempts += 1;
                     if attempts >= max_attempts {
                         return Err(e);
                     }
-                    tokio::time::sleep(backoff(attempts, node.config.heartbeat)).await;
+                    pause(attempts, node).await;
                     continue;
                 }
                 refresh = false;
@@ -276,7 +284,7 @@ impl Client {
                     });
                 }
                 // Wait for a provider to join (the join event fills the cache), then look again.
-                tokio::time::sleep(backoff(attempts, node.config.heartbeat)).await;
+                pause(attempts, node).await;
                 refresh = true;
                 continue;
             };
@@ -285,12 +293,16 @@ impl Client {
                 let (slot, reply) = node.pending.open();
                 let _load = node.balancer.start_call(&provider);
                 let frame =
-                    codec::encode_call(slot.id, method, node.id.as_str(), deadline_ms, args);
-                let channel = node.names.calls(provider.as_str());
+                    codec::encode_call(slot.id, method, node.id.as_str(), deadline_ms, args)
+                        .map_err(|reason| Error::Codec {
+                            action: format!("encode the arguments of {method}"),
+                            reason,
+                        })?;
+                let publish = node.publish(node.names.calls(provider.as_str()), frame, || {
+                    format!("the call to {method}")
+                });
                 let attempt = async {
-                    let receivers = node
-                        .publish(&channel, frame, || format!("the call to {method}"))
-                        .await?;
+                    let receivers = publish?.await?;
                     if receivers == 0 {
                         return Ok::<_, Error>(Attempt::NotDelivered);
                     }
@@ -367,7 +379,7 @@ impl Client {
                 return Err(failure);
             }
             if matches!(failure, Error::Redis(_) | Error::Overloaded { .. }) {
-                tokio::time::sleep(backoff(attempts, node.config.heartbeat)).await;
+                pause(attempts, node).await;
             }
         }
     }
@@ -377,17 +389,15 @@ impl Client {
 /// flapping set of providers cannot keep a call looping.
 const FREE_REROUTES: u32 = 16;
 
+/// Sleeps for `backoff`, boxed (see `Client::invoke`).
+async fn pause(attempts: u32, node: &Node) {
+    Box::pin(tokio::time::sleep(backoff(attempts, node.config.heartbeat))).await;
+}
+
 /// Waits between attempts that found nothing to call: 25 ms doubling, at most a heartbeat.
 fn backoff(attempt: u32, heartbeat: Duration) -> Duration {
     let exp = Duration::from_millis(25).saturating_mul(1 << attempt.min(10));
     exp.min(heartbeat)
-}
-
-pub(crate) fn encode_args<A: Serialize + ?Sized>(method: &str, args: &A) -> Result<Vec<u8>, Error> {
-    codec::encode_args(args).map_err(|reason| Error::Codec {
-        action: format!("encode the arguments of {method}"),
-        reason,
-    })
 }
 
 fn text(body: &[u8]) -> String {

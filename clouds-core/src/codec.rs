@@ -57,15 +57,29 @@ fn put_str(buf: &mut Vec<u8>, s: &str) {
     let _ = rmp::encode::write_str(buf, s);
 }
 
-/// Encodes a call; `args` is an already-encoded MessagePack array.
+/// Call arguments: anything serde can write as a MessagePack array. A trait object, so the
+/// retry loop that encodes each attempt's frame is compiled once, not per argument type.
+pub(crate) trait Args {
+    /// Appends the arguments to `buf` (see [`write_args`]).
+    fn write_to(&self, buf: &mut Vec<u8>) -> Result<(), String>;
+}
+
+impl<A: Serialize + ?Sized> Args for A {
+    fn write_to(&self, buf: &mut Vec<u8>) -> Result<(), String> {
+        write_args(buf, self)
+    }
+}
+
+/// Encodes a call, serialising the arguments straight into the frame (no separate buffer,
+/// no copy). Fails only if the arguments cannot be encoded as a MessagePack array.
 pub(crate) fn encode_call(
     id: u64,
     method: &str,
     reply_to: &str,
     deadline_ms: u64,
-    args: &[u8],
-) -> Vec<u8> {
-    let mut buf = Vec::with_capacity(24 + method.len() + reply_to.len() + args.len());
+    args: &dyn Args,
+) -> Result<Vec<u8>, String> {
+    let mut buf = Vec::with_capacity(CALL_FRAME_GUESS + method.len() + reply_to.len());
     buf.push(VERSION);
     put_array_len(&mut buf, 6);
     put_uint(&mut buf, KIND_CALL.into());
@@ -73,9 +87,13 @@ pub(crate) fn encode_call(
     put_str(&mut buf, method);
     put_str(&mut buf, reply_to);
     put_uint(&mut buf, deadline_ms);
-    buf.extend_from_slice(args);
-    buf
+    args.write_to(&mut buf)?;
+    Ok(buf)
 }
+
+/// Room for the envelope's numbers and small arguments, so most call frames are written
+/// without growing the buffer.
+const CALL_FRAME_GUESS: usize = 160;
 
 /// Encodes a reply; `body` is an already-encoded MessagePack value.
 pub(crate) fn encode_reply(id: u64, status: Status, body: &[u8]) -> Vec<u8> {
@@ -280,16 +298,34 @@ pub(crate) fn encode_value<T: Serialize + ?Sized>(value: &T) -> Result<Vec<u8>, 
     rmp_serde::to_vec_named(value).map_err(|e| e.to_string())
 }
 
-/// Encodes call arguments, which must form a MessagePack array: a tuple, `()` (sent as the
-/// empty array) or a sequence.
+/// Encodes call arguments on their own (tests; calls write them into the frame).
+#[cfg(test)]
 pub(crate) fn encode_args<A: Serialize + ?Sized>(args: &A) -> Result<Vec<u8>, String> {
-    let bytes = encode_value(args)?;
-    if bytes == NIL {
-        return Ok(EMPTY_ARRAY.to_vec());
+    let mut buf = Vec::new();
+    write_args(&mut buf, args)?;
+    Ok(buf)
+}
+
+/// Appends call arguments to `buf`. They must form a MessagePack array: a tuple, `()` (sent
+/// as the empty array) or a sequence. On error `buf` is left as it was.
+pub(crate) fn write_args<A: Serialize + ?Sized>(buf: &mut Vec<u8>, args: &A) -> Result<(), String> {
+    let start = buf.len();
+    if let Err(e) = rmp_serde::encode::write_named(buf, args) {
+        buf.truncate(start);
+        return Err(e.to_string());
     }
-    match bytes.first() {
-        Some(&b) if is_array_marker(b) => Ok(bytes),
-        _ => Err("arguments must be a tuple, e.g. (a, b) or (a,) or ()".to_string()),
+    match &buf[start..] {
+        // `()` encodes as nil; on the wire it is the empty argument list.
+        written if written == NIL => {
+            buf.truncate(start);
+            buf.extend_from_slice(EMPTY_ARRAY);
+            Ok(())
+        }
+        [first, ..] if is_array_marker(*first) => Ok(()),
+        _ => {
+            buf.truncate(start);
+            Err("arguments must be a tuple, e.g. (a, b) or (a,) or ()".to_string())
+        }
     }
 }
 
@@ -322,8 +358,9 @@ mod tests {
     use super::*;
 
     fn call_frame() -> Bytes {
-        let args = encode_args(&("Glen", 42u32)).expect("encodable");
-        Bytes::from(encode_call(7, "test.hello", "client-a", 2000, &args))
+        Bytes::from(
+            encode_call(7, "test.hello", "client-a", 2000, &("Glen", 42u32)).expect("encodable"),
+        )
     }
 
     #[test]
@@ -475,8 +512,7 @@ mod tests {
                 flips in proptest::collection::vec((any::<usize>(), any::<u8>()), 1..6),
                 cut in any::<usize>(),
             ) {
-                let args = encode_args(&(name, id)).expect("encodable");
-                let mut bytes = encode_call(id, &method, "client-x", 1000, &args);
+                let mut bytes = encode_call(id, &method, "client-x", 1000, &(name, id)).expect("encodable");
                 for (at, value) in flips {
                     let at = at % bytes.len();
                     bytes[at] = value;
@@ -496,8 +532,7 @@ mod tests {
                 name in ".*",
                 n in any::<i64>(),
             ) {
-                let args = encode_args(&(name.as_str(), n)).expect("encodable");
-                let frame = Bytes::from(encode_call(id, &method, &caller, deadline, &args));
+                let frame = Bytes::from(encode_call(id, &method, &caller, deadline, &(name.as_str(), n)).expect("encodable"));
                 let Ok(Frame::Call(call)) = decode(&frame) else { panic!("valid call did not decode") };
                 prop_assert_eq!(call.id, id);
                 prop_assert_eq!(&call.method, &method);

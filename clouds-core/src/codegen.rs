@@ -7,7 +7,7 @@ use std::time::Duration;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use crate::client::{Client, decode_reply, encode_args};
+use crate::client::{Client, decode_reply};
 use crate::envelope::Status;
 use crate::error::Error;
 use crate::service::Outcome;
@@ -49,7 +49,7 @@ impl Stub {
     /// Calls a method whose return value is a plain value.
     pub async fn call_value<A, T>(&self, method: &'static str, args: &A) -> Result<T, Error>
     where
-        A: Serialize + ?Sized,
+        A: Serialize + Sync + ?Sized,
         T: DeserializeOwned,
     {
         self.client.call_ref(method, args).await
@@ -62,11 +62,10 @@ impl Stub {
         args: &A,
     ) -> Result<Result<T, E>, Error>
     where
-        A: Serialize + ?Sized,
+        A: Serialize + Sync + ?Sized,
         T: DeserializeOwned,
         E: DeserializeOwned,
     {
-        let args = encode_args(method, args)?;
         let (node, reply) = self.client.invoke(method, &args).await?;
         if reply.status == Status::AppError {
             return crate::codec::decode_value(&reply.body)

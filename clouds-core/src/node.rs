@@ -117,13 +117,15 @@ impl Node {
         &self.calls
     }
 
-    /// Publishes a frame after checking its size against `max_frame_size`.
-    pub(crate) async fn publish(
+    /// Publishes a frame after checking its size against `max_frame_size`. The check is made
+    /// at once; the returned future does the `PUBLISH` and resolves to how many subscribers
+    /// received the frame.
+    pub(crate) fn publish(
         &self,
-        channel: &Channel,
+        channel: Channel,
         frame: Vec<u8>,
         what: impl FnOnce() -> String,
-    ) -> Result<u64, Error> {
+    ) -> Result<impl Future<Output = Result<u64, Error>> + Send + '_, Error> {
         if frame.len() > self.config.max_frame_size {
             return Err(Error::TooLarge {
                 what: what(),
@@ -131,7 +133,8 @@ impl Node {
                 max: self.config.max_frame_size,
             });
         }
-        Ok(self.redis.publish(channel, Bytes::from(frame)).await?)
+        let publish = self.redis.publish(channel, Bytes::from(frame));
+        Ok(async move { Ok(publish.await?) })
     }
 
     /// Sends a reply to `caller`'s inbox; failures are logged (the caller will time out).
@@ -149,7 +152,7 @@ impl Node {
         }
         match self
             .redis
-            .publish(&self.names.inbox(caller.as_str()), Bytes::from(frame))
+            .publish(self.names.inbox(caller.as_str()), Bytes::from(frame))
             .await
         {
             Ok(0) => tracing::debug!(node = %self.id, %caller, "the caller is gone; reply dropped"),
@@ -165,7 +168,9 @@ impl Node {
     pub(crate) async fn flush_inbound(&self) -> Result<(), Error> {
         let (slot, rx) = self.pending.open();
         let frame = codec::encode_reply(slot.id, Status::Ok, codec::NIL);
-        self.redis.publish(&self.inbox, Bytes::from(frame)).await?;
+        self.redis
+            .publish(self.inbox.clone(), Bytes::from(frame))
+            .await?;
         match tokio::time::timeout(self.config.transport.command_timeout, rx).await {
             Ok(Ok(_)) => Ok(()),
             Ok(Err(_)) => Err(Error::Shutdown),

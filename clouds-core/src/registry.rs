@@ -175,7 +175,7 @@ impl Registry {
         methods: &[String],
     ) -> Result<(), Error> {
         let join = crate::codec::encode_join(id.as_str(), methods);
-        redis.publish(&self.names.events(), join.into()).await?;
+        redis.publish(self.names.events(), join.into()).await?;
         Ok(())
     }
 
@@ -189,7 +189,7 @@ impl Registry {
     ) -> Result<(), Error> {
         let removed = self.deregister(redis, id, methods).await;
         let leave = crate::codec::encode_leave(id.as_str());
-        let announced = redis.publish(&self.names.events(), leave.into()).await;
+        let announced = redis.publish(self.names.events(), leave.into()).await;
         removed?;
         announced?;
         Ok(())

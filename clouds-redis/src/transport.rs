@@ -8,6 +8,8 @@
 //! The `publish`/`subscribe`/`unsubscribe` methods are the one place that chooses classic
 //! pub/sub; sharded pub/sub for Redis Cluster would switch them to SPUBLISH/SSUBSCRIBE here.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -31,7 +33,7 @@ use crate::script::{Script, ScriptValue};
 /// let transport = Transport::connect(&endpoint, &TransportOptions::default()).await?;
 /// let mut inbound = transport.inbound();
 /// transport.subscribe("demo").await?;
-/// assert_eq!(transport.publish(&"demo".into(), "hi".into()).await?, 1);
+/// assert_eq!(transport.publish("demo".into(), "hi".into()).await?, 1);
 /// if let Some(Delivery::Frame { payload, .. }) = inbound.recv().await {
 ///     assert_eq!(&payload[..], b"hi");
 /// }
@@ -148,23 +150,28 @@ impl Transport {
         &self.options
     }
 
-    /// Publishes `frame` on `channel`; returns how many subscribers received it (0: nobody
-    /// is listening there, so the frame was certainly not delivered).
+    /// Publishes `frame` on `channel`; resolves to how many subscribers received it (0:
+    /// nobody is listening there, so the frame was certainly not delivered).
     ///
     /// At most `max_pending_publishes` are outstanding at once; beyond that this waits for
     /// a slot.
-    pub async fn publish(&self, channel: &Channel, frame: Bytes) -> Result<u64, TransportError> {
-        // Never closed, so acquiring only fails if that changes: then publish unbounded.
-        let _slot = self.publish_slots.acquire().await.ok();
-        // fred's command futures are ~5 KB; boxed, they stop inflating every caller's future
-        // (and with it the memory of each call in flight).
-        let receivers: i64 = Box::pin(
-            self.commands
-                .publish(channel.0.clone(), Value::Bytes(frame)),
-        )
-        .await
-        .map_err(|e| self.error("PUBLISH", e))?;
-        Ok(receivers.max(0) as u64)
+    pub fn publish(
+        &self,
+        channel: Channel,
+        frame: Bytes,
+    ) -> Pin<Box<impl Future<Output = Result<u64, TransportError>> + Send + '_>> {
+        // Two boxes, so that neither weighs on a caller's future for the whole call: the outer
+        // one is small and lives while the PUBLISH is outstanding; fred's command future
+        // (~5 KB) is only allocated once a slot is free, so calls waiting for a slot hold
+        // little.
+        Box::pin(async move {
+            // Never closed, so acquiring only fails if that changes: then publish unbounded.
+            let _slot = self.publish_slots.acquire().await.ok();
+            let receivers: i64 = Box::pin(self.commands.publish(channel.0, Value::Bytes(frame)))
+                .await
+                .map_err(|e| self.error("PUBLISH", e))?;
+            Ok(receivers.max(0) as u64)
+        })
     }
 
     /// Subscribes to `channel`; the subscription is restored after every reconnect.
