@@ -96,15 +96,67 @@ pub(crate) fn encode_call(
 const CALL_FRAME_GUESS: usize = 160;
 
 /// Encodes a reply; `body` is an already-encoded MessagePack value.
-pub(crate) fn encode_reply(id: u64, status: Status, body: &[u8]) -> Vec<u8> {
-    let mut buf = Vec::with_capacity(16 + body.len());
-    buf.push(VERSION);
-    put_array_len(&mut buf, 4);
-    put_uint(&mut buf, KIND_REPLY.into());
-    put_uint(&mut buf, id);
-    put_uint(&mut buf, status as u64);
-    buf.extend_from_slice(body);
-    buf
+pub(crate) fn encode_reply(id: u64, status: Status, body: &[u8]) -> Bytes {
+    ReplyBody::from_encoded(body).into_frame(id, status)
+}
+
+/// Most bytes a reply's header takes: version, array length, kind, id (up to 9) and status.
+const REPLY_HEADER_ROOM: usize = 13;
+
+/// A reply body, encoded after room for the frame header, so that the reply frame is made
+/// around it without copying it.
+#[derive(Debug)]
+pub(crate) struct ReplyBody(Vec<u8>);
+
+impl ReplyBody {
+    /// Encodes `value` as [`encode_value`] does.
+    pub(crate) fn encode<T: Serialize + ?Sized>(value: &T) -> Result<ReplyBody, String> {
+        let mut buf = Vec::with_capacity(REPLY_HEADER_ROOM + 64);
+        buf.resize(REPLY_HEADER_ROOM, 0);
+        rmp_serde::encode::write_named(&mut buf, value).map_err(|e| e.to_string())?;
+        Ok(ReplyBody(buf))
+    }
+
+    /// A text (an error's reason, a method name).
+    pub(crate) fn text(text: &str) -> ReplyBody {
+        ReplyBody::encode(text).unwrap_or_else(|_| ReplyBody::from_encoded(NIL))
+    }
+
+    /// A body that is already MessagePack.
+    pub(crate) fn from_encoded(body: &[u8]) -> ReplyBody {
+        let mut buf = Vec::with_capacity(REPLY_HEADER_ROOM + body.len());
+        buf.resize(REPLY_HEADER_ROOM, 0);
+        buf.extend_from_slice(body);
+        ReplyBody(buf)
+    }
+
+    /// The encoded body.
+    #[cfg(test)]
+    pub(crate) fn as_bytes(&self) -> &[u8] {
+        &self.0[REPLY_HEADER_ROOM..]
+    }
+
+    /// The length of the frame [`ReplyBody::into_frame`] makes, at most.
+    pub(crate) fn frame_len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// The reply frame: the header is written into the room in front of the body.
+    pub(crate) fn into_frame(self, id: u64, status: Status) -> Bytes {
+        let mut header = [0u8; REPLY_HEADER_ROOM];
+        let mut room = &mut header[1..];
+        // The room fits the longest header, so these writes cannot fail.
+        let _ = rmp::encode::write_array_len(&mut room, 4);
+        let _ = rmp::encode::write_uint(&mut room, KIND_REPLY.into());
+        let _ = rmp::encode::write_uint(&mut room, id);
+        let _ = rmp::encode::write_uint(&mut room, status as u64);
+        let len = REPLY_HEADER_ROOM - room.len();
+        header[0] = VERSION;
+        let start = REPLY_HEADER_ROOM - len;
+        let mut buf = self.0;
+        buf[start..REPLY_HEADER_ROOM].copy_from_slice(&header[..len]);
+        Bytes::from(buf).slice(start..)
+    }
 }
 
 /// Encodes a node message; `body` is an already-encoded MessagePack value.
@@ -330,17 +382,76 @@ pub(crate) fn write_args<A: Serialize + ?Sized>(buf: &mut Vec<u8>, args: &A) -> 
 }
 
 /// Decodes exactly one value from `bytes`; trailing bytes are an error.
+///
+/// Strings and byte strings are read straight from `bytes` (a reader-based deserializer would
+/// first copy each into a buffer of its own); [`value_len`] finds where the value ends.
 pub(crate) fn decode_value<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, String> {
-    let mut de = rmp_serde::Deserializer::new(std::io::Cursor::new(bytes));
-    let value = T::deserialize(&mut de).map_err(|e| e.to_string())?;
-    let used = de.position() as usize;
+    let used = value_len(bytes)?;
     if used != bytes.len() {
         return Err(format!(
             "{} bytes left over after the value",
             bytes.len() - used
         ));
     }
-    Ok(value)
+    rmp_serde::from_slice(bytes).map_err(|e| e.to_string())
+}
+
+/// The length of the one MessagePack value at the start of `bytes`, found by skipping over
+/// it without decoding anything. (rmp's own `MessageLen` would do, but it panics on extension
+/// types, and this runs on bytes from the wire.)
+fn value_len(bytes: &[u8]) -> Result<usize, String> {
+    let truncated = || "the value is truncated".to_string();
+    let mut rest = bytes;
+    // Values still to skip: 1, plus the items of every array and map opened so far.
+    let mut pending: u64 = 1;
+    while pending > 0 {
+        pending -= 1;
+        let (&byte, tail) = rest.split_first().ok_or_else(truncated)?;
+        rest = tail;
+        let mut length = |width: usize| -> Result<u64, String> {
+            let field = rest.get(..width).ok_or_else(truncated)?;
+            rest = &rest[width..];
+            Ok(field.iter().fold(0u64, |n, &b| n << 8 | u64::from(b)))
+        };
+        // (bytes of data to skip, items to skip)
+        let (data, items) = match Marker::from_u8(byte) {
+            Marker::FixPos(_) | Marker::FixNeg(_) | Marker::Null | Marker::True | Marker::False => {
+                (0, 0)
+            }
+            Marker::U8 | Marker::I8 => (1, 0),
+            Marker::U16 | Marker::I16 => (2, 0),
+            Marker::U32 | Marker::I32 | Marker::F32 => (4, 0),
+            Marker::U64 | Marker::I64 | Marker::F64 => (8, 0),
+            Marker::FixStr(n) => (u64::from(n), 0),
+            Marker::Str8 | Marker::Bin8 => (length(1)?, 0),
+            Marker::Str16 | Marker::Bin16 => (length(2)?, 0),
+            Marker::Str32 | Marker::Bin32 => (length(4)?, 0),
+            Marker::FixArray(n) => (0, u64::from(n)),
+            Marker::Array16 => (0, length(2)?),
+            Marker::Array32 => (0, length(4)?),
+            Marker::FixMap(n) => (0, 2 * u64::from(n)),
+            Marker::Map16 => (0, 2 * length(2)?),
+            Marker::Map32 => (0, 2 * length(4)?),
+            // Extension types: a type byte, then the data.
+            Marker::FixExt1 => (2, 0),
+            Marker::FixExt2 => (3, 0),
+            Marker::FixExt4 => (5, 0),
+            Marker::FixExt8 => (9, 0),
+            Marker::FixExt16 => (17, 0),
+            Marker::Ext8 => (length(1)? + 1, 0),
+            Marker::Ext16 => (length(2)? + 1, 0),
+            Marker::Ext32 => (length(4)? + 1, 0),
+            Marker::Reserved => return Err("not a MessagePack value (marker 0xc1)".to_string()),
+        };
+        let data = usize::try_from(data).map_err(|_| truncated())?;
+        rest = rest.get(data..).ok_or_else(truncated)?;
+        // Every item takes at least one byte: more items than bytes left cannot be there.
+        pending += items;
+        if pending > rest.len() as u64 {
+            return Err(truncated());
+        }
+    }
+    Ok(bytes.len() - rest.len())
 }
 
 /// Decodes call arguments into the handler's tuple type; the empty array also fits `()`.
@@ -379,7 +490,7 @@ mod tests {
     #[test]
     fn other_frames_round_trip() {
         let body = encode_value("hi").expect("encodable");
-        let reply = Bytes::from(encode_reply(9, Status::AppError, &body));
+        let reply = encode_reply(9, Status::AppError, &body);
         assert_eq!(
             decode(&reply),
             Ok(Frame::Reply(Reply {
@@ -404,7 +515,7 @@ mod tests {
 
     #[test]
     fn unknown_statuses_still_reach_the_caller() {
-        let frame = Bytes::from(encode_reply(3, Status::Ok, NIL));
+        let frame = encode_reply(3, Status::Ok, NIL);
         let mut bytes = frame.to_vec();
         bytes[4] = 99; // the status byte: [version, array, kind, id, status, body]
         match decode(&Bytes::from(bytes)) {
@@ -452,6 +563,64 @@ mod tests {
             decode(&Bytes::from_static(&[1, 0x92, 9, 0])),
             Err(DecodeError::Kind(9))
         ));
+    }
+
+    #[test]
+    fn value_len_skips_every_kind_of_value() {
+        let value = (
+            (
+                1u8,
+                -1i8,
+                300u16,
+                -300i16,
+                70_000u32,
+                -70_000i32,
+                u64::MAX,
+                i64::MIN,
+            ),
+            (
+                1.5f32,
+                2.5f64,
+                true,
+                (),
+                "s",
+                "x".repeat(40),
+                "y".repeat(300),
+            ),
+            vec![7u32; 20],
+            std::collections::BTreeMap::from([("k", vec![1, 2]), ("l", vec![])]),
+        );
+        // [value, bin of 70,000 bytes]
+        let mut bytes = Vec::new();
+        put_array_len(&mut bytes, 2);
+        bytes.extend(encode_value(&value).expect("encodable"));
+        let _ = rmp::encode::write_bin(&mut bytes, &[1u8; 70_000]);
+        assert_eq!(value_len(&bytes), Ok(bytes.len()));
+        for cut in 0..bytes.len().min(300) {
+            assert!(value_len(&bytes[..cut]).is_err(), "cut at {cut}");
+        }
+        // Extension types (which rmp's MessageLen cannot skip): fixext 1, ext 8.
+        assert_eq!(value_len(&[0xd4, 1, 2]), Ok(3));
+        assert_eq!(value_len(&[0xc7, 2, 5, 1, 2, 0xc0]), Ok(5));
+        assert!(value_len(&[0xc1]).is_err());
+        assert!(value_len(&[0xdd, 0xff, 0xff, 0xff, 0xff]).is_err());
+    }
+
+    #[test]
+    fn reply_headers_of_every_width_fit_in_front_of_the_body() {
+        for id in [0, 127, 128, 65_535, 1 << 32, u64::MAX] {
+            let body = ReplyBody::encode(&("x", id)).expect("encodable");
+            let expected = encode_value(&("x", id)).expect("encodable");
+            assert_eq!(body.as_bytes(), &expected[..]);
+            let frame = body.into_frame(id, Status::ServerError);
+            match decode(&frame) {
+                Ok(Frame::Reply(reply)) => {
+                    assert_eq!((reply.id, reply.status), (id, Status::ServerError));
+                    assert_eq!(&reply.body[..], &expected[..]);
+                }
+                other => panic!("id {id}: {other:?}"),
+            }
+        }
     }
 
     #[test]
@@ -544,7 +713,7 @@ mod tests {
             #[test]
             fn replies_round_trip(id in any::<u64>(), status in any_status(), body in proptest::collection::vec(any::<u8>(), 0..64)) {
                 let value = encode_value(&body).expect("encodable");
-                let frame = Bytes::from(encode_reply(id, status, &value));
+                let frame = encode_reply(id, status, &value);
                 let Ok(Frame::Reply(reply)) = decode(&frame) else { panic!("valid reply did not decode") };
                 prop_assert_eq!((reply.id, reply.status), (id, status));
                 prop_assert_eq!(decode_value::<Vec<u8>>(&reply.body), Ok(body));

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::Semaphore;
 use tokio_util::task::TaskTracker;
 
-use crate::codec;
+use crate::codec::{self, ReplyBody};
 use crate::envelope::{Call, Status};
 use crate::error::Error;
 use crate::locks::{read, write};
@@ -93,15 +93,20 @@ impl Dispatcher {
         let node = node.clone();
         let Some(handler) = route else {
             return Some(Box::pin(self.tasks.track_future(async move {
-                let body = codec::encode_value(&call.method).unwrap_or_default();
-                node.reply(&call.reply_to, call.id, Status::UnknownMethod, &body)
+                let body = ReplyBody::text(&call.method);
+                node.reply(&call.reply_to, call.id, Status::UnknownMethod, body)
                     .await;
             })));
         };
         let Ok(permit) = self.slots.clone().try_acquire_owned() else {
             return Some(Box::pin(self.tasks.track_future(async move {
-                node.reply(&call.reply_to, call.id, Status::Overloaded, codec::NIL)
-                    .await;
+                node.reply(
+                    &call.reply_to,
+                    call.id,
+                    Status::Overloaded,
+                    ReplyBody::from_encoded(codec::NIL),
+                )
+                .await;
             })));
         };
         let Call {
@@ -125,7 +130,7 @@ impl Dispatcher {
                 if Instant::now() > deadline {
                     tracing::debug!(node = %node.id, %method, "handler finished after the caller's deadline");
                 }
-                node.reply(&reply_to, id, outcome.status, &outcome.body).await;
+                node.reply(&reply_to, id, outcome.status, outcome.body).await;
                 drop(permit);
             });
             return None;
@@ -136,7 +141,7 @@ impl Dispatcher {
         let mut cx = Context::from_waker(Waker::noop());
         match running.as_mut().poll(&mut cx) {
             Poll::Ready(outcome) => Some(Box::pin(self.tasks.track_future(async move {
-                node.reply(&reply_to, id, outcome.status, &outcome.body)
+                node.reply(&reply_to, id, outcome.status, outcome.body)
                     .await;
                 drop(permit);
             }))),
@@ -147,7 +152,7 @@ impl Dispatcher {
                     if Instant::now() > deadline {
                         tracing::debug!(node = %node.id, %method, "handler finished after the caller's deadline");
                     }
-                    node.reply(&reply_to, id, outcome.status, &outcome.body).await;
+                    node.reply(&reply_to, id, outcome.status, outcome.body).await;
                     drop(permit);
                 });
                 None

@@ -18,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::balance::Balancer;
-use crate::codec;
+use crate::codec::{self, ReplyBody};
 use crate::config::Config;
 use crate::dispatch::Dispatcher;
 use crate::envelope::{Frame, Status};
@@ -138,21 +138,21 @@ impl Node {
     }
 
     /// Sends a reply to `caller`'s inbox; failures are logged (the caller will time out).
-    pub(crate) async fn reply(&self, caller: &NodeId, id: u64, status: Status, body: &[u8]) {
-        let mut frame = codec::encode_reply(id, status, body);
-        if frame.len() > self.config.max_frame_size {
+    pub(crate) async fn reply(&self, caller: &NodeId, id: u64, status: Status, body: ReplyBody) {
+        let frame = if body.frame_len() > self.config.max_frame_size {
             let reason = format!(
                 "the reply is {} bytes, over the server's max_frame_size of {} bytes",
-                frame.len(),
+                body.frame_len(),
                 self.config.max_frame_size
             );
             tracing::warn!(node = %self.id, %caller, %reason, "reply too large");
-            let body = codec::encode_value(&reason).unwrap_or_default();
-            frame = codec::encode_reply(id, Status::ServerError, &body);
-        }
+            ReplyBody::text(&reason).into_frame(id, Status::ServerError)
+        } else {
+            body.into_frame(id, status)
+        };
         match self
             .redis
-            .publish(self.names.inbox(caller.as_str()), Bytes::from(frame))
+            .publish(self.names.inbox(caller.as_str()), frame)
             .await
         {
             Ok(0) => tracing::debug!(node = %self.id, %caller, "the caller is gone; reply dropped"),
@@ -168,9 +168,7 @@ impl Node {
     pub(crate) async fn flush_inbound(&self) -> Result<(), Error> {
         let (slot, rx) = self.pending.open();
         let frame = codec::encode_reply(slot.id, Status::Ok, codec::NIL);
-        self.redis
-            .publish(self.inbox.clone(), Bytes::from(frame))
-            .await?;
+        self.redis.publish(self.inbox.clone(), frame).await?;
         match tokio::time::timeout(self.config.transport.command_timeout, rx).await {
             Ok(Ok(_)) => Ok(()),
             Ok(Err(_)) => Err(Error::Shutdown),
@@ -296,8 +294,8 @@ impl Node {
                     self.config.max_frame_size
                 );
                 self.tasks.spawn(async move {
-                    let body = codec::encode_value(&reason).unwrap_or_default();
-                    node.reply(&call.reply_to, call.id, Status::ServerError, &body)
+                    let body = ReplyBody::text(&reason);
+                    node.reply(&call.reply_to, call.id, Status::ServerError, body)
                         .await;
                 });
             }

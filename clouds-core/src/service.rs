@@ -10,7 +10,7 @@ use futures_util::FutureExt;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use crate::codec;
+use crate::codec::{self, ReplyBody};
 use crate::envelope::Status;
 
 /// A set of methods a [`Server`](crate::Server) can serve.
@@ -39,19 +39,19 @@ pub(crate) type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>
 /// What a handler produced, ready for the wire.
 pub(crate) struct Outcome {
     pub(crate) status: Status,
-    pub(crate) body: Vec<u8>,
+    pub(crate) body: ReplyBody,
 }
 
 impl Outcome {
     fn text(status: Status, text: &str) -> Outcome {
         Outcome {
             status,
-            body: codec::encode_value(text).unwrap_or_else(|_| codec::NIL.to_vec()),
+            body: ReplyBody::text(text),
         }
     }
 
     pub(crate) fn encoded<T: Serialize + ?Sized>(status: Status, value: &T) -> Outcome {
-        match codec::encode_value(value) {
+        match ReplyBody::encode(value) {
             Ok(body) => Outcome { status, body },
             Err(reason) => Outcome::text(
                 Status::ServerError,
@@ -174,7 +174,7 @@ mod tests {
         let route = value_route("t.add", |(a, b): (i64, i64)| async move { a + b });
         let out = run(&route, codec::encode_args(&(2, 3)).expect("args")).await;
         assert_eq!(out.status, Status::Ok);
-        assert_eq!(codec::decode_value::<i64>(&out.body), Ok(5));
+        assert_eq!(codec::decode_value::<i64>(out.body.as_bytes()), Ok(5));
     }
 
     #[tokio::test]
@@ -182,7 +182,7 @@ mod tests {
         let route = value_route("t.add", |(a, b): (i64, i64)| async move { a + b });
         let out = run(&route, codec::encode_args(&("x",)).expect("args")).await;
         assert_eq!(out.status, Status::BadArguments);
-        assert!(codec::decode_value::<String>(&out.body).is_ok());
+        assert!(codec::decode_value::<String>(out.body.as_bytes()).is_ok());
     }
 
     #[tokio::test]
@@ -195,7 +195,7 @@ mod tests {
         let out = run(&route, codec::encode_args(&()).expect("args")).await;
         assert_eq!(out.status, Status::Panic);
         assert_eq!(
-            codec::decode_value::<String>(&out.body).as_deref(),
+            codec::decode_value::<String>(out.body.as_bytes()).as_deref(),
             Ok("boom")
         );
     }
@@ -208,7 +208,7 @@ mod tests {
         let out = run(&route, codec::encode_args(&(1, 0)).expect("args")).await;
         assert_eq!(out.status, Status::AppError);
         assert_eq!(
-            codec::decode_value::<(String, u8)>(&out.body),
+            codec::decode_value::<(String, u8)>(out.body.as_bytes()),
             Ok(("div".into(), 0))
         );
     }
