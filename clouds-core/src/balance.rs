@@ -4,7 +4,7 @@
 //! `PUBLISH` returning 0 (the provider's inbox is gone), and refreshed every heartbeat as a
 //! fallback for missed events. Reads on the call path take a read lock and touch no Redis.
 
-use std::collections::HashMap;
+use foldhash::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Mutex, RwLock};
 use std::time::{Duration, Instant};
@@ -242,7 +242,7 @@ mod tests {
     fn round_robin_visits_every_provider_evenly() {
         let b = Balancer::new(Balance::RoundRobin, Duration::from_secs(6));
         b.set("m", ids(&["a", "b", "c"]));
-        let mut counts = HashMap::new();
+        let mut counts = HashMap::default();
         for _ in 0..300 {
             *counts
                 .entry(b.pick("m", &[]).expect("provider"))

@@ -175,9 +175,8 @@ impl Client {
             reason,
         })?;
         let frame = codec::encode_message(node.id.as_str(), &body);
-        let receivers = node
-            .publish(node.names.inbox(to), frame, || format!("message to {to}"))?
-            .await?;
+        let frame = node.sized(frame, || format!("message to {to}"))?;
+        let receivers = node.redis.publish(node.names.inbox(to), frame).await?;
         if receivers == 0 {
             return Err(Error::Unreachable { node: to.into() });
         }
@@ -298,11 +297,13 @@ impl Client {
                             action: format!("encode the arguments of {method}"),
                             reason,
                         })?;
-                let publish = node.publish(node.names.calls(provider.as_str()), frame, || {
-                    format!("the call to {method}")
-                });
+                let frame = node.sized(frame, || format!("the call to {method}"))?;
+                // Untimed: the attempt's timeout below bounds the PUBLISH too.
+                let publish = node
+                    .redis
+                    .publish_untimed(node.names.calls(provider.as_str()), frame);
                 let attempt = async {
-                    let receivers = publish?.await?;
+                    let receivers = publish.await?;
                     if receivers == 0 {
                         return Ok::<_, Error>(Attempt::NotDelivered);
                     }
@@ -311,7 +312,11 @@ impl Client {
                         Err(_) => Attempt::Closed,
                     })
                 };
-                tokio::time::timeout(self.timeout, attempt).await
+                let outcome = tokio::time::timeout(self.timeout, attempt).await;
+                if let Ok(Ok(Attempt::Replied(_))) = outcome {
+                    slot.answered();
+                }
+                outcome
             };
             let no_provider = || Error::NoProvider {
                 method: method.to_string(),

@@ -1,7 +1,7 @@
 //! The server side of a call: route lookup, in-flight limit, deadline, running the handler
 //! (on the receive loop while it does not wait, in its own task once it does).
 
-use std::collections::HashMap;
+use foldhash::HashMap;
 use std::sync::{Arc, RwLock};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};

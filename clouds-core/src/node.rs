@@ -117,15 +117,12 @@ impl Node {
         &self.calls
     }
 
-    /// Publishes a frame after checking its size against `max_frame_size`. The check is made
-    /// at once; the returned future does the `PUBLISH` and resolves to how many subscribers
-    /// received the frame.
-    pub(crate) fn publish(
+    /// A frame ready to publish, if it is within `max_frame_size`.
+    pub(crate) fn sized(
         &self,
-        channel: Channel,
         frame: Vec<u8>,
         what: impl FnOnce() -> String,
-    ) -> Result<impl Future<Output = Result<u64, Error>> + Send + '_, Error> {
+    ) -> Result<Bytes, Error> {
         if frame.len() > self.config.max_frame_size {
             return Err(Error::TooLarge {
                 what: what(),
@@ -133,8 +130,7 @@ impl Node {
                 max: self.config.max_frame_size,
             });
         }
-        let publish = self.redis.publish(channel, Bytes::from(frame));
-        Ok(async move { Ok(publish.await?) })
+        Ok(Bytes::from(frame))
     }
 
     /// Sends a reply to `caller`'s inbox; failures are logged (the caller will time out).

@@ -1,6 +1,6 @@
 //! Calls waiting for their reply, by call id.
 
-use std::collections::HashMap;
+use foldhash::HashMap;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -22,7 +22,14 @@ impl Pending {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
         self.lock().insert(id, tx);
-        (PendingGuard { table: self, id }, rx)
+        (
+            PendingGuard {
+                table: self,
+                id,
+                armed: true,
+            },
+            rx,
+        )
     }
 
     /// Hands a reply to its waiting call; false if nobody waits for it (late or foreign).
@@ -53,11 +60,23 @@ impl Pending {
 pub(crate) struct PendingGuard<'a> {
     table: &'a Pending,
     pub(crate) id: u64,
+    /// Whether the slot may still be in the table.
+    armed: bool,
+}
+
+impl PendingGuard<'_> {
+    /// The reply arrived: `complete` has removed the slot already, so dropping the guard
+    /// need not look for it again.
+    pub(crate) fn answered(mut self) {
+        self.armed = false;
+    }
 }
 
 impl Drop for PendingGuard<'_> {
     fn drop(&mut self) {
-        self.table.lock().remove(&self.id);
+        if self.armed {
+            self.table.lock().remove(&self.id);
+        }
     }
 }
 
@@ -84,6 +103,17 @@ mod tests {
         drop(guard);
         assert_eq!(pending.len(), 0);
         assert!(!pending.complete(reply(12345)), "unknown ids are refused");
+    }
+
+    #[tokio::test]
+    async fn an_answered_slot_is_gone_without_a_second_removal() {
+        let pending = Pending::default();
+        let (guard, rx) = pending.open();
+        assert!(pending.complete(reply(guard.id)));
+        assert_eq!(pending.len(), 0, "complete removes the slot");
+        rx.await.expect("reply");
+        guard.answered();
+        assert_eq!(pending.len(), 0);
     }
 
     #[test]

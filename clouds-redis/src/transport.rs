@@ -81,8 +81,10 @@ impl Transport {
         // fred sizes every broadcast channel of a client (messages, reconnects, errors, ...)
         // by one capacity, allocated up front. Only the subscriber needs room for bursts of
         // frames; the command connection gets the minimum.
+        // Commands are timed here rather than by fred, so that a PUBLISH whose caller already
+        // bounds the wait (a call attempt) does not pay for a second timer.
         builder.with_performance_config(|p| {
-            p.default_command_timeout = options.command_timeout;
+            p.default_command_timeout = Duration::ZERO;
             p.broadcast_channel_capacity = COMMAND_EVENTS_CAPACITY;
         });
         builder.set_policy(ReconnectPolicy::new_exponential(
@@ -98,6 +100,7 @@ impl Transport {
         };
         let commands = builder.build().map_err(connect_error)?;
         builder.with_performance_config(|p| {
+            p.default_command_timeout = options.command_timeout;
             p.broadcast_channel_capacity = options.inbound_capacity.max(COMMAND_EVENTS_CAPACITY);
         });
         let subscriber = builder.build_subscriber_client().map_err(connect_error)?;
@@ -151,11 +154,38 @@ impl Transport {
     }
 
     /// Publishes `frame` on `channel`; resolves to how many subscribers received it (0:
-    /// nobody is listening there, so the frame was certainly not delivered).
+    /// nobody is listening there, so the frame was certainly not delivered). Fails with
+    /// [`TransportError::Timeout`] after the command timeout.
     ///
     /// At most `max_pending_publishes` are outstanding at once; beyond that this waits for
-    /// a slot.
+    /// a slot (the wait counts towards the timeout).
     pub fn publish(
+        &self,
+        channel: Channel,
+        frame: Bytes,
+    ) -> Pin<Box<impl Future<Output = Result<u64, TransportError>> + Send + '_>> {
+        // One box with fred's future inside: the callers of this one (replies, messages,
+        // announcements) do not hold it for long.
+        Box::pin(async move {
+            let publish = async {
+                // Never closed, so acquiring only fails if that changes: then publish unbounded.
+                let _slot = self.publish_slots.acquire().await.ok();
+                self.commands
+                    .publish::<i64, _, _>(channel.0, Value::Bytes(frame))
+                    .await
+                    .map_err(|e| self.error("PUBLISH", e))
+            };
+            match tokio::time::timeout(self.options.command_timeout, publish).await {
+                Ok(receivers) => Ok(receivers?.max(0) as u64),
+                Err(_) => Err(self.timed_out("PUBLISH")),
+            }
+        })
+    }
+
+    /// [`Transport::publish`] without the command timeout, for a caller that bounds the wait
+    /// itself (a call attempt has its own timeout): one timer less per message. It still
+    /// fails at once if the connection drops while the command is outstanding.
+    pub fn publish_untimed(
         &self,
         channel: Channel,
         frame: Bytes,
@@ -213,17 +243,23 @@ impl Transport {
         keys: Vec<String>,
         args: Vec<String>,
     ) -> Result<ScriptValue, TransportError> {
-        let value: Value = Box::pin(script.inner.evalsha_with_reload(&self.commands, keys, args))
+        let eval = Box::pin(script.inner.evalsha_with_reload(&self.commands, keys, args));
+        let value: Value = tokio::time::timeout(self.options.command_timeout, eval)
             .await
+            .map_err(|_| self.timed_out("EVALSHA"))?
             .map_err(|e| self.error("EVALSHA", e))?;
         Ok(ScriptValue::from_fred(value))
     }
 
     /// Reads a whole hash as field/value pairs (empty if the key does not exist).
     pub async fn hgetall(&self, key: &str) -> Result<Vec<(Bytes, Bytes)>, TransportError> {
-        let value: Value = Box::pin(self.commands.hgetall(key))
-            .await
-            .map_err(|e| self.error("HGETALL", e))?;
+        let value: Value = tokio::time::timeout(
+            self.options.command_timeout,
+            Box::pin(self.commands.hgetall(key)),
+        )
+        .await
+        .map_err(|_| self.timed_out("HGETALL"))?
+        .map_err(|e| self.error("HGETALL", e))?;
         let pairs = match value {
             Value::Map(map) => map
                 .inner()
@@ -267,6 +303,13 @@ impl Transport {
 
     fn error(&self, command: &'static str, e: fred::error::Error) -> TransportError {
         TransportError::from_fred(command, self.options.command_timeout, e)
+    }
+
+    fn timed_out(&self, command: &'static str) -> TransportError {
+        TransportError::Timeout {
+            command,
+            after: self.options.command_timeout,
+        }
     }
 }
 
