@@ -42,7 +42,7 @@ use crate::clouds_rows::{CloudsCaller, InProcess};
 use crate::load::{Caller, payload};
 use crate::procs::Proc;
 use crate::raw::{Channels, RawClient, RawServer};
-use crate::report::{Memory, Row, Setup, fmt_d, table, targets, wire_notes};
+use crate::report::{Memory, Ratios, Row, Setup, fmt_d, table, targets, wire_notes};
 use crate::stats::{Figures, median_figures};
 use crate::wire::{Wire, first_calls, info, wire_cost};
 
@@ -406,6 +406,7 @@ async fn measure_all(
                 setup: Setup::InProcess,
                 raw: Figures::default(),
                 clouds: Figures::default(),
+                ratios: Ratios::default(),
             };
             rows.push(measure_row(plan, row, &raw, &clouds).await);
         }
@@ -463,6 +464,7 @@ async fn processes_rows(
             setup: Setup::Processes,
             raw: Figures::default(),
             clouds: Figures::default(),
+            ratios: Ratios::default(),
         };
         rows.push(measure_row(plan, row, &raw, &clouds).await);
     }
@@ -537,9 +539,16 @@ async fn measure_row(plan: &Plan, mut row: Row, raw: &impl Caller, clouds: &impl
     let warm = (row.calls / 10).clamp(100, 2_000);
     let _ = load::run(raw, &payload, warm, row.in_flight, plan.run_limit).await;
     let _ = load::run(clouds, &payload, warm, row.in_flight, plan.run_limit).await;
-    let (mut raws, mut cloudss) = (Vec::new(), Vec::new());
+    let (mut raws, mut cloudss, mut pairs) = (Vec::new(), Vec::new(), Vec::new());
     for rep in 0..plan.reps {
-        for (name, figures) in [("raw", &mut raws), ("clouds", &mut cloudss)] {
+        // Alternate which goes first, so a machine speeding up or slowing down over the row
+        // does not favour either side.
+        let order = if rep % 2 == 0 {
+            ["raw", "clouds"]
+        } else {
+            ["clouds", "raw"]
+        };
+        for name in order {
             let run = if name == "raw" {
                 load::run(raw, &payload, row.calls, row.in_flight, plan.run_limit).await
             } else {
@@ -560,9 +569,17 @@ async fn measure_row(plan: &Plan, mut row: Row, raw: &impl Caller, clouds: &impl
                 fmt_d(f.p50),
                 fmt_d(f.p99)
             );
-            figures.push(f);
+            if name == "raw" {
+                raws.push(f);
+            } else {
+                cloudss.push(f);
+            }
+        }
+        if let (Some(r), Some(c)) = (raws.last(), cloudss.last()) {
+            pairs.push(Ratios::of(c, r));
         }
     }
+    row.ratios = Ratios::median(&pairs);
     row.raw = median_figures(&raws);
     row.clouds = median_figures(&cloudss);
     row

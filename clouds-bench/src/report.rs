@@ -4,7 +4,7 @@ use std::fmt::Write as _;
 use std::time::Duration;
 
 use crate::rss;
-use crate::stats::Figures;
+use crate::stats::{Figures, median};
 use crate::wire::Wire;
 
 /// Where the rows' providers run.
@@ -25,6 +25,38 @@ pub(crate) struct Row {
     pub(crate) setup: Setup,
     pub(crate) raw: Figures,
     pub(crate) clouds: Figures,
+    /// clouds ÷ raw, the median over runs of the ratio within each back-to-back pair.
+    pub(crate) ratios: Ratios,
+}
+
+/// clouds ÷ raw for one row's figures.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Ratios {
+    pub(crate) calls_per_sec: f64,
+    pub(crate) p50: f64,
+    pub(crate) p99: f64,
+}
+
+impl Ratios {
+    /// The ratios of one pair of runs.
+    pub(crate) fn of(clouds: &Figures, raw: &Figures) -> Ratios {
+        let div = |a: f64, b: f64| if b > 0.0 { a / b } else { 0.0 };
+        Ratios {
+            calls_per_sec: div(clouds.calls_per_sec, raw.calls_per_sec),
+            p50: div(clouds.p50.as_secs_f64(), raw.p50.as_secs_f64()),
+            p99: div(clouds.p99.as_secs_f64(), raw.p99.as_secs_f64()),
+        }
+    }
+
+    /// Each ratio's median over `pairs`.
+    pub(crate) fn median(pairs: &[Ratios]) -> Ratios {
+        let of = |f: fn(&Ratios) -> f64| median(&pairs.iter().map(f).collect::<Vec<_>>());
+        Ratios {
+            calls_per_sec: of(|r| r.calls_per_sec),
+            p50: of(|r| r.p50),
+            p99: of(|r| r.p99),
+        }
+    }
 }
 
 /// The memory lines of the table: the median run of each kind (by bytes per call).
@@ -81,21 +113,20 @@ pub(crate) fn table(rows: &[Row], memory: Option<&Memory>) -> String {
         } else {
             format!("{}", r.in_flight)
         };
-        let secs = |d: Duration| d.as_secs_f64();
         let _ = writeln!(
             t,
-            "| {} | {} | {flight} | {providers} | {:.0} | {:.0} | {} | {} | {} | {} | {} | {} | {} | {}/{} |",
+            "| {} | {} | {flight} | {providers} | {:.0} | {:.0} | {:.2} | {} | {} | {:.2} | {} | {} | {:.2} | {}/{} |",
             fmt_size(r.payload),
             r.calls,
             r.raw.calls_per_sec,
             r.clouds.calls_per_sec,
-            ratio(r.clouds.calls_per_sec, r.raw.calls_per_sec),
+            r.ratios.calls_per_sec,
             fmt_d(r.raw.p50),
             fmt_d(r.clouds.p50),
-            ratio(secs(r.clouds.p50), secs(r.raw.p50)),
+            r.ratios.p50,
             fmt_d(r.raw.p99),
             fmt_d(r.clouds.p99),
-            ratio(secs(r.clouds.p99), secs(r.raw.p99)),
+            r.ratios.p99,
             r.raw.errors,
             r.clouds.errors,
         );
@@ -109,6 +140,9 @@ pub(crate) fn table(rows: &[Row], memory: Option<&Memory>) -> String {
          the server republishes the frame unchanged; clouds sends `Payload(#[serde(with = \"serde_bytes\")] Vec<u8>)`, \
          the same N bytes as one MessagePack bin, inside its call/reply envelope (bytes per call below). \
          ÷ is clouds ÷ raw: above 1 is better for calls/s, below 1 is better for latencies. \
+         Each run of clouds is paired with a run of raw right before or after it (the order alternates), \
+         and ÷ is the median over the pairs of the ratio within each pair: the machine's speed drifts \
+         between runs, and a pair sees the same machine. The figures are the medians of each side's runs. \
          Errors count failed calls plus calls not started within a run's time limit, summed over the runs."
     );
     t
@@ -220,7 +254,7 @@ pub(crate) fn targets(rows: &[Row], memory: Option<&Memory>) -> String {
     let mut t = String::from("\nTargets (100 B, 1 provider in-process unless said):\n\n");
     let mark = |ok: bool| if ok { "met" } else { "NOT met" };
     if let Some(r) = find(100, 64) {
-        let x = r.clouds.calls_per_sec / r.raw.calls_per_sec.max(1e-9);
+        let x = r.ratios.calls_per_sec;
         let _ = writeln!(
             t,
             "- 64 in flight, clouds ≥ 0.9 × raw calls/s: {x:.2} — {}",
@@ -228,7 +262,7 @@ pub(crate) fn targets(rows: &[Row], memory: Option<&Memory>) -> String {
         );
     }
     if let Some(r) = find(100, 1) {
-        let x = r.clouds.p50.as_secs_f64() / r.raw.p50.as_secs_f64().max(1e-9);
+        let x = r.ratios.p50;
         let _ = writeln!(
             t,
             "- sequential p50 ≤ 1.15 × raw: {x:.2} — {}",
