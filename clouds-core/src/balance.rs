@@ -20,6 +20,17 @@ struct Entry {
     last_used_ms: AtomicU64,
 }
 
+/// What [`Balancer::choose`] found.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum Choice {
+    /// Call this one.
+    Provider(NodeId),
+    /// The method is cached, with no provider to call.
+    Nobody,
+    /// The method is not cached: look it up in the registry.
+    Unknown,
+}
+
 /// Provider cache and balancer of one node.
 #[derive(Debug)]
 pub(crate) struct Balancer {
@@ -148,14 +159,26 @@ impl Balancer {
 
     /// Picks a provider for `method`, preferring ones not in `tried` and not suspect; `None`
     /// when there is none at all.
+    #[cfg(test)]
     pub(crate) fn pick(&self, method: &str, tried: &[NodeId]) -> Option<NodeId> {
+        match self.choose(method, tried) {
+            Choice::Provider(node) => Some(node),
+            Choice::Nobody | Choice::Unknown => None,
+        }
+    }
+
+    /// Picks a provider for `method`, preferring ones not in `tried` and not suspect. One
+    /// lookup of the method per call tells both whether it is cached and whom to call.
+    pub(crate) fn choose(&self, method: &str, tried: &[NodeId]) -> Choice {
         let cache = read(&self.methods);
-        let entry = cache.get(method)?;
+        let Some(entry) = cache.get(method) else {
+            return Choice::Unknown;
+        };
         entry
             .last_used_ms
             .store(self.now_ms().max(1), Ordering::Relaxed);
         if entry.providers.is_empty() {
-            return None;
+            return Choice::Nobody;
         }
         let now = Instant::now();
         let suspects = lock(&self.suspects);
@@ -186,9 +209,9 @@ impl Balancer {
                         .min_by_key(|p| load(p))
                 }
             };
-            return chosen.cloned();
+            return chosen.cloned().map_or(Choice::Nobody, Choice::Provider);
         }
-        None
+        Choice::Nobody
     }
 
     /// Whether `method` has a provider not in `tried`.

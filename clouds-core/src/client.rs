@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
+use crate::balance::Choice;
 use crate::codec;
 use crate::config::Config;
 use crate::envelope::{Reply, Status};
@@ -241,14 +242,8 @@ impl Client {
         args: &(dyn codec::Args + Sync),
     ) -> Result<(NodeId, Reply), Error> {
         let node = self.node();
-        let mut refresh = !node.balancer.knows(method);
-        if refresh {
-            // Only names never looked up need checking: a cached one passed this before.
-            crate::namespace::validate_method(method).map_err(|reason| Error::InvalidMethod {
-                method: method.to_string(),
-                reason,
-            })?;
-        }
+        let mut refresh = false;
+        let mut looked_up = false;
         let started = Instant::now();
         let max_attempts = self.retries.saturating_add(1);
         let deadline_ms = u64::try_from(self.timeout.as_millis())
@@ -274,18 +269,34 @@ impl Client {
                 }
                 refresh = false;
             }
-            let Some(provider) = node.balancer.pick(method, &tried) else {
-                attempts += 1;
-                if attempts >= max_attempts {
-                    return Err(Error::NoProvider {
-                        method: method.to_string(),
-                        attempts,
-                    });
+            let provider = match node.balancer.choose(method, &tried) {
+                Choice::Provider(provider) => provider,
+                Choice::Unknown if !looked_up => {
+                    // Only names never looked up need checking: a cached one passed this.
+                    crate::namespace::validate_method(method).map_err(|reason| {
+                        Error::InvalidMethod {
+                            method: method.to_string(),
+                            reason,
+                        }
+                    })?;
+                    looked_up = true;
+                    refresh = true;
+                    continue;
                 }
-                // Wait for a provider to join (the join event fills the cache), then look again.
-                pause(attempts, node).await;
-                refresh = true;
-                continue;
+                Choice::Unknown | Choice::Nobody => {
+                    attempts += 1;
+                    if attempts >= max_attempts {
+                        return Err(Error::NoProvider {
+                            method: method.to_string(),
+                            attempts,
+                        });
+                    }
+                    // Wait for a provider to join (the join event fills the cache), then look
+                    // again.
+                    pause(attempts, node).await;
+                    refresh = true;
+                    continue;
+                }
             };
             attempts += 1;
             let outcome = {
@@ -301,7 +312,7 @@ impl Client {
                 // Untimed: the attempt's timeout below bounds the PUBLISH too.
                 let publish = node
                     .redis
-                    .publish_untimed(node.names.calls(provider.as_str()), frame);
+                    .publish_untimed(node.peers.calls(provider.as_str()), frame);
                 let attempt = async {
                     let receivers = publish.await?;
                     if receivers == 0 {

@@ -12,7 +12,7 @@ use rmp::Marker;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use crate::envelope::{Call, Frame, Reply, Status};
+use crate::envelope::{Call, Frame, Reply, Status, WireStr};
 use crate::node_id::{MAX_NODE_ID_LEN, NodeId};
 
 /// The protocol version this build speaks; the first byte of every frame.
@@ -221,6 +221,22 @@ impl<'a> Reader<'a> {
         std::str::from_utf8(bytes).map_err(|_| malformed(format!("{what} is not UTF-8")))
     }
 
+    /// A string as a slice of the frame, not a copy.
+    fn wire_str(&mut self, what: &str, max: usize) -> Result<WireStr, DecodeError> {
+        let len = rmp::decode::read_str_len(&mut self.rest)
+            .map_err(|e| malformed(format!("{what}: {e}")))? as usize;
+        if len > max {
+            return Err(malformed(format!("{what} is {len} bytes, over {max}")));
+        }
+        if self.rest.len() < len {
+            return Err(malformed(format!("{what} is truncated")));
+        }
+        let start = self.frame.len() - self.rest.len();
+        self.rest = &self.rest[len..];
+        WireStr::new(self.frame.slice(start..start + len))
+            .ok_or_else(|| malformed(format!("{what} is not UTF-8")))
+    }
+
     fn node(&mut self, what: &str) -> Result<NodeId, DecodeError> {
         let s = self.str(what, MAX_NODE_ID_LEN)?;
         if s.is_empty() {
@@ -263,8 +279,11 @@ pub(crate) fn decode(frame: &Bytes) -> Result<Frame, DecodeError> {
         k if k == u64::from(KIND_CALL) => {
             Reader::expect_len(len, 6, "call")?;
             let id = r.uint("call id")?;
-            let method = r.str("method", MAX_METHOD_LEN)?.to_string();
-            let reply_to = r.node("reply_to")?;
+            let method = r.wire_str("method", MAX_METHOD_LEN)?;
+            let reply_to = r.wire_str("reply_to", MAX_NODE_ID_LEN)?;
+            if reply_to.as_str().is_empty() {
+                return Err(malformed("reply_to is empty"));
+            }
             let deadline_ms = r.uint("deadline")?;
             let args = r.body("arguments")?;
             if !is_array_marker(args[0]) {
@@ -704,7 +723,7 @@ mod tests {
                 let frame = Bytes::from(encode_call(id, &method, &caller, deadline, &(name.as_str(), n)).expect("encodable"));
                 let Ok(Frame::Call(call)) = decode(&frame) else { panic!("valid call did not decode") };
                 prop_assert_eq!(call.id, id);
-                prop_assert_eq!(&call.method, &method);
+                prop_assert_eq!(call.method.as_str(), method.as_str());
                 prop_assert_eq!(call.reply_to.as_str(), caller.as_str());
                 prop_assert_eq!(call.deadline_ms, deadline);
                 prop_assert_eq!(decode_args::<(String, i64)>(&call.args), Ok((name, n)));

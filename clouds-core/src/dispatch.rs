@@ -88,20 +88,20 @@ impl Dispatcher {
         }
         let route = {
             let table = read(&self.routes);
-            table.get(&call.method).map(|r| r.handler.clone())
+            table.get(call.method.as_str()).map(|r| r.handler.clone())
         };
         let node = node.clone();
         let Some(handler) = route else {
             return Some(Box::pin(self.tasks.track_future(async move {
-                let body = ReplyBody::text(&call.method);
-                node.reply(&call.reply_to, call.id, Status::UnknownMethod, body)
+                let body = ReplyBody::text(call.method.as_str());
+                node.reply(call.reply_to.as_str(), call.id, Status::UnknownMethod, body)
                     .await;
             })));
         };
         let Ok(permit) = self.slots.clone().try_acquire_owned() else {
             return Some(Box::pin(self.tasks.track_future(async move {
                 node.reply(
-                    &call.reply_to,
+                    call.reply_to.as_str(),
                     call.id,
                     Status::Overloaded,
                     ReplyBody::from_encoded(codec::NIL),
@@ -130,7 +130,7 @@ impl Dispatcher {
                 if Instant::now() > deadline {
                     tracing::debug!(node = %node.id, %method, "handler finished after the caller's deadline");
                 }
-                node.reply(&reply_to, id, outcome.status, outcome.body).await;
+                node.reply(reply_to.as_str(), id, outcome.status, outcome.body).await;
                 drop(permit);
             });
             return None;
@@ -141,7 +141,7 @@ impl Dispatcher {
         let mut cx = Context::from_waker(Waker::noop());
         match running.as_mut().poll(&mut cx) {
             Poll::Ready(outcome) => Some(Box::pin(self.tasks.track_future(async move {
-                node.reply(&reply_to, id, outcome.status, outcome.body)
+                node.reply(reply_to.as_str(), id, outcome.status, outcome.body)
                     .await;
                 drop(permit);
             }))),
@@ -152,7 +152,7 @@ impl Dispatcher {
                     if Instant::now() > deadline {
                         tracing::debug!(node = %node.id, %method, "handler finished after the caller's deadline");
                     }
-                    node.reply(&reply_to, id, outcome.status, outcome.body).await;
+                    node.reply(reply_to.as_str(), id, outcome.status, outcome.body).await;
                     drop(permit);
                 });
                 None

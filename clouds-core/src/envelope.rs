@@ -38,13 +38,50 @@ pub(crate) struct Call {
     /// Chosen by the caller, unique among its calls in flight.
     pub(crate) id: u64,
     /// Full method name, `service.method`.
-    pub(crate) method: String,
+    pub(crate) method: WireStr,
     /// The caller's node id; the reply goes to its inbox.
-    pub(crate) reply_to: NodeId,
+    pub(crate) reply_to: WireStr,
     /// Milliseconds the caller still waits for this attempt, counted from publication.
     pub(crate) deadline_ms: u64,
     /// The arguments: one MessagePack array.
     pub(crate) args: Bytes,
+}
+
+/// Text received in a frame, kept as a slice of the frame's buffer instead of a copy (a call
+/// carries two: its method and the caller's id). Checked to be UTF-8 when the frame is decoded.
+#[derive(Clone, PartialEq, Eq)]
+pub(crate) struct WireStr(Bytes);
+
+impl WireStr {
+    /// `bytes`, if they are UTF-8.
+    pub(crate) fn new(bytes: Bytes) -> Option<WireStr> {
+        std::str::from_utf8(&bytes).ok()?;
+        Some(WireStr(bytes))
+    }
+
+    pub(crate) fn as_str(&self) -> &str {
+        // Checked in `new`; checking again is cheap for these short strings and needs no
+        // unsafe code.
+        std::str::from_utf8(&self.0).unwrap_or_default()
+    }
+}
+
+impl std::fmt::Display for WireStr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::fmt::Debug for WireStr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Debug::fmt(self.as_str(), f)
+    }
+}
+
+impl PartialEq<&str> for WireStr {
+    fn eq(&self, other: &&str) -> bool {
+        self.as_str() == *other
+    }
 }
 
 /// A call's outcome.

@@ -4,9 +4,13 @@
 //! one hash tag, `{namespace:db}`, so a script touching several is legal on Redis Cluster;
 //! inbox channels carry no tag so they spread over shards.
 
+use std::sync::Mutex;
+
 use clouds_redis::Channel;
+use foldhash::HashMap;
 
 use crate::config::Config;
+use crate::locks::lock;
 
 /// All names of one deployment (namespace + db).
 #[derive(Debug, Clone)]
@@ -64,6 +68,57 @@ impl Names {
     }
 }
 
+/// The call and inbox channels of the peers a node talks to, each name built once: every
+/// call publishes to a provider's call channel and every reply to a caller's inbox, and a
+/// cached name costs a map lookup instead of an allocation and a copy.
+#[derive(Debug)]
+pub(crate) struct PeerChannels {
+    names: Names,
+    calls: Mutex<HashMap<String, Channel>>,
+    inboxes: Mutex<HashMap<String, Channel>>,
+}
+
+/// Most peers remembered per kind of channel; past it the cache starts over, so peers that
+/// came and went (clients restart with new ids) cannot make it grow without end.
+const MAX_PEERS: usize = 4096;
+
+impl PeerChannels {
+    pub(crate) fn new(names: Names) -> Self {
+        PeerChannels {
+            names,
+            calls: Mutex::default(),
+            inboxes: Mutex::default(),
+        }
+    }
+
+    /// `node`'s call channel.
+    pub(crate) fn calls(&self, node: &str) -> Channel {
+        Self::cached(&self.calls, node, |node| self.names.calls(node))
+    }
+
+    /// `node`'s inbox.
+    pub(crate) fn inbox(&self, node: &str) -> Channel {
+        Self::cached(&self.inboxes, node, |node| self.names.inbox(node))
+    }
+
+    fn cached(
+        cache: &Mutex<HashMap<String, Channel>>,
+        node: &str,
+        build: impl FnOnce(&str) -> Channel,
+    ) -> Channel {
+        let mut cache = lock(cache);
+        if let Some(channel) = cache.get(node) {
+            return channel.clone();
+        }
+        if cache.len() >= MAX_PEERS {
+            cache.clear();
+        }
+        let channel = build(node);
+        cache.insert(node.to_string(), channel.clone());
+        channel
+    }
+}
+
 /// Checks a method name: what goes on the wire and into key names.
 pub(crate) fn validate_method(name: &str) -> Result<(), String> {
     if name.is_empty() || name.len() > 256 {
@@ -93,6 +148,21 @@ mod tests {
         assert_eq!(names.calls("n1").as_str(), "app:3:calls:n1");
         assert_eq!(names.events().as_str(), "app:3:events");
         assert!(validate_method("test.hello").is_ok());
+        let peers = PeerChannels::new(names.clone());
+        assert_eq!(peers.calls("n1"), names.calls("n1"));
+        assert_eq!(peers.inbox("n1"), names.inbox("n1"));
+        assert_eq!(
+            peers.inbox("n1").as_str(),
+            "app:3:inbox:n1",
+            "from the cache"
+        );
+        for i in 0..MAX_PEERS + 10 {
+            assert_eq!(peers.inbox(&i.to_string()), names.inbox(&i.to_string()));
+        }
+        assert!(
+            lock(&peers.inboxes).len() <= MAX_PEERS,
+            "the cache is bounded"
+        );
         assert!(validate_method("bad name").is_err());
         assert!(validate_method("").is_err());
     }

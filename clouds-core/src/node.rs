@@ -24,7 +24,7 @@ use crate::dispatch::Dispatcher;
 use crate::envelope::{Frame, Status};
 use crate::error::Error;
 use crate::message::{Message, MessageQueue};
-use crate::namespace::Names;
+use crate::namespace::{Names, PeerChannels};
 use crate::node_id::NodeId;
 use crate::pending::Pending;
 use crate::registry::Registry;
@@ -36,6 +36,8 @@ pub(crate) struct Node {
     pub(crate) id: NodeId,
     pub(crate) config: Config,
     pub(crate) names: Names,
+    /// Peers' channel names, built once each.
+    pub(crate) peers: PeerChannels,
     pub(crate) registry: Registry,
     pub(crate) redis: Transport,
     pub(crate) pending: Pending,
@@ -79,6 +81,7 @@ impl Node {
             calls: names.calls(id.as_str()),
             events: names.events(),
             registry: Registry::new(names.clone(), config.effective_ttl()),
+            peers: PeerChannels::new(names.clone()),
             balancer: Balancer::new(config.balance, config.effective_ttl()),
             messages: MessageQueue::new(config.message_buffer),
             pending: Pending::default(),
@@ -134,7 +137,7 @@ impl Node {
     }
 
     /// Sends a reply to `caller`'s inbox; failures are logged (the caller will time out).
-    pub(crate) async fn reply(&self, caller: &NodeId, id: u64, status: Status, body: ReplyBody) {
+    pub(crate) async fn reply(&self, caller: &str, id: u64, status: Status, body: ReplyBody) {
         let frame = if body.frame_len() > self.config.max_frame_size {
             let reason = format!(
                 "the reply is {} bytes, over the server's max_frame_size of {} bytes",
@@ -146,11 +149,7 @@ impl Node {
         } else {
             body.into_frame(id, status)
         };
-        match self
-            .redis
-            .publish(self.names.inbox(caller.as_str()), frame)
-            .await
-        {
+        match self.redis.publish(self.peers.inbox(caller), frame).await {
             Ok(0) => tracing::debug!(node = %self.id, %caller, "the caller is gone; reply dropped"),
             Ok(_) => {}
             Err(e) => {
@@ -291,7 +290,7 @@ impl Node {
                 );
                 self.tasks.spawn(async move {
                     let body = ReplyBody::text(&reason);
-                    node.reply(&call.reply_to, call.id, Status::ServerError, body)
+                    node.reply(call.reply_to.as_str(), call.id, Status::ServerError, body)
                         .await;
                 });
             }
