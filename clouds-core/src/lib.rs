@@ -16,10 +16,12 @@
 //! Underneath, one concept per module:
 //! - `node`: a node's identity, connections and receive loop, which routes every frame.
 //! - `envelope` (the frames) and `codec` (frames and values to bytes and back).
-//! - `namespace`: key and channel names; `registry`: the heartbeat registry's Lua scripts.
+//! - `namespace`: key and channel names (and the peers' channel names, built once each);
+//!   `registry`: the heartbeat registry's Lua scripts.
 //! - `balance`: the provider cache and the choice of provider; `pending`: calls awaiting replies.
 //! - `stats`: counters of bad input and load; `locks`: poison-tolerant locking.
-//! - `dispatch`: the server side of a call; `heartbeat`: keeping the registry entry alive.
+//! - `dispatch`: the server side of a call (handlers start on the receive loop and move to a
+//!   task of their own only if they wait); `heartbeat`: keeping the registry entry alive.
 //! - [`codegen`]: what the macro's expansion calls.
 //!
 //! The wire protocol and Redis layout are specified in `docs/protocol.md`.
