@@ -309,6 +309,31 @@ impl Client {
                             reason,
                         })?;
                 let frame = node.sized(frame, || format!("the call to {method}"))?;
+                // Room for the frame among this node's calls in flight; held until the
+                // attempt ends. Waiting for room is bounded by the call's timeout, and is not
+                // the provider's fault: it is not counted against it.
+                let need = u32::try_from(frame.len())
+                    .unwrap_or(u32::MAX)
+                    .clamp(1, node.room_size);
+                let _room = match node.room.try_acquire_many(need) {
+                    Ok(room) => room,
+                    Err(_) => match tokio::time::timeout(
+                        self.timeout,
+                        Box::pin(node.room.acquire_many(need)),
+                    )
+                    .await
+                    {
+                        Ok(Ok(room)) => room,
+                        Ok(Err(_)) => return Err(Error::Shutdown),
+                        Err(_) => {
+                            return Err(Error::Timeout {
+                                method: method.to_string(),
+                                after: started.elapsed(),
+                                attempts,
+                            });
+                        }
+                    },
+                };
                 // Untimed: the attempt's timeout below bounds the PUBLISH too.
                 let publish = node
                     .redis

@@ -49,6 +49,7 @@ pub struct Config {
     pub(crate) balance: Balance,
     pub(crate) shutdown_timeout: Duration,
     pub(crate) message_buffer: usize,
+    pub(crate) max_bytes_in_flight: usize,
     pub(crate) transport: TransportOptions,
 }
 
@@ -69,6 +70,7 @@ impl Default for Config {
             balance: Balance::RoundRobin,
             shutdown_timeout: Duration::from_secs(30),
             message_buffer: 1024,
+            max_bytes_in_flight: 16 << 20,
             transport: TransportOptions::default(),
         }
     }
@@ -257,6 +259,23 @@ impl Config {
         self
     }
 
+    /// Most bytes of call frames a client keeps in flight (default 16 MiB): sent and not
+    /// answered yet. Past it, new calls wait for room, within their timeout.
+    ///
+    /// Redis drops a subscriber whose unread pub/sub output passes its limit (32 MB hard by
+    /// default, `client-output-buffer-limit pubsub`), and every call queued for it is lost. A
+    /// burst of large calls to one provider could get there (1,000 calls of 64 KiB is 64 MB);
+    /// this keeps one client's share under the limit. A frame larger than the whole budget
+    /// still goes, alone.
+    ///
+    /// ```
+    /// let config = clouds_core::Config::default().max_bytes_in_flight(4 << 20);
+    /// ```
+    pub fn max_bytes_in_flight(mut self, bytes: usize) -> Self {
+        self.max_bytes_in_flight = bytes;
+        self
+    }
+
     /// The Redis database in use.
     ///
     /// ```
@@ -324,6 +343,9 @@ impl Config {
         }
         if self.message_buffer == 0 {
             return fail("message_buffer must be at least 1".into());
+        }
+        if self.max_bytes_in_flight == 0 {
+            return fail("max_bytes_in_flight must be at least 1".into());
         }
         Ok(())
     }

@@ -46,6 +46,10 @@ pub(crate) struct Node {
     /// Set once, when the node starts serving.
     pub(crate) dispatcher: OnceLock<Arc<Dispatcher>>,
     pub(crate) counters: Counters,
+    /// Room for call frames in flight, in bytes (`Config::max_bytes_in_flight`).
+    pub(crate) room: tokio::sync::Semaphore,
+    /// Its size, in permits.
+    pub(crate) room_size: u32,
     /// Serialises first lookups of methods, so concurrent first calls share one registry read.
     first_lookups: tokio::sync::Mutex<()>,
     /// Ends the background loops.
@@ -73,6 +77,7 @@ impl Node {
         config.validate()?;
         let id = NodeId::generate(kind);
         let names = Names::new(&config);
+        let room_size = u32::try_from(config.max_bytes_in_flight).unwrap_or(u32::MAX);
         let redis = Transport::connect(&config.endpoint, &config.transport).await?;
         // Take the receiver before subscribing so nothing delivered is missed.
         let inbound = redis.inbound();
@@ -87,6 +92,8 @@ impl Node {
             pending: Pending::default(),
             dispatcher: OnceLock::new(),
             counters: Counters::default(),
+            room: tokio::sync::Semaphore::new(room_size as usize),
+            room_size,
             first_lookups: tokio::sync::Mutex::new(()),
             cancel: CancellationToken::new(),
             tasks: TaskTracker::new(),
