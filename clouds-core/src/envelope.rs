@@ -48,21 +48,19 @@ pub(crate) struct Call {
 }
 
 /// Text received in a frame, kept as a slice of the frame's buffer instead of a copy (a call
-/// carries two: its method and the caller's id). Checked to be UTF-8 when the frame is decoded.
+/// carries two: its method and the caller's id). Checked to be UTF-8 once, when the frame is
+/// decoded.
 #[derive(Clone, PartialEq, Eq)]
-pub(crate) struct WireStr(Bytes);
+pub(crate) struct WireStr(bytes_utils::Str);
 
 impl WireStr {
     /// `bytes`, if they are UTF-8.
     pub(crate) fn new(bytes: Bytes) -> Option<WireStr> {
-        std::str::from_utf8(&bytes).ok()?;
-        Some(WireStr(bytes))
+        bytes_utils::Str::from_inner(bytes).ok().map(WireStr)
     }
 
     pub(crate) fn as_str(&self) -> &str {
-        // Checked in `new`; checking again is cheap for these short strings and needs no
-        // unsafe code.
-        std::str::from_utf8(&self.0).unwrap_or_default()
+        &self.0
     }
 }
 
