@@ -349,7 +349,7 @@ fn bench(runtime: &tokio::runtime::Runtime, plan: &Plan) -> Result<(), String> {
         .cloned()
         .unwrap_or_default();
     eprintln!("redis-server {version} on port {}", redis.port());
-    let (rows, wire, memory) = runtime.block_on(measure_all(plan, &redis))?;
+    let (rows, wire, memory, scaling) = runtime.block_on(measure_all(plan, &redis))?;
     let mut out = String::new();
     let _ = writeln!(
         out,
@@ -359,7 +359,7 @@ fn bench(runtime: &tokio::runtime::Runtime, plan: &Plan) -> Result<(), String> {
     let _ = writeln!(out, "start: {at_start}");
     out.push_str(&table(&rows, memory.as_ref()));
     out.push_str(&wire_notes(&wire));
-    out.push_str(&targets(&rows, memory.as_ref()));
+    out.push_str(&targets(&rows, memory.as_ref(), scaling));
     let _ = writeln!(
         out,
         "\nend: loadavg {}; took {:.0?}",
@@ -373,7 +373,7 @@ fn bench(runtime: &tokio::runtime::Runtime, plan: &Plan) -> Result<(), String> {
 async fn measure_all(
     plan: &Plan,
     redis: &RedisServer,
-) -> Result<(Vec<Row>, Wire, Option<Memory>), String> {
+) -> Result<(Vec<Row>, Wire, Option<Memory>, f64), String> {
     let url = redis.url();
     let mut rows = Vec::new();
 
@@ -410,20 +410,58 @@ async fn measure_all(
             };
             rows.push(measure_row(plan, row, &raw, &clouds).await);
         }
-        Ok::<_, String>(wire)
+        let scaling = flight_scaling(plan, &clouds).await;
+        Ok::<_, String>((wire, scaling))
     }
     .await;
     raw.close().await;
     raw_server.stop().await;
     in_process.stop().await;
-    let wire = result?;
+    let (wire, scaling) = result?;
 
     // Three provider processes, three raw server processes.
     let mut procs = Vec::new();
     let result = processes_rows(plan, &url, &mut procs, &mut rows).await;
     procs::stop_all(procs).await;
     let memory = result?;
-    Ok((rows, wire, memory))
+    Ok((rows, wire, memory, scaling))
+}
+
+/// clouds at 1,000 in flight ÷ clouds at 64 in flight (100 B, in-process), the median over
+/// back-to-back pairs of runs: the rows measure the two at different times, and the machine's
+/// speed drifts in between.
+async fn flight_scaling(plan: &Plan, clouds: &impl Caller) -> f64 {
+    let payload = payload(100);
+    let mut ratios = Vec::new();
+    for rep in 0..plan.reps {
+        let order = if rep % 2 == 0 {
+            [64, 1_000]
+        } else {
+            [1_000, 64]
+        };
+        let mut rate = [0.0; 2];
+        for in_flight in order {
+            let run = load::run(
+                clouds,
+                &payload,
+                plan.flight_calls,
+                in_flight,
+                plan.run_limit,
+            )
+            .await;
+            let f = run.figures();
+            eprintln!(
+                "scaling run {}: {in_flight} in flight {:.0} calls/s",
+                rep + 1,
+                f.calls_per_sec
+            );
+            rate[usize::from(in_flight == 1_000)] = f.calls_per_sec;
+        }
+        if rate[0] > 0.0 {
+            ratios.push(rate[1] / rate[0]);
+        }
+    }
+    stats::median(&ratios)
 }
 
 /// The rows with provider processes, and the memory row.
