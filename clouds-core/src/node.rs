@@ -20,7 +20,7 @@ use tokio_util::task::TaskTracker;
 use crate::balance::Balancer;
 use crate::codec::{self, ReplyBody};
 use crate::config::Config;
-use crate::dispatch::Dispatcher;
+use crate::dispatch::{Dispatcher, ReadyReply};
 use crate::envelope::{Frame, Status};
 use crate::error::Error;
 use crate::message::{Message, MessageQueue};
@@ -28,7 +28,6 @@ use crate::namespace::{Names, PeerChannels};
 use crate::node_id::NodeId;
 use crate::pending::Pending;
 use crate::registry::Registry;
-use crate::service::BoxFuture;
 use crate::stats::{Counters, Stats, bump, bump_and_sample};
 
 /// The shared state of one node.
@@ -261,7 +260,7 @@ impl Node {
 
     /// Routes one delivery. Never fails: bad input is counted and logged. Returns the work
     /// left for the receive loop to drive: sending the reply of a call handled right here.
-    fn handle(self: &Arc<Self>, delivery: Delivery) -> Option<BoxFuture<()>> {
+    fn handle(self: &Arc<Self>, delivery: Delivery) -> Option<ReadyReply> {
         let (channel, payload) = match delivery {
             Delivery::Frame { channel, payload } => (channel, payload),
             Delivery::Lagged(n) => {
@@ -348,8 +347,17 @@ async fn receive_loop(node: Arc<Node>, mut inbound: Inbound) {
     // If this task is dropped without finishing (its runtime shut down), the whole node stops,
     // heartbeat included: a node that cannot receive must not stay registered.
     let _stop_all = node.cancel.clone().drop_guard();
-    // Replies of calls handled on this loop, being sent (at most `max_in_flight` of them).
+    // Replies of calls handled on this loop, being sent: at most `max_in_flight` of them,
+    // plus error replies. One concrete future type, so they need no box of their own.
     let mut sending = FuturesUnordered::new();
+    let send = |reply: ReadyReply| {
+        let node = &node;
+        async move {
+            node.reply(reply.caller.as_str(), reply.id, reply.status, reply.body)
+                .await;
+            drop(reply.slot);
+        }
+    };
     let cancelled = node.cancel.cancelled();
     tokio::pin!(cancelled);
     loop {
@@ -360,7 +368,7 @@ async fn receive_loop(node: Arc<Node>, mut inbound: Inbound) {
             delivery = inbound.recv() => delivery,
         };
         match delivery {
-            Some(delivery) => sending.extend(handle_guarded(&node, delivery)),
+            Some(delivery) => sending.extend(handle_guarded(&node, delivery).map(send)),
             None => break,
         }
         // Take what else has arrived already without going round the `select!` for each
@@ -371,12 +379,12 @@ async fn receive_loop(node: Arc<Node>, mut inbound: Inbound) {
             let Some(delivery) = inbound.try_recv() else {
                 break;
             };
-            sending.extend(handle_guarded(&node, delivery));
+            sending.extend(handle_guarded(&node, delivery).map(send));
         }
     }
     // Hand over what was already delivered (replies to calls still being waited for).
     while let Some(delivery) = inbound.try_recv() {
-        sending.extend(handle_guarded(&node, delivery));
+        sending.extend(handle_guarded(&node, delivery).map(send));
     }
     // Finish sending the replies already made; each PUBLISH ends within the command timeout.
     while sending.next().await.is_some() {}
@@ -386,7 +394,7 @@ async fn receive_loop(node: Arc<Node>, mut inbound: Inbound) {
 const RECEIVE_BATCH: usize = 32;
 
 /// Routes one delivery; a bug that panics on some frame costs that frame, not the node.
-fn handle_guarded(node: &Arc<Node>, delivery: Delivery) -> Option<BoxFuture<()>> {
+fn handle_guarded(node: &Arc<Node>, delivery: Delivery) -> Option<ReadyReply> {
     match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| node.handle(delivery))) {
         Ok(work) => work,
         Err(_) => {
