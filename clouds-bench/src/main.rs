@@ -23,6 +23,18 @@
 //! - `procs.rs`: child processes: start, wait for `ready`, stop, never leak.
 //! - `stats.rs`: percentiles and medians.
 
+/// With `--features mimalloc`, every allocation of the bench (raw and clouds alike).
+#[cfg(feature = "mimalloc")]
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// The allocator every figure was measured with, for the table's header.
+const ALLOCATOR_NAME: &str = if cfg!(feature = "mimalloc") {
+    "mimalloc (--features mimalloc)"
+} else {
+    "the system's (glibc malloc)"
+};
+
 mod clouds_rows;
 mod load;
 mod procs;
@@ -356,7 +368,7 @@ fn bench(runtime: &tokio::runtime::Runtime, plan: &Plan) -> Result<(), String> {
         "clouds-bench, {} mode, {} runs per figure (median shown); redis-server {version} on loopback",
         plan.name, plan.reps
     );
-    let _ = writeln!(out, "start: {at_start}");
+    let _ = writeln!(out, "start: {at_start}; allocator: {ALLOCATOR_NAME}");
     out.push_str(&table(&rows, memory.as_ref()));
     out.push_str(&wire_notes(&wire));
     out.push_str(&targets(&rows, memory.as_ref(), scaling));
