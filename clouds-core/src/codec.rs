@@ -103,6 +103,10 @@ pub(crate) fn encode_reply(id: u64, status: Status, body: &[u8]) -> Bytes {
 /// Most bytes a reply's header takes: version, array length, kind, id (up to 9) and status.
 const REPLY_HEADER_ROOM: usize = 13;
 
+/// Room for a reply with a small result (about 200 bytes), so that most are encoded without
+/// growing the buffer: each growth is one more allocation and copy, on the hot path.
+const REPLY_BODY_GUESS: usize = 256;
+
 /// A reply body, encoded after room for the frame header, so that the reply frame is made
 /// around it without copying it.
 #[derive(Debug)]
@@ -111,7 +115,7 @@ pub(crate) struct ReplyBody(Vec<u8>);
 impl ReplyBody {
     /// Encodes `value` as [`encode_value`] does.
     pub(crate) fn encode<T: Serialize + ?Sized>(value: &T) -> Result<ReplyBody, String> {
-        let mut buf = Vec::with_capacity(REPLY_HEADER_ROOM + 64);
+        let mut buf = Vec::with_capacity(REPLY_BODY_GUESS);
         buf.resize(REPLY_HEADER_ROOM, 0);
         rmp_serde::encode::write_named(&mut buf, value).map_err(|e| e.to_string())?;
         Ok(ReplyBody(buf))
