@@ -16,6 +16,7 @@ use bytes::Bytes;
 use fred::interfaces::{ClientLike, EventInterface, HashesInterface, PubsubInterface};
 use fred::types::config::ReconnectPolicy;
 use fred::types::{Builder, Value};
+use futures_util::future::Either;
 use tokio::sync::{Semaphore, broadcast};
 
 use crate::channel::Channel;
@@ -189,19 +190,31 @@ impl Transport {
         &self,
         channel: Channel,
         frame: Bytes,
-    ) -> Pin<Box<impl Future<Output = Result<u64, TransportError>> + Send + '_>> {
-        // Two boxes, so that neither weighs on a caller's future for the whole call: the outer
-        // one is small and lives while the PUBLISH is outstanding; fred's command future
-        // (~5 KB) is only allocated once a slot is free, so calls waiting for a slot hold
-        // little.
-        Box::pin(async move {
-            // Never closed, so acquiring only fails if that changes: then publish unbounded.
-            let _slot = self.publish_slots.acquire().await.ok();
-            let receivers: i64 = Box::pin(self.commands.publish(channel.0, Value::Bytes(frame)))
-                .await
-                .map_err(|e| self.error("PUBLISH", e))?;
-            Ok(receivers.max(0) as u64)
-        })
+    ) -> impl Future<Output = Result<u64, TransportError>> + Send + '_ {
+        // Boxed, so that fred's ~5 KB command future does not weigh on a caller's future for
+        // the whole call. A free slot (the usual case) is taken at once and the PUBLISH goes in
+        // one box. Otherwise a small box waits for a slot and only then allocates fred's
+        // future, so calls waiting for a slot hold little.
+        match self.publish_slots.try_acquire() {
+            Ok(slot) => Either::Left(Box::pin(async move {
+                let _slot = slot;
+                let receivers: i64 = self
+                    .commands
+                    .publish(channel.0, Value::Bytes(frame))
+                    .await
+                    .map_err(|e| self.error("PUBLISH", e))?;
+                Ok(receivers.max(0) as u64)
+            })),
+            Err(_) => Either::Right(Box::pin(async move {
+                // Never closed, so acquiring only fails if that changes: then publish anyway.
+                let _slot = self.publish_slots.acquire().await.ok();
+                let receivers: i64 =
+                    Box::pin(self.commands.publish(channel.0, Value::Bytes(frame)))
+                        .await
+                        .map_err(|e| self.error("PUBLISH", e))?;
+                Ok(receivers.max(0) as u64)
+            })),
+        }
     }
 
     /// Subscribes to `channel`; the subscription is restored after every reconnect.
