@@ -84,3 +84,41 @@ async fn a_burst_of_large_calls_stays_within_the_redis_buffer() {
     let _ = stop_tx.send(());
     provider.join().expect("provider thread");
 }
+
+/// A call that has to wait for room spends its attempt's time waiting, not a second timeout
+/// on top: with a budget for one call, a second call started beside a slow one fails after
+/// about one timeout, not two.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waiting_for_room_counts_towards_the_timeout() {
+    let redis = redis();
+    let server = Server::start(config(&redis)).await.expect("server");
+    server
+        .register("slow.sleep", |(ms,): (u64,)| async move {
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+            Ok::<_, Infallible>(ms)
+        })
+        .await
+        .expect("register");
+    let timeout = Duration::from_secs(1);
+    // A budget of 1 byte: every call takes all of it, so calls go one at a time.
+    let client = Client::connect(config(&redis).timeout(timeout).max_bytes_in_flight(1))
+        .await
+        .expect("client");
+    let first = client.call::<_, u64>("slow.sleep", (3_000u64,));
+    let second = async {
+        // Start once the first call holds the budget.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        client.call::<_, u64>("slow.sleep", (3_000u64,)).await
+    };
+    let (first, second) = tokio::join!(first, second);
+    assert!(matches!(first, Err(Error::Timeout { .. })), "{first:?}");
+    match second {
+        Err(Error::Timeout { after, .. }) => assert!(
+            after < timeout + timeout / 2,
+            "waited {after:?} for room and reply together, more than one timeout of {timeout:?}"
+        ),
+        other => panic!("expected a timeout, got {other:?}"),
+    }
+    client.close().await;
+    server.shutdown().await.expect("shutdown");
+}

@@ -302,37 +302,51 @@ impl Client {
             let outcome = {
                 let (slot, reply) = node.pending.open();
                 let _load = node.balancer.start_call(&provider);
-                let frame =
-                    codec::encode_call(slot.id, method, node.id.as_str(), deadline_ms, args)
-                        .map_err(|reason| Error::Codec {
-                            action: format!("encode the arguments of {method}"),
-                            reason,
-                        })?;
-                let frame = node.sized(frame, || format!("the call to {method}"))?;
+                let encode = |deadline_ms: u64| {
+                    let frame =
+                        codec::encode_call(slot.id, method, node.id.as_str(), deadline_ms, args)
+                            .map_err(|reason| Error::Codec {
+                                action: format!("encode the arguments of {method}"),
+                                reason,
+                            })?;
+                    node.sized(frame, || format!("the call to {method}"))
+                };
+                let mut frame = encode(deadline_ms)?;
+                let mut timeout = self.timeout;
                 // Room for the frame among this node's calls in flight; held until the
-                // attempt ends. Waiting for room is bounded by the call's timeout, and is not
-                // the provider's fault: it is not counted against it.
+                // attempt ends. Waiting for room counts towards the attempt's timeout, and is
+                // not the provider's fault: a wait that times out is not held against it.
                 let need = u32::try_from(frame.len())
                     .unwrap_or(u32::MAX)
                     .clamp(1, node.room_size);
                 let _room = match node.room.try_acquire_many(need) {
                     Ok(room) => room,
-                    Err(_) => match tokio::time::timeout(
-                        self.timeout,
-                        Box::pin(node.room.acquire_many(need)),
-                    )
-                    .await
-                    {
-                        Ok(Ok(room)) => room,
-                        Ok(Err(_)) => return Err(Error::Shutdown),
-                        Err(_) => {
-                            return Err(Error::Timeout {
-                                method: method.to_string(),
-                                after: started.elapsed(),
-                                attempts,
-                            });
-                        }
-                    },
+                    Err(_) => {
+                        let waiting = Instant::now();
+                        let room = match tokio::time::timeout(
+                            timeout,
+                            Box::pin(node.room.acquire_many(need)),
+                        )
+                        .await
+                        {
+                            Ok(Ok(room)) => room,
+                            Ok(Err(_)) => return Err(Error::Shutdown),
+                            Err(_) => {
+                                return Err(Error::Timeout {
+                                    method: method.to_string(),
+                                    after: started.elapsed(),
+                                    attempts,
+                                });
+                            }
+                        };
+                        // What is left of the attempt's time, also for the provider.
+                        timeout = timeout
+                            .saturating_sub(waiting.elapsed())
+                            .max(Duration::from_millis(1));
+                        let left_ms = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX);
+                        frame = encode(left_ms.max(1))?;
+                        room
+                    }
                 };
                 // Untimed: the attempt's timeout below bounds the PUBLISH too.
                 let publish = node
@@ -348,7 +362,7 @@ impl Client {
                         Err(_) => Attempt::Closed,
                     })
                 };
-                let outcome = tokio::time::timeout(self.timeout, attempt).await;
+                let outcome = tokio::time::timeout(timeout, attempt).await;
                 if let Ok(Ok(Attempt::Replied(_))) = outcome {
                     slot.answered();
                 }
