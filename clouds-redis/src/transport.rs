@@ -186,6 +186,16 @@ impl Transport {
     /// [`Transport::publish`] without the command timeout, for a caller that bounds the wait
     /// itself (a call attempt has its own timeout): one timer less per message. It still
     /// fails at once if the connection drops while the command is outstanding.
+    ///
+    /// ```no_run
+    /// # async fn demo(transport: clouds_redis::Transport) -> Result<(), clouds_redis::TransportError> {
+    /// use std::time::Duration;
+    /// let publish = transport.publish_untimed("calls".into(), "frame".into());
+    /// if let Ok(sent) = tokio::time::timeout(Duration::from_millis(200), publish).await {
+    ///     println!("{} subscriber(s) got it", sent?);
+    /// }
+    /// # Ok(()) }
+    /// ```
     pub fn publish_untimed(
         &self,
         channel: Channel,
