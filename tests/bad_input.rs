@@ -6,8 +6,8 @@ mod common;
 use std::convert::Infallible;
 use std::time::Duration;
 
-use clouds::{Client, Error, Monitor, Server};
-use common::{RedisServer, config, eventually, redis};
+use clouds::{Client, Error, Server};
+use common::{RedisServer, config, eventually, redis, status};
 
 /// Runs a Lua snippet in db 3 (the testkit's raw connection sits in db 0).
 fn in_db3(redis: &RedisServer, lua: &str, args: &[&str]) {
@@ -127,12 +127,7 @@ async fn garbage_in_the_registry_is_skipped() {
          redis.call('ZADD', '{clouds:3}:method:reg.ok', '99999999999999', 'ghost')",
         &["\u{0}\u{ff}binary"],
     );
-    let status = Monitor::connect(config(&redis))
-        .await
-        .expect("monitor")
-        .status()
-        .await
-        .expect("status");
+    let status = status(config(&redis)).await;
     assert_eq!(status.servers.len(), 1, "{status:?}");
     assert!(status.servers.contains_key(server.id()));
     // The caller may try the ghost (its inbox is empty: re-routed for free) but always lands.

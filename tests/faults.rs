@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use clouds::{Client, Config, Error, Monitor, Server};
-use common::{RedisServer, eventually, redis};
+use common::{RedisServer, eventually, redis, status};
 
 /// The service the provider processes serve.
 #[clouds::service("fault")]
@@ -277,12 +277,7 @@ async fn provider_killed_mid_load() {
         load.slowest
     );
     assert!(load.ok > 100, "load ran: {}", load.ok);
-    let status = Monitor::connect(fault_config(&url))
-        .await
-        .expect("monitor")
-        .status()
-        .await
-        .expect("status");
+    let status = status(fault_config(&url)).await;
     eprintln!(
         "FIGURES provider_killed_mid_load: dead provider still in registry right after: {}",
         status.servers.keys().any(|k| k.as_str() == victim_id)

@@ -7,7 +7,7 @@ use std::convert::Infallible;
 use std::time::Duration;
 
 use clouds::{Client, Error, Server};
-use common::{config, redis};
+use common::{config, eventually, redis};
 
 const CALLS: usize = 150;
 const PAYLOAD: usize = 64 << 10;
@@ -86,8 +86,8 @@ async fn a_burst_of_large_calls_stays_within_the_redis_buffer() {
 }
 
 /// A call that has to wait for room spends its attempt's time waiting, not a second timeout
-/// on top: with a budget for one call, a second call started beside a slow one fails after
-/// about one timeout, not two.
+/// on top: with a budget for one call, a call that waited for a slow one still fails after
+/// about its one timeout.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn waiting_for_room_counts_towards_the_timeout() {
     let redis = redis();
@@ -104,18 +104,25 @@ async fn waiting_for_room_counts_towards_the_timeout() {
     let client = Client::connect(config(&redis).timeout(timeout).max_bytes_in_flight(1))
         .await
         .expect("client");
-    let first = client.call::<_, u64>("slow.sleep", (3_000u64,));
-    let second = async {
-        // Start once the first call holds the budget.
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        client.call::<_, u64>("slow.sleep", (3_000u64,)).await
+    // The first call holds the budget for 400 ms (its own timeout), then gives it up.
+    let first = {
+        let client = client.clone().with_timeout(Duration::from_millis(400));
+        tokio::spawn(async move { client.call::<_, u64>("slow.sleep", (3_000u64,)).await })
     };
-    let (first, second) = tokio::join!(first, second);
-    assert!(matches!(first, Err(Error::Timeout { .. })), "{first:?}");
+    eventually("the first call runs", timeout / 2, || async {
+        server.stats().in_flight == 1
+    })
+    .await;
+    // The second waits ~400 ms for the budget, then has ~600 ms left of its 1 s, not 1 s more.
+    let second = client.call::<_, u64>("slow.sleep", (3_000u64,)).await;
+    assert!(matches!(
+        first.await.expect("task"),
+        Err(Error::Timeout { .. })
+    ));
     match second {
         Err(Error::Timeout { after, .. }) => assert!(
-            after < timeout + timeout / 2,
-            "waited {after:?} for room and reply together, more than one timeout of {timeout:?}"
+            after < timeout + timeout / 5,
+            "waited {after:?} for room and reply together, more than its timeout of {timeout:?}"
         ),
         other => panic!("expected a timeout, got {other:?}"),
     }

@@ -7,8 +7,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use clouds::{Client, Config, Error, Monitor, Server};
-use common::{config, eventually, redis};
+use clouds::{Client, Config, Error, Server};
+use common::{config, eventually, redis, status};
 
 /// The service under test.
 #[clouds::service("test")]
@@ -109,12 +109,7 @@ async fn the_readme_example_works() {
     }
     // The server lives on after the panic.
     assert_eq!(hello.whoami().await.expect("whoami"), "a");
-    let status = Monitor::connect(config(&redis))
-        .await
-        .expect("monitor")
-        .status()
-        .await
-        .expect("status");
+    let status = status(config(&redis)).await;
     assert_eq!(status.methods["test.hello"], vec![server.id().clone()]);
     assert_eq!(status.servers[server.id()].methods.len(), 6);
     assert_eq!(server.stats().in_flight, 0);
@@ -219,12 +214,7 @@ async fn timeouts_are_retried_on_another_provider_then_reported() {
         .with_retries(1)
         .with_timeout(Duration::from_millis(300));
     // `nap(0)` is instant everywhere; prove a timed-out provider is not evicted.
-    let status = Monitor::connect(cfg)
-        .await
-        .expect("monitor")
-        .status()
-        .await
-        .expect("status");
+    let status = status(cfg).await;
     assert!(
         status.servers.contains_key(a.id()),
         "a timeout does not evict the provider"
@@ -252,12 +242,7 @@ async fn dbs_and_namespaces_are_isolated() {
             Err(Error::NoProvider { .. }) => {}
             other => panic!("a different deployment must not see the server: {other:?}"),
         }
-        let status = Monitor::connect(cfg)
-            .await
-            .expect("monitor")
-            .status()
-            .await
-            .expect("status");
+        let status = status(cfg).await;
         assert!(status.servers.is_empty());
     }
     let client = Client::connect(db3).await.expect("client");

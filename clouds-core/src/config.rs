@@ -237,7 +237,8 @@ impl Config {
         self
     }
 
-    /// Longest wait for any single Redis command (default 5 s).
+    /// Longest wait for any single Redis command (default 5 s). A call's `PUBLISH` is bounded
+    /// by the call's own `timeout` instead.
     ///
     /// ```
     /// use std::time::Duration;

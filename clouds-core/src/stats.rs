@@ -33,12 +33,13 @@ pub struct Stats {
     pub rerouted_calls: u64,
     /// Overloaded answers this node received as a caller.
     pub overloaded_replies: u64,
-    /// Background tasks of this node alive right now (receive and refresh loops, handlers,
-    /// replies being sent); returns to its idle value when nothing is in flight.
+    /// Background tasks of this node alive right now (receive and refresh loops, and handlers
+    /// that had to wait and so run in a task of their own); returns to its idle value when
+    /// nothing is in flight.
     pub tasks: usize,
     /// Calls of this node waiting for a reply right now.
     pub pending_calls: usize,
-    /// Handlers running on this node right now (servers only).
+    /// Calls this server is running or sending the reply of right now (servers only).
     pub in_flight: usize,
 }
 

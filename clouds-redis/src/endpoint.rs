@@ -109,7 +109,8 @@ fn redact(url: &str) -> String {
 #[derive(Debug, Clone)]
 #[non_exhaustive]
 pub struct TransportOptions {
-    /// Longest wait for any one Redis command; nothing waits on Redis longer than this.
+    /// Longest wait for any one Redis command, except `Transport::publish_untimed`, which its
+    /// caller bounds (a call attempt, by the call's timeout).
     pub command_timeout: Duration,
     /// Longest wait for a TCP connection (and handshake) to Redis.
     pub connect_timeout: Duration,

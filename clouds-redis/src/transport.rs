@@ -171,13 +171,10 @@ impl Transport {
             let publish = async {
                 // Never closed, so acquiring only fails if that changes: then publish unbounded.
                 let _slot = self.publish_slots.acquire().await.ok();
-                self.commands
-                    .publish::<i64, _, _>(channel.0, Value::Bytes(frame))
-                    .await
-                    .map_err(|e| self.error("PUBLISH", e))
+                self.send_publish(channel, frame).await
             };
             match tokio::time::timeout(self.options.command_timeout, publish).await {
-                Ok(receivers) => Ok(receivers?.max(0) as u64),
+                Ok(receivers) => receivers,
                 Err(_) => Err(self.timed_out("PUBLISH")),
             }
         })
@@ -208,23 +205,24 @@ impl Transport {
         match self.publish_slots.try_acquire() {
             Ok(slot) => Either::Left(Box::pin(async move {
                 let _slot = slot;
-                let receivers: i64 = self
-                    .commands
-                    .publish(channel.0, Value::Bytes(frame))
-                    .await
-                    .map_err(|e| self.error("PUBLISH", e))?;
-                Ok(receivers.max(0) as u64)
+                self.send_publish(channel, frame).await
             })),
             Err(_) => Either::Right(Box::pin(async move {
                 // Never closed, so acquiring only fails if that changes: then publish anyway.
                 let _slot = self.publish_slots.acquire().await.ok();
-                let receivers: i64 =
-                    Box::pin(self.commands.publish(channel.0, Value::Bytes(frame)))
-                        .await
-                        .map_err(|e| self.error("PUBLISH", e))?;
-                Ok(receivers.max(0) as u64)
+                Box::pin(self.send_publish(channel, frame)).await
             })),
         }
+    }
+
+    /// The PUBLISH itself, once a slot is held: how many subscribers received the frame.
+    async fn send_publish(&self, channel: Channel, frame: Bytes) -> Result<u64, TransportError> {
+        let receivers: i64 = self
+            .commands
+            .publish(channel.0, Value::Bytes(frame))
+            .await
+            .map_err(|e| self.error("PUBLISH", e))?;
+        Ok(receivers.max(0) as u64)
     }
 
     /// Subscribes to `channel`; the subscription is restored after every reconnect.

@@ -20,6 +20,16 @@ pub fn config(redis: &RedisServer) -> clouds::Config {
         .timeout(Duration::from_secs(1))
 }
 
+/// What the registry says right now, read by a monitor of its own.
+pub async fn status(config: clouds::Config) -> clouds::Status {
+    clouds::Monitor::connect(config)
+        .await
+        .expect("monitor")
+        .status()
+        .await
+        .expect("status")
+}
+
 /// Polls `check` until it returns true or `within` passes; panics with `what` on timeout.
 pub async fn eventually<F, Fut>(what: &str, within: Duration, mut check: F)
 where
