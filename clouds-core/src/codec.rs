@@ -7,7 +7,7 @@
 //!
 //! Nothing here panics on input: every malformed frame becomes a [`DecodeError`].
 
-use bytes::Bytes;
+use bytes::{Buf, Bytes};
 use rmp::Marker;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -70,8 +70,8 @@ impl<A: Serialize + ?Sized> Args for A {
     }
 }
 
-/// Encodes a call, serialising the arguments straight into the frame (no separate buffer,
-/// no copy). Fails only if the arguments cannot be encoded as a MessagePack array.
+/// Encodes a call, serialising the arguments straight into the frame (no separate encoded
+/// copy of them). Fails only if the arguments cannot be encoded as a MessagePack array.
 pub(crate) fn encode_call(
     id: u64,
     method: &str,
@@ -79,21 +79,51 @@ pub(crate) fn encode_call(
     deadline_ms: u64,
     args: &dyn Args,
 ) -> Result<Vec<u8>, String> {
-    let mut buf = Vec::with_capacity(CALL_FRAME_GUESS + method.len() + reply_to.len());
-    buf.push(VERSION);
-    put_array_len(&mut buf, 6);
-    put_uint(&mut buf, KIND_CALL.into());
-    put_uint(&mut buf, id);
-    put_str(&mut buf, method);
-    put_str(&mut buf, reply_to);
-    put_uint(&mut buf, deadline_ms);
-    args.write_to(&mut buf)?;
-    Ok(buf)
+    exact_frame(|buf| {
+        buf.push(VERSION);
+        put_array_len(buf, 6);
+        put_uint(buf, KIND_CALL.into());
+        put_uint(buf, id);
+        put_str(buf, method);
+        put_str(buf, reply_to);
+        put_uint(buf, deadline_ms);
+        args.write_to(buf)
+    })
 }
 
-/// Room for the envelope's numbers and small arguments, so most call frames are written
-/// without growing the buffer.
-const CALL_FRAME_GUESS: usize = 160;
+/// Frames up to this size are written in a per-thread scratch buffer and copied out at their
+/// exact length; larger ones keep the buffer they were written in.
+const SCRATCH_KEEP: usize = 8 * 1024;
+
+thread_local! {
+    static SCRATCH: std::cell::Cell<Vec<u8>> = const { std::cell::Cell::new(Vec::new()) };
+}
+
+/// Runs `write` on an empty buffer and returns what it wrote, in an allocation of exactly its
+/// length when it is small.
+///
+/// Why exact: `Bytes::from(Vec)` allocates a second, shared header when the `Vec` has spare
+/// capacity, and fred frees both on whichever thread writes the frame to Redis. Frees from
+/// other threads are where glibc's arena locks contend under load (BENCHMARKS.md), so a frame
+/// costs one allocation, not two. A frame over [`SCRATCH_KEEP`] is handed out in the buffer
+/// it was written in: one more small allocation does not matter beside its size.
+fn exact_frame<E>(write: impl FnOnce(&mut Vec<u8>) -> Result<(), E>) -> Result<Vec<u8>, E> {
+    // Out of the cell while in use: a `Serialize` impl that encodes a frame itself finds the
+    // cell empty and works in a buffer of its own.
+    let mut buf = SCRATCH.try_with(|cell| cell.take()).unwrap_or_default();
+    buf.clear();
+    let frame = write(&mut buf).map(|()| {
+        if buf.len() <= SCRATCH_KEEP {
+            buf.as_slice().to_vec()
+        } else {
+            std::mem::take(&mut buf)
+        }
+    });
+    if buf.capacity() <= SCRATCH_KEEP {
+        let _ = SCRATCH.try_with(|cell| cell.set(buf));
+    }
+    frame
+}
 
 /// Encodes a reply; `body` is an already-encoded MessagePack value.
 pub(crate) fn encode_reply(id: u64, status: Status, body: &[u8]) -> Bytes {
@@ -103,10 +133,6 @@ pub(crate) fn encode_reply(id: u64, status: Status, body: &[u8]) -> Bytes {
 /// Most bytes a reply's header takes: version, array length, kind, id (up to 9) and status.
 const REPLY_HEADER_ROOM: usize = 13;
 
-/// Room for a reply with a small result (about 200 bytes), so that most are encoded without
-/// growing the buffer: each growth is one more allocation and copy, on the hot path.
-const REPLY_BODY_GUESS: usize = 256;
-
 /// A reply body, encoded after room for the frame header, so that the reply frame is made
 /// around it without copying it.
 #[derive(Debug)]
@@ -115,10 +141,11 @@ pub(crate) struct ReplyBody(Vec<u8>);
 impl ReplyBody {
     /// Encodes `value` as [`encode_value`] does.
     pub(crate) fn encode<T: Serialize + ?Sized>(value: &T) -> Result<ReplyBody, String> {
-        let mut buf = Vec::with_capacity(REPLY_BODY_GUESS);
-        buf.resize(REPLY_HEADER_ROOM, 0);
-        rmp_serde::encode::write_named(&mut buf, value).map_err(|e| e.to_string())?;
-        Ok(ReplyBody(buf))
+        exact_frame(|buf| {
+            buf.resize(REPLY_HEADER_ROOM, 0);
+            rmp_serde::encode::write_named(buf, value).map_err(|e| e.to_string())
+        })
+        .map(ReplyBody)
     }
 
     /// A text (an error's reason, a method name).
@@ -159,7 +186,10 @@ impl ReplyBody {
         let start = REPLY_HEADER_ROOM - len;
         let mut buf = self.0;
         buf[start..REPLY_HEADER_ROOM].copy_from_slice(&header[..len]);
-        Bytes::from(buf).slice(start..)
+        // `advance`, not `slice`: slicing clones, and a clone costs `Bytes` an allocation.
+        let mut frame = Bytes::from(buf);
+        frame.advance(start);
+        frame
     }
 }
 
@@ -644,6 +674,54 @@ mod tests {
                 other => panic!("id {id}: {other:?}"),
             }
         }
+    }
+
+    #[test]
+    fn small_frames_are_exactly_their_length_and_large_ones_are_whole() {
+        let small = encode_call(1, "t.m", "c", 5, &("x",)).expect("encodable");
+        assert_eq!(small.capacity(), small.len());
+        let body = ReplyBody::encode("ok").expect("encodable");
+        assert_eq!(body.0.capacity(), body.0.len());
+
+        let big = "y".repeat(SCRATCH_KEEP * 3);
+        let frame = Bytes::from(encode_call(2, "t.m", "c", 5, &(&big,)).expect("encodable"));
+        let Ok(Frame::Call(call)) = decode(&frame) else {
+            panic!("not a call")
+        };
+        let (back,): (String,) = decode_args(&call.args).expect("args");
+        assert_eq!(back, big);
+        // The scratch buffer is not kept at that size, and small frames still come out right.
+        assert!(SCRATCH.with(|cell| cell.take().capacity()) <= SCRATCH_KEEP);
+        let again = Bytes::from(encode_call(3, "t.m", "c", 5, &("z",)).expect("encodable"));
+        assert!(matches!(decode(&again), Ok(Frame::Call(c)) if c.id == 3));
+    }
+
+    /// Arguments whose `Serialize` encodes a frame of its own while the outer one is written.
+    struct Nested;
+    impl Serialize for Nested {
+        fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+            let inner = encode_call(9, "t.inner", "c", 1, &("inner",)).expect("encodable");
+            s.collect_seq(inner)
+        }
+    }
+
+    #[test]
+    fn a_frame_encoded_inside_another_leaves_both_whole() {
+        let frame = Bytes::from(encode_call(8, "t.outer", "c", 1, &(Nested,)).expect("ok"));
+        let Ok(Frame::Call(call)) = decode(&frame) else {
+            panic!("not a call")
+        };
+        assert_eq!((call.id, call.method.as_str()), (8, "t.outer"));
+        let (inner,): (Vec<u8>,) = decode_args(&call.args).expect("args");
+        let inner = Bytes::from(inner);
+        assert!(matches!(decode(&inner), Ok(Frame::Call(c)) if c.id == 9));
+    }
+
+    #[test]
+    fn a_failed_encoding_leaves_the_scratch_buffer_usable() {
+        assert!(encode_call(4, "t.m", "c", 5, &"not a tuple").is_err());
+        let frame = Bytes::from(encode_call(5, "t.m", "c", 5, &(1u8,)).expect("encodable"));
+        assert!(matches!(decode(&frame), Ok(Frame::Call(c)) if c.id == 5));
     }
 
     #[test]
