@@ -38,6 +38,9 @@ pub(crate) struct Balancer {
     methods: RwLock<HashMap<String, Entry>>,
     /// Providers that timed out recently, until when: tried last while others exist.
     suspects: Mutex<HashMap<NodeId, Instant>>,
+    /// How many entries `suspects` has, written under its lock: calls read this instead of
+    /// taking the lock, which they need only while someone is suspect.
+    suspected: AtomicUsize,
     /// Providers proven gone (PUBLISH reached nobody), until when: a registry refresh does not
     /// bring them back before their entry could have expired, unless they announce again.
     gone: Mutex<HashMap<NodeId, Instant>>,
@@ -55,6 +58,7 @@ impl Balancer {
             strategy,
             methods: RwLock::default(),
             suspects: Mutex::default(),
+            suspected: AtomicUsize::new(0),
             gone: Mutex::default(),
             outstanding: Mutex::default(),
             suspect_for,
@@ -125,7 +129,9 @@ impl Balancer {
             entry.providers.retain(|p| p != node);
         }
         drop(cache);
-        lock(&self.suspects).remove(node);
+        let mut suspects = lock(&self.suspects);
+        suspects.remove(node);
+        self.suspected.store(suspects.len(), Ordering::Relaxed);
     }
 
     /// `node`'s inbox is gone: drop it, and keep it out of registry refreshes until its entry
@@ -147,14 +153,17 @@ impl Balancer {
         let mut suspects = lock(&self.suspects);
         suspects.retain(|_, until| *until > now);
         suspects.insert(node.clone(), now + self.suspect_for);
+        self.suspected.store(suspects.len(), Ordering::Relaxed);
     }
 
     /// `node` answered: it is fine.
     pub(crate) fn clear_suspect(&self, node: &NodeId) {
-        let mut suspects = lock(&self.suspects);
-        if !suspects.is_empty() {
-            suspects.remove(node);
+        if self.suspected.load(Ordering::Relaxed) == 0 {
+            return;
         }
+        let mut suspects = lock(&self.suspects);
+        suspects.remove(node);
+        self.suspected.store(suspects.len(), Ordering::Relaxed);
     }
 
     /// Picks a provider for `method`, preferring ones not in `tried` and not suspect; `None`
@@ -174,15 +183,28 @@ impl Balancer {
         let Some(entry) = cache.get(method) else {
             return Choice::Unknown;
         };
-        entry
-            .last_used_ms
-            .store(self.now_ms().max(1), Ordering::Relaxed);
+        // Written only when it changes: every call writing it would pass its cache line
+        // back and forth between the cores making calls.
+        let now_ms = self.now_ms().max(1);
+        if entry.last_used_ms.load(Ordering::Relaxed) != now_ms {
+            entry.last_used_ms.store(now_ms, Ordering::Relaxed);
+        }
         if entry.providers.is_empty() {
             return Choice::Nobody;
         }
-        let now = Instant::now();
-        let suspects = lock(&self.suspects);
-        let healthy = |p: &NodeId| suspects.get(p).is_none_or(|until| *until <= now);
+        let start = entry.cursor.fetch_add(1, Ordering::Relaxed);
+        let suspects = (self.suspected.load(Ordering::Relaxed) > 0)
+            .then(|| (lock(&self.suspects), Instant::now()));
+        if suspects.is_none() && tried.is_empty() && self.strategy == Balance::RoundRobin {
+            // The usual case: everyone is in the best tier below.
+            let chosen = &entry.providers[start % entry.providers.len()];
+            return Choice::Provider(chosen.clone());
+        }
+        let healthy = |p: &NodeId| {
+            suspects
+                .as_ref()
+                .is_none_or(|(suspects, now)| suspects.get(p).is_none_or(|until| until <= now))
+        };
         // Best tier first: untried and healthy, then untried, then healthy, then anyone.
         let tiers: [&dyn Fn(&NodeId) -> bool; 4] = [
             &|p| !tried.contains(p) && healthy(p),
@@ -197,7 +219,6 @@ impl Balancer {
                 continue;
             }
             let nth = |i: usize| entry.providers.iter().filter(|p| tier(p)).nth(i % count);
-            let start = entry.cursor.fetch_add(1, Ordering::Relaxed);
             let chosen = match self.strategy {
                 Balance::RoundRobin => nth(start),
                 Balance::LeastInFlight => {
@@ -223,12 +244,14 @@ impl Balancer {
 
     /// Counts a call to `node` as outstanding until the guard drops.
     pub(crate) fn start_call(&self, node: &NodeId) -> Outstanding<'_> {
-        if self.strategy == Balance::LeastInFlight {
+        // Round-robin keeps no count, and so no clone of the id (a shared atomic counter).
+        let node = (self.strategy == Balance::LeastInFlight).then(|| {
             *lock(&self.outstanding).entry(node.clone()).or_default() += 1;
-        }
+            node.clone()
+        });
         Outstanding {
             balancer: self,
-            node: node.clone(),
+            node,
         }
     }
 }
@@ -236,17 +259,18 @@ impl Balancer {
 /// One call waiting on a provider; dropping it ends the count.
 pub(crate) struct Outstanding<'a> {
     balancer: &'a Balancer,
-    node: NodeId,
+    /// The provider, when the strategy counts calls per provider.
+    node: Option<NodeId>,
 }
 
 impl Drop for Outstanding<'_> {
     fn drop(&mut self) {
-        if self.balancer.strategy == Balance::LeastInFlight {
+        if let Some(node) = &self.node {
             let mut outstanding = lock(&self.balancer.outstanding);
-            if let Some(n) = outstanding.get_mut(&self.node) {
+            if let Some(n) = outstanding.get_mut(node) {
                 *n = n.saturating_sub(1);
                 if *n == 0 {
-                    outstanding.remove(&self.node);
+                    outstanding.remove(node);
                 }
             }
         }
