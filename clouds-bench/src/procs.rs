@@ -46,8 +46,18 @@ impl Proc {
         })
     }
 
-    /// The next line starting with `prefix` (other lines are skipped), without the prefix.
+    /// The next line starting with `prefix` (other lines are skipped), without the prefix,
+    /// within [`STARTUP`].
     pub(crate) async fn expect(&mut self, prefix: &str) -> Result<String, String> {
+        self.expect_within(prefix, STARTUP).await
+    }
+
+    /// [`Proc::expect`], waiting at most `limit`.
+    pub(crate) async fn expect_within(
+        &mut self,
+        prefix: &str,
+        limit: Duration,
+    ) -> Result<String, String> {
         let wait = async {
             loop {
                 match self.lines.next_line().await {
@@ -61,9 +71,9 @@ impl Proc {
                 }
             }
         };
-        tokio::time::timeout(STARTUP, wait)
+        tokio::time::timeout(limit, wait)
             .await
-            .map_err(|_| format!("`{}` said nothing within {STARTUP:?}", self.what))?
+            .map_err(|_| format!("`{}` said nothing within {limit:?}", self.what))?
     }
 
     /// Closes stdin (the child's signal to stop), waits for it to exit, kills it if it does

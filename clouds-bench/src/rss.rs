@@ -28,6 +28,11 @@ use crate::raw::{Channels, RawClient};
 
 /// Longest wait for all calls to be in flight, and for all of them to come back.
 const PHASE_LIMIT: Duration = Duration::from_secs(60);
+/// How long the parent waits for a child's result: longer than the sum of the child's own
+/// bounds (the warm-up, the first held call, reaching N, the release round trips and the
+/// replies, each bounded by [`PHASE_LIMIT`]), so that a slow child reports its own errors
+/// instead of ending the bench.
+const CHILD_LIMIT: Duration = Duration::from_secs(8 * PHASE_LIMIT.as_secs());
 /// Calls started together in the ramped mode.
 pub(crate) const RAMP_BATCH: usize = 500;
 /// Pause between two batches in the ramped mode.
@@ -237,7 +242,7 @@ pub(crate) fn report(sample: &Sample) {
 /// Runs a child with `args` and reads its result line.
 pub(crate) async fn in_child(args: &[String]) -> Result<Sample, String> {
     let mut child = Proc::spawn(args)?;
-    let line = child.expect("rss ").await;
+    let line = child.expect_within("rss ", CHILD_LIMIT).await;
     child.stop().await;
     let line = line?;
     let mut sample = Sample::default();
