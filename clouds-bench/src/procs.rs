@@ -9,7 +9,8 @@ use std::time::Duration;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader, Lines};
 use tokio::process::{Child, ChildStdout, Command};
 
-/// How long a child may take to say it is ready, or to deliver its result.
+/// How long a child may take to say it is ready (a child that measures says how long it may
+/// take itself: [`Proc::expect_within`]).
 const STARTUP: Duration = Duration::from_secs(30);
 /// How long a child may take to stop once its stdin is closed, before it is killed.
 const GRACE: Duration = Duration::from_secs(10);

@@ -156,6 +156,18 @@ impl Balancer {
         self.suspected.store(suspects.len(), Ordering::Relaxed);
     }
 
+    /// Forgets suspects whose time is up. Run periodically: a suspect that left the provider
+    /// lists without answering again would otherwise keep every call on the locked path.
+    pub(crate) fn forget_expired_suspects(&self) {
+        if self.suspected.load(Ordering::Relaxed) == 0 {
+            return;
+        }
+        let now = Instant::now();
+        let mut suspects = lock(&self.suspects);
+        suspects.retain(|_, until| *until > now);
+        self.suspected.store(suspects.len(), Ordering::Relaxed);
+    }
+
     /// `node` answered: it is fine.
     pub(crate) fn clear_suspect(&self, node: &NodeId) {
         if self.suspected.load(Ordering::Relaxed) == 0 {
@@ -328,6 +340,24 @@ mod tests {
         assert_eq!(b.pick("m", &[]), Some(a));
     }
 
+    #[test]
+    fn suspects_are_counted_and_expired_ones_forgotten() {
+        let b = Balancer::new(Balance::RoundRobin, Duration::from_millis(20));
+        b.set("m", ids(&["a", "b"]));
+        b.suspect(&"a".into());
+        b.suspect(&"b".into());
+        assert_eq!(b.suspected.load(Ordering::Relaxed), 2);
+        b.clear_suspect(&"a".into());
+        assert_eq!(b.suspected.load(Ordering::Relaxed), 1);
+        // "b" leaves without answering again: only expiry can take it off the list.
+        b.set("m", ids(&["a"]));
+        b.forget_expired_suspects();
+        assert_eq!(b.suspected.load(Ordering::Relaxed), 1, "not expired yet");
+        std::thread::sleep(Duration::from_millis(30));
+        b.forget_expired_suspects();
+        assert_eq!(b.suspected.load(Ordering::Relaxed), 0);
+        assert_eq!(b.pick("m", &[]), Some("a".into()));
+    }
     #[test]
     fn events_update_the_cache() {
         let b = Balancer::new(Balance::RoundRobin, Duration::from_secs(6));

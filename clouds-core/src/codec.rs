@@ -71,7 +71,8 @@ impl<A: Serialize + ?Sized> Args for A {
 }
 
 /// Encodes a call, serialising the arguments straight into the frame (no separate encoded
-/// copy of them). Fails only if the arguments cannot be encoded as a MessagePack array.
+/// copy of them; small frames are written in a per-thread buffer and copied out once, see
+/// [`exact_frame`]). Fails only if the arguments cannot be encoded as a MessagePack array.
 pub(crate) fn encode_call(
     id: u64,
     method: &str,

@@ -426,6 +426,7 @@ async fn refresh_loop(node: Arc<Node>) {
             },
         }
         node.balancer.evict_idle(IDLE_METHOD);
+        node.balancer.forget_expired_suspects();
         let methods = node.balancer.methods();
         if methods.is_empty() {
             continue;
