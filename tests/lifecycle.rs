@@ -120,3 +120,65 @@ async fn a_cancelled_shutdown_can_be_run_again() {
     ));
     server.shutdown().await.expect("a third call does nothing");
 }
+
+/// The same, with the first shutdown dropped at many points of its way: at each, a second
+/// shutdown must still deregister, unsubscribe and close.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shutdown_cancelled_anywhere_can_be_run_again() {
+    let redis = redis();
+    // The registry lives in db 3; a script can SELECT it.
+    let entries = |key: &str| {
+        redis
+            .command(&[
+                "EVAL",
+                "redis.call('SELECT', '3') return redis.call('EXISTS', KEYS[1])",
+                "1",
+                key,
+            ])
+            .expect("eval")
+            .as_int()
+    };
+    // Where to cut: after some 1 ms sleeps (a whole shutdown takes a few), then some
+    // `yield_now`s for the points in between.
+    for sleeps in 0..8 {
+        for yields in [0, 1, 2, 4, 8, 16, 32, 64] {
+            let cut = format!("cut after {sleeps} ms and {yields} yields");
+            let server = Server::start(config(&redis)).await.expect("server");
+            let calls = format!("clouds:3:calls:{}", server.id());
+            let inbox = format!("clouds:3:inbox:{}", server.id());
+            let node_key = format!("{{clouds:3}}:node:{}", server.id());
+            assert_eq!(entries(&node_key), Some(1), "registered");
+            {
+                let mut first = std::pin::pin!(server.shutdown());
+                let mut poll = async || {
+                    std::future::poll_fn(|cx| {
+                        std::task::Poll::Ready(first.as_mut().poll(cx).is_ready())
+                    })
+                    .await
+                };
+                let mut done = poll().await;
+                for _ in 0..sleeps {
+                    if done {
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                    done = poll().await;
+                }
+                for _ in 0..yields {
+                    if done {
+                        break;
+                    }
+                    tokio::task::yield_now().await;
+                    done = poll().await;
+                }
+            }
+            server
+                .shutdown()
+                .await
+                .unwrap_or_else(|e| panic!("{cut}: second shutdown: {e:?}"));
+            assert_eq!(subscribers(&redis, &calls), 0, "{cut}");
+            assert_eq!(subscribers(&redis, &inbox), 0, "{cut}");
+            assert_eq!(entries(&node_key), Some(0), "{cut}: entry left");
+        }
+    }
+}

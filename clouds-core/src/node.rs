@@ -55,7 +55,11 @@ pub(crate) struct Node {
     pub(crate) cancel: CancellationToken,
     /// The background loops (receive, refresh, heartbeat).
     pub(crate) tasks: TaskTracker,
+    /// Set when closing starts: calls are refused from then on.
     closed: AtomicBool,
+    /// Set when closing has run to the end. A close that was cancelled half-way (its future
+    /// dropped) leaves this unset, and the next `close` runs every step again.
+    finished: AtomicBool,
     /// The runtime the node was started on, where closing work is spawned from `Drop`.
     runtime: tokio::runtime::Handle,
     inbox: Channel,
@@ -97,6 +101,7 @@ impl Node {
             cancel: CancellationToken::new(),
             tasks: TaskTracker::new(),
             closed: AtomicBool::new(false),
+            finished: AtomicBool::new(false),
             runtime: tokio::runtime::Handle::current(),
             id,
             names,
@@ -119,6 +124,11 @@ impl Node {
 
     pub(crate) fn is_closed(&self) -> bool {
         self.closed.load(Ordering::Acquire)
+    }
+
+    /// Whether a [`Node::close`] has run to its end.
+    pub(crate) fn is_finished(&self) -> bool {
+        self.finished.load(Ordering::Acquire)
     }
 
     /// The channel this server takes calls on.
@@ -236,8 +246,12 @@ impl Node {
     }
 
     /// Stops the loops and closes the connections; waiting calls fail with `Shutdown`.
+    ///
+    /// Every step may be repeated, so a close cancelled half-way is completed by the next
+    /// one; once one has run to its end, further calls return at once.
     pub(crate) async fn close(&self) {
-        if self.closed.swap(true, Ordering::AcqRel) {
+        self.closed.store(true, Ordering::Release);
+        if self.is_finished() {
             return;
         }
         self.cancel.cancel();
@@ -255,6 +269,7 @@ impl Node {
         self.pending.clear();
         self.messages.close();
         self.redis.close().await;
+        self.finished.store(true, Ordering::Release);
         tracing::debug!(node = %self.id, "node closed");
     }
 

@@ -40,8 +40,18 @@ pub struct Server {
     dispatcher: Arc<Dispatcher>,
     advert: Arc<Advert>,
     heartbeat: std::sync::Mutex<Option<Heartbeat>>,
-    /// Serialises registration and shutdown.
-    state: tokio::sync::Mutex<bool>,
+    /// Serialises registration and shutdown, and records how far shutdown got.
+    state: tokio::sync::Mutex<Shutdown>,
+}
+
+/// How far [`Server::shutdown`] got: a shutdown cancelled half-way (its future dropped) is
+/// run again from where it stopped.
+#[derive(Debug, Default)]
+struct Shutdown {
+    /// The registry entry is gone and leaving was announced.
+    left: bool,
+    /// Everything is done: further shutdowns return at once.
+    done: bool,
 }
 
 impl std::fmt::Debug for Server {
@@ -97,7 +107,7 @@ impl Server {
             dispatcher,
             advert,
             heartbeat: std::sync::Mutex::new(Some(heartbeat)),
-            state: tokio::sync::Mutex::new(false),
+            state: tokio::sync::Mutex::new(Shutdown::default()),
         })
     }
 
@@ -155,8 +165,8 @@ impl Server {
     }
 
     async fn add_routes(&self, routes: Vec<Route>) -> Result<(), Error> {
-        let shut_down = self.state.lock().await;
-        if *shut_down || self.node().is_closed() {
+        let state = self.state.lock().await;
+        if state.done || self.node().is_closed() {
             return Err(Error::Shutdown);
         }
         let added = self.dispatcher.add(routes)?;
@@ -223,7 +233,8 @@ impl Server {
     /// 3. waits (up to `Config::shutdown_timeout`) for running handlers to reply;
     /// 4. closes its connections.
     ///
-    /// Calling it again does nothing.
+    /// Calling it again after it has finished does nothing; a shutdown that was cancelled
+    /// (its future dropped, say by a timeout) finishes the job when called again.
     ///
     /// ```
     /// # async fn demo(server: clouds_core::Server) -> Result<(), clouds_core::Error> {
@@ -232,38 +243,48 @@ impl Server {
     /// # Ok(()) }
     /// ```
     pub async fn shutdown(&self) -> Result<(), Error> {
-        let mut shut_down = self.state.lock().await;
-        if *shut_down {
+        let mut state = self.state.lock().await;
+        if state.done {
             return Ok(());
         }
         // Every step below may be repeated, so a shutdown cancelled half-way can be run again;
-        // only a completed one sets the flag.
+        // `state` records the steps that must not be.
         let node = self.node().clone();
         let heartbeat = crate::locks::lock(&self.heartbeat).take();
         if let Some(heartbeat) = heartbeat {
             heartbeat.stop().await;
         }
-        let methods = self.advert.methods();
-        let result = node.registry.leave(&node.redis, &node.id, &methods).await;
-        if let Err(e) = &result {
-            tracing::warn!(node = %node.id, error = %e, "could not deregister or announce leaving; the entry expires with its TTL");
+        let mut result = Ok(());
+        if !state.left {
+            let methods = self.advert.methods();
+            result = node.registry.leave(&node.redis, &node.id, &methods).await;
+            match &result {
+                Ok(()) => state.left = true,
+                Err(e) => {
+                    tracing::warn!(node = %node.id, error = %e, "could not deregister or announce leaving; the entry expires with its TTL")
+                }
+            }
         }
-        if let Err(e) = node.redis.unsubscribe(node.calls_channel()).await {
-            tracing::warn!(node = %node.id, error = %e, "could not unsubscribe the call channel");
-        }
-        // Calls delivered before the unsubscribe are queued ahead of this marker.
-        if let Err(e) = node.flush_inbound().await {
-            tracing::warn!(node = %node.id, error = %e, "could not confirm the inbox was drained");
-        }
-        self.dispatcher.tasks.close();
-        if tokio::time::timeout(node.config.shutdown_timeout, self.dispatcher.tasks.wait())
-            .await
-            .is_err()
-        {
-            tracing::warn!(node = %node.id, in_flight = self.dispatcher.in_flight(), "shutdown timeout: closing with handlers still running");
+        // Closing stops the receive loop: once it has started (a shutdown cancelled while
+        // closing), there is nothing left to drain.
+        if !node.is_closed() {
+            if let Err(e) = node.redis.unsubscribe(node.calls_channel()).await {
+                tracing::warn!(node = %node.id, error = %e, "could not unsubscribe the call channel");
+            }
+            // Calls delivered before the unsubscribe are queued ahead of this marker.
+            if let Err(e) = node.flush_inbound().await {
+                tracing::warn!(node = %node.id, error = %e, "could not confirm the inbox was drained");
+            }
+            self.dispatcher.tasks.close();
+            if tokio::time::timeout(node.config.shutdown_timeout, self.dispatcher.tasks.wait())
+                .await
+                .is_err()
+            {
+                tracing::warn!(node = %node.id, in_flight = self.dispatcher.in_flight(), "shutdown timeout: closing with handlers still running");
+            }
         }
         node.close().await;
-        *shut_down = true;
+        state.done = true;
         tracing::info!(node = %node.id, "server stopped");
         result
     }
@@ -274,9 +295,11 @@ impl Drop for Server {
     /// remove the registry entry, announce leaving and close. Calls in flight are abandoned;
     /// call `shutdown()` to let them finish.
     fn drop(&mut self) {
-        if *self.state.get_mut() || self.node.is_closed() {
+        let state = self.state.get_mut();
+        if state.done || self.node.is_finished() {
             return;
         }
+        let left = state.left;
         self.node.cancel.cancel();
         let node = self.node.clone();
         let methods = self.advert.methods();
@@ -287,7 +310,9 @@ impl Drop for Server {
             if let Some(heartbeat) = heartbeat {
                 heartbeat.stop().await;
             }
-            let _ = node.registry.leave(&node.redis, &node.id, &methods).await;
+            if !left {
+                let _ = node.registry.leave(&node.redis, &node.id, &methods).await;
+            }
             node.close().await;
         });
     }
