@@ -444,3 +444,65 @@ async fn slow_handlers_past_the_deadline_and_panics_leave_nothing_behind() {
     server.shutdown().await.expect("shutdown");
     assert_clean(client, &redis).await;
 }
+
+/// A reply whose PUBLISH Redis holds (here: `CLIENT PAUSE ... WRITE`, which blocks PUBLISH) is
+/// given up within two command timeouts, so its place among the calls in flight comes back
+/// while Redis is still paused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reply_stuck_in_redis_is_given_up() {
+    let redis = redis();
+    let command_timeout = Duration::from_millis(300);
+    let server = Server::start(
+        common::config(&redis)
+            .command_timeout(command_timeout)
+            .max_in_flight(1),
+    )
+    .await
+    .expect("server");
+    let started = Arc::new(AtomicBool::new(false));
+    let flag = started.clone();
+    server
+        .register("stuck.reply", move |(): ()| {
+            let flag = flag.clone();
+            async move {
+                // Ready at its first poll (its reply goes out from the receive loop); the
+                // pause below starts while it runs.
+                flag.store(true, Ordering::SeqCst);
+                std::thread::sleep(Duration::from_millis(200));
+                Ok::<_, std::convert::Infallible>(1u8)
+            }
+        })
+        .await
+        .expect("register");
+    let client = Client::connect(common::config(&redis).timeout(Duration::from_secs(5)))
+        .await
+        .expect("client");
+    let call = tokio::spawn(async move { client.call::<_, u8>("stuck.reply", ()).await });
+    eventually("the handler runs", Duration::from_secs(5), || async {
+        started.load(Ordering::SeqCst)
+    })
+    .await;
+    let pause = Duration::from_millis(2_500);
+    let paused = Instant::now();
+    redis
+        .command(&["CLIENT", "PAUSE", &pause.as_millis().to_string(), "WRITE"])
+        .expect("pause");
+    eventually("the reply is sending", Duration::from_secs(1), || async {
+        server.stats().in_flight == 1 && started.load(Ordering::SeqCst)
+    })
+    .await;
+    eventually(
+        "the stuck reply is given up",
+        command_timeout * 2 + Duration::from_millis(500),
+        || async { server.stats().in_flight == 0 },
+    )
+    .await;
+    assert!(
+        paused.elapsed() < pause,
+        "given up only after Redis resumed ({:?})",
+        paused.elapsed()
+    );
+    // Giving up cannot take back a PUBLISH already written: once Redis resumes, the caller
+    // may still get its reply, or time out.
+    let _ = call.await;
+}

@@ -238,7 +238,8 @@ impl Config {
     }
 
     /// Longest wait for any single Redis command (default 5 s). A call's `PUBLISH` is bounded
-    /// by the call's own `timeout` instead.
+    /// by the call's own `timeout` instead, and the reply to a call whose handler finished at
+    /// once is given up after one to two command timeouts (its server checks them in bulk).
     ///
     /// ```
     /// use std::time::Duration;
