@@ -331,6 +331,9 @@ impl Config {
                 self.heartbeat
             ));
         }
+        if self.transport.command_timeout.is_zero() {
+            return fail("command_timeout must be above zero".into());
+        }
         if self.timeout.is_zero() {
             return fail("timeout must be above zero".into());
         }
@@ -369,6 +372,12 @@ mod tests {
                 .is_err()
         );
         assert!(Config::default().max_in_flight(0).validate().is_err());
+        assert!(
+            Config::default()
+                .command_timeout(Duration::ZERO)
+                .validate()
+                .is_err()
+        );
         assert!(Config::from_url("nope://x").is_err());
     }
 }

@@ -26,7 +26,8 @@ pub(crate) struct Dispatcher {
     /// `Config::spawn_handlers`: a task per call from the start.
     spawn_all: bool,
     /// Every handler running in a task of its own, so shutdown can wait for them. (Replies
-    /// the receive loop sends are finished by the loop before it stops.)
+    /// the receive loop sends are finished by the loop before it stops, or given up after a
+    /// command timeout.)
     pub(crate) tasks: TaskTracker,
 }
 

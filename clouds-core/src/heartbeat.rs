@@ -48,7 +48,9 @@ pub(crate) async fn beat(node: &Node, redis: &Transport, advert: &Advert) -> Res
 /// The heartbeat thread; stopping it waits for the thread to close its connection.
 pub(crate) struct Heartbeat {
     stop: CancellationToken,
-    thread: Option<std::thread::JoinHandle<()>>,
+    /// Turns true once the thread has closed its connection, right before it ends (and is
+    /// closed if the thread ends otherwise): what every `stop` waits for.
+    finished: tokio::sync::watch::Receiver<bool>,
 }
 
 impl Heartbeat {
@@ -69,25 +71,27 @@ impl Heartbeat {
                 action: "build the heartbeat runtime".into(),
                 reason: e.to_string(),
             })?;
-        let thread = std::thread::Builder::new()
+        let (finished_tx, finished) = tokio::sync::watch::channel(false);
+        std::thread::Builder::new()
             .name(name)
-            .spawn(move || runtime.block_on(run(weak, node_reconnects, advert, token)))
+            .spawn(move || {
+                runtime.block_on(run(weak, node_reconnects, advert, token));
+                let _ = finished_tx.send(true);
+            })
             .map_err(|e| Error::Io {
                 action: "start the heartbeat thread".into(),
                 reason: e.to_string(),
             })?;
-        Ok(Heartbeat {
-            stop,
-            thread: Some(thread),
-        })
+        Ok(Heartbeat { stop, finished })
     }
 
-    /// Stops beating; once this returns, no more heartbeats are written.
-    pub(crate) async fn stop(mut self) {
+    /// Stops beating; once this returns, no more heartbeats are written. Cancel-safe: a stop
+    /// cut short (its future dropped) leaves the next one something to wait for.
+    pub(crate) async fn stop(&self) {
         self.stop.cancel();
-        if let Some(thread) = self.thread.take() {
-            let _ = tokio::task::spawn_blocking(move || thread.join()).await;
-        }
+        let mut finished = self.finished.clone();
+        // An error means the thread is gone without saying so (it panicked): stopped too.
+        let _ = finished.wait_for(|done| *done).await;
     }
 }
 

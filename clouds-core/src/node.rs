@@ -395,8 +395,9 @@ async fn receive_loop(node: Arc<Node>, mut inbound: Inbound) {
     let mut sending = FuturesUnordered::new();
     let mut older = FuturesUnordered::new();
     let period = node.config.transport.command_timeout;
-    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Re-armed a full period after each rotation, so nothing is given up sooner than that.
+    let tick = tokio::time::sleep(period);
+    tokio::pin!(tick);
     let send = |reply: ReadyReply| {
         let node = &node;
         async move { node.reply_unbounded(reply).await }
@@ -409,9 +410,10 @@ async fn receive_loop(node: Arc<Node>, mut inbound: Inbound) {
             _ = &mut cancelled => break,
             Some(()) = sending.next(), if !sending.is_empty() => continue,
             Some(()) = older.next(), if !older.is_empty() => continue,
-            _ = tick.tick() => {
+            _ = &mut tick => {
                 let stuck = std::mem::replace(&mut older, std::mem::take(&mut sending));
                 give_up(&node, stuck.len(), period);
+                tick.as_mut().reset(tokio::time::Instant::now() + period);
                 continue;
             }
             delivery = inbound.recv() => delivery,

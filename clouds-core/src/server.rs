@@ -39,7 +39,8 @@ pub struct Server {
     node: Arc<Node>,
     dispatcher: Arc<Dispatcher>,
     advert: Arc<Advert>,
-    heartbeat: std::sync::Mutex<Option<Heartbeat>>,
+    /// Shared, so that a shutdown cut short while stopping it leaves it for the next one.
+    heartbeat: std::sync::Mutex<Option<Arc<Heartbeat>>>,
     /// Serialises registration and shutdown, and records how far shutdown got.
     state: tokio::sync::Mutex<Shutdown>,
 }
@@ -106,7 +107,7 @@ impl Server {
             node,
             dispatcher,
             advert,
-            heartbeat: std::sync::Mutex::new(Some(heartbeat)),
+            heartbeat: std::sync::Mutex::new(Some(Arc::new(heartbeat))),
             state: tokio::sync::Mutex::new(Shutdown::default()),
         })
     }
@@ -250,9 +251,12 @@ impl Server {
         // Every step below may be repeated, so a shutdown cancelled half-way can be run again;
         // `state` records the steps that must not be.
         let node = self.node().clone();
-        let heartbeat = crate::locks::lock(&self.heartbeat).take();
+        // Taken out only once stopped: a beat still running could write the entry back after
+        // the `leave` below.
+        let heartbeat = crate::locks::lock(&self.heartbeat).clone();
         if let Some(heartbeat) = heartbeat {
             heartbeat.stop().await;
+            crate::locks::lock(&self.heartbeat).take();
         }
         let mut result = Ok(());
         if !state.left {
