@@ -460,15 +460,19 @@ async fn a_reply_stuck_in_redis_is_given_up() {
     .await
     .expect("server");
     let started = Arc::new(AtomicBool::new(false));
-    let flag = started.clone();
+    let paused = Arc::new(AtomicBool::new(false));
+    let (started_flag, paused_flag) = (started.clone(), paused.clone());
     server
         .register("stuck.reply", move |(): ()| {
-            let flag = flag.clone();
+            let (started, paused) = (started_flag.clone(), paused_flag.clone());
             async move {
-                // Ready at its first poll (its reply goes out from the receive loop); the
-                // pause below starts while it runs.
-                flag.store(true, Ordering::SeqCst);
-                std::thread::sleep(Duration::from_millis(200));
+                // Ready at its first poll (its reply goes out from the receive loop), once
+                // Redis is paused: it blocks until then (at most 5 s), never awaiting.
+                started.store(true, Ordering::SeqCst);
+                let waiting = Instant::now();
+                while !paused.load(Ordering::SeqCst) && waiting.elapsed() < Duration::from_secs(5) {
+                    std::thread::sleep(Duration::from_millis(1));
+                }
                 Ok::<_, std::convert::Infallible>(1u8)
             }
         })
@@ -483,12 +487,13 @@ async fn a_reply_stuck_in_redis_is_given_up() {
     })
     .await;
     let pause = Duration::from_millis(2_500);
-    let paused = Instant::now();
+    let paused_at = Instant::now();
     redis
         .command(&["CLIENT", "PAUSE", &pause.as_millis().to_string(), "WRITE"])
         .expect("pause");
+    paused.store(true, Ordering::SeqCst);
     eventually("the reply is sending", Duration::from_secs(1), || async {
-        server.stats().in_flight == 1 && started.load(Ordering::SeqCst)
+        server.stats().in_flight == 1
     })
     .await;
     eventually(
@@ -498,9 +503,9 @@ async fn a_reply_stuck_in_redis_is_given_up() {
     )
     .await;
     assert!(
-        paused.elapsed() < pause,
+        paused_at.elapsed() < pause,
         "given up only after Redis resumed ({:?})",
-        paused.elapsed()
+        paused_at.elapsed()
     );
     // Giving up cannot take back a PUBLISH already written: once Redis resumes, the caller
     // may still get its reply, or time out.

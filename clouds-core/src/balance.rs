@@ -129,9 +129,9 @@ impl Balancer {
             entry.providers.retain(|p| p != node);
         }
         drop(cache);
-        let mut suspects = lock(&self.suspects);
-        suspects.remove(node);
-        self.suspected.store(suspects.len(), Ordering::Relaxed);
+        self.change_suspects(|suspects| {
+            suspects.remove(node);
+        });
     }
 
     /// `node`'s inbox is gone: drop it, and keep it out of registry refreshes until its entry
@@ -150,10 +150,10 @@ impl Balancer {
     /// be slow.
     pub(crate) fn suspect(&self, node: &NodeId) {
         let now = Instant::now();
-        let mut suspects = lock(&self.suspects);
-        suspects.retain(|_, until| *until > now);
-        suspects.insert(node.clone(), now + self.suspect_for);
-        self.suspected.store(suspects.len(), Ordering::Relaxed);
+        self.change_suspects(|suspects| {
+            suspects.retain(|_, until| *until > now);
+            suspects.insert(node.clone(), now + self.suspect_for);
+        });
     }
 
     /// Forgets suspects whose time is up. Run periodically: a suspect that left the provider
@@ -163,9 +163,7 @@ impl Balancer {
             return;
         }
         let now = Instant::now();
-        let mut suspects = lock(&self.suspects);
-        suspects.retain(|_, until| *until > now);
-        self.suspected.store(suspects.len(), Ordering::Relaxed);
+        self.change_suspects(|suspects| suspects.retain(|_, until| *until > now));
     }
 
     /// `node` answered: it is fine.
@@ -173,8 +171,15 @@ impl Balancer {
         if self.suspected.load(Ordering::Relaxed) == 0 {
             return;
         }
+        self.change_suspects(|suspects| {
+            suspects.remove(node);
+        });
+    }
+
+    /// Changes the suspects under their lock and keeps `suspected` equal to their number.
+    fn change_suspects(&self, change: impl FnOnce(&mut HashMap<NodeId, Instant>)) {
         let mut suspects = lock(&self.suspects);
-        suspects.remove(node);
+        change(&mut suspects);
         self.suspected.store(suspects.len(), Ordering::Relaxed);
     }
 

@@ -398,10 +398,7 @@ async fn receive_loop(node: Arc<Node>, mut inbound: Inbound) {
     // Re-armed a full period after each rotation, so nothing is given up sooner than that.
     let tick = tokio::time::sleep(period);
     tokio::pin!(tick);
-    let send = |reply: ReadyReply| {
-        let node = &node;
-        async move { node.reply_unbounded(reply).await }
-    };
+    let send = |reply: ReadyReply| node.reply_unbounded(reply);
     let cancelled = node.cancel.cancelled();
     tokio::pin!(cancelled);
     loop {
