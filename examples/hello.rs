@@ -94,7 +94,7 @@ async fn main() -> Result<(), clouds::Error> {
     }
 
     // Who serves what.
-    let status = Monitor::connect(config).await?.status().await?;
+    let status = Monitor::connect(config).await?.snapshot().await?;
     for (method, servers) in &status.methods {
         println!("monitor: {method} <- {servers:?}");
     }

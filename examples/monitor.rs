@@ -18,7 +18,7 @@ async fn main() -> Result<(), clouds::Error> {
         Err(clouds::Error::Redis(e)) => common::fail(&format!("{e}\nstart redis-server first")),
         Err(e) => return Err(e),
     };
-    let status = monitor.status().await?;
+    let status = monitor.snapshot().await?;
     println!("methods ({}):", status.methods.len());
     for (method, servers) in &status.methods {
         let ids: Vec<&str> = servers.iter().map(|s| s.as_str()).collect();

@@ -61,10 +61,11 @@
 //!
 //! This crate re-exports the runtime (`clouds-core`) and the macro (`clouds-macros`);
 //! depend on `clouds` alone.
+#![cfg_attr(docsrs, feature(doc_cfg))]
 
 pub use clouds_core::{
     Balance, Client, Config, Error, Message, Messages, Monitor, NodeId, PROTOCOL_VERSION,
-    RemoteError, Route, Server, ServerInfo, Service, Stats, Status, TransportError,
+    RegistrySnapshot, RemoteError, Route, Server, ServerInfo, Service, Stats, TransportError,
 };
 
 /// Turns a trait into a remote service: a typed client stub and a server dispatcher.
@@ -102,6 +103,23 @@ pub use clouds_core::{
 /// }
 /// ```
 pub use clouds_macros::service;
+
+/// Testing services and callers in-process, without Redis (the `testing` feature): an
+/// in-memory broker with the behaviour of Redis and faults to inject.
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), clouds::Error> {
+/// let broker = clouds::testing::Broker::new();
+/// let server = clouds::Server::start(broker.config()).await?;
+/// let client = clouds::Client::connect(broker.config()).await?;
+/// # server.shutdown().await?;
+/// # Ok(()) }
+/// ```
+#[cfg(feature = "testing")]
+#[cfg_attr(docsrs, doc(cfg(feature = "testing")))]
+pub mod testing {
+    pub use clouds_core::testing::{Broker, FrameFault, crash};
+}
 
 /// serde, re-exported: types that travel over clouds derive `Serialize` and `Deserialize`.
 /// With `#[serde(crate = "clouds::serde")]` on them, a crate needs no serde dependency of its

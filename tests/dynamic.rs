@@ -92,7 +92,7 @@ async fn monitor_lists_methods_and_servers() {
         .await
         .expect("register");
     let monitor = Monitor::connect(config(&redis)).await.expect("monitor");
-    let status = monitor.status().await.expect("status");
+    let status = monitor.snapshot().await.expect("status");
     let mut both = vec![a.id().clone(), b.id().clone()];
     both.sort();
     assert_eq!(status.methods["m.one"], both);
@@ -102,7 +102,7 @@ async fn monitor_lists_methods_and_servers() {
     assert_eq!(info.pid, std::process::id());
     assert_eq!(info.in_flight, 0);
     a.shutdown().await.expect("shutdown");
-    let status = monitor.status().await.expect("status");
+    let status = monitor.snapshot().await.expect("status");
     assert_eq!(status.methods["m.one"], vec![b.id().clone()]);
     assert!(!status.servers.contains_key(a.id()));
     // A server that dies without shutdown drops out after the TTL.
@@ -110,7 +110,7 @@ async fn monitor_lists_methods_and_servers() {
     eventually(
         "b expires from the registry",
         Duration::from_secs(5),
-        || async { monitor.status().await.expect("status").servers.is_empty() },
+        || async { monitor.snapshot().await.expect("status").servers.is_empty() },
     )
     .await;
 }

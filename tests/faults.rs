@@ -350,7 +350,7 @@ async fn redis_restart_under_load() {
 
     let ids: Vec<String> = providers.iter().map(|p| p.id.clone()).collect();
     eventually("providers are back in the registry", Duration::from_secs(10), || async {
-        matches!(monitor.status().await, Ok(s) if ids.iter().all(|id| s.servers.keys().any(|k| k.as_str() == id)))
+        matches!(monitor.snapshot().await, Ok(s) if ids.iter().all(|id| s.servers.keys().any(|k| k.as_str() == id)))
     })
     .await;
     let registered_after = down_at.elapsed();

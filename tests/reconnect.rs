@@ -50,7 +50,7 @@ async fn registry_and_calls_come_back_after_a_redis_restart() {
 
     // The heartbeat re-registers right after reconnecting; the subscriptions are back.
     eventually("the server is registered again", Duration::from_secs(5), || async {
-        matches!(monitor.status().await, Ok(s) if s.methods.get("r.echo").is_some_and(|v| v == &vec![server.id().clone()]))
+        matches!(monitor.snapshot().await, Ok(s) if s.methods.get("r.echo").is_some_and(|v| v == &vec![server.id().clone()]))
     })
     .await;
     eventually("calls succeed again", Duration::from_secs(5), || async {

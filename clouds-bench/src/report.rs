@@ -78,7 +78,7 @@ pub(crate) fn fmt_d(d: Duration) -> String {
 }
 
 pub(crate) fn fmt_size(bytes: usize) -> String {
-    if bytes >= 1024 && bytes % 1024 == 0 {
+    if bytes >= 1024 && bytes.is_multiple_of(1024) {
         format!("{} KiB", bytes / 1024)
     } else {
         format!("{bytes} B")

@@ -114,11 +114,10 @@ impl Balancer {
         lock(&self.gone).remove(node);
         let mut cache = write(&self.methods);
         for method in methods {
-            if let Some(entry) = cache.get_mut(method) {
-                if let Err(at) = entry.providers.binary_search(node) {
+            if let Some(entry) = cache.get_mut(method)
+                && let Err(at) = entry.providers.binary_search(node) {
                     entry.providers.insert(at, node.clone());
                 }
-            }
         }
     }
 

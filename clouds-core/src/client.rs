@@ -15,6 +15,7 @@ use crate::message::Messages;
 use crate::node::{Node, Owner};
 use crate::node_id::NodeId;
 use crate::stats::{Stats, bump};
+use crate::transport::Transport;
 
 /// A connection to the services of one Redis deployment: calls methods, sends messages.
 ///
@@ -177,7 +178,7 @@ impl Client {
         })?;
         let frame = codec::encode_message(node.id.as_str(), &body);
         let frame = node.sized(frame, || format!("message to {to}"))?;
-        let receivers = node.redis.publish(node.names.inbox(to), frame).await?;
+        let receivers = node.wire.publish(node.names.inbox(to), frame).await?;
         if receivers == 0 {
             return Err(Error::Unreachable { node: to.into() });
         }
@@ -350,7 +351,7 @@ impl Client {
                 };
                 // Untimed: the attempt's timeout below bounds the PUBLISH too.
                 let publish = node
-                    .redis
+                    .wire
                     .publish_untimed(node.peers.calls(provider.as_str()), frame);
                 let attempt = async {
                     let receivers = publish.await?;
@@ -375,6 +376,7 @@ impl Client {
             let failure = match outcome {
                 Ok(Ok(Attempt::Replied(reply))) => match reply.status {
                     Status::Overloaded => {
+                        bump(&node.counters.overloaded);
                         tried.push(provider.clone());
                         if free_reroutes < FREE_REROUTES
                             && node.balancer.has_untried(method, &tried)

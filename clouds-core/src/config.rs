@@ -51,6 +51,9 @@ pub struct Config {
     pub(crate) message_buffer: usize,
     pub(crate) max_bytes_in_flight: usize,
     pub(crate) transport: TransportOptions,
+    /// Set when the nodes talk through an in-memory broker instead of Redis.
+    #[cfg(any(test, feature = "testing"))]
+    pub(crate) broker: Option<crate::transport::memory::Broker>,
 }
 
 impl Default for Config {
@@ -72,6 +75,8 @@ impl Default for Config {
             message_buffer: 1024,
             max_bytes_in_flight: 16 << 20,
             transport: TransportOptions::default(),
+            #[cfg(any(test, feature = "testing"))]
+            broker: None,
         }
     }
 }
@@ -276,6 +281,30 @@ impl Config {
     pub fn max_bytes_in_flight(mut self, bytes: usize) -> Self {
         self.max_bytes_in_flight = bytes;
         self
+    }
+
+    /// Connects the nodes of this config to an in-memory [`Broker`](crate::testing::Broker)
+    /// instead of Redis (the URL, db and credentials are then unused, the namespace and db
+    /// still keep deployments apart). Requires the `testing` feature.
+    ///
+    /// ```
+    /// let broker = clouds_core::testing::Broker::new();
+    /// let config = clouds_core::Config::from_url("redis://127.0.0.1:6379/3")?.broker(&broker);
+    /// # Ok::<(), clouds_core::Error>(())
+    /// ```
+    #[cfg(any(test, feature = "testing"))]
+    pub fn broker(mut self, broker: &crate::testing::Broker) -> Self {
+        self.broker = Some(broker.clone());
+        self
+    }
+
+    /// Where this config's nodes connect.
+    pub(crate) fn target(&self) -> crate::transport::Target {
+        #[cfg(any(test, feature = "testing"))]
+        if let Some(broker) = &self.broker {
+            return crate::transport::Target::Memory(broker.clone());
+        }
+        crate::transport::Target::Redis(self.endpoint.clone())
     }
 
     /// The Redis database in use.

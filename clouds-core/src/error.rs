@@ -125,8 +125,8 @@ pub enum Error {
         max: usize,
     },
     /// Talking to Redis failed: it is down, unreachable, or answered with an error.
-    #[error("Redis: {0}")]
-    Redis(#[from] clouds_redis::TransportError),
+    #[error(transparent)]
+    Redis(#[from] crate::transport::TransportError),
     /// The node has been shut down; it sends and serves nothing more.
     #[error("this node has been shut down")]
     Shutdown,

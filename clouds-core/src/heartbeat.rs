@@ -1,25 +1,33 @@
 //! A server's heartbeat: renews its registry entry every period and right after a reconnect
 //! (which also restores the entry after a Redis restart).
 //!
-//! It runs on its own thread, with its own single-threaded runtime and its own Redis
+//! Over Redis it runs on its own thread, with its own single-threaded runtime and its own
 //! connection: handlers that block every worker thread of the application's runtime cannot
-//! starve it, so a busy server is never declared dead.
+//! starve it, so a busy server is never declared dead. On an in-memory broker it runs as a task
+//! of the node, so a test that pauses tokio's clock pauses the heartbeat too.
+//!
+//! Beats are written one at a time per server (`Advert::order`), and each reads the method list
+//! once it has its turn: the registration that adds methods and the heartbeat loop both write
+//! the entry, and without this an older list could land after a newer one and shrink the node
+//! hash's `methods` (what the monitor reads) below the method sets (what callers read).
 
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
-use clouds_redis::{Reconnects, Transport};
 use tokio_util::sync::CancellationToken;
 
 use crate::error::Error;
 use crate::node::Node;
 use crate::registry::Announcement;
+use crate::transport::{Reconnects, Transport, Wire};
 
 /// What the heartbeat announces; shared with `Server` which adds methods.
 #[derive(Debug, Default)]
 pub(crate) struct Advert {
     pub(crate) methods: Mutex<Vec<String>>,
     pub(crate) started_at_ms: u64,
+    /// Held while a beat is written: beats land in the order they read `methods`.
+    pub(crate) order: tokio::sync::Mutex<()>,
 }
 
 impl Advert {
@@ -28,13 +36,14 @@ impl Advert {
     }
 }
 
-/// Writes the entry once, through `redis`.
-pub(crate) async fn beat(node: &Node, redis: &Transport, advert: &Advert) -> Result<(), Error> {
+/// Writes the entry once, through `wire`, after any beat already being written.
+pub(crate) async fn beat(node: &Node, wire: &Wire, advert: &Advert) -> Result<(), Error> {
+    let _turn = advert.order.lock().await;
     let methods = advert.methods();
     let in_flight = node.dispatcher.get().map_or(0, |d| d.in_flight());
     node.registry
         .heartbeat(
-            redis,
+            wire,
             &Announcement {
                 id: &node.id,
                 methods: &methods,
@@ -61,9 +70,17 @@ impl Heartbeat {
     pub(crate) fn start(node: &Arc<Node>, advert: Arc<Advert>) -> Result<Heartbeat, Error> {
         let stop = node.cancel.child_token();
         let token = stop.clone();
-        let name = format!("clouds-heartbeat-{}", node.id);
-        let node_reconnects = node.redis.reconnects();
+        let node_reconnects = node.wire.reconnects();
         let weak = Arc::downgrade(node);
+        let (finished_tx, finished) = tokio::sync::watch::channel(false);
+        let beating = async move {
+            run(weak, node_reconnects, advert, token).await;
+            let _ = finished_tx.send(true);
+        };
+        if !node.wire.beats_on_own_thread() {
+            node.tasks.spawn(beating);
+            return Ok(Heartbeat { stop, finished });
+        }
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -71,13 +88,9 @@ impl Heartbeat {
                 action: "build the heartbeat runtime".into(),
                 reason: e.to_string(),
             })?;
-        let (finished_tx, finished) = tokio::sync::watch::channel(false);
         std::thread::Builder::new()
-            .name(name)
-            .spawn(move || {
-                runtime.block_on(run(weak, node_reconnects, advert, token));
-                let _ = finished_tx.send(true);
-            })
+            .name(format!("clouds-heartbeat-{}", node.id))
+            .spawn(move || runtime.block_on(beating))
             .map_err(|e| Error::Io {
                 action: "start the heartbeat thread".into(),
                 reason: e.to_string(),
@@ -109,7 +122,10 @@ async fn run(
     advert: Arc<Advert>,
     stop: CancellationToken,
 ) {
-    let Some((config, id)) = node.upgrade().map(|n| (n.config.clone(), n.id.clone())) else {
+    let Some((config, id, names)) = node
+        .upgrade()
+        .map(|n| (n.config.clone(), n.id.clone(), n.names.clone()))
+    else {
         return;
     };
     let period = config.heartbeat;
@@ -118,9 +134,10 @@ async fn run(
     // subscriber needs no room for bursts.
     let mut options = config.transport.clone();
     options.inbound_capacity = 16;
-    let redis = loop {
-        match Transport::connect(&config.endpoint, &options).await {
-            Ok(redis) => break redis,
+    let target = config.target();
+    let wire = loop {
+        match Wire::connect(&target, &options, &names, &id).await {
+            Ok(wire) => break wire,
             Err(e) => {
                 tracing::warn!(node = %id, error = %e, "heartbeat cannot connect; retrying");
                 tokio::select! {
@@ -132,7 +149,7 @@ async fn run(
     };
     // A reconnect of either this connection or the node's main ones: callers may have dropped
     // this server while it was away, so beat and announce at once.
-    let mut own_reconnects = redis.reconnects();
+    let mut own_reconnects = wire.reconnects();
     // Beat at once: the entry written at start-up is already ageing.
     let mut wait = Duration::ZERO;
     let mut announce = false;
@@ -144,9 +161,9 @@ async fn run(
             Some(()) = node_reconnects.recv() => announce = true,
         }
         let Some(node) = node.upgrade() else { break };
-        let mut result = beat(&node, &redis, &advert).await;
+        let mut result = beat(&node, &wire, &advert).await;
         if result.is_ok() && announce {
-            result = node.registry.announce(&redis, &id, &advert.methods()).await;
+            result = node.registry.announce(&wire, &id, &advert.methods()).await;
             // Cleared only once sent: a failed announcement is retried with the next beat.
             announce = result.is_err();
         }
@@ -159,5 +176,5 @@ async fn run(
             }
         };
     }
-    redis.close().await;
+    wire.close().await;
 }

@@ -8,7 +8,7 @@
 //! - [`config`]: [`Config`], one for every node of a deployment; [`Balance`].
 //! - [`server`]: [`Server`]: registers methods, heartbeats, shuts down gracefully.
 //! - [`client`]: [`Client`]: calls with retries and failover, node-to-node messages.
-//! - [`monitor`]: [`Monitor`] and [`Status`]: who serves what.
+//! - [`monitor`]: [`Monitor`] and [`RegistrySnapshot`]: who serves what.
 //! - [`service`]: [`Service`] and [`Route`]: what a server runs.
 //! - [`message`]: [`Message`] and [`Messages`].
 //! - [`error`]: [`Error`] and [`RemoteError`].
@@ -25,6 +25,7 @@
 //! - [`codegen`]: what the macro's expansion calls.
 //!
 //! The wire protocol and Redis layout are specified in `docs/protocol.md`.
+#![cfg_attr(docsrs, feature(doc_cfg))]
 
 mod balance;
 pub mod client;
@@ -46,18 +47,22 @@ mod registry;
 pub mod server;
 pub mod service;
 mod stats;
+#[cfg(any(test, feature = "testing"))]
+#[cfg_attr(docsrs, doc(cfg(feature = "testing")))]
+pub mod testing;
+mod transport;
 
 pub use client::Client;
-pub use clouds_redis::TransportError;
 pub use config::{Balance, Config};
 pub use error::{Error, RemoteError};
 pub use message::{Message, Messages};
-pub use monitor::{Monitor, Status};
+pub use monitor::{Monitor, RegistrySnapshot};
 pub use node_id::NodeId;
 pub use registry::ServerInfo;
 pub use server::Server;
 pub use service::{Route, Service};
 pub use stats::Stats;
+pub use transport::TransportError;
 
 /// The protocol version this build speaks (the first byte of every frame).
 pub const PROTOCOL_VERSION: u8 = codec::VERSION;

@@ -14,7 +14,7 @@ use crate::registry::ServerInfo;
 /// ```no_run
 /// # async fn demo() -> Result<(), clouds_core::Error> {
 /// let config = clouds_core::Config::from_url("redis://127.0.0.1:6379/3")?;
-/// let status = clouds_core::Monitor::connect(config).await?.status().await?;
+/// let status = clouds_core::Monitor::connect(config).await?.snapshot().await?;
 /// for (method, servers) in &status.methods {
 ///     println!("{method}: {servers:?}");
 /// }
@@ -33,15 +33,16 @@ impl std::fmt::Debug for Monitor {
     }
 }
 
-/// A snapshot of the registry.
+/// What the registry held at one moment: the live servers and the methods each serves
+/// (read by [`Monitor::snapshot`]).
 ///
 /// ```
-/// let status = clouds_core::Status::default();
-/// assert!(status.methods.is_empty() && status.servers.is_empty());
+/// let snapshot = clouds_core::RegistrySnapshot::default();
+/// assert!(snapshot.methods.is_empty() && snapshot.servers.is_empty());
 /// ```
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 #[non_exhaustive]
-pub struct Status {
+pub struct RegistrySnapshot {
     /// Each method and the servers providing it, sorted.
     pub methods: BTreeMap<String, Vec<NodeId>>,
     /// Each live server and what it reported at its last heartbeat.
@@ -79,25 +80,25 @@ impl Monitor {
     ///
     /// ```
     /// # async fn demo(monitor: clouds_core::Monitor) -> Result<(), clouds_core::Error> {
-    /// let status = monitor.status().await?;
-    /// for (method, servers) in &status.methods {
+    /// let snapshot = monitor.snapshot().await?;
+    /// for (method, servers) in &snapshot.methods {
     ///     println!("{method}: {} providers", servers.len());
     /// }
     /// # Ok(()) }
     /// ```
-    pub async fn status(&self) -> Result<Status, Error> {
+    pub async fn snapshot(&self) -> Result<RegistrySnapshot, Error> {
         let node = &self.owner.node;
         if node.is_closed() {
             return Err(Error::Shutdown);
         }
-        let servers = node.registry.servers(&node.redis).await?;
+        let servers = node.registry.servers(&node.wire).await?;
         let mut methods: BTreeMap<String, Vec<NodeId>> = BTreeMap::new();
         for (id, info) in &servers {
             for method in &info.methods {
                 methods.entry(method.clone()).or_default().push(id.clone());
             }
         }
-        Ok(Status { methods, servers })
+        Ok(RegistrySnapshot { methods, servers })
     }
 
     /// Closes the monitor's connections.

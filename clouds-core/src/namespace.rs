@@ -6,7 +6,7 @@
 
 use std::sync::Mutex;
 
-use clouds_redis::Channel;
+use crate::transport::Channel;
 use foldhash::HashMap;
 
 use crate::config::Config;
@@ -24,6 +24,12 @@ impl Names {
         Names {
             scope: format!("{}:{}", config.namespace, config.database()),
         }
+    }
+
+    /// `namespace:db`: what every name of this deployment starts with.
+    #[cfg_attr(not(any(test, feature = "testing")), allow(dead_code))]
+    pub(crate) fn scope(&self) -> &str {
+        &self.scope
     }
 
     /// Sorted set of live server ids scored by expiry (ms, Redis clock).

@@ -10,8 +10,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
+use crate::transport::{Channel, Delivery, Inbound, Transport, TransportError, Wire};
 use bytes::Bytes;
-use clouds_redis::{Channel, Delivery, Inbound, Transport};
 use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
 use tokio_util::sync::CancellationToken;
@@ -38,7 +38,7 @@ pub(crate) struct Node {
     /// Peers' channel names, built once each.
     pub(crate) peers: PeerChannels,
     pub(crate) registry: Registry,
-    pub(crate) redis: Transport,
+    pub(crate) wire: Wire,
     pub(crate) pending: Pending,
     pub(crate) balancer: Balancer,
     pub(crate) messages: MessageQueue,
@@ -81,9 +81,9 @@ impl Node {
         let id = NodeId::generate(kind);
         let names = Names::new(&config);
         let room_size = u32::try_from(config.max_bytes_in_flight).unwrap_or(u32::MAX);
-        let redis = Transport::connect(&config.endpoint, &config.transport).await?;
+        let wire = Wire::connect(&config.target(), &config.transport, &names, &id).await?;
         // Take the receiver before subscribing so nothing delivered is missed.
-        let inbound = redis.inbound();
+        let inbound = wire.inbound();
         let node = Arc::new(Node {
             inbox: names.inbox(id.as_str()),
             calls: names.calls(id.as_str()),
@@ -105,15 +105,15 @@ impl Node {
             runtime: tokio::runtime::Handle::current(),
             id,
             names,
-            redis,
+            wire,
             config,
         });
         let subscribed = async {
-            node.redis.subscribe(&node.inbox).await?;
-            node.redis.subscribe(&node.events).await
+            node.wire.subscribe(&node.inbox).await?;
+            node.wire.subscribe(&node.events).await
         };
         if let Err(e) = subscribed.await {
-            node.redis.close().await;
+            node.wire.close().await;
             return Err(e.into());
         }
         node.tasks.spawn(receive_loop(node.clone(), inbound));
@@ -155,7 +155,7 @@ impl Node {
     /// Sends a reply to `caller`'s inbox; failures are logged (the caller will time out).
     pub(crate) async fn reply(&self, caller: &str, id: u64, status: Status, body: ReplyBody) {
         let frame = self.reply_frame(caller, id, status, body);
-        let sent = self.redis.publish(self.peers.inbox(caller), frame).await;
+        let sent = self.wire.publish(self.peers.inbox(caller), frame).await;
         self.log_reply(caller, sent);
     }
 
@@ -165,7 +165,7 @@ impl Node {
         let caller = reply.caller.as_str();
         let frame = self.reply_frame(caller, reply.id, reply.status, reply.body);
         let sent = self
-            .redis
+            .wire
             .publish_untimed(self.peers.inbox(caller), frame)
             .await;
         self.log_reply(caller, sent);
@@ -187,7 +187,7 @@ impl Node {
         }
     }
 
-    fn log_reply(&self, caller: &str, sent: Result<u64, clouds_redis::TransportError>) {
+    fn log_reply(&self, caller: &str, sent: Result<u64, TransportError>) {
         match sent {
             Ok(0) => tracing::debug!(node = %self.id, %caller, "the caller is gone; reply dropped"),
             Ok(_) => {}
@@ -202,7 +202,7 @@ impl Node {
     pub(crate) async fn flush_inbound(&self) -> Result<(), Error> {
         let (slot, rx) = self.pending.open();
         let frame = codec::encode_reply(slot.id, Status::Ok, codec::NIL);
-        self.redis.publish(self.inbox.clone(), frame).await?;
+        self.wire.publish(self.inbox.clone(), frame).await?;
         match tokio::time::timeout(self.config.transport.command_timeout, rx).await {
             Ok(Ok(_)) => Ok(()),
             Ok(Err(_)) => Err(Error::Shutdown),
@@ -230,7 +230,7 @@ impl Node {
 
     /// Looks up providers of `method` in the registry and caches them.
     pub(crate) async fn refresh(&self, methods: &[String]) -> Result<(), Error> {
-        let lists = self.registry.providers(&self.redis, methods).await?;
+        let lists = self.registry.providers(&self.wire, methods).await?;
         for (method, providers) in methods.iter().zip(lists) {
             self.balancer.set(method, providers);
         }
@@ -291,7 +291,7 @@ impl Node {
         }
         self.pending.clear();
         self.messages.close();
-        self.redis.close().await;
+        self.wire.close().await;
         self.finished.store(true, Ordering::Release);
         tracing::debug!(node = %self.id, "node closed");
     }
@@ -347,11 +347,10 @@ impl Node {
                 }
             }
             Frame::Message { from, body } if channel == self.inbox => {
-                if !self.messages.push(Message { from, body }) {
-                    if let Some(seen) = bump_and_sample(&self.counters.dropped_messages) {
+                if !self.messages.push(Message { from, body })
+                    && let Some(seen) = bump_and_sample(&self.counters.dropped_messages) {
                         tracing::warn!(node = %self.id, seen, "message queue full or closed; message dropped");
                     }
-                }
             }
             Frame::Call(call) if channel == self.calls => match self.dispatcher.get() {
                 Some(dispatcher) => return dispatcher.dispatch(self, call),
@@ -471,7 +470,7 @@ const IDLE_METHOD: Duration = Duration::from_secs(600);
 /// Re-reads the providers of every method this node calls, every heartbeat and after every
 /// reconnect: the fallback for join/leave events missed while a connection was down.
 async fn refresh_loop(node: Arc<Node>) {
-    let mut reconnects = node.redis.reconnects();
+    let mut reconnects = node.wire.reconnects();
     let mut tick = tokio::time::interval(node.config.heartbeat);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {

@@ -17,6 +17,7 @@ use crate::node::Node;
 use crate::node_id::NodeId;
 use crate::service::{Route, Service};
 use crate::stats::Stats;
+use crate::transport::Transport;
 
 /// A provider: serves methods to every client of the same Redis deployment.
 ///
@@ -88,10 +89,11 @@ impl Server {
             started_at_ms: SystemTime::now()
                 .duration_since(UNIX_EPOCH)
                 .map_or(0, |d| d.as_millis() as u64),
+            order: Default::default(),
         });
         let started = async {
-            node.redis.subscribe(node.calls_channel()).await?;
-            heartbeat::beat(&node, &node.redis, &advert).await?;
+            node.wire.subscribe(node.calls_channel()).await?;
+            heartbeat::beat(&node, &node.wire, &advert).await?;
             Heartbeat::start(&node, advert.clone())
         };
         let heartbeat = match started.await {
@@ -173,10 +175,8 @@ impl Server {
         let added = self.dispatcher.add(routes)?;
         crate::locks::lock(&self.advert.methods).extend(added.iter().cloned());
         let node = self.node();
-        heartbeat::beat(node, &node.redis, &self.advert).await?;
-        node.registry
-            .announce(&node.redis, &node.id, &added)
-            .await?;
+        heartbeat::beat(node, &node.wire, &self.advert).await?;
+        node.registry.announce(&node.wire, &node.id, &added).await?;
         tracing::info!(node = %node.id, methods = ?added, "serving");
         Ok(())
     }
@@ -261,7 +261,7 @@ impl Server {
         let mut result = Ok(());
         if !state.left {
             let methods = self.advert.methods();
-            result = node.registry.leave(&node.redis, &node.id, &methods).await;
+            result = node.registry.leave(&node.wire, &node.id, &methods).await;
             match &result {
                 Ok(()) => state.left = true,
                 Err(e) => {
@@ -272,7 +272,7 @@ impl Server {
         // Closing stops the receive loop: once it has started (a shutdown cancelled while
         // closing), there is nothing left to drain.
         if !node.is_closed() {
-            if let Err(e) = node.redis.unsubscribe(node.calls_channel()).await {
+            if let Err(e) = node.wire.unsubscribe(node.calls_channel()).await {
                 tracing::warn!(node = %node.id, error = %e, "could not unsubscribe the call channel");
             }
             // Calls delivered before the unsubscribe are queued ahead of this marker.
@@ -291,6 +291,21 @@ impl Server {
         state.done = true;
         tracing::info!(node = %node.id, "server stopped");
         result
+    }
+}
+
+impl Server {
+    /// Stops at once as a crashed process would: no more heartbeats, reads or replies, the
+    /// connections closed, but the registry entry left to expire with its TTL.
+    #[cfg(any(test, feature = "testing"))]
+    pub(crate) async fn crash(self) {
+        let mut state = self.state.lock().await;
+        let heartbeat = crate::locks::lock(&self.heartbeat).take();
+        if let Some(heartbeat) = heartbeat {
+            heartbeat.stop().await;
+        }
+        self.node.close().await;
+        state.done = true;
     }
 }
 
@@ -315,7 +330,7 @@ impl Drop for Server {
                 heartbeat.stop().await;
             }
             if !left {
-                let _ = node.registry.leave(&node.redis, &node.id, &methods).await;
+                let _ = node.registry.leave(&node.wire, &node.id, &methods).await;
             }
             node.close().await;
         });

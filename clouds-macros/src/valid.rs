@@ -294,16 +294,18 @@ fn check_type(ty: &Type, place: Place, errors: &mut Errors) {
 }
 
 fn check_path(path: &Path, first_is_free: bool, place: Place, errors: &mut Errors) {
-    if let Some(first) = path.segments.first() {
-        if first_is_free && path.leading_colon.is_none() && first.ident == "Self" {
-            errors.spanned(
-                &first.ident,
-                format!(
-                    "a service method {} cannot mention `Self`: the client and server do not know the implementing type; name the concrete type",
-                    place.noun()
-                ),
-            );
-        }
+    if let Some(first) = path.segments.first()
+        && first_is_free
+        && path.leading_colon.is_none()
+        && first.ident == "Self"
+    {
+        errors.spanned(
+            &first.ident,
+            format!(
+                "a service method {} cannot mention `Self`: the client and server do not know the implementing type; name the concrete type",
+                place.noun()
+            ),
+        );
     }
     for segment in &path.segments {
         // `Fn(&T) -> U` sugar (parenthesized arguments) describes a callable, which never crosses

@@ -606,11 +606,10 @@ impl RedisServer {
     fn connect(&self, timeout: Duration) -> Result<Connection, TestkitError> {
         let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, self.port));
         let mut conn = Connection::open(&addr, timeout)?;
-        if let Some(password) = &self.password {
-            if let RespValue::Error(e) = conn.call(&[b"AUTH", password.as_bytes()])? {
+        if let Some(password) = &self.password
+            && let RespValue::Error(e) = conn.call(&[b"AUTH", password.as_bytes()])? {
                 return Err(TestkitError::Auth(e));
             }
-        }
         Ok(conn)
     }
 

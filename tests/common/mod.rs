@@ -21,11 +21,11 @@ pub fn config(redis: &RedisServer) -> clouds::Config {
 }
 
 /// What the registry says right now, read by a monitor of its own.
-pub async fn status(config: clouds::Config) -> clouds::Status {
+pub async fn status(config: clouds::Config) -> clouds::RegistrySnapshot {
     clouds::Monitor::connect(config)
         .await
         .expect("monitor")
-        .status()
+        .snapshot()
         .await
         .expect("status")
 }

@@ -1,0 +1,667 @@
+//! An in-process broker with the observable behaviour of Redis, and faults to inject.
+//!
+//! What it models, because the runtime depends on it:
+//! - `PUBLISH` answers how many connections subscribed to the channel got the frame (0 when
+//!   nobody listens), and each connection receives its frames in the order published;
+//! - a connection's buffer is bounded like fred's: a reader that falls behind loses frames and
+//!   is told how many (`Lagged`);
+//! - registry entries expire after their TTL on tokio's clock (so `tokio::time::pause()` makes
+//!   a test of expiry instant), providers are listed by expiry then id like `ZRANGE`, and
+//!   expired members are purged by whoever reads, as the Lua scripts do;
+//! - pub/sub ignores the registry's scope (namespace and db), as Redis's does.
+//!
+//! Faults are addressed by node id and apply to every connection of that node.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::sync::{broadcast, mpsc};
+use tokio::time::Instant;
+
+use super::{Channel, Delivery, Entry, Fields, Inbound, Reconnects, Transport, TransportError};
+use crate::locks::lock;
+use crate::namespace::Names;
+use crate::node_id::NodeId;
+
+/// An in-memory stand-in for a Redis server, shared by every node connected to it.
+///
+/// Nodes whose [`Config`](crate::Config) names a broker ([`Broker::config`] or
+/// [`Config::broker`](crate::Config::broker)) talk through it instead of Redis: servers,
+/// clients and monitors behave as they do over Redis, in one process and without a network,
+/// and under `tokio::time::pause()` heartbeats, TTLs, timeouts and retries take no real time.
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), clouds_core::Error> {
+/// use std::convert::Infallible;
+/// let broker = clouds_core::testing::Broker::new();
+/// let server = clouds_core::Server::start(broker.config()).await?;
+/// server.register("math.add", |(a, b): (i64, i64)| async move { Ok::<_, Infallible>(a + b) }).await?;
+///
+/// let client = clouds_core::Client::connect(broker.config()).await?;
+/// assert_eq!(client.call::<_, i64>("math.add", (2, 3)).await?, 5);
+///
+/// // Faults: the provider stops reading, so the call times out.
+/// broker.freeze(server.id());
+/// let quick = client.clone().with_timeout(std::time::Duration::from_millis(50));
+/// assert!(matches!(quick.call::<_, i64>("math.add", (1, 1)).await, Err(clouds_core::Error::Timeout { .. })));
+/// broker.thaw(server.id());
+/// server.shutdown().await?;
+/// # Ok(()) }
+/// ```
+#[derive(Clone, Default)]
+pub struct Broker {
+    state: Arc<Mutex<State>>,
+}
+
+impl std::fmt::Debug for Broker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let state = lock(&self.state);
+        f.debug_struct("Broker")
+            .field("connections", &state.conns.len())
+            .field("channels", &state.channels.len())
+            .finish()
+    }
+}
+
+/// What to do to one frame on its way to a node (see [`Broker::fault_next_frame`]).
+///
+/// ```
+/// use clouds_core::testing::FrameFault;
+/// let fault = FrameFault::Delay(std::time::Duration::from_millis(100));
+/// assert_ne!(fault, FrameFault::Drop);
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum FrameFault {
+    /// Lose it in transit (the publisher still counts the node as a receiver).
+    Drop,
+    /// Deliver it twice.
+    Duplicate,
+    /// Deliver it this much later (frames published meanwhile overtake it).
+    Delay(Duration),
+}
+
+#[derive(Default)]
+struct State {
+    next_conn: u64,
+    conns: BTreeMap<u64, Conn>,
+    /// Channel name → subscribed connections.
+    channels: HashMap<String, BTreeSet<u64>>,
+    /// Registry scope (`namespace:db`) → its entries.
+    registries: HashMap<String, Registry>,
+    /// Node id → commands left to fail.
+    failing: HashMap<String, u32>,
+    /// Node id → faults for its next frames, in order.
+    frame_faults: HashMap<String, VecDeque<FrameFault>>,
+    /// Node ids whose connections are cut (see [`Broker::disconnect`]).
+    disconnected: BTreeSet<String>,
+    /// Node ids whose deliveries are held (see [`Broker::freeze`]).
+    frozen: BTreeSet<String>,
+}
+
+struct Conn {
+    node: String,
+    tx: mpsc::Sender<Delivery>,
+    /// Frames lost to a full buffer, reported before the next frame that fits.
+    lost: u64,
+    subscriptions: BTreeSet<String>,
+    /// Frames held while the node is frozen, in order.
+    held: VecDeque<Delivery>,
+    reconnected: broadcast::Sender<()>,
+}
+
+#[derive(Default)]
+struct Registry {
+    /// Server id → (expiry, info fields).
+    nodes: HashMap<String, (Instant, Fields)>,
+    /// Method → provider id → expiry.
+    methods: HashMap<String, HashMap<String, Instant>>,
+}
+
+impl Registry {
+    fn purge(&mut self, now: Instant) {
+        self.nodes.retain(|_, (expiry, _)| *expiry > now);
+        for providers in self.methods.values_mut() {
+            providers.retain(|_, expiry| *expiry > now);
+        }
+        self.methods.retain(|_, providers| !providers.is_empty());
+    }
+}
+
+/// Ids sorted as `ZRANGE` sorts members: by score (expiry), then by id.
+fn by_expiry<'a>(members: impl Iterator<Item = (&'a String, &'a Instant)>) -> Vec<NodeId> {
+    let mut members: Vec<_> = members.collect();
+    members.sort_by(|a, b| a.1.cmp(b.1).then_with(|| a.0.cmp(b.0)));
+    members
+        .into_iter()
+        .map(|(id, _)| NodeId::from(id.as_str()))
+        .collect()
+}
+
+impl State {
+    /// Hands `delivery` to connection `id`: held if its node is frozen, counted as lost if its
+    /// buffer is full.
+    fn deliver(&mut self, id: u64, delivery: Delivery) {
+        let frozen = match self.conns.get(&id) {
+            Some(conn) => self.frozen.contains(&conn.node),
+            None => return,
+        };
+        let Some(conn) = self.conns.get_mut(&id) else {
+            return;
+        };
+        if frozen {
+            conn.held.push_back(delivery);
+            return;
+        }
+        send(conn, delivery);
+    }
+
+    fn conns_of<'a>(&'a self, node: &'a str) -> impl Iterator<Item = u64> + 'a {
+        self.conns
+            .iter()
+            .filter(move |(_, c)| c.node == node)
+            .map(|(id, _)| *id)
+    }
+
+    /// Takes one injected failure for `node`'s next command, if any is left.
+    fn take_failure(&mut self, node: &str, command: &'static str) -> Result<(), TransportError> {
+        if self.disconnected.contains(node) {
+            return Err(TransportError::Command {
+                command,
+                reason: "connection lost (in-memory broker: disconnected)".into(),
+            });
+        }
+        if let Some(left) = self.failing.get_mut(node) {
+            *left -= 1;
+            if *left == 0 {
+                self.failing.remove(node);
+            }
+            return Err(TransportError::Command {
+                command,
+                reason: "injected failure (in-memory broker)".into(),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// Puts `delivery` in `conn`'s buffer, reporting earlier losses first.
+fn send(conn: &mut Conn, delivery: Delivery) {
+    if conn.lost > 0 {
+        match conn.tx.try_send(Delivery::Lagged(conn.lost)) {
+            Ok(()) => conn.lost = 0,
+            Err(_) => {
+                conn.lost += 1;
+                return;
+            }
+        }
+    }
+    if let Err(mpsc::error::TrySendError::Full(_)) = conn.tx.try_send(delivery) {
+        conn.lost += 1;
+    }
+}
+
+impl Broker {
+    /// A new, empty broker.
+    ///
+    /// ```
+    /// let broker = clouds_core::testing::Broker::new();
+    /// let config = broker.config();
+    /// ```
+    pub fn new() -> Broker {
+        Broker::default()
+    }
+
+    /// A default [`Config`](crate::Config) whose nodes connect to this broker; customise it like
+    /// any other.
+    ///
+    /// ```
+    /// let broker = clouds_core::testing::Broker::new();
+    /// let config = broker.config().retries(2).namespace("orders");
+    /// ```
+    pub fn config(&self) -> crate::Config {
+        crate::Config::default().broker(self)
+    }
+
+    /// Stops delivering to `node`: frames published to it are counted as received and held,
+    /// as if the node had stopped reading, until [`Broker::thaw`].
+    ///
+    /// ```
+    /// # fn demo(broker: clouds_core::testing::Broker, server: clouds_core::Server) {
+    /// broker.freeze(server.id());
+    /// // ... calls to it now time out ...
+    /// broker.thaw(server.id());
+    /// # }
+    /// ```
+    pub fn freeze(&self, node: impl AsRef<str>) {
+        lock(&self.state).frozen.insert(node.as_ref().to_string());
+    }
+
+    /// Delivers what was held for `node`, in order, and resumes delivering.
+    ///
+    /// ```
+    /// # fn demo(broker: clouds_core::testing::Broker, server: clouds_core::Server) {
+    /// broker.thaw(server.id());
+    /// # }
+    /// ```
+    pub fn thaw(&self, node: impl AsRef<str>) {
+        let node = node.as_ref();
+        let mut state = lock(&self.state);
+        state.frozen.remove(node);
+        let ids: Vec<u64> = state.conns_of(node).collect();
+        for id in ids {
+            if let Some(conn) = state.conns.get_mut(&id) {
+                while let Some(delivery) = conn.held.pop_front() {
+                    send(conn, delivery);
+                }
+            }
+        }
+    }
+
+    /// [`Broker::freeze`] for `node`, then [`Broker::thaw`] after `duration` (on tokio's clock:
+    /// call it inside a runtime).
+    ///
+    /// ```
+    /// # async fn demo(broker: clouds_core::testing::Broker, server: clouds_core::Server) {
+    /// broker.stall(server.id(), std::time::Duration::from_millis(300));
+    /// # }
+    /// ```
+    pub fn stall(&self, node: impl AsRef<str>, duration: Duration) {
+        let node = node.as_ref().to_string();
+        self.freeze(&node);
+        let broker = self.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(duration).await;
+            broker.thaw(&node);
+        });
+    }
+
+    /// Makes `node`'s connections lose every subscription at once, silently: publishers see
+    /// nobody listening there (as after a subscriber connection that never resubscribed).
+    ///
+    /// ```
+    /// # async fn demo(broker: clouds_core::testing::Broker, server: clouds_core::Server) {
+    /// broker.drop_subscriptions(server.id());
+    /// // calls to it now find nobody and are re-routed at once
+    /// # }
+    /// ```
+    pub fn drop_subscriptions(&self, node: impl AsRef<str>) {
+        let mut state = lock(&self.state);
+        let ids: Vec<u64> = state.conns_of(node.as_ref()).collect();
+        for id in ids {
+            let channels = match state.conns.get_mut(&id) {
+                Some(conn) => std::mem::take(&mut conn.subscriptions),
+                None => continue,
+            };
+            for channel in channels {
+                unsubscribe(&mut state, &channel, id);
+            }
+        }
+    }
+
+    /// Cuts `node`'s connections: it receives nothing and its commands fail until
+    /// [`Broker::reconnect`]. Its subscriptions are kept for the reconnect, as the Redis
+    /// transport restores them.
+    ///
+    /// ```
+    /// # fn demo(broker: clouds_core::testing::Broker, server: clouds_core::Server) {
+    /// broker.disconnect(server.id());
+    /// broker.reconnect(server.id());
+    /// # }
+    /// ```
+    pub fn disconnect(&self, node: impl AsRef<str>) {
+        lock(&self.state)
+            .disconnected
+            .insert(node.as_ref().to_string());
+    }
+
+    /// Restores `node`'s connections and subscriptions, and tells the node it reconnected
+    /// (it then renews its registry entry and re-reads its providers, as over Redis).
+    ///
+    /// ```
+    /// # fn demo(broker: clouds_core::testing::Broker, server: clouds_core::Server) {
+    /// broker.reconnect(server.id());
+    /// # }
+    /// ```
+    pub fn reconnect(&self, node: impl AsRef<str>) {
+        let node = node.as_ref();
+        let mut state = lock(&self.state);
+        state.disconnected.remove(node);
+        for conn in state.conns.values().filter(|c| c.node == node) {
+            let _ = conn.reconnected.send(());
+        }
+    }
+
+    /// Makes `node`'s next `count` commands (publish, subscribe, registry reads and writes)
+    /// fail with [`TransportError::Command`].
+    ///
+    /// ```
+    /// # fn demo(broker: clouds_core::testing::Broker, client: clouds_core::Client) {
+    /// broker.fail_commands(client.id(), 1);
+    /// # }
+    /// ```
+    pub fn fail_commands(&self, node: impl AsRef<str>, count: u32) {
+        if count > 0 {
+            *lock(&self.state)
+                .failing
+                .entry(node.as_ref().to_string())
+                .or_default() += count;
+        }
+    }
+
+    /// Applies `fault` to the next frame delivered to `node` (faults queue up in order).
+    ///
+    /// ```
+    /// # fn demo(broker: clouds_core::testing::Broker, server: clouds_core::Server) {
+    /// use clouds_core::testing::FrameFault;
+    /// broker.fault_next_frame(server.id(), FrameFault::Duplicate);
+    /// # }
+    /// ```
+    pub fn fault_next_frame(&self, node: impl AsRef<str>, fault: FrameFault) {
+        lock(&self.state)
+            .frame_faults
+            .entry(node.as_ref().to_string())
+            .or_default()
+            .push_back(fault);
+    }
+
+    /// How many connections are subscribed to `channel` right now.
+    ///
+    /// ```
+    /// let broker = clouds_core::testing::Broker::new();
+    /// assert_eq!(broker.subscribers("clouds:0:events"), 0);
+    /// ```
+    pub fn subscribers(&self, channel: &str) -> usize {
+        lock(&self.state)
+            .channels
+            .get(channel)
+            .map_or(0, |s| s.len())
+    }
+
+    /// A connection for node `id`.
+    pub(crate) fn connect(
+        &self,
+        names: &Names,
+        id: &NodeId,
+        options: &clouds_redis::TransportOptions,
+    ) -> Result<MemoryWire, TransportError> {
+        let (tx, rx) = mpsc::channel(options.inbound_capacity.max(1));
+        let (reconnected, _) = broadcast::channel(16);
+        let mut state = lock(&self.state);
+        let conn = state.next_conn;
+        state.next_conn += 1;
+        state.conns.insert(
+            conn,
+            Conn {
+                node: id.to_string(),
+                tx,
+                lost: 0,
+                subscriptions: BTreeSet::new(),
+                held: VecDeque::new(),
+                reconnected: reconnected.clone(),
+            },
+        );
+        Ok(MemoryWire {
+            broker: self.clone(),
+            conn,
+            node: id.to_string(),
+            scope: names.scope().to_string(),
+            inbound: Mutex::new(Some(rx)),
+            reconnected,
+        })
+    }
+
+    /// Publishes on behalf of `node`: how many connections received the frame.
+    fn publish(&self, node: &str, channel: &str, frame: Bytes) -> Result<u64, TransportError> {
+        let mut state = lock(&self.state);
+        state.take_failure(node, "PUBLISH")?;
+        let receivers: Vec<u64> = match state.channels.get(channel) {
+            Some(subscribers) => subscribers
+                .iter()
+                .copied()
+                .filter(|id| {
+                    state
+                        .conns
+                        .get(id)
+                        .is_some_and(|c| !state.disconnected.contains(&c.node))
+                })
+                .collect(),
+            None => return Ok(0),
+        };
+        let channel = Channel::from(channel);
+        for &id in &receivers {
+            let delivery = Delivery::Frame {
+                channel: channel.clone(),
+                payload: frame.clone(),
+            };
+            let target = state.conns.get(&id).map(|c| c.node.clone());
+            let fault = target
+                .as_ref()
+                .and_then(|node| state.frame_faults.get_mut(node))
+                .and_then(VecDeque::pop_front);
+            match fault {
+                None => state.deliver(id, delivery),
+                Some(FrameFault::Drop) => {}
+                Some(FrameFault::Duplicate) => {
+                    state.deliver(id, delivery.clone());
+                    state.deliver(id, delivery);
+                }
+                Some(FrameFault::Delay(after)) => {
+                    let broker = self.clone();
+                    tokio::spawn(async move {
+                        tokio::time::sleep(after).await;
+                        lock(&broker.state).deliver(id, delivery);
+                    });
+                }
+            }
+        }
+        Ok(receivers.len() as u64)
+    }
+}
+
+fn unsubscribe(state: &mut State, channel: &str, conn: u64) {
+    if let Some(subscribers) = state.channels.get_mut(channel) {
+        subscribers.remove(&conn);
+        if subscribers.is_empty() {
+            state.channels.remove(channel);
+        }
+    }
+}
+
+/// One node's connection to a [`Broker`].
+pub(crate) struct MemoryWire {
+    broker: Broker,
+    conn: u64,
+    node: String,
+    /// The registry scope (`namespace:db`) this node reads and writes.
+    scope: String,
+    /// Handed out once: a connection has one inbound stream.
+    inbound: Mutex<Option<mpsc::Receiver<Delivery>>>,
+    reconnected: broadcast::Sender<()>,
+}
+
+impl std::fmt::Debug for MemoryWire {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MemoryWire")
+            .field("node", &self.node)
+            .field("conn", &self.conn)
+            .finish()
+    }
+}
+
+impl MemoryWire {
+    /// Runs `f` on the registry of this node's scope, after taking an injected failure if any.
+    fn registry<T>(
+        &self,
+        command: &'static str,
+        f: impl FnOnce(&mut Registry, Instant) -> T,
+    ) -> Result<T, TransportError> {
+        let mut state = lock(&self.broker.state);
+        state.take_failure(&self.node, command)?;
+        let registry = state.registries.entry(self.scope.clone()).or_default();
+        Ok(f(registry, Instant::now()))
+    }
+
+    /// Subscribes or unsubscribes this connection.
+    fn change(&self, channel: &Channel, subscribe: bool) -> Result<(), TransportError> {
+        let mut state = lock(&self.broker.state);
+        state.take_failure(
+            &self.node,
+            if subscribe {
+                "SUBSCRIBE"
+            } else {
+                "UNSUBSCRIBE"
+            },
+        )?;
+        let Some(conn) = state.conns.get_mut(&self.conn) else {
+            return Err(TransportError::Command {
+                command: "SUBSCRIBE",
+                reason: "the connection is closed".into(),
+            });
+        };
+        let name = channel.as_str().to_string();
+        if subscribe {
+            conn.subscriptions.insert(name.clone());
+            state.channels.entry(name).or_default().insert(self.conn);
+        } else {
+            conn.subscriptions.remove(&name);
+            unsubscribe(&mut state, &name, self.conn);
+        }
+        Ok(())
+    }
+}
+
+impl Transport for MemoryWire {
+    fn publish(
+        &self,
+        channel: Channel,
+        frame: Bytes,
+    ) -> impl Future<Output = Result<u64, TransportError>> + Send {
+        // Nothing to wait for in memory: delivered (or not) before the future is polled.
+        std::future::ready(self.broker.publish(&self.node, channel.as_str(), frame))
+    }
+
+    fn publish_untimed(
+        &self,
+        channel: Channel,
+        frame: Bytes,
+    ) -> impl Future<Output = Result<u64, TransportError>> + Send {
+        self.publish(channel, frame)
+    }
+
+    async fn subscribe(&self, channel: &Channel) -> Result<(), TransportError> {
+        self.change(channel, true)
+    }
+
+    async fn unsubscribe(&self, channel: &Channel) -> Result<(), TransportError> {
+        self.change(channel, false)
+    }
+
+    fn inbound(&self) -> Inbound {
+        let rx = lock(&self.inbound).take();
+        Inbound::Memory(MemoryInbound { rx })
+    }
+
+    fn reconnects(&self) -> Reconnects {
+        Reconnects::Memory(self.reconnected.subscribe())
+    }
+
+    async fn heartbeat(&self, entry: &Entry<'_>) -> Result<(), TransportError> {
+        self.registry("EVALSHA", |registry, now| {
+            registry.purge(now);
+            let expiry = now + entry.ttl;
+            let fields = entry
+                .fields
+                .iter()
+                .map(|(k, v)| (Bytes::from_static(k.as_bytes()), Bytes::from(v.clone())))
+                .collect();
+            registry
+                .nodes
+                .insert(entry.id.to_string(), (expiry, fields));
+            for method in entry.methods {
+                registry
+                    .methods
+                    .entry(method.clone())
+                    .or_default()
+                    .insert(entry.id.to_string(), expiry);
+            }
+        })
+    }
+
+    async fn deregister(&self, id: &NodeId, methods: &[String]) -> Result<(), TransportError> {
+        self.registry("EVALSHA", |registry, _| {
+            registry.nodes.remove(id.as_str());
+            for method in methods {
+                if let Some(providers) = registry.methods.get_mut(method) {
+                    providers.remove(id.as_str());
+                }
+            }
+        })
+    }
+
+    async fn providers(&self, methods: &[String]) -> Result<Vec<Vec<NodeId>>, TransportError> {
+        self.registry("EVALSHA", |registry, now| {
+            registry.purge(now);
+            methods
+                .iter()
+                .map(|m| {
+                    registry
+                        .methods
+                        .get(m)
+                        .map_or_else(Vec::new, |p| by_expiry(p.iter()))
+                })
+                .collect()
+        })
+    }
+
+    async fn servers(&self) -> Result<Vec<(NodeId, Fields)>, TransportError> {
+        self.registry("EVALSHA", |registry, now| {
+            registry.purge(now);
+            let ids = by_expiry(registry.nodes.iter().map(|(id, (e, _))| (id, e)));
+            ids.into_iter()
+                .filter_map(|id| {
+                    let fields = registry.nodes.get(id.as_str())?.1.clone();
+                    Some((id, fields))
+                })
+                .collect()
+        })
+    }
+
+    async fn close(&self) {
+        let mut state = lock(&self.broker.state);
+        if let Some(conn) = state.conns.remove(&self.conn) {
+            for channel in conn.subscriptions {
+                unsubscribe(&mut state, &channel, self.conn);
+            }
+        }
+    }
+}
+
+impl Drop for MemoryWire {
+    fn drop(&mut self) {
+        let mut state = lock(&self.broker.state);
+        if let Some(conn) = state.conns.remove(&self.conn) {
+            for channel in conn.subscriptions {
+                unsubscribe(&mut state, &channel, self.conn);
+            }
+        }
+    }
+}
+
+/// The receive side of a [`MemoryWire`]; ends once the connection is closed.
+pub(crate) struct MemoryInbound {
+    rx: Option<mpsc::Receiver<Delivery>>,
+}
+
+impl MemoryInbound {
+    pub(crate) async fn recv(&mut self) -> Option<Delivery> {
+        self.rx.as_mut()?.recv().await
+    }
+
+    pub(crate) fn try_recv(&mut self) -> Option<Delivery> {
+        self.rx.as_mut()?.try_recv().ok()
+    }
+}

@@ -1,0 +1,342 @@
+//! The seam between the runtime and the wire: everything a node needs from a broker.
+//!
+//! A node needs few things from the wire, and [`Transport`] names exactly those:
+//! - pub/sub: publish a frame to a channel and learn how many subscribers received it (0 means
+//!   certainly nobody: the call did not run and can be re-routed), subscribe and unsubscribe,
+//!   the ordered stream of inbound frames ([`Inbound`]) and the recovery events after a lost
+//!   connection ([`Reconnects`]);
+//! - the registry: write a server's entry with its TTL ([`Entry`]), remove it, read the live
+//!   providers of methods and the live servers with their info, purging the expired on the way.
+//!
+//! Join and leave announcements are ordinary frames on the events channel, so they need nothing
+//! more. Two implementations sit behind it:
+//! - [`redis`]: standalone Redis, over the `clouds-redis` connections (Lua scripts on Redis's
+//!   own clock, every registry key in one hash tag);
+//! - [`memory`]: an in-process broker with the same observable behaviour on tokio's clock, with
+//!   faults a test can inject (`clouds::testing`).
+//!
+//! The runtime holds a [`Wire`], an enum of the two: every call is a `match`, not a boxed trait
+//! object, so the hot path stays statically dispatched. A third kind of broker (Redis Cluster's
+//! sharded pub/sub) is one more implementation and one more variant; nothing else changes.
+
+#[cfg(any(test, feature = "testing"))]
+pub(crate) mod memory;
+pub(crate) mod redis;
+
+use std::future::Future;
+use std::time::Duration;
+
+use bytes::Bytes;
+pub(crate) use clouds_redis::Channel;
+
+use crate::namespace::Names;
+use crate::node_id::NodeId;
+
+/// What the runtime needs from a broker. See the module docs.
+pub(crate) trait Transport: Send + Sync + Sized {
+    /// Publishes `frame` on `channel`, bounded by the command timeout; resolves to how many
+    /// subscribers received it.
+    fn publish(
+        &self,
+        channel: Channel,
+        frame: Bytes,
+    ) -> impl Future<Output = Result<u64, TransportError>> + Send;
+
+    /// [`Transport::publish`] for a caller that bounds the wait itself (one timer less).
+    fn publish_untimed(
+        &self,
+        channel: Channel,
+        frame: Bytes,
+    ) -> impl Future<Output = Result<u64, TransportError>> + Send;
+
+    /// Subscribes to `channel`; the subscription survives reconnects.
+    fn subscribe(
+        &self,
+        channel: &Channel,
+    ) -> impl Future<Output = Result<(), TransportError>> + Send;
+
+    /// Unsubscribes; once this returns nothing more arrives from `channel`, and what arrived
+    /// before is already in [`Inbound`].
+    fn unsubscribe(
+        &self,
+        channel: &Channel,
+    ) -> impl Future<Output = Result<(), TransportError>> + Send;
+
+    /// Everything delivered to this connection's subscriptions from now on, in order.
+    fn inbound(&self) -> Inbound;
+
+    /// Notifications that a lost connection is back (and its subscriptions restored).
+    fn reconnects(&self) -> Reconnects;
+
+    /// Writes or renews a server's registry entry for `entry.ttl`.
+    fn heartbeat(
+        &self,
+        entry: &Entry<'_>,
+    ) -> impl Future<Output = Result<(), TransportError>> + Send;
+
+    /// Removes a server's entry at once.
+    fn deregister(
+        &self,
+        id: &NodeId,
+        methods: &[String],
+    ) -> impl Future<Output = Result<(), TransportError>> + Send;
+
+    /// The live providers of each method, in the order asked; purges expired ones.
+    fn providers(
+        &self,
+        methods: &[String],
+    ) -> impl Future<Output = Result<Vec<Vec<NodeId>>, TransportError>> + Send;
+
+    /// Every live server with the info fields of its last heartbeat; purges expired ones.
+    fn servers(&self)
+    -> impl Future<Output = Result<Vec<(NodeId, Fields)>, TransportError>> + Send;
+
+    /// Closes the connection: pending commands finish first, then [`Inbound`] ends.
+    fn close(&self) -> impl Future<Output = ()> + Send;
+}
+
+/// A server's info fields as its last heartbeat wrote them.
+pub(crate) type Fields = Vec<(Bytes, Bytes)>;
+
+/// One heartbeat: who, for how long, what it serves and what it reports about itself.
+#[derive(Debug)]
+pub(crate) struct Entry<'a> {
+    pub(crate) id: &'a NodeId,
+    pub(crate) ttl: Duration,
+    pub(crate) methods: &'a [String],
+    /// The node hash's fields, `methods` included (joined by `\n`).
+    pub(crate) fields: Vec<(&'static str, String)>,
+}
+
+/// A failure talking to the broker.
+///
+/// ```
+/// let e = clouds_core::TransportError::Timeout {
+///     command: "PUBLISH",
+///     after: std::time::Duration::from_secs(5),
+/// };
+/// assert!(e.to_string().contains("PUBLISH"));
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum TransportError {
+    /// The first connection to the broker failed.
+    #[error("could not connect to Redis at {addr}: {reason}; is redis-server running there?")]
+    Connect {
+        /// `host:port` that was tried.
+        addr: String,
+        /// The underlying error.
+        reason: String,
+    },
+    /// A command got no answer within the command timeout (Redis down, or reconnecting).
+    #[error("Redis did not answer {command} within {after:?} (connection down or reconnecting)")]
+    Timeout {
+        /// The command that timed out.
+        command: &'static str,
+        /// The configured command timeout.
+        after: Duration,
+    },
+    /// Redis answered a command with an error, or the connection failed while it was in flight.
+    #[error("Redis command {command} failed: {reason}")]
+    Command {
+        /// The command that failed.
+        command: &'static str,
+        /// The error Redis or the connection gave.
+        reason: String,
+    },
+    /// Redis answered with a reply of an unexpected shape.
+    #[error("unexpected reply to {command}: {reason}")]
+    Reply {
+        /// The command whose reply was unexpected.
+        command: &'static str,
+        /// What was unexpected.
+        reason: String,
+    },
+}
+
+impl From<clouds_redis::TransportError> for TransportError {
+    fn from(e: clouds_redis::TransportError) -> Self {
+        use clouds_redis::TransportError as R;
+        match e {
+            R::Connect { addr, reason } => TransportError::Connect { addr, reason },
+            R::Timeout { command, after } => TransportError::Timeout { command, after },
+            R::Command { command, reason } => TransportError::Command { command, reason },
+            R::Reply { command, reason } => TransportError::Reply { command, reason },
+            // Parsed (and refused) when the configuration is built, never at run time.
+            R::InvalidUrl { url, reason } => TransportError::Connect { addr: url, reason },
+            other => TransportError::Command {
+                command: "(connect)",
+                reason: other.to_string(),
+            },
+        }
+    }
+}
+
+/// One item of a connection's inbound stream.
+#[derive(Debug, Clone)]
+pub(crate) enum Delivery {
+    /// A frame published on `channel`.
+    Frame { channel: Channel, payload: Bytes },
+    /// The reader fell behind and this many frames were lost before it read them.
+    Lagged(u64),
+}
+
+impl From<clouds_redis::Delivery> for Delivery {
+    fn from(d: clouds_redis::Delivery) -> Self {
+        match d {
+            clouds_redis::Delivery::Frame { channel, payload } => {
+                Delivery::Frame { channel, payload }
+            }
+            clouds_redis::Delivery::Lagged(n) => Delivery::Lagged(n),
+        }
+    }
+}
+
+/// Where a node's connections go: the Redis of its config, or an in-memory broker.
+#[derive(Debug, Clone)]
+pub(crate) enum Target {
+    Redis(clouds_redis::Endpoint),
+    #[cfg(any(test, feature = "testing"))]
+    Memory(memory::Broker),
+}
+
+/// A node's connection to its broker, statically dispatched.
+#[derive(Debug)]
+pub(crate) enum Wire {
+    Redis(redis::RedisWire),
+    #[cfg(any(test, feature = "testing"))]
+    Memory(memory::MemoryWire),
+}
+
+/// Runs `$body` with `$t` bound to whichever transport `$wire` holds.
+macro_rules! each {
+    ($wire:expr, $t:ident => $body:expr) => {
+        match $wire {
+            Wire::Redis($t) => $body,
+            #[cfg(any(test, feature = "testing"))]
+            Wire::Memory($t) => $body,
+        }
+    };
+}
+
+impl Wire {
+    /// Opens a connection for node `id` to `target`.
+    #[cfg_attr(not(any(test, feature = "testing")), allow(unused_variables))]
+    pub(crate) async fn connect(
+        target: &Target,
+        options: &clouds_redis::TransportOptions,
+        names: &Names,
+        id: &NodeId,
+    ) -> Result<Wire, TransportError> {
+        Ok(match target {
+            Target::Redis(endpoint) => {
+                Wire::Redis(redis::RedisWire::connect(endpoint, options, names).await?)
+            }
+            #[cfg(any(test, feature = "testing"))]
+            Target::Memory(broker) => Wire::Memory(broker.connect(names, id, options)?),
+        })
+    }
+
+    /// Whether this connection's node runs its heartbeat on a thread and connection of its
+    /// own: Redis nodes do, so a runtime whose workers are all blocked cannot starve the
+    /// heartbeat; in-memory nodes beat on the node's own runtime, so tests can pause its clock.
+    pub(crate) fn beats_on_own_thread(&self) -> bool {
+        matches!(self, Wire::Redis(_))
+    }
+}
+
+impl Transport for Wire {
+    async fn publish(&self, channel: Channel, frame: Bytes) -> Result<u64, TransportError> {
+        each!(self, t => t.publish(channel, frame).await)
+    }
+
+    async fn publish_untimed(&self, channel: Channel, frame: Bytes) -> Result<u64, TransportError> {
+        each!(self, t => t.publish_untimed(channel, frame).await)
+    }
+
+    async fn subscribe(&self, channel: &Channel) -> Result<(), TransportError> {
+        each!(self, t => t.subscribe(channel).await)
+    }
+
+    async fn unsubscribe(&self, channel: &Channel) -> Result<(), TransportError> {
+        each!(self, t => t.unsubscribe(channel).await)
+    }
+
+    fn inbound(&self) -> Inbound {
+        each!(self, t => t.inbound())
+    }
+
+    fn reconnects(&self) -> Reconnects {
+        each!(self, t => t.reconnects())
+    }
+
+    async fn heartbeat(&self, entry: &Entry<'_>) -> Result<(), TransportError> {
+        each!(self, t => t.heartbeat(entry).await)
+    }
+
+    async fn deregister(&self, id: &NodeId, methods: &[String]) -> Result<(), TransportError> {
+        each!(self, t => t.deregister(id, methods).await)
+    }
+
+    async fn providers(&self, methods: &[String]) -> Result<Vec<Vec<NodeId>>, TransportError> {
+        each!(self, t => t.providers(methods).await)
+    }
+
+    async fn servers(&self) -> Result<Vec<(NodeId, Fields)>, TransportError> {
+        each!(self, t => t.servers().await)
+    }
+
+    async fn close(&self) {
+        each!(self, t => t.close().await)
+    }
+}
+
+/// The receive side of a connection.
+pub(crate) enum Inbound {
+    Redis(clouds_redis::Inbound),
+    #[cfg(any(test, feature = "testing"))]
+    Memory(memory::MemoryInbound),
+}
+
+impl Inbound {
+    /// Waits for the next delivery; `None` once the connection is closed.
+    pub(crate) async fn recv(&mut self) -> Option<Delivery> {
+        match self {
+            Inbound::Redis(rx) => rx.recv().await.map(Delivery::from),
+            #[cfg(any(test, feature = "testing"))]
+            Inbound::Memory(rx) => rx.recv().await,
+        }
+    }
+
+    /// A delivery that has already arrived, without waiting.
+    pub(crate) fn try_recv(&mut self) -> Option<Delivery> {
+        match self {
+            Inbound::Redis(rx) => rx.try_recv().map(Delivery::from),
+            #[cfg(any(test, feature = "testing"))]
+            Inbound::Memory(rx) => rx.try_recv(),
+        }
+    }
+}
+
+/// Tells when a connection has recovered from a loss.
+pub(crate) enum Reconnects {
+    Redis(clouds_redis::Reconnects),
+    #[cfg(any(test, feature = "testing"))]
+    Memory(tokio::sync::broadcast::Receiver<()>),
+}
+
+impl Reconnects {
+    /// Waits for the next recovery; `None` once the connection is closed.
+    pub(crate) async fn recv(&mut self) -> Option<()> {
+        #[cfg(any(test, feature = "testing"))]
+        use tokio::sync::broadcast::error::RecvError;
+        match self {
+            Reconnects::Redis(rx) => rx.recv().await,
+            #[cfg(any(test, feature = "testing"))]
+            Reconnects::Memory(rx) => match rx.recv().await {
+                Ok(()) | Err(RecvError::Lagged(_)) => Some(()),
+                Err(RecvError::Closed) => None,
+            },
+        }
+    }
+}

@@ -1,0 +1,23 @@
+//! The behaviour suite on the in-memory broker, under paused time: no Redis, no real waiting.
+
+mod behaviour;
+
+use std::time::Duration;
+
+/// A fresh broker per case.
+struct Memory(clouds::testing::Broker);
+
+impl behaviour::Backend for Memory {
+    fn config(&self) -> clouds::Config {
+        self.0
+            .config()
+            .heartbeat(Duration::from_millis(300))
+            .timeout(Duration::from_secs(1))
+    }
+}
+
+fn memory() -> Memory {
+    Memory(clouds::testing::Broker::new())
+}
+
+behaviour_suite!(memory(), flavor = "current_thread", start_paused = true);
