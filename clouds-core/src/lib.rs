@@ -45,6 +45,8 @@ mod pending;
 mod registry;
 pub mod server;
 pub mod service;
+#[cfg(test)]
+mod spec_tests;
 mod stats;
 
 pub use client::Client;
