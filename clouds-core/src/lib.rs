@@ -46,6 +46,8 @@ mod pending;
 mod registry;
 pub mod server;
 pub mod service;
+#[cfg(test)]
+mod spec_tests;
 mod stats;
 #[cfg(any(test, feature = "testing"))]
 #[cfg_attr(docsrs, doc(cfg(feature = "testing")))]
