@@ -115,9 +115,10 @@ impl Balancer {
         let mut cache = write(&self.methods);
         for method in methods {
             if let Some(entry) = cache.get_mut(method)
-                && let Err(at) = entry.providers.binary_search(node) {
-                    entry.providers.insert(at, node.clone());
-                }
+                && let Err(at) = entry.providers.binary_search(node)
+            {
+                entry.providers.insert(at, node.clone());
+            }
         }
     }
 

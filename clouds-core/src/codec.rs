@@ -511,9 +511,10 @@ fn value_len(bytes: &[u8]) -> Result<usize, String> {
 /// Decodes call arguments into the handler's tuple type; the empty array also fits `()`.
 pub(crate) fn decode_args<A: DeserializeOwned>(bytes: &[u8]) -> Result<A, String> {
     if bytes == EMPTY_ARRAY
-        && let Ok(unit) = decode_value::<A>(NIL) {
-            return Ok(unit);
-        }
+        && let Ok(unit) = decode_value::<A>(NIL)
+    {
+        return Ok(unit);
+    }
     decode_value(bytes)
 }
 

@@ -1,11 +1,17 @@
-//! The server side of a call: route lookup, in-flight limit, deadline, running the handler
-//! (on the receive loop while it does not wait, in its own task once it does).
+//! The server side of a call: route lookup, in-flight limit, deadline, and the first poll of
+//! the handler.
+//!
+//! Dispatch does no I/O and knows nothing of the node: it turns a call into a [`Dispatched`],
+//! a reply ready to send or a handler still running, and the node sends the one and spawns the
+//! other (`node.rs`).
 
 use foldhash::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::task::{Context, Poll, Waker};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use tokio_util::task::TaskTracker;
 
@@ -13,9 +19,7 @@ use crate::codec::{self, ReplyBody};
 use crate::envelope::{Call, Status, WireStr};
 use crate::error::Error;
 use crate::locks::{read, write};
-use crate::node::Node;
-use crate::service::Route;
-use crate::stats::bump;
+use crate::service::{BoxFuture, Outcome, Route};
 
 /// Routes calls to handlers and runs them, at most `max_in_flight` at once.
 pub(crate) struct Dispatcher {
@@ -28,7 +32,53 @@ pub(crate) struct Dispatcher {
     /// Every handler running in a task of its own, so shutdown can wait for them. (Replies
     /// the receive loop sends are finished by the loop before it stops, or given up after a
     /// command timeout.)
-    pub(crate) tasks: TaskTracker,
+    tasks: TaskTracker,
+}
+
+/// What became of one call.
+pub(crate) enum Dispatched {
+    /// The caller had already given up on it (deadline 0, or past it before a worker took
+    /// it): nothing runs and nothing is answered.
+    Expired,
+    /// A reply to send now: the handler finished at its first poll, or an error reply.
+    Ready(ReadyReply),
+    /// A handler still running: to be driven in a task of its own, then answered.
+    Running(Running),
+}
+
+/// A handler that did not finish at its first poll (or was not polled yet, with
+/// `spawn_handlers`), with what its reply needs.
+pub(crate) struct Running {
+    pub(crate) handler: BoxFuture<Outcome>,
+    pub(crate) caller: WireStr,
+    pub(crate) id: u64,
+    pub(crate) method: WireStr,
+    /// When the caller stops waiting.
+    pub(crate) deadline: Instant,
+    /// Not polled yet: skip it if a worker only gets to it after the deadline.
+    pub(crate) fresh: bool,
+    pub(crate) slot: InFlight,
+}
+
+impl Running {
+    /// Drives the handler to its reply; `None` if it was still fresh at the deadline (the
+    /// caller has moved on, and may have retried elsewhere: running it would only duplicate).
+    pub(crate) async fn run(self) -> Option<ReadyReply> {
+        if self.fresh && Instant::now() > self.deadline {
+            return None;
+        }
+        let outcome = self.handler.await;
+        if Instant::now() > self.deadline {
+            tracing::debug!(method = %self.method, "handler finished after the caller's deadline");
+        }
+        Some(ReadyReply {
+            caller: self.caller,
+            id: self.id,
+            status: outcome.status,
+            body: outcome.body,
+            slot: Some(self.slot),
+        })
+    }
 }
 
 /// A reply for the receive loop to send: a handler's outcome, or an error reply.
@@ -102,26 +152,44 @@ impl Dispatcher {
         self.running.load(Ordering::Acquire).min(self.max_in_flight)
     }
 
+    /// Runs `work` as one of the handlers that shutdown waits for.
+    pub(crate) fn track(&self, work: impl std::future::Future<Output = ()> + Send + 'static) {
+        self.tasks.spawn(work);
+    }
+
+    /// Handlers running in tasks of their own now.
+    pub(crate) fn tasks(&self) -> usize {
+        self.tasks.len()
+    }
+
+    /// Waits up to `timeout` for every handler running in a task of its own; false if some are
+    /// still running then. New ones can no longer be tracked after this starts.
+    pub(crate) async fn drain(&self, timeout: Duration) -> bool {
+        self.tasks.close();
+        tokio::time::timeout(timeout, self.tasks.wait())
+            .await
+            .is_ok()
+    }
+
     /// Starts handling one call.
     ///
     /// The handler is polled once right here, on the receive loop. If it finishes (most do),
     /// its reply is returned for the receive loop to send alongside the next deliveries, as
-    /// raw pub/sub code would: no task per call. A handler that has to wait moves on to a task
-    /// of its own, so it never holds up the loop while waiting. Error replies (unknown method,
-    /// overloaded) are also returned for the loop to send. `Config::spawn_handlers` gives
-    /// every handler its own task from the start instead.
-    pub(crate) fn dispatch(&self, node: &Arc<Node>, call: Call) -> Option<ReadyReply> {
+    /// raw pub/sub code would: no task per call. A handler that has to wait is returned as
+    /// [`Dispatched::Running`], for a task of its own, so it never holds up the loop while
+    /// waiting. Error replies (unknown method, overloaded) are ready replies too.
+    /// `Config::spawn_handlers` returns every handler unpolled, for a task from the start.
+    pub(crate) fn dispatch(&self, call: Call) -> Dispatched {
         if call.deadline_ms == 0 {
             // The caller has already given up on this attempt.
-            bump(&node.counters.expired_calls);
-            return None;
+            return Dispatched::Expired;
         }
         let route = {
             let table = read(&self.routes);
             table.get(call.method.as_str()).map(|r| r.handler.clone())
         };
         let Some(handler) = route else {
-            return Some(ReadyReply {
+            return Dispatched::Ready(ReadyReply {
                 body: ReplyBody::text(call.method.as_str()),
                 caller: call.reply_to,
                 id: call.id,
@@ -130,7 +198,7 @@ impl Dispatcher {
             });
         };
         let Some(slot) = self.enter() else {
-            return Some(ReadyReply {
+            return Dispatched::Ready(ReadyReply {
                 caller: call.reply_to,
                 id: call.id,
                 status: Status::Overloaded,
@@ -145,50 +213,265 @@ impl Dispatcher {
             deadline_ms,
             args,
         } = call;
-        let node = node.clone();
-        if self.spawn_all {
-            let deadline = Instant::now() + Duration::from_millis(deadline_ms);
-            self.tasks.spawn(async move {
-                if Instant::now() > deadline {
-                    // Waited for a worker thread past the caller's deadline: the caller has
-                    // moved on (and may have retried elsewhere), so running it now would only
-                    // duplicate.
-                    bump(&node.counters.expired_calls);
-                    return;
-                }
-                let outcome = handler(args).await;
-                if Instant::now() > deadline {
-                    tracing::debug!(node = %node.id, %method, "handler finished after the caller's deadline");
-                }
-                node.reply(reply_to.as_str(), id, outcome.status, outcome.body).await;
-                drop(slot);
-            });
-            return None;
-        }
+        let deadline = || Instant::now() + Duration::from_millis(deadline_ms);
         let mut running = handler(args);
+        if self.spawn_all {
+            return Dispatched::Running(Running {
+                handler: running,
+                caller: reply_to,
+                id,
+                method,
+                deadline: deadline(),
+                fresh: true,
+                slot,
+            });
+        }
         // A no-op waker: if the handler is not done, the task it moves to polls it again at
         // once, with that task's waker, before anything could have been missed.
         let mut cx = Context::from_waker(Waker::noop());
         match running.as_mut().poll(&mut cx) {
-            Poll::Ready(outcome) => Some(ReadyReply {
+            Poll::Ready(outcome) => Dispatched::Ready(ReadyReply {
                 caller: reply_to,
                 id,
                 status: outcome.status,
                 body: outcome.body,
                 slot: Some(slot),
             }),
-            Poll::Pending => {
-                let deadline = Instant::now() + Duration::from_millis(deadline_ms);
-                self.tasks.spawn(async move {
-                    let outcome = running.await;
-                    if Instant::now() > deadline {
-                        tracing::debug!(node = %node.id, %method, "handler finished after the caller's deadline");
-                    }
-                    node.reply(reply_to.as_str(), id, outcome.status, outcome.body).await;
-                    drop(slot);
-                });
-                None
-            }
+            Poll::Pending => Dispatched::Running(Running {
+                handler: running,
+                caller: reply_to,
+                id,
+                method,
+                deadline: deadline(),
+                fresh: false,
+                slot,
+            }),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::convert::Infallible;
+
+    use bytes::Bytes;
+
+    use super::*;
+    use crate::envelope::{Frame, Reply};
+
+    fn call(method: &str, deadline_ms: u64, args: impl serde::Serialize) -> Call {
+        let wire = |s: &str| WireStr::new(Bytes::copy_from_slice(s.as_bytes())).expect("utf-8");
+        Call {
+            id: 7,
+            method: wire(method),
+            reply_to: wire("client-a"),
+            deadline_ms,
+            args: Bytes::from(codec::encode_value(&args).expect("encode")),
+        }
+    }
+
+    /// The reply as the caller would decode it.
+    fn decoded(reply: ReadyReply) -> Reply {
+        assert_eq!(reply.caller.as_str(), "client-a");
+        match codec::decode(&reply.body.into_frame(reply.id, reply.status)) {
+            Ok(Frame::Reply(reply)) => reply,
+            other => panic!("not a reply: {:?}", other.map(|_| ())),
+        }
+    }
+
+    fn ready(dispatched: Dispatched) -> ReadyReply {
+        match dispatched {
+            Dispatched::Ready(reply) => reply,
+            Dispatched::Expired => panic!("expired"),
+            Dispatched::Running(_) => panic!("still running"),
+        }
+    }
+
+    fn adder() -> Route {
+        Route::new("math.add", |(a, b): (i64, i64)| async move {
+            Ok::<_, Infallible>(a + b)
+        })
+    }
+
+    /// A handler that waits for `gate` before answering.
+    fn gated(gate: Arc<tokio::sync::Notify>) -> Route {
+        Route::new("slow.wait", move |(): ()| {
+            let gate = gate.clone();
+            async move {
+                gate.notified().await;
+                Ok::<_, Infallible>(1u8)
+            }
+        })
+    }
+
+    #[test]
+    fn a_handler_that_does_not_wait_is_answered_at_once() {
+        let d = Dispatcher::new(4, false);
+        d.add(vec![adder()]).expect("add");
+        let reply = ready(d.dispatch(call("math.add", 1000, (2, 3))));
+        assert!(
+            reply.slot.is_some(),
+            "holds its place until the reply is sent"
+        );
+        assert_eq!(d.in_flight(), 1);
+        let reply = decoded(reply);
+        assert_eq!((reply.id, reply.status), (7, Status::Ok));
+        assert_eq!(codec::decode_value::<i64>(&reply.body), Ok(5));
+        assert_eq!(d.in_flight(), 0, "the slot went with the reply");
+    }
+
+    #[test]
+    fn unknown_methods_are_answered_with_their_name() {
+        let d = Dispatcher::new(4, false);
+        d.add(vec![adder()]).expect("add");
+        let reply = ready(d.dispatch(call("math.sub", 1000, (2, 3))));
+        assert!(reply.slot.is_none());
+        let reply = decoded(reply);
+        assert_eq!(reply.status, Status::UnknownMethod);
+        assert_eq!(
+            codec::decode_value::<String>(&reply.body).as_deref(),
+            Ok("math.sub")
+        );
+    }
+
+    #[test]
+    fn wrong_arguments_are_a_bad_arguments_reply() {
+        let d = Dispatcher::new(4, false);
+        d.add(vec![adder()]).expect("add");
+        let reply = decoded(ready(d.dispatch(call("math.add", 1000, ("two", 3)))));
+        assert_eq!(reply.status, Status::BadArguments);
+        let reply = decoded(ready(d.dispatch(call("math.add", 1000, (1,)))));
+        assert_eq!(reply.status, Status::BadArguments);
+    }
+
+    #[test]
+    fn a_call_whose_caller_gave_up_is_not_run() {
+        let d = Dispatcher::new(4, false);
+        d.add(vec![adder()]).expect("add");
+        assert!(matches!(
+            d.dispatch(call("math.add", 0, (2, 3))),
+            Dispatched::Expired
+        ));
+        assert_eq!(d.in_flight(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_waiting_handler_is_handed_over_and_answers_when_driven() {
+        let gate = Arc::new(tokio::sync::Notify::new());
+        let d = Dispatcher::new(4, false);
+        d.add(vec![gated(gate.clone())]).expect("add");
+        let Dispatched::Running(running) = d.dispatch(call("slow.wait", 1000, ())) else {
+            panic!("a waiting handler must be handed over");
+        };
+        assert!(!running.fresh, "it was polled once already");
+        assert_eq!(d.in_flight(), 1);
+        gate.notify_one();
+        let reply = decoded(running.run().await.expect("answered"));
+        assert_eq!(reply.status, Status::Ok);
+        assert_eq!(d.in_flight(), 0);
+    }
+
+    #[test]
+    fn calls_over_the_limit_are_refused_as_overloaded() {
+        let gate = Arc::new(tokio::sync::Notify::new());
+        let d = Dispatcher::new(1, false);
+        d.add(vec![gated(gate), adder()]).expect("add");
+        let first = d.dispatch(call("slow.wait", 1000, ()));
+        assert!(matches!(first, Dispatched::Running(_)));
+        let refused = ready(d.dispatch(call("math.add", 1000, (1, 1))));
+        assert!(refused.slot.is_none());
+        assert_eq!(decoded(refused).status, Status::Overloaded);
+        drop(first);
+        assert_eq!(d.in_flight(), 0, "a dropped handler frees its place");
+        let reply = decoded(ready(d.dispatch(call("math.add", 1000, (1, 1)))));
+        assert_eq!(reply.status, Status::Ok);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn with_spawn_handlers_nothing_runs_on_the_loop_and_stale_calls_are_skipped() {
+        let runs = Arc::new(AtomicUsize::new(0));
+        let counted = runs.clone();
+        let d = Dispatcher::new(4, true);
+        d.add(vec![Route::new("count.up", move |(): ()| {
+            let runs = counted.clone();
+            async move { Ok::<_, Infallible>(runs.fetch_add(1, Ordering::SeqCst)) }
+        })])
+        .expect("add");
+        let Dispatched::Running(running) = d.dispatch(call("count.up", 50, ())) else {
+            panic!("spawn_handlers hands every call over");
+        };
+        assert!(running.fresh);
+        assert_eq!(runs.load(Ordering::SeqCst), 0, "not polled on the loop");
+        // A worker that only gets to it after the caller's deadline skips it.
+        tokio::time::advance(Duration::from_millis(60)).await;
+        assert!(running.run().await.is_none());
+        assert_eq!(runs.load(Ordering::SeqCst), 0);
+        let Dispatched::Running(running) = d.dispatch(call("count.up", 1000, ())) else {
+            panic!("spawn_handlers hands every call over");
+        };
+        assert_eq!(
+            decoded(running.run().await.expect("ran")).status,
+            Status::Ok
+        );
+        assert_eq!(runs.load(Ordering::SeqCst), 1);
+    }
+
+    #[test]
+    fn panicking_handlers_answer_panic() {
+        let d = Dispatcher::new(4, false);
+        d.add(vec![Route::new("boom.now", |(): ()| async move {
+            if true {
+                panic!("kaboom");
+            }
+            Ok::<_, Infallible>(())
+        })])
+        .expect("add");
+        let reply = decoded(ready(d.dispatch(call("boom.now", 1000, ()))));
+        assert_eq!(reply.status, Status::Panic);
+        assert!(
+            codec::decode_value::<String>(&reply.body)
+                .expect("text")
+                .contains("kaboom")
+        );
+        assert_eq!(d.in_flight(), 0);
+    }
+
+    #[test]
+    fn routes_are_added_all_or_nothing() {
+        let d = Dispatcher::new(4, false);
+        d.add(vec![adder()]).expect("add");
+        let again = d.add(vec![
+            Route::new("math.mul", |(a, b): (i64, i64)| async move {
+                Ok::<_, Infallible>(a * b)
+            }),
+            adder(),
+        ]);
+        assert!(matches!(again, Err(Error::InvalidMethod { .. })));
+        let reply = decoded(ready(d.dispatch(call("math.mul", 1000, (2, 3)))));
+        assert_eq!(
+            reply.status,
+            Status::UnknownMethod,
+            "math.mul was not added"
+        );
+        assert!(matches!(
+            d.add(vec![Route::new("no spaces", |(): ()| async {
+                Ok::<_, Infallible>(())
+            })]),
+            Err(Error::InvalidMethod { .. })
+        ));
+        d.clear();
+        let reply = decoded(ready(d.dispatch(call("math.add", 1000, (2, 3)))));
+        assert_eq!(reply.status, Status::UnknownMethod);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn drain_waits_for_tracked_handlers_up_to_its_timeout() {
+        let d = Dispatcher::new(4, false);
+        d.track(async { tokio::time::sleep(Duration::from_millis(100)).await });
+        assert_eq!(d.tasks(), 1);
+        assert!(d.drain(Duration::from_secs(1)).await);
+        let d = Dispatcher::new(4, false);
+        d.track(async { tokio::time::sleep(Duration::from_secs(100)).await });
+        assert!(!d.drain(Duration::from_secs(1)).await);
     }
 }

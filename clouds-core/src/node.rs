@@ -20,7 +20,7 @@ use tokio_util::task::TaskTracker;
 use crate::balance::Balancer;
 use crate::codec::{self, ReplyBody};
 use crate::config::Config;
-use crate::dispatch::{Dispatcher, ReadyReply};
+use crate::dispatch::{Dispatched, Dispatcher, ReadyReply};
 use crate::envelope::{Frame, Status};
 use crate::error::Error;
 use crate::message::{Message, MessageQueue};
@@ -159,6 +159,13 @@ impl Node {
         self.log_reply(caller, sent);
     }
 
+    /// Sends a handler's reply, bounded by the command timeout, then frees its in-flight slot.
+    async fn send_reply(&self, reply: ReadyReply) {
+        self.reply(reply.caller.as_str(), reply.id, reply.status, reply.body)
+            .await;
+        drop(reply.slot);
+    }
+
     /// [`Node::reply`] with no timer of its own, for the receive loop, which bounds the
     /// replies it sends all together (see `receive_loop`).
     async fn reply_unbounded(&self, reply: ReadyReply) {
@@ -250,7 +257,7 @@ impl Node {
             expired_calls: get(&c.expired_calls),
             rerouted_calls: get(&c.rerouted),
             overloaded_replies: get(&c.overloaded),
-            tasks: self.tasks.len() + self.dispatcher.get().map_or(0, |d| d.tasks.len()),
+            tasks: self.tasks.len() + self.dispatcher.get().map_or(0, |d| d.tasks()),
             pending_calls: self.pending.len(),
             in_flight: self.dispatcher.get().map_or(0, |d| d.in_flight()),
         }
@@ -348,12 +355,25 @@ impl Node {
             }
             Frame::Message { from, body } if channel == self.inbox => {
                 if !self.messages.push(Message { from, body })
-                    && let Some(seen) = bump_and_sample(&self.counters.dropped_messages) {
-                        tracing::warn!(node = %self.id, seen, "message queue full or closed; message dropped");
-                    }
+                    && let Some(seen) = bump_and_sample(&self.counters.dropped_messages)
+                {
+                    tracing::warn!(node = %self.id, seen, "message queue full or closed; message dropped");
+                }
             }
             Frame::Call(call) if channel == self.calls => match self.dispatcher.get() {
-                Some(dispatcher) => return dispatcher.dispatch(self, call),
+                Some(dispatcher) => match dispatcher.dispatch(call) {
+                    Dispatched::Ready(reply) => return Some(reply),
+                    Dispatched::Expired => bump(&self.counters.expired_calls),
+                    Dispatched::Running(running) => {
+                        let node = self.clone();
+                        dispatcher.track(async move {
+                            match running.run().await {
+                                Some(reply) => node.send_reply(reply).await,
+                                None => bump(&node.counters.expired_calls),
+                            }
+                        });
+                    }
+                },
                 None => bump(&self.counters.misrouted),
             },
             Frame::Join { node, methods } if channel == self.events => {

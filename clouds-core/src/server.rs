@@ -279,11 +279,7 @@ impl Server {
             if let Err(e) = node.flush_inbound().await {
                 tracing::warn!(node = %node.id, error = %e, "could not confirm the inbox was drained");
             }
-            self.dispatcher.tasks.close();
-            if tokio::time::timeout(node.config.shutdown_timeout, self.dispatcher.tasks.wait())
-                .await
-                .is_err()
-            {
+            if !self.dispatcher.drain(node.config.shutdown_timeout).await {
                 tracing::warn!(node = %node.id, in_flight = self.dispatcher.in_flight(), "shutdown timeout: closing with handlers still running");
             }
         }

@@ -607,9 +607,10 @@ impl RedisServer {
         let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, self.port));
         let mut conn = Connection::open(&addr, timeout)?;
         if let Some(password) = &self.password
-            && let RespValue::Error(e) = conn.call(&[b"AUTH", password.as_bytes()])? {
-                return Err(TestkitError::Auth(e));
-            }
+            && let RespValue::Error(e) = conn.call(&[b"AUTH", password.as_bytes()])?
+        {
+            return Err(TestkitError::Auth(e));
+        }
         Ok(conn)
     }
 
