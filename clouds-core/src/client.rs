@@ -1,11 +1,12 @@
 //! Calling providers: pick one, publish the call, wait for the reply, retry on failure.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
+use crate::attempt::{Attempts, Next, Outcome, Verdict, backoff};
 use crate::balance::Choice;
 use crate::codec;
 use crate::config::Config;
@@ -230,10 +231,8 @@ impl Client {
 
     /// Runs a call with retries; returns the provider that answered and its reply.
     ///
-    /// An attempt is used up by a timeout, a Redis error, an overloaded provider when no
-    /// untried one is left, or finding no provider at all. A call that certainly did not run
-    /// (PUBLISH reached nobody, the provider refused it as overloaded or stopping) is re-routed
-    /// at once at no cost, up to [`FREE_REROUTES`] times per call.
+    /// What follows each attempt is decided by [`Attempts`] (see `attempt.rs`); this drives
+    /// it: looks providers up, publishes, waits, and tells the balancer what it learnt.
     ///
     /// The arguments are encoded into each attempt's frame, straight from the caller's values:
     /// a call waiting for its reply holds no encoded copy of them.
@@ -245,14 +244,11 @@ impl Client {
         let node = self.node();
         let mut refresh = false;
         let mut looked_up = false;
-        let started = Instant::now();
-        let max_attempts = self.retries.saturating_add(1);
+        let started = tokio::time::Instant::now();
+        let mut attempts = Attempts::new(method, self.retries);
         let deadline_ms = u64::try_from(self.timeout.as_millis())
             .unwrap_or(u64::MAX)
             .max(1);
-        let mut attempts = 0u32;
-        let mut free_reroutes = 0u32;
-        let mut tried: Vec<NodeId> = Vec::new();
         loop {
             if node.is_closed() {
                 return Err(Error::Shutdown);
@@ -260,17 +256,16 @@ impl Client {
             // The cold paths (registry reads, backoff sleeps) are boxed: inlined, they would
             // make every call's future as large as the largest of them, for its whole life.
             if refresh {
-                if let Err(e) = Box::pin(node.look_up(method, attempts == 0)).await {
-                    attempts += 1;
-                    if attempts >= max_attempts {
-                        return Err(e);
+                if let Err(e) = Box::pin(node.look_up(method, attempts.is_first())).await {
+                    match attempts.lookup_failed(e) {
+                        Next::Fail(e) => return Err(e),
+                        _ => pause(attempts.used(), node).await,
                     }
-                    pause(attempts, node).await;
                     continue;
                 }
                 refresh = false;
             }
-            let provider = match node.balancer.choose(method, &tried) {
+            let provider = match node.balancer.choose(method, attempts.tried()) {
                 Choice::Provider(provider) => provider,
                 Choice::Unknown if !looked_up => {
                     // Only names never looked up need checking: a cached one passed this.
@@ -284,22 +279,18 @@ impl Client {
                     refresh = true;
                     continue;
                 }
-                Choice::Unknown | Choice::Nobody => {
-                    attempts += 1;
-                    if attempts >= max_attempts {
-                        return Err(Error::NoProvider {
-                            method: method.to_string(),
-                            attempts,
-                        });
+                Choice::Unknown | Choice::Nobody => match attempts.no_provider() {
+                    Next::Fail(e) => return Err(e),
+                    _ => {
+                        // Wait for a provider to join (the join event fills the cache), then
+                        // look again.
+                        pause(attempts.used(), node).await;
+                        refresh = true;
+                        continue;
                     }
-                    // Wait for a provider to join (the join event fills the cache), then look
-                    // again.
-                    pause(attempts, node).await;
-                    refresh = true;
-                    continue;
-                }
+                },
             };
-            attempts += 1;
+            attempts.start();
             let outcome = {
                 let (slot, reply) = node.pending.open();
                 let _load = node.balancer.start_call(&provider);
@@ -323,7 +314,7 @@ impl Client {
                 let _room = match node.room.try_acquire_many(need) {
                     Ok(room) => room,
                     Err(_) => {
-                        let waiting = Instant::now();
+                        let waiting = tokio::time::Instant::now();
                         let room = match tokio::time::timeout(
                             timeout,
                             Box::pin(node.room.acquire_many(need)),
@@ -336,7 +327,7 @@ impl Client {
                                 return Err(Error::Timeout {
                                     method: method.to_string(),
                                     after: started.elapsed(),
-                                    attempts,
+                                    attempts: attempts.used(),
                                 });
                             }
                         };
@@ -369,92 +360,58 @@ impl Client {
                 }
                 outcome
             };
-            let no_provider = || Error::NoProvider {
-                method: method.to_string(),
-                attempts,
-            };
-            let failure = match outcome {
+            let outcome = match outcome {
                 Ok(Ok(Attempt::Replied(reply))) => match reply.status {
                     Status::Overloaded => {
                         bump(&node.counters.overloaded);
-                        tried.push(provider.clone());
-                        if free_reroutes < FREE_REROUTES
-                            && node.balancer.has_untried(method, &tried)
-                        {
-                            attempts -= 1;
-                            free_reroutes += 1;
-                            continue;
-                        }
-                        Error::Overloaded {
-                            method: method.to_string(),
-                            attempts,
-                        }
+                        Outcome::Overloaded
                     }
-                    Status::ShuttingDown => {
-                        node.balancer.remove(&provider);
-                        bump(&node.counters.rerouted);
-                        if free_reroutes < FREE_REROUTES {
-                            attempts -= 1;
-                            free_reroutes += 1;
-                            continue;
-                        }
-                        no_provider()
-                    }
+                    Status::ShuttingDown => Outcome::ShuttingDown,
                     _ => {
                         node.balancer.clear_suspect(&provider);
                         return Ok((provider, reply));
                     }
                 },
-                Ok(Ok(Attempt::NotDelivered)) => {
-                    // The provider's inbox is gone: drop it and re-route at once.
+                Ok(Ok(Attempt::NotDelivered)) => Outcome::NotDelivered,
+                Ok(Ok(Attempt::Closed)) => return Err(Error::Shutdown),
+                Ok(Err(e)) => Outcome::Failed(e),
+                Err(_elapsed) => Outcome::TimedOut,
+            };
+            let has_untried = |tried: &[NodeId]| node.balancer.has_untried(method, tried);
+            let (verdict, next) =
+                attempts.after(&provider, outcome, has_untried, started.elapsed());
+            match verdict {
+                Verdict::Unchanged => {}
+                Verdict::Suspect => node.balancer.suspect(&provider),
+                Verdict::Gone => {
                     node.balancer.mark_gone(&provider);
                     bump(&node.counters.rerouted);
-                    if free_reroutes < FREE_REROUTES {
-                        attempts -= 1;
-                        free_reroutes += 1;
-                        continue;
-                    }
-                    refresh = true;
-                    no_provider()
                 }
-                Ok(Ok(Attempt::Closed)) => return Err(Error::Shutdown),
-                Ok(Err(e @ (Error::TooLarge { .. } | Error::Codec { .. }))) => return Err(e),
-                Ok(Err(e)) => e,
-                Err(_elapsed) => {
-                    node.balancer.suspect(&provider);
-                    Error::Timeout {
-                        method: method.to_string(),
-                        after: started.elapsed(),
-                        attempts,
+                Verdict::Leaving => {
+                    node.balancer.remove(&provider);
+                    bump(&node.counters.rerouted);
+                }
+            }
+            match next {
+                Next::Reroute => {}
+                Next::Retry {
+                    pause: wait,
+                    refresh: again,
+                } => {
+                    refresh |= again;
+                    if wait {
+                        pause(attempts.used(), node).await;
                     }
                 }
-            };
-            if !tried.contains(&provider) {
-                tried.push(provider);
-            }
-            if attempts >= max_attempts {
-                return Err(failure);
-            }
-            if matches!(failure, Error::Redis(_) | Error::Overloaded { .. }) {
-                pause(attempts, node).await;
+                Next::Fail(e) => return Err(e),
             }
         }
     }
 }
 
-/// Re-routes per call that cost no attempt (the call certainly did not run); bounded so a
-/// flapping set of providers cannot keep a call looping.
-const FREE_REROUTES: u32 = 16;
-
 /// Sleeps for `backoff`, boxed (see `Client::invoke`).
 async fn pause(attempts: u32, node: &Node) {
     Box::pin(tokio::time::sleep(backoff(attempts, node.config.heartbeat))).await;
-}
-
-/// Waits between attempts that found nothing to call: 25 ms doubling, at most a heartbeat.
-fn backoff(attempt: u32, heartbeat: Duration) -> Duration {
-    let exp = Duration::from_millis(25).saturating_mul(1 << attempt.min(10));
-    exp.min(heartbeat)
 }
 
 fn text(body: &[u8]) -> String {
@@ -505,17 +462,5 @@ pub(crate) fn decode_reply<T: DeserializeOwned>(
             "unexpected status {:?} from {node}",
             reply.status
         ))),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn backoff_grows_and_is_capped() {
-        let hb = Duration::from_secs(2);
-        assert!(backoff(1, hb) < backoff(2, hb));
-        assert_eq!(backoff(30, hb), hb);
     }
 }

@@ -27,6 +27,7 @@
 //! The wire protocol and Redis layout are specified in `docs/protocol.md`.
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
+mod attempt;
 mod balance;
 pub mod client;
 mod codec;
