@@ -42,7 +42,9 @@ async fn main() -> Result<(), clouds::Error> {
     server
         .serve(HelloServer::new(Greeter { id: id.clone() }))
         .await?;
-    println!("{id} serving test.hello and test.div at {url}; Ctrl-C to stop");
+    // The URL may carry a password: print where, never how.
+    let at = url.rsplit('@').next().unwrap_or(&url);
+    println!("{id} serving test.hello and test.div at {at}; Ctrl-C to stop");
     common::stop_signal().await;
     println!("{id} shutting down");
     server.shutdown().await?;

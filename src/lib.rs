@@ -15,8 +15,9 @@
 //!     async fn div(&self, a: i64, b: i64) -> Result<i64, DivError>;
 //! }
 //!
+//! /// An enum, so that every language reading the wire can tell its cases apart.
 //! #[derive(Debug, serde::Serialize, serde::Deserialize)]
-//! pub struct DivError;
+//! pub enum DivError { ByZero }
 //!
 //! struct Greeter;
 //! impl Hello for Greeter {
@@ -24,7 +25,7 @@
 //!         format!("Hello {name}, {msg}")
 //!     }
 //!     async fn div(&self, a: i64, b: i64) -> Result<i64, DivError> {
-//!         if b == 0 { Err(DivError) } else { Ok(a / b) }
+//!         if b == 0 { Err(DivError::ByZero) } else { Ok(a / b) }
 //!     }
 //! }
 //!

@@ -255,6 +255,33 @@ impl Config {
         self
     }
 
+    /// How long to wait before reconnecting after a lost connection: `min` first, doubling
+    /// up to `max` (defaults 50 ms and 2 s). Reconnecting never gives up.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// let config = clouds_core::Config::default()
+    ///     .reconnect_delay(Duration::from_millis(50), Duration::from_secs(2));
+    /// ```
+    pub fn reconnect_delay(mut self, min: Duration, max: Duration) -> Self {
+        self.transport.reconnect_min_delay = min;
+        self.transport.reconnect_max_delay = max;
+        self
+    }
+
+    /// How many received frames may wait for a node's receive loop before the oldest are
+    /// dropped and counted in [`Stats::lagged_frames`](crate::Stats::lagged_frames): room for
+    /// a burst of replies to that many calls in flight. Over Redis this memory is allocated
+    /// up front per node.
+    ///
+    /// ```
+    /// let config = clouds_core::Config::default().inbound_buffer(4096);
+    /// ```
+    pub fn inbound_buffer(mut self, frames: usize) -> Self {
+        self.transport.inbound_capacity = frames;
+        self
+    }
+
     /// How many received node messages are kept until read (default 1024); more are dropped
     /// and logged.
     ///
@@ -378,6 +405,17 @@ impl Config {
         if self.message_buffer == 0 {
             return fail("message_buffer must be at least 1".into());
         }
+        if self.transport.inbound_capacity == 0 {
+            return fail("inbound_buffer must be at least 1".into());
+        }
+        if self.transport.reconnect_min_delay.is_zero()
+            || self.transport.reconnect_max_delay < self.transport.reconnect_min_delay
+        {
+            return fail(format!(
+                "reconnect delays must be above zero with min <= max (got {:?} and {:?})",
+                self.transport.reconnect_min_delay, self.transport.reconnect_max_delay
+            ));
+        }
         if self.max_bytes_in_flight == 0 {
             return fail("max_bytes_in_flight must be at least 1".into());
         }
@@ -408,5 +446,25 @@ mod tests {
                 .is_err()
         );
         assert!(Config::from_url("nope://x").is_err());
+        assert!(Config::default().inbound_buffer(0).validate().is_err());
+        let (short, long) = (Duration::from_millis(10), Duration::from_secs(1));
+        assert!(
+            Config::default()
+                .reconnect_delay(short, long)
+                .validate()
+                .is_ok()
+        );
+        assert!(
+            Config::default()
+                .reconnect_delay(long, short)
+                .validate()
+                .is_err()
+        );
+        assert!(
+            Config::default()
+                .reconnect_delay(Duration::ZERO, long)
+                .validate()
+                .is_err()
+        );
     }
 }

@@ -22,7 +22,7 @@
 //! - `stats`: counters of bad input and load; `locks`: poison-tolerant locking.
 //! - `dispatch`: the server side of a call (handlers start on the receive loop and move to a
 //!   task of their own only if they wait); `heartbeat`: keeping the registry entry alive.
-//! - [`codegen`]: what the macro's expansion calls.
+//! - `codegen`: what the macro's expansion calls (hidden: not a stable API).
 //!
 //! The wire protocol and Redis layout are specified in `docs/protocol.md`.
 #![cfg_attr(docsrs, feature(doc_cfg))]
@@ -31,6 +31,7 @@ mod attempt;
 mod balance;
 pub mod client;
 mod codec;
+#[doc(hidden)]
 pub mod codegen;
 pub mod config;
 mod dispatch;
