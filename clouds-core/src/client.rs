@@ -79,8 +79,8 @@ impl Client {
     /// A handle on a node owned by someone else (a server).
     pub(crate) fn borrowing(node: Arc<Node>) -> Client {
         Client {
-            retries: node.config.retries,
-            timeout: node.config.timeout,
+            retries: node.config().retries,
+            timeout: node.config().timeout,
             owner: None,
             node,
         }
@@ -98,7 +98,7 @@ impl Client {
     /// # }
     /// ```
     pub fn id(&self) -> &NodeId {
-        &self.node().id
+        self.node().id()
     }
 
     /// This handle, retrying calls up to `retries` more times on timeout, overload, no
@@ -177,9 +177,9 @@ impl Client {
             action: format!("encode a message to {to}"),
             reason,
         })?;
-        let frame = codec::encode_message(node.id.as_str(), &body);
+        let frame = codec::encode_message(node.id().as_str(), &body);
         let frame = node.sized(frame, || format!("message to {to}"))?;
-        let receivers = node.wire.publish(node.names.inbox(to), frame).await?;
+        let receivers = node.wire().publish(node.names().inbox(to), frame).await?;
         if receivers == 0 {
             return Err(Error::Unreachable { node: to.into() });
         }
@@ -196,7 +196,7 @@ impl Client {
     /// # Ok(()) }
     /// ```
     pub fn messages(&self) -> Messages {
-        self.node().messages.reader()
+        self.node().messages().reader()
     }
 
     /// Counters of this node (bad frames received, calls pending, ...).
@@ -265,7 +265,7 @@ impl Client {
                 }
                 refresh = false;
             }
-            let provider = match node.balancer.choose(method, attempts.tried()) {
+            let provider = match node.caller().balancer().choose(method, attempts.tried()) {
                 Choice::Provider(provider) => provider,
                 Choice::Unknown if !looked_up => {
                     // Only names never looked up need checking: a cached one passed this.
@@ -292,11 +292,11 @@ impl Client {
             };
             attempts.start();
             let outcome = {
-                let (slot, reply) = node.pending.open();
-                let _load = node.balancer.start_call(&provider);
+                let (slot, reply) = node.caller().pending().open();
+                let _load = node.caller().balancer().start_call(&provider);
                 let encode = |deadline_ms: u64| {
                     let frame =
-                        codec::encode_call(slot.id, method, node.id.as_str(), deadline_ms, args)
+                        codec::encode_call(slot.id, method, node.id().as_str(), deadline_ms, args)
                             .map_err(|reason| Error::Codec {
                                 action: format!("encode the arguments of {method}"),
                                 reason,
@@ -308,18 +308,14 @@ impl Client {
                 // Room for the frame among this node's calls in flight; held until the
                 // attempt ends. Waiting for room counts towards the attempt's timeout, and is
                 // not the provider's fault: a wait that times out is not held against it.
-                let need = u32::try_from(frame.len())
-                    .unwrap_or(u32::MAX)
-                    .clamp(1, node.room_size);
-                let _room = match node.room.try_acquire_many(need) {
-                    Ok(room) => room,
-                    Err(_) => {
+                let caller = node.caller();
+                let need = caller.room_needed(frame.len());
+                let _room = match caller.try_room(need) {
+                    Some(room) => room,
+                    None => {
                         let waiting = tokio::time::Instant::now();
-                        let room = match tokio::time::timeout(
-                            timeout,
-                            Box::pin(node.room.acquire_many(need)),
-                        )
-                        .await
+                        let room = match tokio::time::timeout(timeout, Box::pin(caller.room(need)))
+                            .await
                         {
                             Ok(Ok(room)) => room,
                             Ok(Err(_)) => return Err(Error::Shutdown),
@@ -342,8 +338,8 @@ impl Client {
                 };
                 // Untimed: the attempt's timeout below bounds the PUBLISH too.
                 let publish = node
-                    .wire
-                    .publish_untimed(node.peers.calls(provider.as_str()), frame);
+                    .wire()
+                    .publish_untimed(node.peers().calls(provider.as_str()), frame);
                 let attempt = async {
                     let receivers = publish.await?;
                     if receivers == 0 {
@@ -363,12 +359,12 @@ impl Client {
             let outcome = match outcome {
                 Ok(Ok(Attempt::Replied(reply))) => match reply.status {
                     Status::Overloaded => {
-                        bump(&node.counters.overloaded);
+                        bump(&node.counters().overloaded);
                         Outcome::Overloaded
                     }
                     Status::ShuttingDown => Outcome::ShuttingDown,
                     _ => {
-                        node.balancer.clear_suspect(&provider);
+                        node.caller().balancer().clear_suspect(&provider);
                         return Ok((provider, reply));
                     }
                 },
@@ -377,19 +373,20 @@ impl Client {
                 Ok(Err(e)) => Outcome::Failed(e),
                 Err(_elapsed) => Outcome::TimedOut,
             };
-            let has_untried = |tried: &[NodeId]| node.balancer.has_untried(method, tried);
+            let has_untried =
+                |tried: &[NodeId]| node.caller().balancer().has_untried(method, tried);
             let (verdict, next) =
                 attempts.after(&provider, outcome, has_untried, started.elapsed());
             match verdict {
                 Verdict::Unchanged => {}
-                Verdict::Suspect => node.balancer.suspect(&provider),
+                Verdict::Suspect => node.caller().balancer().suspect(&provider),
                 Verdict::Gone => {
-                    node.balancer.mark_gone(&provider);
-                    bump(&node.counters.rerouted);
+                    node.caller().balancer().mark_gone(&provider);
+                    bump(&node.counters().rerouted);
                 }
                 Verdict::Leaving => {
-                    node.balancer.remove(&provider);
-                    bump(&node.counters.rerouted);
+                    node.caller().balancer().remove(&provider);
+                    bump(&node.counters().rerouted);
                 }
             }
             match next {
@@ -411,7 +408,11 @@ impl Client {
 
 /// Sleeps for `backoff`, boxed (see `Client::invoke`).
 async fn pause(attempts: u32, node: &Node) {
-    Box::pin(tokio::time::sleep(backoff(attempts, node.config.heartbeat))).await;
+    Box::pin(tokio::time::sleep(backoff(
+        attempts,
+        node.config().heartbeat,
+    )))
+    .await;
 }
 
 fn text(body: &[u8]) -> String {

@@ -22,15 +22,33 @@ use crate::registry::Announcement;
 use crate::transport::{Reconnects, Transport, Wire};
 
 /// What the heartbeat announces; shared with `Server` which adds methods.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(crate) struct Advert {
-    pub(crate) methods: Mutex<Vec<String>>,
-    pub(crate) started_at_ms: u64,
+    methods: Mutex<Vec<String>>,
+    /// When the server started, by its own clock (ms since the Unix epoch).
+    started_at_ms: u64,
     /// Held while a beat is written: beats land in the order they read `methods`.
-    pub(crate) order: tokio::sync::Mutex<()>,
+    order: tokio::sync::Mutex<()>,
 }
 
 impl Advert {
+    /// What a server that starts now announces: no methods yet.
+    pub(crate) fn new() -> Self {
+        let started_at_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        Advert {
+            methods: Mutex::default(),
+            started_at_ms,
+            order: tokio::sync::Mutex::default(),
+        }
+    }
+
+    /// Adds methods to what the next beat announces.
+    pub(crate) fn add(&self, methods: &[String]) {
+        crate::locks::lock(&self.methods).extend(methods.iter().cloned());
+    }
+
     pub(crate) fn methods(&self) -> Vec<String> {
         crate::locks::lock(&self.methods).clone()
     }
@@ -40,12 +58,12 @@ impl Advert {
 pub(crate) async fn beat(node: &Node, wire: &Wire, advert: &Advert) -> Result<(), Error> {
     let _turn = advert.order.lock().await;
     let methods = advert.methods();
-    let in_flight = node.dispatcher.get().map_or(0, |d| d.in_flight());
-    node.registry
+    let in_flight = node.in_flight();
+    node.registry()
         .heartbeat(
             wire,
             &Announcement {
-                id: &node.id,
+                id: node.id(),
                 methods: &methods,
                 started_at_ms: advert.started_at_ms,
                 in_flight,
@@ -68,17 +86,17 @@ impl Heartbeat {
     /// The thread holds the node weakly: it must not be what keeps a dropped server's node
     /// (and its connections) alive.
     pub(crate) fn start(node: &Arc<Node>, advert: Arc<Advert>) -> Result<Heartbeat, Error> {
-        let stop = node.cancel.child_token();
+        let stop = node.life().child_token();
         let token = stop.clone();
-        let node_reconnects = node.wire.reconnects();
+        let node_reconnects = node.wire().reconnects();
         let weak = Arc::downgrade(node);
         let (finished_tx, finished) = tokio::sync::watch::channel(false);
         let beating = async move {
             run(weak, node_reconnects, advert, token).await;
             let _ = finished_tx.send(true);
         };
-        if !node.wire.beats_on_own_thread() {
-            node.tasks.spawn(beating);
+        if !node.wire().beats_on_own_thread() {
+            node.life().spawn(beating);
             return Ok(Heartbeat { stop, finished });
         }
         let runtime = tokio::runtime::Builder::new_current_thread()
@@ -89,7 +107,7 @@ impl Heartbeat {
                 reason: e.to_string(),
             })?;
         std::thread::Builder::new()
-            .name(format!("clouds-heartbeat-{}", node.id))
+            .name(format!("clouds-heartbeat-{}", node.id()))
             .spawn(move || runtime.block_on(beating))
             .map_err(|e| Error::Io {
                 action: "start the heartbeat thread".into(),
@@ -124,7 +142,7 @@ async fn run(
 ) {
     let Some((config, id, names)) = node
         .upgrade()
-        .map(|n| (n.config.clone(), n.id.clone(), n.names.clone()))
+        .map(|n| (n.config().clone(), n.id().clone(), n.names().clone()))
     else {
         return;
     };
@@ -163,7 +181,10 @@ async fn run(
         let Some(node) = node.upgrade() else { break };
         let mut result = beat(&node, &wire, &advert).await;
         if result.is_ok() && announce {
-            result = node.registry.announce(&wire, &id, &advert.methods()).await;
+            result = node
+                .registry()
+                .announce(&wire, &id, &advert.methods())
+                .await;
             // Cleared only once sent: a failed announcement is retried with the next beat.
             announce = result.is_err();
         }

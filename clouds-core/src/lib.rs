@@ -13,15 +13,24 @@
 //! - [`message`]: [`Message`] and [`Messages`].
 //! - [`error`]: [`Error`] and [`RemoteError`].
 //!
+//! - [`testing`] (feature `testing`): the in-memory broker and fault injection.
+//!
 //! Underneath, one concept per module:
-//! - `node`: a node's identity, connections and receive loop, which routes every frame.
+//! - `node`: a node's identity and its receive loop, which routes every frame; it owns the
+//!   parts below and hands each to the module that uses it.
+//! - `transport`: the seam to the broker (`Transport`, statically dispatched through `Wire`),
+//!   with `transport::redis` (standalone Redis, the registry's Lua scripts) and
+//!   `transport::memory` (the in-memory broker).
 //! - `envelope` (the frames) and `codec` (frames and values to bytes and back).
 //! - `namespace`: key and channel names (and the peers' channel names, built once each);
-//!   `registry`: the heartbeat registry's Lua scripts.
-//! - `balance`: the provider cache and the choice of provider; `pending`: calls awaiting replies.
+//!   `registry`: what a registry entry says and the join/leave announcements.
+//! - `caller`: the caller side of a node (pending calls, provider cache, byte budget);
+//!   `attempt`: one call's retry policy as a plain state machine; `balance`: the provider
+//!   cache and the choice of provider; `pending`: calls awaiting replies.
+//! - `dispatch`: the server side of a call, without I/O (handlers start on the receive loop
+//!   and move to a task of their own only if they wait); `heartbeat`: keeping the registry
+//!   entry alive; `shutdown`: a node's background tasks and closing it once, completely.
 //! - `stats`: counters of bad input and load; `locks`: poison-tolerant locking.
-//! - `dispatch`: the server side of a call (handlers start on the receive loop and move to a
-//!   task of their own only if they wait); `heartbeat`: keeping the registry entry alive.
 //! - `codegen`: what the macro's expansion calls (hidden: not a stable API).
 //!
 //! The wire protocol and Redis layout are specified in `docs/protocol.md`.
@@ -29,6 +38,7 @@
 
 mod attempt;
 mod balance;
+mod caller;
 pub mod client;
 mod codec;
 #[doc(hidden)]
@@ -48,6 +58,7 @@ mod pending;
 mod registry;
 pub mod server;
 pub mod service;
+mod shutdown;
 #[cfg(test)]
 mod spec_tests;
 mod stats;

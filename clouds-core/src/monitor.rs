@@ -28,7 +28,7 @@ pub struct Monitor {
 impl std::fmt::Debug for Monitor {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Monitor")
-            .field("id", &self.owner.node.id)
+            .field("id", &self.owner.node.id())
             .finish()
     }
 }
@@ -73,7 +73,7 @@ impl Monitor {
     /// # }
     /// ```
     pub fn id(&self) -> &NodeId {
-        &self.owner.node.id
+        self.owner.node.id()
     }
 
     /// Reads the live servers and their methods. Expired entries are purged on the way.
@@ -91,7 +91,7 @@ impl Monitor {
         if node.is_closed() {
             return Err(Error::Shutdown);
         }
-        let servers = node.registry.servers(&node.wire).await?;
+        let servers = node.registry().servers(node.wire()).await?;
         let mut methods: BTreeMap<String, Vec<NodeId>> = BTreeMap::new();
         for (id, info) in &servers {
             for method in &info.methods {

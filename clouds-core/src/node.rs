@@ -5,8 +5,7 @@
 //! dispatcher, messages to the message queue, join/leave events to the balancer. A frame that
 //! does not decode, or arrives on the wrong channel, is counted and logged, never fatal.
 
-use std::future::Future;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -14,10 +13,8 @@ use crate::transport::{Channel, Delivery, Inbound, Transport, TransportError, Wi
 use bytes::Bytes;
 use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
-use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
-use crate::balance::Balancer;
+use crate::caller::Caller;
 use crate::codec::{self, ReplyBody};
 use crate::config::Config;
 use crate::dispatch::{Dispatched, Dispatcher, ReadyReply};
@@ -26,42 +23,27 @@ use crate::error::Error;
 use crate::message::{Message, MessageQueue};
 use crate::namespace::{Names, PeerChannels};
 use crate::node_id::NodeId;
-use crate::pending::Pending;
 use crate::registry::Registry;
+use crate::shutdown::Lifecycle;
 use crate::stats::{Counters, Stats, bump, bump_and_sample};
 
-/// The shared state of one node.
+/// The shared state of one node, in parts each owned by the module that uses them.
 pub(crate) struct Node {
-    pub(crate) id: NodeId,
-    pub(crate) config: Config,
-    pub(crate) names: Names,
+    id: NodeId,
+    config: Config,
+    names: Names,
     /// Peers' channel names, built once each.
-    pub(crate) peers: PeerChannels,
-    pub(crate) registry: Registry,
-    pub(crate) wire: Wire,
-    pub(crate) pending: Pending,
-    pub(crate) balancer: Balancer,
-    pub(crate) messages: MessageQueue,
-    /// Set once, when the node starts serving.
-    pub(crate) dispatcher: OnceLock<Arc<Dispatcher>>,
-    pub(crate) counters: Counters,
-    /// Room for call frames in flight, in bytes (`Config::max_bytes_in_flight`).
-    pub(crate) room: tokio::sync::Semaphore,
-    /// Its size, in permits.
-    pub(crate) room_size: u32,
-    /// Serialises first lookups of methods, so concurrent first calls share one registry read.
-    first_lookups: tokio::sync::Mutex<()>,
-    /// Ends the background loops.
-    pub(crate) cancel: CancellationToken,
-    /// The background loops (receive, refresh, heartbeat).
-    pub(crate) tasks: TaskTracker,
-    /// Set when closing starts: calls are refused from then on.
-    closed: AtomicBool,
-    /// Set when closing has run to the end. A close that was cancelled half-way (its future
-    /// dropped) leaves this unset, and the next `close` runs every step again.
-    finished: AtomicBool,
-    /// The runtime the node was started on, where closing work is spawned from `Drop`.
-    runtime: tokio::runtime::Handle,
+    peers: PeerChannels,
+    registry: Registry,
+    wire: Wire,
+    /// The caller side: pending calls, provider cache, byte budget (`caller.rs`).
+    caller: Caller,
+    messages: MessageQueue,
+    /// Set once, when the node starts serving (`dispatch.rs`).
+    dispatcher: OnceLock<Arc<Dispatcher>>,
+    counters: Counters,
+    /// Background tasks and how far closing got (`shutdown.rs`).
+    life: Lifecycle,
     inbox: Channel,
     calls: Channel,
     events: Channel,
@@ -80,7 +62,6 @@ impl Node {
         config.validate()?;
         let id = NodeId::generate(kind);
         let names = Names::new(&config);
-        let room_size = u32::try_from(config.max_bytes_in_flight).unwrap_or(u32::MAX);
         let wire = Wire::connect(&config.target(), &config.transport, &names, &id).await?;
         // Take the receiver before subscribing so nothing delivered is missed.
         let inbound = wire.inbound();
@@ -90,19 +71,11 @@ impl Node {
             events: names.events(),
             registry: Registry::new(names.clone(), config.effective_ttl()),
             peers: PeerChannels::new(names.clone()),
-            balancer: Balancer::new(config.balance, config.effective_ttl()),
+            caller: Caller::new(&config),
             messages: MessageQueue::new(config.message_buffer),
-            pending: Pending::default(),
             dispatcher: OnceLock::new(),
             counters: Counters::default(),
-            room: tokio::sync::Semaphore::new(room_size as usize),
-            room_size,
-            first_lookups: tokio::sync::Mutex::new(()),
-            cancel: CancellationToken::new(),
-            tasks: TaskTracker::new(),
-            closed: AtomicBool::new(false),
-            finished: AtomicBool::new(false),
-            runtime: tokio::runtime::Handle::current(),
+            life: Lifecycle::new(),
             id,
             names,
             wire,
@@ -116,19 +89,79 @@ impl Node {
             node.wire.close().await;
             return Err(e.into());
         }
-        node.tasks.spawn(receive_loop(node.clone(), inbound));
-        node.tasks.spawn(refresh_loop(node.clone()));
+        node.life.spawn(receive_loop(node.clone(), inbound));
+        node.life.spawn(refresh_loop(node.clone()));
         tracing::debug!(node = %node.id, "node started");
         Ok(node)
     }
 
+    /// This node's id.
+    pub(crate) fn id(&self) -> &NodeId {
+        &self.id
+    }
+
+    /// The settings it was started with.
+    pub(crate) fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// Its connection to the broker.
+    pub(crate) fn wire(&self) -> &Wire {
+        &self.wire
+    }
+
+    /// The names of its deployment.
+    pub(crate) fn names(&self) -> &Names {
+        &self.names
+    }
+
+    /// Peers' channels, built once each.
+    pub(crate) fn peers(&self) -> &PeerChannels {
+        &self.peers
+    }
+
+    /// The registry of its deployment.
+    pub(crate) fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    /// Its caller side.
+    pub(crate) fn caller(&self) -> &Caller {
+        &self.caller
+    }
+
+    /// The messages it received.
+    pub(crate) fn messages(&self) -> &MessageQueue {
+        &self.messages
+    }
+
+    /// Its counters of bad input and load.
+    pub(crate) fn counters(&self) -> &Counters {
+        &self.counters
+    }
+
+    /// Its background tasks and closing state.
+    pub(crate) fn life(&self) -> &Lifecycle {
+        &self.life
+    }
+
+    /// Makes this node a server, dispatching calls to `dispatcher`; false if it already is.
+    pub(crate) fn serve_with(&self, dispatcher: Arc<Dispatcher>) -> bool {
+        self.dispatcher.set(dispatcher).is_ok()
+    }
+
+    /// Calls this server is running or sending the reply of now (0 for other nodes).
+    pub(crate) fn in_flight(&self) -> usize {
+        self.dispatcher.get().map_or(0, |d| d.in_flight())
+    }
+
     pub(crate) fn is_closed(&self) -> bool {
-        self.closed.load(Ordering::Acquire)
+        self.life.is_closed()
     }
 
     /// Whether a [`Node::close`] has run to its end.
     pub(crate) fn is_finished(&self) -> bool {
-        self.finished.load(Ordering::Acquire)
+        self.life.is_finished()
     }
 
     /// The channel this server takes calls on.
@@ -207,7 +240,7 @@ impl Node {
     /// Waits until the receive loop has handled everything the subscriber connection delivered
     /// before now, by sending itself a reply and waiting for it to come back through the loop.
     pub(crate) async fn flush_inbound(&self) -> Result<(), Error> {
-        let (slot, rx) = self.pending.open();
+        let (slot, rx) = self.caller.pending().open();
         let frame = codec::encode_reply(slot.id, Status::Ok, codec::NIL);
         self.wire.publish(self.inbox.clone(), frame).await?;
         match tokio::time::timeout(self.config.transport.command_timeout, rx).await {
@@ -228,8 +261,8 @@ impl Node {
         if !first {
             return self.refresh(&[method.to_string()]).await;
         }
-        let _one_at_a_time = self.first_lookups.lock().await;
-        if self.balancer.knows(method) {
+        let _one_at_a_time = self.caller.first_lookup().await;
+        if self.caller.balancer().knows(method) {
             return Ok(());
         }
         self.refresh(&[method.to_string()]).await
@@ -239,7 +272,7 @@ impl Node {
     pub(crate) async fn refresh(&self, methods: &[String]) -> Result<(), Error> {
         let lists = self.registry.providers(&self.wire, methods).await?;
         for (method, providers) in methods.iter().zip(lists) {
-            self.balancer.set(method, providers);
+            self.caller.balancer().set(method, providers);
         }
         Ok(())
     }
@@ -257,22 +290,17 @@ impl Node {
             expired_calls: get(&c.expired_calls),
             rerouted_calls: get(&c.rerouted),
             overloaded_replies: get(&c.overloaded),
-            tasks: self.tasks.len() + self.dispatcher.get().map_or(0, |d| d.tasks()),
-            pending_calls: self.pending.len(),
-            in_flight: self.dispatcher.get().map_or(0, |d| d.in_flight()),
+            tasks: self.life.tasks() + self.dispatcher.get().map_or(0, |d| d.tasks()),
+            pending_calls: self.caller.pending().len(),
+            in_flight: self.in_flight(),
         }
     }
 
     /// Closes from a `Drop`: stops the loops at once and finishes closing on the node's runtime.
     pub(crate) fn close_in_background(self: &Arc<Self>) {
-        self.cancel.cancel();
+        self.life.stop();
         let node = self.clone();
-        self.runtime.spawn(async move { node.close().await });
-    }
-
-    /// Spawns `work` on the node's runtime (for `Drop` implementations).
-    pub(crate) fn spawn_detached(&self, work: impl Future<Output = ()> + Send + 'static) {
-        self.runtime.spawn(work);
+        self.life.spawn_detached(async move { node.close().await });
     }
 
     /// Stops the loops and closes the connections; waiting calls fail with `Shutdown`.
@@ -280,26 +308,21 @@ impl Node {
     /// Every step may be repeated, so a close cancelled half-way is completed by the next
     /// one; once one has run to its end, further calls return at once.
     pub(crate) async fn close(&self) {
-        self.closed.store(true, Ordering::Release);
-        if self.is_finished() {
+        if !self.life.begin_close() {
             return;
         }
-        self.cancel.cancel();
+        self.life.stop();
         if let Some(dispatcher) = self.dispatcher.get() {
             // Routes may hold clients of this very node: dropping them breaks that cycle.
             dispatcher.clear();
         }
-        self.tasks.close();
-        if tokio::time::timeout(Duration::from_secs(5), self.tasks.wait())
-            .await
-            .is_err()
-        {
+        if !self.life.stop_and_wait(Duration::from_secs(5)).await {
             tracing::warn!(node = %self.id, "background tasks did not stop within 5 s");
         }
-        self.pending.clear();
+        self.caller.pending().clear();
         self.messages.close();
         self.wire.close().await;
-        self.finished.store(true, Ordering::Release);
+        self.life.finish();
         tracing::debug!(node = %self.id, "node closed");
     }
 
@@ -339,7 +362,7 @@ impl Node {
                     payload.len(),
                     self.config.max_frame_size
                 );
-                self.tasks.spawn(async move {
+                self.life.spawn(async move {
                     let body = ReplyBody::text(&reason);
                     node.reply(call.reply_to.as_str(), call.id, Status::ServerError, body)
                         .await;
@@ -349,7 +372,7 @@ impl Node {
         }
         match frame {
             Frame::Reply(reply) if channel == self.inbox => {
-                if !self.pending.complete(reply) {
+                if !self.caller.pending().complete(reply) {
                     bump(&self.counters.late_replies);
                 }
             }
@@ -377,9 +400,9 @@ impl Node {
                 None => bump(&self.counters.misrouted),
             },
             Frame::Join { node, methods } if channel == self.events => {
-                self.balancer.join(&node, &methods);
+                self.caller.balancer().join(&node, &methods);
             }
-            Frame::Leave { node } if channel == self.events => self.balancer.remove(&node),
+            Frame::Leave { node } if channel == self.events => self.caller.balancer().remove(&node),
             other => {
                 if let Some(seen) = bump_and_sample(&self.counters.misrouted) {
                     tracing::warn!(node = %self.id, %channel, frame = ?kind(&other), seen, "dropped a frame that does not belong on this channel");
@@ -403,7 +426,7 @@ fn kind(frame: &Frame) -> &'static str {
 async fn receive_loop(node: Arc<Node>, mut inbound: Inbound) {
     // If this task is dropped without finishing (its runtime shut down), the whole node stops,
     // heartbeat included: a node that cannot receive must not stay registered.
-    let _stop_all = node.cancel.clone().drop_guard();
+    let _stop_all = node.life.stop_on_drop();
     // Replies of calls handled on this loop, being sent: at most `max_in_flight` of them,
     // plus error replies. One concrete future type, so they need no box of their own.
     //
@@ -418,7 +441,7 @@ async fn receive_loop(node: Arc<Node>, mut inbound: Inbound) {
     let tick = tokio::time::sleep(period);
     tokio::pin!(tick);
     let send = |reply: ReadyReply| node.reply_unbounded(reply);
-    let cancelled = node.cancel.cancelled();
+    let cancelled = node.life.stopped();
     tokio::pin!(cancelled);
     loop {
         let delivery = tokio::select! {
@@ -495,18 +518,18 @@ async fn refresh_loop(node: Arc<Node>) {
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
-            _ = node.cancel.cancelled() => break,
+            _ = node.life.stopped() => break,
             _ = tick.tick() => {}
             r = reconnects.recv() => match r {
                 // Join events may have been missed while this node was away: what it
                 // believed gone may be back, so trust the registry again.
-                Some(()) => node.balancer.forget_gone(),
+                Some(()) => node.caller.balancer().forget_gone(),
                 None => break,
             },
         }
-        node.balancer.evict_idle(IDLE_METHOD);
-        node.balancer.forget_expired_suspects();
-        let methods = node.balancer.methods();
+        node.caller.balancer().evict_idle(IDLE_METHOD);
+        node.caller.balancer().forget_expired_suspects();
+        let methods = node.caller.balancer().methods();
         if methods.is_empty() {
             continue;
         }

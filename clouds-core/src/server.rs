@@ -2,7 +2,6 @@
 
 use std::future::Future;
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -79,21 +78,15 @@ impl Server {
     pub async fn start(config: Config) -> Result<Server, Error> {
         let node = Node::start(config, "server").await?;
         let dispatcher = Arc::new(Dispatcher::new(
-            node.config.max_in_flight,
-            node.config.spawn_handlers,
+            node.config().max_in_flight,
+            node.config().spawn_handlers,
         ));
         // Fresh node, set once: cannot already be set.
-        let _ = node.dispatcher.set(dispatcher.clone());
-        let advert = Arc::new(Advert {
-            methods: Default::default(),
-            started_at_ms: SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map_or(0, |d| d.as_millis() as u64),
-            order: Default::default(),
-        });
+        let _ = node.serve_with(dispatcher.clone());
+        let advert = Arc::new(Advert::new());
         let started = async {
-            node.wire.subscribe(node.calls_channel()).await?;
-            heartbeat::beat(&node, &node.wire, &advert).await?;
+            node.wire().subscribe(node.calls_channel()).await?;
+            heartbeat::beat(&node, node.wire(), &advert).await?;
             Heartbeat::start(&node, advert.clone())
         };
         let heartbeat = match started.await {
@@ -104,7 +97,7 @@ impl Server {
                 return Err(e);
             }
         };
-        tracing::info!(node = %node.id, "server started");
+        tracing::info!(node = %node.id(), "server started");
         Ok(Server {
             node,
             dispatcher,
@@ -126,7 +119,7 @@ impl Server {
     /// # Ok(()) }
     /// ```
     pub fn id(&self) -> &NodeId {
-        &self.node().id
+        self.node().id()
     }
 
     /// Serves every method of `service` (a generated `{Trait}Server`). Once this returns the
@@ -173,11 +166,13 @@ impl Server {
             return Err(Error::Shutdown);
         }
         let added = self.dispatcher.add(routes)?;
-        crate::locks::lock(&self.advert.methods).extend(added.iter().cloned());
+        self.advert.add(&added);
         let node = self.node();
-        heartbeat::beat(node, &node.wire, &self.advert).await?;
-        node.registry.announce(&node.wire, &node.id, &added).await?;
-        tracing::info!(node = %node.id, methods = ?added, "serving");
+        heartbeat::beat(node, node.wire(), &self.advert).await?;
+        node.registry()
+            .announce(node.wire(), node.id(), &added)
+            .await?;
+        tracing::info!(node = %node.id(), methods = ?added, "serving");
         Ok(())
     }
 
@@ -211,7 +206,7 @@ impl Server {
     /// # Ok(()) }
     /// ```
     pub fn messages(&self) -> Messages {
-        self.node().messages.reader()
+        self.node().messages().reader()
     }
 
     /// Counters of this node, including handlers running now.
@@ -261,31 +256,34 @@ impl Server {
         let mut result = Ok(());
         if !state.left {
             let methods = self.advert.methods();
-            result = node.registry.leave(&node.wire, &node.id, &methods).await;
+            result = node
+                .registry()
+                .leave(node.wire(), node.id(), &methods)
+                .await;
             match &result {
                 Ok(()) => state.left = true,
                 Err(e) => {
-                    tracing::warn!(node = %node.id, error = %e, "could not deregister or announce leaving; the entry expires with its TTL")
+                    tracing::warn!(node = %node.id(), error = %e, "could not deregister or announce leaving; the entry expires with its TTL")
                 }
             }
         }
         // Closing stops the receive loop: once it has started (a shutdown cancelled while
         // closing), there is nothing left to drain.
         if !node.is_closed() {
-            if let Err(e) = node.wire.unsubscribe(node.calls_channel()).await {
-                tracing::warn!(node = %node.id, error = %e, "could not unsubscribe the call channel");
+            if let Err(e) = node.wire().unsubscribe(node.calls_channel()).await {
+                tracing::warn!(node = %node.id(), error = %e, "could not unsubscribe the call channel");
             }
             // Calls delivered before the unsubscribe are queued ahead of this marker.
             if let Err(e) = node.flush_inbound().await {
-                tracing::warn!(node = %node.id, error = %e, "could not confirm the inbox was drained");
+                tracing::warn!(node = %node.id(), error = %e, "could not confirm the inbox was drained");
             }
-            if !self.dispatcher.drain(node.config.shutdown_timeout).await {
-                tracing::warn!(node = %node.id, in_flight = self.dispatcher.in_flight(), "shutdown timeout: closing with handlers still running");
+            if !self.dispatcher.drain(node.config().shutdown_timeout).await {
+                tracing::warn!(node = %node.id(), in_flight = self.dispatcher.in_flight(), "shutdown timeout: closing with handlers still running");
             }
         }
         node.close().await;
         state.done = true;
-        tracing::info!(node = %node.id, "server stopped");
+        tracing::info!(node = %node.id(), "server stopped");
         result
     }
 }
@@ -315,18 +313,21 @@ impl Drop for Server {
             return;
         }
         let left = state.left;
-        self.node.cancel.cancel();
+        self.node.life().stop();
         let node = self.node.clone();
         let methods = self.advert.methods();
         let heartbeat = crate::locks::lock(&self.heartbeat).take();
-        self.node.spawn_detached(async move {
+        self.node.life().spawn_detached(async move {
             // The heartbeat must have stopped, or a beat in progress could re-create the
             // entry right after it is removed.
             if let Some(heartbeat) = heartbeat {
                 heartbeat.stop().await;
             }
             if !left {
-                let _ = node.registry.leave(&node.wire, &node.id, &methods).await;
+                let _ = node
+                    .registry()
+                    .leave(node.wire(), node.id(), &methods)
+                    .await;
             }
             node.close().await;
         });
