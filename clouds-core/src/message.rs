@@ -1,10 +1,13 @@
 //! Free-form messages between nodes.
 
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use serde::de::DeserializeOwned;
 use tokio::sync::{Mutex, mpsc};
+use tokio_util::sync::ReusableBoxFuture;
 
 use crate::error::Error;
 use crate::node_id::NodeId;
@@ -63,7 +66,8 @@ impl Message {
     }
 }
 
-/// The queue of messages received by a node, read with [`Messages::next`].
+/// The queue of messages received by a node, read with [`Messages::next`] or as a
+/// [`Stream`](futures_util::Stream).
 ///
 /// Every handle of a node reads the same queue: each message is handed to one reader.
 /// Messages arriving while the queue is full are dropped and logged.
@@ -76,9 +80,55 @@ impl Message {
 /// }
 /// # }
 /// ```
-#[derive(Debug, Clone)]
 pub struct Messages {
     rx: Arc<Mutex<mpsc::Receiver<Message>>>,
+    /// The wait that `Stream::poll_next` is driving, kept between polls (in one box, reused).
+    polling: Option<ReusableBoxFuture<'static, Option<Message>>>,
+}
+
+impl Clone for Messages {
+    /// Another reader of the same queue.
+    fn clone(&self) -> Self {
+        Messages {
+            rx: self.rx.clone(),
+            polling: None,
+        }
+    }
+}
+
+impl std::fmt::Debug for Messages {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Messages").finish_non_exhaustive()
+    }
+}
+
+/// Waits for the next message of the queue behind `rx`.
+async fn next_of(rx: Arc<Mutex<mpsc::Receiver<Message>>>) -> Option<Message> {
+    rx.lock().await.recv().await
+}
+
+/// The messages as a stream, for `StreamExt` combinators; it ends when the node shuts down.
+///
+/// ```
+/// # async fn demo(client: clouds_core::Client) {
+/// use futures_util::StreamExt;
+/// let first_three: Vec<_> = client.messages().take(3).collect().await;
+/// # }
+/// ```
+impl futures_util::Stream for Messages {
+    type Item = Message;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Message>> {
+        let this = self.get_mut();
+        let rx = &this.rx;
+        let waiting = this
+            .polling
+            .get_or_insert_with(|| ReusableBoxFuture::new(next_of(rx.clone())));
+        let next = std::task::ready!(waiting.poll(cx));
+        // The next wait starts on the next poll, reusing the box.
+        waiting.set(next_of(rx.clone()));
+        Poll::Ready(next)
+    }
 }
 
 impl Messages {
@@ -122,6 +172,7 @@ impl MessageQueue {
             tx: std::sync::Mutex::new(Some(tx)),
             readers: Messages {
                 rx: Arc::new(Mutex::new(rx)),
+                polling: None,
             },
         }
     }
@@ -141,5 +192,50 @@ impl MessageQueue {
     /// Ends the queue: readers get what is already queued, then `None`.
     pub(crate) fn close(&self) {
         crate::locks::lock(&self.tx).take();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use futures_util::StreamExt;
+
+    use super::*;
+
+    fn message(n: u8) -> Message {
+        Message {
+            from: NodeId::from("client-a"),
+            body: Bytes::from(crate::codec::encode_value(&n).expect("encode")),
+        }
+    }
+
+    #[tokio::test]
+    async fn messages_stream_in_order_and_end_when_closed() {
+        let queue = MessageQueue::new(8);
+        for n in 0..3 {
+            assert!(queue.push(message(n)));
+        }
+        queue.close();
+        let got: Vec<u8> = queue
+            .reader()
+            .map(|m| m.decode::<u8>().expect("decode"))
+            .collect()
+            .await;
+        assert_eq!(got, vec![0, 1, 2]);
+        assert!(!queue.push(message(9)), "a closed queue takes nothing");
+    }
+
+    #[tokio::test]
+    async fn each_message_goes_to_one_reader_and_a_full_queue_refuses() {
+        let queue = MessageQueue::new(2);
+        assert!(queue.push(message(1)));
+        assert!(queue.push(message(2)));
+        assert!(!queue.push(message(3)), "full");
+        let mut a = queue.reader();
+        let mut b = queue.reader();
+        let first = a.next().await.expect("one");
+        let second = StreamExt::next(&mut b).await.expect("two");
+        assert_eq!(first.decode::<u8>().ok(), Some(1));
+        assert_eq!(second.decode::<u8>().ok(), Some(2));
+        assert!(a.try_next().is_none(), "nothing left for anyone");
     }
 }

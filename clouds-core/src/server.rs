@@ -333,3 +333,77 @@ impl Drop for Server {
         });
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::convert::Infallible;
+    use std::time::Duration;
+
+    use super::*;
+    use crate::monitor::Monitor;
+    use crate::testing::Broker;
+
+    /// A beat that read the method list before a registration must not land after the
+    /// registration's own beat: the node hash (what the monitor reads) would lose the method
+    /// while the method's set (what callers read) still lists the server.
+    #[tokio::test(start_paused = true)]
+    async fn a_beat_never_overwrites_a_newer_method_list() {
+        let broker = Broker::new();
+        let server = Server::start(broker.config()).await.expect("server");
+        broker.delay_next_command(server.id(), Duration::from_millis(100));
+        let older = heartbeat::beat(&server.node, server.node.wire(), &server.advert);
+        let register = server.register("late.method", |(): ()| async { Ok::<_, Infallible>(()) });
+        let (older, register) = tokio::join!(older, register);
+        older.expect("beat");
+        register.expect("register");
+        let snapshot = Monitor::connect(broker.config())
+            .await
+            .expect("monitor")
+            .snapshot()
+            .await
+            .expect("snapshot");
+        let info = snapshot.servers.get(server.id()).expect("listed");
+        assert_eq!(info.methods, vec!["late.method".to_string()]);
+        assert_eq!(
+            snapshot.methods.get("late.method"),
+            Some(&vec![server.id().clone()])
+        );
+        server.shutdown().await.expect("shutdown");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_crashed_server_stays_listed_until_its_ttl_then_expires() {
+        let broker = Broker::new();
+        let config = broker.config().heartbeat(Duration::from_secs(1));
+        let server = Server::start(config.clone()).await.expect("server");
+        let id = server.id().clone();
+        let monitor = Monitor::connect(config).await.expect("monitor");
+        server.crash().await;
+        assert!(
+            monitor
+                .snapshot()
+                .await
+                .expect("snapshot")
+                .servers
+                .contains_key(&id)
+        );
+        tokio::time::sleep(Duration::from_millis(2_900)).await;
+        assert!(
+            monitor
+                .snapshot()
+                .await
+                .expect("snapshot")
+                .servers
+                .contains_key(&id)
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(
+            !monitor
+                .snapshot()
+                .await
+                .expect("snapshot")
+                .servers
+                .contains_key(&id)
+        );
+    }
+}

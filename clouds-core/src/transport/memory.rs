@@ -100,6 +100,8 @@ struct State {
     disconnected: BTreeSet<String>,
     /// Node ids whose deliveries are held (see [`Broker::freeze`]).
     frozen: BTreeSet<String>,
+    /// Node id → delays of its next registry commands, in order.
+    slow: HashMap<String, VecDeque<Duration>>,
 }
 
 struct Conn {
@@ -368,6 +370,23 @@ impl Broker {
             .push_back(fault);
     }
 
+    /// Makes `node`'s next registry command (a heartbeat, a lookup, a deregistration) take
+    /// `delay` before it is applied, as a slow round trip to Redis would (delays queue up in
+    /// order). Commands sent meanwhile by other nodes, or on its other connections, overtake it.
+    ///
+    /// ```
+    /// # fn demo(broker: clouds_core::testing::Broker, server: clouds_core::Server) {
+    /// broker.delay_next_command(server.id(), std::time::Duration::from_millis(100));
+    /// # }
+    /// ```
+    pub fn delay_next_command(&self, node: impl AsRef<str>, delay: Duration) {
+        lock(&self.state)
+            .slow
+            .entry(node.as_ref().to_string())
+            .or_default()
+            .push_back(delay);
+    }
+
     /// How many connections are subscribed to `channel` right now.
     ///
     /// ```
@@ -493,12 +512,20 @@ impl std::fmt::Debug for MemoryWire {
 }
 
 impl MemoryWire {
-    /// Runs `f` on the registry of this node's scope, after taking an injected failure if any.
-    fn registry<T>(
+    /// Runs `f` on the registry of this node's scope, after the injected delay and failure,
+    /// if any.
+    async fn registry<T>(
         &self,
         command: &'static str,
         f: impl FnOnce(&mut Registry, Instant) -> T,
     ) -> Result<T, TransportError> {
+        let delay = lock(&self.broker.state)
+            .slow
+            .get_mut(&self.node)
+            .and_then(VecDeque::pop_front);
+        if let Some(delay) = delay {
+            tokio::time::sleep(delay).await;
+        }
         let mut state = lock(&self.broker.state);
         state.take_failure(&self.node, command)?;
         let registry = state.registries.entry(self.scope.clone()).or_default();
@@ -589,6 +616,7 @@ impl Transport for MemoryWire {
                     .insert(entry.id.to_string(), expiry);
             }
         })
+        .await
     }
 
     async fn deregister(&self, id: &NodeId, methods: &[String]) -> Result<(), TransportError> {
@@ -600,6 +628,7 @@ impl Transport for MemoryWire {
                 }
             }
         })
+        .await
     }
 
     async fn providers(&self, methods: &[String]) -> Result<Vec<Vec<NodeId>>, TransportError> {
@@ -615,6 +644,7 @@ impl Transport for MemoryWire {
                 })
                 .collect()
         })
+        .await
     }
 
     async fn servers(&self) -> Result<Vec<(NodeId, Fields)>, TransportError> {
@@ -628,6 +658,7 @@ impl Transport for MemoryWire {
                 })
                 .collect()
         })
+        .await
     }
 
     async fn close(&self) {
