@@ -31,7 +31,7 @@ async fn main() -> Result<(), clouds::Error> {
         }
         Err(e) => return Err(e),
     };
-    // Like the original's `bind('test.hello', 5)`: up to 5 retries on timeout or no provider.
+    // Up to 5 retries on timeout, overload or no provider.
     let hello = HelloClient::new(&client).with_retries(5);
     let mut by_server: BTreeMap<String, u32> = BTreeMap::new();
     let mut failed = 0;

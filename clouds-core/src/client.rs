@@ -106,7 +106,7 @@ impl Client {
     ///
     /// ```
     /// # fn demo(client: clouds_core::Client) {
-    /// let patient = client.with_retries(5); // like the original's bind(name, 5)
+    /// let patient = client.with_retries(5); // up to 6 attempts per call
     /// # }
     /// ```
     pub fn with_retries(mut self, retries: u32) -> Self {

@@ -362,8 +362,18 @@ impl Config {
         self.balance
     }
 
-    /// Checks the settings fit together; nodes call this when they start.
-    pub(crate) fn validate(&self) -> Result<(), Error> {
+    /// Checks that the settings fit together, with an error that says which one is off.
+    /// Servers, clients and monitors check this before they connect; call it yourself to
+    /// refuse a bad configuration where it is built (at start-up, from a file).
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// let config = clouds_core::Config::default().heartbeat(Duration::from_secs(2));
+    /// assert!(config.validate().is_ok());
+    /// let bad = config.ttl(Duration::from_secs(1)); // shorter than the heartbeat
+    /// assert!(matches!(bad.validate(), Err(clouds_core::Error::Config(_))));
+    /// ```
+    pub fn validate(&self) -> Result<(), Error> {
         let fail = |m: String| Err(Error::Config(m));
         if self.namespace.is_empty()
             || self.namespace.len() > 64
