@@ -65,6 +65,8 @@ mod stats;
 #[cfg(any(test, feature = "testing"))]
 #[cfg_attr(docsrs, doc(cfg(feature = "testing")))]
 pub mod testing;
+#[cfg(test)]
+mod tests;
 mod transport;
 
 pub use client::Client;
