@@ -7,7 +7,10 @@
 use foldhash::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Mutex, RwLock};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+// tokio's clock, so that suspicion and "gone" marks expire under a paused test clock too.
+use tokio::time::Instant;
 
 use crate::config::Balance;
 use crate::node_id::NodeId;

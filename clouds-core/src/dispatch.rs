@@ -19,7 +19,7 @@ use crate::codec::{self, ReplyBody};
 use crate::envelope::{Call, Status, WireStr};
 use crate::error::Error;
 use crate::locks::{read, write};
-use crate::service::{BoxFuture, Outcome, Route};
+use crate::service::{BoxFuture, Handler, Outcome, Route};
 
 /// Routes calls to handlers and runs them, at most `max_in_flight` at once.
 pub(crate) struct Dispatcher {
@@ -49,25 +49,33 @@ pub(crate) enum Dispatched {
 /// A handler that did not finish at its first poll (or was not polled yet, with
 /// `spawn_handlers`), with what its reply needs.
 pub(crate) struct Running {
-    pub(crate) handler: BoxFuture<Outcome>,
-    pub(crate) caller: WireStr,
-    pub(crate) id: u64,
-    pub(crate) method: WireStr,
+    work: Work,
+    caller: WireStr,
+    id: u64,
+    method: WireStr,
     /// When the caller stops waiting.
-    pub(crate) deadline: Instant,
-    /// Not polled yet: skip it if a worker only gets to it after the deadline.
-    pub(crate) fresh: bool,
-    pub(crate) slot: InFlight,
+    deadline: Instant,
+    slot: InFlight,
+}
+
+/// A handler's work, started or not.
+enum Work {
+    /// Polled once on the receive loop, waiting now.
+    Started(BoxFuture<Outcome>),
+    /// Not called yet (`spawn_handlers`): it is skipped if a worker only gets to it after
+    /// the deadline, so the handler's code (argument decoding included) never runs then.
+    Fresh(Handler, bytes::Bytes),
 }
 
 impl Running {
     /// Drives the handler to its reply; `None` if it was still fresh at the deadline (the
     /// caller has moved on, and may have retried elsewhere: running it would only duplicate).
     pub(crate) async fn run(self) -> Option<ReadyReply> {
-        if self.fresh && Instant::now() > self.deadline {
-            return None;
-        }
-        let outcome = self.handler.await;
+        let outcome = match self.work {
+            Work::Started(running) => running.await,
+            Work::Fresh(_, _) if Instant::now() > self.deadline => return None,
+            Work::Fresh(handler, args) => handler(args).await,
+        };
         if Instant::now() > self.deadline {
             tracing::debug!(method = %self.method, "handler finished after the caller's deadline");
         }
@@ -214,18 +222,17 @@ impl Dispatcher {
             args,
         } = call;
         let deadline = || Instant::now() + Duration::from_millis(deadline_ms);
-        let mut running = handler(args);
         if self.spawn_all {
             return Dispatched::Running(Running {
-                handler: running,
+                work: Work::Fresh(handler, args),
                 caller: reply_to,
                 id,
                 method,
                 deadline: deadline(),
-                fresh: true,
                 slot,
             });
         }
+        let mut running = handler(args);
         // A no-op waker: if the handler is not done, the task it moves to polls it again at
         // once, with that task's waker, before anything could have been missed.
         let mut cx = Context::from_waker(Waker::noop());
@@ -238,12 +245,11 @@ impl Dispatcher {
                 slot: Some(slot),
             }),
             Poll::Pending => Dispatched::Running(Running {
-                handler: running,
+                work: Work::Started(running),
                 caller: reply_to,
                 id,
                 method,
                 deadline: deadline(),
-                fresh: false,
                 slot,
             }),
         }
@@ -363,7 +369,10 @@ mod tests {
         let Dispatched::Running(running) = d.dispatch(call("slow.wait", 1000, ())) else {
             panic!("a waiting handler must be handed over");
         };
-        assert!(!running.fresh, "it was polled once already");
+        assert!(
+            matches!(running.work, Work::Started(_)),
+            "it was polled once already"
+        );
         assert_eq!(d.in_flight(), 1);
         gate.notify_one();
         let reply = decoded(running.run().await.expect("answered"));
@@ -400,7 +409,7 @@ mod tests {
         let Dispatched::Running(running) = d.dispatch(call("count.up", 50, ())) else {
             panic!("spawn_handlers hands every call over");
         };
-        assert!(running.fresh);
+        assert!(matches!(running.work, Work::Fresh(..)));
         assert_eq!(runs.load(Ordering::SeqCst), 0, "not polled on the loop");
         // A worker that only gets to it after the caller's deadline skips it.
         tokio::time::advance(Duration::from_millis(60)).await;

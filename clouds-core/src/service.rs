@@ -61,7 +61,7 @@ impl Outcome {
     }
 }
 
-type Handler = Arc<dyn Fn(Bytes) -> BoxFuture<Outcome> + Send + Sync>;
+pub(crate) type Handler = Arc<dyn Fn(Bytes) -> BoxFuture<Outcome> + Send + Sync>;
 
 /// One method: its full wire name and its handler.
 ///

@@ -186,8 +186,8 @@ async fn a_spawned_call_past_its_deadline_is_skipped_without_a_reply() {
     let provider = server(config(&broker).spawn_handlers(true)).await;
     provider
         .register("d.block", |(): ()| async move {
-            // Holds the (single) runtime thread: the next task starts 20 ms later.
-            std::thread::sleep(ms(20));
+            // Holds the (single) runtime thread while 20 ms pass: the next task starts late.
+            tokio::time::advance(ms(20)).await;
             Ok::<_, Infallible>(())
         })
         .await
