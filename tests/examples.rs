@@ -1,95 +1,41 @@
 //! Smoke tests of the examples as separate processes, including a provider killed mid-run.
+//!
+//! Every process runs as a [`ChildProcess`] (killed and reaped if a test panics) or through
+//! [`output_of`] (killed if it does not finish in time); their output is quoted on failure.
 
 mod common;
 
-use std::path::PathBuf;
-use std::process::{Child, Command, Output, Stdio};
+use std::process::Output;
 use std::time::{Duration, Instant};
 
-use common::redis;
+use clouds_testkit::{ChildProcess, output_of};
+use common::{example, redis};
 
-/// `target/<profile>/examples/<name>`; `cargo test` builds the examples before the tests.
-fn example(name: &str) -> Command {
-    let mut dir: PathBuf = std::env::current_exe().expect("test binary path");
-    dir.pop(); // the test binary
-    dir.pop(); // deps/
-    let path = dir.join("examples").join(name);
-    assert!(
-        path.exists(),
-        "{} is missing: run `cargo test`, which builds the examples",
-        path.display()
-    );
-    Command::new(path)
+/// How long a `hello_server` may take to say it is serving, or to stop after SIGTERM.
+const SERVER_LIMIT: Duration = Duration::from_secs(10);
+/// How long a run of `hello`, `hello_client` or `monitor` may take.
+const RUN_LIMIT: Duration = Duration::from_secs(30);
+
+/// Starts a `hello_server` and waits until it says it is serving; returns it and its node id.
+fn start_server(url: &str) -> (ChildProcess, String) {
+    let mut server = ChildProcess::spawn(example("hello_server").env("REDIS_URL", url))
+        .expect("spawn hello_server");
+    let line = server
+        .wait_for_line("serving test.hello", SERVER_LIMIT)
+        .expect("hello_server starts serving");
+    let id = line
+        .split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_string();
+    (server, id)
 }
 
-fn output_of(command: &mut Command, within: Duration) -> Output {
-    let mut child = command
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn");
-    let deadline = Instant::now() + within;
-    while child.try_wait().expect("wait").is_none() {
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("example did not finish within {within:?}");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    child.wait_with_output().expect("output")
-}
-
-/// A child process that is killed and reaped when dropped, so a failing test leaks nothing.
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// Starts a `hello_server` (its output goes to a file, so no pipe can break) and waits until
-/// it says it is serving.
-fn start_server(url: &str) -> Proc {
-    static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-    let log = std::env::temp_dir().join(format!(
-        "clouds-hello-server-{}-{}.log",
-        std::process::id(),
-        N.fetch_add(1, std::sync::atomic::Ordering::SeqCst)
-    ));
-    let file = std::fs::File::create(&log).expect("log file");
-    let child = Proc(
-        example("hello_server")
-            .env("REDIS_URL", url)
-            .stdout(file)
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("spawn hello_server"),
-    );
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let text = std::fs::read_to_string(&log).unwrap_or_default();
-        if text.contains("serving test.hello") {
-            let _ = std::fs::remove_file(&log);
-            return child;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "hello_server did not start: {text:?}"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-fn stop(child: &mut Proc, signal: &str) {
-    let status = Command::new("kill")
-        .args([signal, &child.0.id().to_string()])
-        .status()
-        .expect("kill");
-    assert!(status.success());
-    let _ = child.0.wait();
+fn text(out: &Output) -> (String, String) {
+    (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 #[test]
@@ -97,14 +43,11 @@ fn hello_runs_against_a_given_redis() {
     let redis = redis();
     let out = output_of(
         example("hello").env("REDIS_URL", redis.url_db(3)),
-        Duration::from_secs(30),
-    );
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+        RUN_LIMIT,
+    )
+    .expect("hello finishes");
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stdout}\n{stderr}");
     assert!(
         stdout.contains("test.hello -> Hello Glen, timestamp is"),
         "{stdout}"
@@ -130,14 +73,11 @@ fn hello_starts_a_throwaway_redis_when_none_answers() {
         .port();
     let out = output_of(
         example("hello").env("REDIS_URL", format!("redis://127.0.0.1:{port}/3")),
-        Duration::from_secs(30),
-    );
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+        RUN_LIMIT,
+    )
+    .expect("hello finishes");
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stdout}\n{stderr}");
     assert!(
         stdout.contains("started a throwaway redis-server"),
         "{stdout}"
@@ -149,23 +89,30 @@ fn hello_starts_a_throwaway_redis_when_none_answers() {
 fn calls_survive_a_provider_killed_mid_run() {
     let redis = redis();
     let url = redis.url_db(3);
-    let mut a = start_server(&url);
-    let mut b = start_server(&url);
-    let mut c = start_server(&url);
+    let (mut a, a_id) = start_server(&url);
+    let (mut b, _) = start_server(&url);
+    let (mut c, _) = start_server(&url);
 
-    // 60 calls, 25 ms apart, with retries; kill -9 one provider a little way in.
-    let client = example("hello_client")
-        .args(["60", "25"])
-        .env("REDIS_URL", &url)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn hello_client");
-    std::thread::sleep(Duration::from_millis(500));
-    stop(&mut a, "-9");
-    let out = client.wait_with_output().expect("client output");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{stdout}");
+    // 60 calls, 25 ms apart, with retries; kill -9 one provider a little way in: as soon as
+    // it has answered a call (round-robin over the three, so within the first three).
+    let mut client = ChildProcess::spawn(
+        example("hello_client")
+            .args(["60", "25"])
+            .env("REDIS_URL", &url),
+    )
+    .expect("spawn hello_client");
+    client
+        .wait_for_line(&format!("(from {a_id})"), RUN_LIMIT)
+        .expect("the victim answers a call");
+    a.kill().expect("kill -9 the victim");
+    let answered_before = client.stdout().lines().count();
+    let out = client.finish(RUN_LIMIT).expect("hello_client finishes");
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    assert!(
+        answered_before < 60,
+        "the kill came mid-run, after {answered_before} calls:\n{stdout}"
+    );
     assert!(
         stdout.contains("60 ok, 0 failed"),
         "every call succeeded:\n{stdout}"
@@ -181,15 +128,22 @@ fn calls_survive_a_provider_killed_mid_run() {
 
     // The monitor no longer lists the killed provider once its TTL (6 s) has passed; the
     // graceful ones leave at once.
-    stop(&mut b, "-TERM");
-    stop(&mut c, "-TERM");
+    for server in [&mut b, &mut c] {
+        let status = server
+            .terminate(SERVER_LIMIT)
+            .expect("hello_server stops on SIGTERM");
+        assert!(
+            status.success(),
+            "a graceful stop: {status}\n{}",
+            server.stdout()
+        );
+    }
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let out = output_of(
-            example("monitor").env("REDIS_URL", &url),
-            Duration::from_secs(10),
-        );
-        let stdout = String::from_utf8_lossy(&out.stdout);
+        let out = output_of(example("monitor").env("REDIS_URL", &url), RUN_LIMIT)
+            .expect("monitor finishes");
+        let (stdout, stderr) = text(&out);
+        assert!(out.status.success(), "{stdout}\n{stderr}");
         if stdout.contains("servers (0)") {
             break;
         }
@@ -197,6 +151,7 @@ fn calls_survive_a_provider_killed_mid_run() {
             Instant::now() < deadline,
             "the killed provider never expired:\n{stdout}"
         );
+        // Polling: each look is a whole process run; no need to spin.
         std::thread::sleep(Duration::from_millis(250));
     }
 }

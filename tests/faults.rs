@@ -2,151 +2,101 @@
 //! in turn, Redis restarted. Every call must end (Ok or a typed error) within its bound; the
 //! figures each scenario prints are recorded in RELIABILITY.md.
 //!
-//! Provider processes are this test binary run again with `CLOUDS_FAULT_PROVIDER` set: the
-//! `provider_process` "test" then serves until SIGTERM (graceful) or SIGKILL.
+//! Provider processes are the `fault_provider` example (`examples/fault_provider/`, built by
+//! `cargo test`), run by the testkit's child-process harness: each says `READY <id>` once it
+//! serves, stops gracefully on SIGTERM, dies on SIGKILL, and is killed and reaped if a test
+//! panics. The service definition is shared with the example.
 
 mod common;
+#[path = "../examples/fault_provider/service.rs"]
+mod service;
 
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use clouds::{Client, Config, Error, Monitor, Server};
-use common::{RedisServer, eventually, redis, status};
+use clouds::{Client, Error, Monitor, Server};
+use clouds_testkit::{ChildProcess, SpawnOptions};
+use common::{RedisServer, eventually, example, redis, status};
+use service::{FaultClient, HEARTBEAT, TIMEOUT, fault_config};
 
-/// The service the provider processes serve.
-#[clouds::service("fault")]
-pub trait Fault {
-    /// The serving node's id.
-    async fn whoami(&self) -> String;
-    /// Sleeps `ms`, then answers.
-    async fn nap(&self, ms: u64) -> u64;
-}
-
-struct Provider(String);
-
-impl Fault for Provider {
-    async fn whoami(&self) -> String {
-        self.0.clone()
-    }
-    async fn nap(&self, ms: u64) -> u64 {
-        tokio::time::sleep(Duration::from_millis(ms)).await;
-        ms
-    }
-}
-
-const HEARTBEAT: Duration = Duration::from_millis(300);
-const TIMEOUT: Duration = Duration::from_millis(800);
 const RETRIES: u32 = 3;
+/// How long a provider process may take to start serving, or to stop after SIGTERM.
+const PROVIDER_LIMIT: Duration = Duration::from_secs(20);
 
-fn fault_config(url: &str) -> Config {
-    Config::from_url(url)
-        .expect("url")
-        .heartbeat(HEARTBEAT)
-        .timeout(TIMEOUT)
-        .command_timeout(Duration::from_secs(1))
-}
-
-/// Not a test: the body of a provider process (see the module docs).
-#[test]
-fn provider_process() {
-    let Ok(url) = std::env::var("CLOUDS_FAULT_PROVIDER") else {
-        return;
-    };
-    let runtime = tokio::runtime::Runtime::new().expect("runtime");
-    runtime.block_on(async {
-        let server = Server::start(fault_config(&url)).await.expect("server");
-        let id = server.id().to_string();
-        server
-            .serve(FaultServer::new(Provider(id.clone())))
-            .await
-            .expect("serve");
-        println!("READY {id}");
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .expect("sigterm");
-        term.recv().await;
-        server.shutdown().await.expect("shutdown");
-        println!("STOPPED {id}");
-    });
-}
-
-/// A provider process, killed and reaped on drop.
+/// A provider process (the `fault_provider` example), killed and reaped on drop.
 struct ProviderProcess {
-    child: Child,
+    child: ChildProcess,
     id: String,
 }
 
 impl ProviderProcess {
+    /// Starts a provider and waits until it serves.
     fn start(url: &str) -> ProviderProcess {
-        static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-        let log = std::env::temp_dir().join(format!(
-            "clouds-fault-provider-{}-{}.log",
-            std::process::id(),
-            N.fetch_add(1, Ordering::SeqCst)
-        ));
-        let child = Command::new(std::env::current_exe().expect("test binary"))
-            .args([
-                "provider_process",
-                "--exact",
-                "--nocapture",
-                "--test-threads",
-                "1",
-            ])
-            .env("CLOUDS_FAULT_PROVIDER", url)
-            .stdout(std::fs::File::create(&log).expect("log"))
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn provider");
-        let mut process = ProviderProcess {
-            child,
-            id: String::new(),
+        // Its stdin is a pipe it watches: should this test process die without unwinding,
+        // the pipe closes and the provider stops by itself.
+        let options = SpawnOptions {
+            stdin_pipe: true,
+            ..SpawnOptions::default()
         };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            let text = std::fs::read_to_string(&log).unwrap_or_default();
-            // libtest may print "test provider_process ... " on the same line first.
-            if let Some(at) = text.find("READY ") {
-                let rest = &text[at + "READY ".len()..];
-                process.id = rest.split_whitespace().next().unwrap_or("").to_string();
-                let _ = std::fs::remove_file(&log);
-                return process;
-            }
-            assert!(Instant::now() < deadline, "provider did not start: {text}");
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        let mut child = ChildProcess::spawn_with(
+            example("fault_provider")
+                .arg("--until-stdin-closes")
+                .env("REDIS_URL", url),
+            options,
+        )
+        .expect("spawn fault_provider");
+        let ready = child
+            .wait_for_line("READY ", PROVIDER_LIMIT)
+            .expect("the provider starts serving");
+        let id = ready
+            .split_whitespace()
+            .nth(1)
+            .unwrap_or_else(|| panic!("no node id in {ready:?}"))
+            .to_string();
+        ProviderProcess { child, id }
     }
 
-    fn signal(&mut self, signal: &str) {
-        let status = Command::new("kill")
-            .args([signal, &self.child.id().to_string()])
-            .status()
-            .expect("kill");
-        assert!(status.success());
-    }
-
-    /// SIGTERM: graceful shutdown; waits for the process to exit.
+    /// SIGTERM: graceful shutdown; waits for the process to exit, and checks it did cleanly.
     fn stop(mut self) {
-        self.signal("-TERM");
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while self.child.try_wait().expect("wait").is_none() {
-            assert!(Instant::now() < deadline, "provider did not stop");
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        let status = self
+            .child
+            .terminate(PROVIDER_LIMIT)
+            .expect("the provider stops on SIGTERM");
+        assert!(
+            status.success(),
+            "provider {} ended with {status}:\n{}",
+            self.id,
+            self.child.stdout()
+        );
+        self.child
+            .wait_for_line("STOPPED ", PROVIDER_LIMIT)
+            .expect("the provider shut down gracefully");
     }
 
     /// SIGKILL: the process dies without a word.
     fn kill(mut self) {
-        self.signal("-9");
-        let _ = self.child.wait();
+        self.child.kill().expect("kill -9 the provider");
     }
 }
 
-impl Drop for ProviderProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// A provider whose parent goes away stops by itself: the end of its stdin starts the same
+/// graceful shutdown as SIGTERM, so even a test killed without unwinding leaves none behind.
+#[test]
+fn a_provider_stops_when_its_stdin_closes() {
+    let redis = redis();
+    let mut provider = ProviderProcess::start(&redis.url_db(3));
+    provider.child.close_stdin();
+    let status = provider
+        .child
+        .wait(PROVIDER_LIMIT)
+        .expect("the provider exits once its stdin closes");
+    assert!(status.success(), "{status}\n{}", provider.child.stdout());
+    provider
+        .child
+        .wait_for_line(&format!("STOPPED {}", provider.id), PROVIDER_LIMIT)
+        .expect("a graceful shutdown");
+    assert_eq!(registry_keys(&redis), 0, "it deregistered");
 }
 
 /// What a load loop saw.
@@ -157,42 +107,65 @@ struct Load {
     slowest: Duration,
 }
 
-/// Runs `workers` loops of `call` until `stop`; each call's duration is checked against the
-/// bound `TIMEOUT × attempts` (plus scheduling slack).
-fn drive(
-    client: &Client,
-    workers: usize,
+/// Loops of calls driven against the providers until [`Driver::finish`].
+struct Driver {
     stop: Arc<AtomicBool>,
-) -> Vec<tokio::task::JoinHandle<Load>> {
-    (0..workers)
-        .map(|_| {
-            let stub = FaultClient::new(client).with_retries(RETRIES);
-            let stop = stop.clone();
-            tokio::spawn(async move {
-                let mut load = Load::default();
-                while !stop.load(Ordering::SeqCst) {
-                    let started = Instant::now();
-                    match stub.nap(2).await {
-                        Ok(_) => load.ok += 1,
-                        Err(e) => load.failed.push(e.to_string()),
-                    }
-                    load.slowest = load.slowest.max(started.elapsed());
-                }
-                load
-            })
-        })
-        .collect()
+    /// Calls that succeeded so far, all loops together.
+    ok: Arc<AtomicU64>,
+    loads: Vec<tokio::task::JoinHandle<Load>>,
 }
 
-async fn collect(loads: Vec<tokio::task::JoinHandle<Load>>) -> Load {
-    let mut total = Load::default();
-    for load in loads {
-        let load = load.await.expect("load task");
-        total.ok += load.ok;
-        total.failed.extend(load.failed);
-        total.slowest = total.slowest.max(load.slowest);
+impl Driver {
+    /// Starts `workers` loops of `nap(2)` with retries; each call's duration is kept, to be
+    /// checked against the bound `TIMEOUT × attempts` (plus scheduling slack).
+    fn start(client: &Client, workers: usize) -> Driver {
+        let stop = Arc::new(AtomicBool::new(false));
+        let ok = Arc::new(AtomicU64::new(0));
+        let loads = (0..workers)
+            .map(|_| {
+                let stub = FaultClient::new(client).with_retries(RETRIES);
+                let (stop, ok) = (stop.clone(), ok.clone());
+                tokio::spawn(async move {
+                    let mut load = Load::default();
+                    while !stop.load(Ordering::SeqCst) {
+                        let started = Instant::now();
+                        match stub.nap(2).await {
+                            Ok(_) => {
+                                load.ok += 1;
+                                ok.fetch_add(1, Ordering::SeqCst);
+                            }
+                            Err(e) => load.failed.push(e.to_string()),
+                        }
+                        load.slowest = load.slowest.max(started.elapsed());
+                    }
+                    load
+                })
+            })
+            .collect();
+        Driver { stop, ok, loads }
     }
-    total
+
+    /// Waits until `calls` more calls have succeeded: the load runs, and gets through.
+    async fn progress(&self, calls: u64, what: &str) {
+        let target = self.ok.load(Ordering::SeqCst) + calls;
+        eventually(what, Duration::from_secs(20), || async {
+            self.ok.load(Ordering::SeqCst) >= target
+        })
+        .await;
+    }
+
+    /// Stops the loops and adds up what they saw.
+    async fn finish(self) -> Load {
+        self.stop.store(true, Ordering::SeqCst);
+        let mut total = Load::default();
+        for load in self.loads {
+            let load = load.await.expect("load task");
+            total.ok += load.ok;
+            total.failed.extend(load.failed);
+            total.slowest = total.slowest.max(load.slowest);
+        }
+        total
+    }
 }
 
 /// The longest any call may take: every attempt timing out, plus slack for a loaded machine.
@@ -239,17 +212,18 @@ async fn provider_killed_mid_load() {
     let url = redis.url_db(3);
     let providers: Vec<_> = (0..3).map(|_| ProviderProcess::start(&url)).collect();
     let client = Client::connect(fault_config(&url)).await.expect("client");
-    let stop = Arc::new(AtomicBool::new(false));
-    let loads = drive(&client, 8, stop.clone());
-
-    tokio::time::sleep(Duration::from_millis(700)).await;
+    let driver = Driver::start(&client, 8);
+    driver
+        .progress(200, "calls go through before the kill")
+        .await;
     let mut providers = providers.into_iter();
     let victim = providers.next().expect("provider");
     let victim_id = victim.id.clone();
     let rerouted_before = client.stats().rerouted_calls;
     let killed_at = Instant::now();
     victim.kill();
-    // Sample the client's re-routes to see when traffic stopped going to the dead provider.
+    // Sample the client's re-routes for 1.5 s (a measurement window, not a wait for
+    // something) to see when traffic stopped going to the dead provider.
     let mut last_reroute = None;
     let mut reroutes = 0;
     while killed_at.elapsed() < Duration::from_millis(1_500) {
@@ -260,8 +234,7 @@ async fn provider_killed_mid_load() {
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    stop.store(true, Ordering::SeqCst);
-    let load = collect(loads).await;
+    let load = driver.finish().await;
     eprintln!(
         "FIGURES provider_killed_mid_load: calls_ok={} calls_failed={} slowest_call_ms={} reroutes_after_kill={} last_reroute_after_kill_ms={:?}",
         load.ok,
@@ -294,11 +267,12 @@ async fn rolling_restart_of_provider_processes() {
     let url = redis.url_db(3);
     let mut providers: Vec<_> = (0..3).map(|_| ProviderProcess::start(&url)).collect();
     let client = Client::connect(fault_config(&url)).await.expect("client");
-    let stop = Arc::new(AtomicBool::new(false));
-    let loads = drive(&client, 8, stop.clone());
+    let driver = Driver::start(&client, 8);
     let started = Instant::now();
     for _ in 0..3 {
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        driver
+            .progress(100, "calls go through before the next restart")
+            .await;
         let old = providers.remove(0);
         tokio::task::spawn_blocking(move || old.stop())
             .await
@@ -310,9 +284,10 @@ async fn rolling_restart_of_provider_processes() {
                 .expect("start"),
         );
     }
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    stop.store(true, Ordering::SeqCst);
-    let load = collect(loads).await;
+    driver
+        .progress(100, "calls go through after the last restart")
+        .await;
+    let load = driver.finish().await;
     eprintln!(
         "FIGURES rolling_restart: restarts=3 duration_ms={} calls_ok={} calls_failed={} slowest_call_ms={} rerouted={}",
         started.elapsed().as_millis(),
@@ -340,9 +315,10 @@ async fn redis_restart_under_load() {
     let providers: Vec<_> = (0..2).map(|_| ProviderProcess::start(&url)).collect();
     let client = Client::connect(fault_config(&url)).await.expect("client");
     let monitor = Monitor::connect(fault_config(&url)).await.expect("monitor");
-    let stop = Arc::new(AtomicBool::new(false));
-    let loads = drive(&client, 4, stop.clone());
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    let driver = Driver::start(&client, 4);
+    driver
+        .progress(50, "calls go through before the restart")
+        .await;
 
     let down_at = Instant::now();
     tokio::task::block_in_place(|| redis.restart()).expect("restart redis");
@@ -360,9 +336,8 @@ async fn redis_restart_under_load() {
     })
     .await;
     let serving_after = down_at.elapsed();
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    stop.store(true, Ordering::SeqCst);
-    let load = collect(loads).await;
+    driver.progress(50, "the load gets through again").await;
+    let load = driver.finish().await;
     let kinds: std::collections::BTreeSet<String> = load
         .failed
         .iter()

@@ -28,8 +28,26 @@ async fn shutdown_ends_a_waiting_message_reader() {
     let redis = redis();
     let server = Server::start(config(&redis)).await.expect("server");
     let mut messages = server.messages();
-    let reader = tokio::spawn(async move { messages.next().await });
-    tokio::time::sleep(Duration::from_millis(50)).await; // let the reader start waiting
+    // The reader says when it is waiting: its first poll of `next()` found no message.
+    let (waiting_tx, waiting) = tokio::sync::oneshot::channel();
+    let reader = tokio::spawn(async move {
+        let mut next = std::pin::pin!(messages.next());
+        let mut waiting_tx = Some(waiting_tx);
+        std::future::poll_fn(|cx| {
+            let poll = next.as_mut().poll(cx);
+            if poll.is_pending()
+                && let Some(tx) = waiting_tx.take()
+            {
+                let _ = tx.send(());
+            }
+            poll
+        })
+        .await
+    });
+    tokio::time::timeout(Duration::from_secs(5), waiting)
+        .await
+        .expect("the reader starts waiting")
+        .expect("the reader is alive");
     tokio::time::timeout(Duration::from_secs(10), server.shutdown())
         .await
         .expect("shutdown does not hang on a waiting reader")

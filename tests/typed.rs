@@ -35,15 +35,19 @@ pub struct DivError;
 struct Greeter {
     name: String,
     calls: Arc<AtomicUsize>,
+    /// How long `whoami` takes: a stuck provider answers late.
+    lag: Duration,
 }
 
 impl Greeter {
-    fn new(name: &str) -> (Self, Arc<AtomicUsize>) {
+    /// A greeter whose `whoami` takes `lag` to answer, and its call counter.
+    fn new(name: &str, lag: Duration) -> (Self, Arc<AtomicUsize>) {
         let calls = Arc::new(AtomicUsize::new(0));
         (
             Greeter {
                 name: name.to_string(),
                 calls: calls.clone(),
+                lag,
             },
             calls,
         )
@@ -60,6 +64,7 @@ impl Hello for Greeter {
     }
     async fn whoami(&self) -> String {
         self.calls.fetch_add(1, Ordering::SeqCst);
+        tokio::time::sleep(self.lag).await;
         self.name.clone()
     }
     async fn nap(&self, millis: u64) -> u64 {
@@ -76,8 +81,13 @@ impl Hello for Greeter {
 }
 
 async fn serve(config: Config, name: &str) -> (Server, Arc<AtomicUsize>) {
+    serve_lagging(config, name, Duration::ZERO).await
+}
+
+/// [`serve`], with a provider whose `whoami` takes `lag` to answer.
+async fn serve_lagging(config: Config, name: &str, lag: Duration) -> (Server, Arc<AtomicUsize>) {
     let server = Server::start(config).await.expect("server");
-    let (greeter, calls) = Greeter::new(name);
+    let (greeter, calls) = Greeter::new(name, lag);
     server
         .serve(HelloServer::new(greeter))
         .await
@@ -181,7 +191,7 @@ async fn a_dead_provider_is_routed_around() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn timeouts_are_retried_on_another_provider_then_reported() {
+async fn timeouts_are_reported_after_every_attempt() {
     let redis = redis();
     let cfg = config(&redis).timeout(Duration::from_millis(300));
     let (a, a_calls) = serve(cfg.clone(), "a").await;
@@ -208,23 +218,73 @@ async fn timeouts_are_retried_on_another_provider_then_reported() {
         || async { a_calls.load(Ordering::SeqCst) == 3 },
     )
     .await;
-    // With a second provider the retry lands there. The timed-out one stays registered.
-    let (b, _) = serve(cfg.clone(), "b").await;
-    let slow = HelloClient::new(&client)
-        .with_retries(1)
-        .with_timeout(Duration::from_millis(300));
-    // `nap(0)` is instant everywhere; prove a timed-out provider is not evicted.
+    // A timeout does not evict the provider.
     let status = status(cfg).await;
     assert!(
         status.servers.contains_key(a.id()),
         "a timeout does not evict the provider"
     );
-    for _ in 0..4 {
-        assert_eq!(slow.nap(0).await.expect("fast call"), 0);
-    }
-    assert_eq!(client.stats().pending_calls, 0);
     a.shutdown().await.expect("shutdown");
-    b.shutdown().await.expect("shutdown");
+}
+
+/// A provider that is stuck (its `whoami` answers after 2 s, against a 300 ms timeout) makes
+/// the attempt sent to it time out; the retry lands on the other provider, which answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_timed_out_attempt_is_retried_on_the_other_provider() {
+    let redis = redis();
+    let timeout = Duration::from_millis(300);
+    let lag = Duration::from_secs(2);
+    let cfg = config(&redis).timeout(timeout);
+    let (stuck, stuck_calls) = serve_lagging(cfg.clone(), "stuck", lag).await;
+    let (fine, fine_calls) = serve(cfg.clone(), "fine").await;
+    let client = Client::connect(cfg).await.expect("client");
+    let hello = HelloClient::new(&client).with_retries(1);
+    // Round-robin over the two, so the first or the second call goes to the stuck one first.
+    let mut timed_out = None;
+    for call in 0..2 {
+        let started = std::time::Instant::now();
+        let answer = hello.whoami().await.expect("the retry succeeds");
+        let took = started.elapsed();
+        assert_eq!(
+            answer, "fine",
+            "call {call}: the stuck provider never answers in time"
+        );
+        if stuck_calls.load(Ordering::SeqCst) == 1 {
+            timed_out = Some(took);
+            break;
+        }
+        assert!(
+            took < timeout,
+            "call {call} went to the fine provider first: {took:?}"
+        );
+    }
+    let took = timed_out.expect("an attempt went to the stuck provider");
+    // The call waited out one whole timeout on the stuck provider, then got its answer from
+    // the other: one timeout, not two (the retry did not go back to the stuck one).
+    assert!(
+        took >= timeout,
+        "the call sat out a timeout first: {took:?}"
+    );
+    assert!(
+        took < timeout * 2,
+        "the retry was answered at once: {took:?}"
+    );
+    assert_eq!(
+        stuck_calls.load(Ordering::SeqCst),
+        1,
+        "one attempt reached the stuck provider"
+    );
+    assert!(fine_calls.load(Ordering::SeqCst) >= 1);
+    // The stuck provider's answer comes after the caller gave up on it.
+    eventually(
+        "the stuck provider's late reply arrives",
+        lag + Duration::from_secs(3),
+        || async { client.stats().late_replies == 1 },
+    )
+    .await;
+    assert_eq!(client.stats().pending_calls, 0);
+    stuck.shutdown().await.expect("shutdown");
+    fine.shutdown().await.expect("shutdown");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -267,28 +327,41 @@ async fn rolling_restart_loses_no_call() {
     let client = Client::connect(cfg.clone()).await.expect("client");
     let hello = HelloClient::new(&client).with_retries(3);
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // Calls that succeeded so far, all loops together.
+    let done = Arc::new(AtomicUsize::new(0));
     let mut load = Vec::new();
     for _ in 0..8 {
         let hello = hello.clone();
-        let stop = stop.clone();
+        let (stop, done) = (stop.clone(), done.clone());
         load.push(tokio::spawn(async move {
             let (mut ok, mut failed) = (0u32, Vec::new());
             while !stop.load(Ordering::SeqCst) {
                 match hello.nap(5).await {
-                    Ok(_) => ok += 1,
+                    Ok(_) => {
+                        ok += 1;
+                        done.fetch_add(1, Ordering::SeqCst);
+                    }
                     Err(e) => failed.push(e.to_string()),
                 }
             }
             (ok, failed)
         }));
     }
+    // Between restarts, the load gets some calls through.
+    let some_calls_go_through = || async {
+        let target = done.load(Ordering::SeqCst) + 20;
+        eventually("calls go through", Duration::from_secs(10), || async {
+            done.load(Ordering::SeqCst) >= target
+        })
+        .await;
+    };
     for i in 0..3 {
-        tokio::time::sleep(Duration::from_millis(150)).await;
+        some_calls_go_through().await;
         let old = servers.remove(0);
         old.shutdown().await.expect("graceful shutdown");
         servers.push(serve(cfg.clone(), &format!("new{i}")).await.0);
     }
-    tokio::time::sleep(Duration::from_millis(150)).await;
+    some_calls_go_through().await;
     stop.store(true, Ordering::SeqCst);
     let mut total = 0;
     for task in load {

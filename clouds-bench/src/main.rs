@@ -20,7 +20,8 @@
 //! - `rss.rs`: client memory per call in flight, in a child process.
 //! - `wire.rs`: Redis commands and bytes per call, from `INFO`.
 //! - `report.rs`: the table, the ratios and the targets.
-//! - `procs.rs`: child processes: start, wait for `ready`, stop, never leak.
+//! - `procs.rs`: the children's protocol (wait for `ready`, stop by closing stdin) on top of
+//!   the testkit's child-process harness, which never leaks one.
 //! - `stats.rs`: percentiles and medians.
 
 /// With `--features mimalloc`, every allocation of the bench (raw and clouds alike).

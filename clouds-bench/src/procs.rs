@@ -1,13 +1,20 @@
 //! Child processes of the bench: the binary re-executed in another role.
 //!
-//! A child reports on stdout (`ready ...` once it serves, or one result line) and stops when
-//! its stdin closes, so it cannot outlive the parent even if the parent is killed.
+//! The processes themselves are run by the testkit's harness, [`ChildProcess`] (the one the
+//! tests use too): it captures their stdout, waits for a line with a deadline, and kills and
+//! reaps them on drop. What is left here is the bench's protocol on top: a child reports on
+//! stdout (`ready ...` once it serves, or one result line), writes progress and errors to
+//! our stderr, and stops when its stdin closes, so it cannot outlive the parent even if the
+//! parent is killed.
+//!
+//! The harness blocks while it waits; the waits here run in `block_in_place`, which needs the
+//! multi-threaded runtime `main` builds.
 
-use std::process::Stdio;
-use std::time::Duration;
+use std::process::Command;
+use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader, Lines};
-use tokio::process::{Child, ChildStdout, Command};
+use clouds_testkit::{ChildProcess, SpawnOptions};
+use tokio::io::AsyncReadExt;
 
 /// How long a child may take to say it is ready (a child that measures says how long it may
 /// take itself: [`Proc::expect_within`]).
@@ -15,36 +22,23 @@ const STARTUP: Duration = Duration::from_secs(30);
 /// How long a child may take to stop once its stdin is closed, before it is killed.
 const GRACE: Duration = Duration::from_secs(10);
 
-/// One child process with its stdout read line by line.
+/// One child process: this binary in another role.
 pub(crate) struct Proc {
-    child: Child,
-    lines: Lines<BufReader<ChildStdout>>,
-    what: String,
+    child: ChildProcess,
 }
 
 impl Proc {
-    /// Starts this binary with `args`.
+    /// Starts this binary with `args`, its stdin a pipe (closed to stop it), its stdout
+    /// captured and its stderr ours.
     pub(crate) fn spawn(args: &[String]) -> Result<Proc, String> {
         let exe = std::env::current_exe().map_err(|e| format!("cannot find this binary: {e}"))?;
-        let what = args.join(" ");
-        let mut child = Command::new(exe)
-            .args(args)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            // The fallback if this value is dropped without `stop` (a panic): no leaked child.
-            .kill_on_drop(true)
-            .spawn()
-            .map_err(|e| format!("cannot start `{what}`: {e}"))?;
-        let stdout = child
-            .stdout
-            .take()
-            .ok_or_else(|| format!("`{what}` has no stdout"))?;
-        Ok(Proc {
-            child,
-            lines: BufReader::new(stdout).lines(),
-            what,
-        })
+        let options = SpawnOptions {
+            stdin_pipe: true,
+            inherit_stderr: true,
+        };
+        let child = ChildProcess::spawn_with(Command::new(exe).args(args), options)
+            .map_err(|e| e.to_string())?;
+        Ok(Proc { child })
     }
 
     /// The next line starting with `prefix` (other lines are skipped), without the prefix,
@@ -59,43 +53,46 @@ impl Proc {
         prefix: &str,
         limit: Duration,
     ) -> Result<String, String> {
-        let wait = async {
-            loop {
-                match self.lines.next_line().await {
-                    Ok(Some(line)) => {
-                        if let Some(rest) = line.strip_prefix(prefix) {
-                            return Ok(rest.trim().to_string());
-                        }
-                    }
-                    Ok(None) => return Err(format!("`{}` exited early", self.what)),
-                    Err(e) => return Err(format!("reading from `{}`: {e}", self.what)),
-                }
+        let deadline = Instant::now() + limit;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let line = tokio::task::block_in_place(|| self.child.wait_for_line(prefix, left))
+                .map_err(|e| e.to_string())?;
+            if let Some(rest) = line.strip_prefix(prefix) {
+                return Ok(rest.trim().to_string());
             }
-        };
-        tokio::time::timeout(limit, wait)
-            .await
-            .map_err(|_| format!("`{}` said nothing within {limit:?}", self.what))?
+        }
     }
 
     /// Closes stdin (the child's signal to stop), waits for it to exit, kills it if it does
     /// not within the grace period, and always reaps it.
     pub(crate) async fn stop(mut self) {
-        drop(self.child.stdin.take());
-        match tokio::time::timeout(GRACE, self.child.wait()).await {
-            Ok(Ok(status)) if status.success() => {}
-            Ok(Ok(status)) => eprintln!("`{}` exited with {status}", self.what),
-            Ok(Err(e)) => eprintln!("waiting for `{}`: {e}", self.what),
-            Err(_) => {
-                eprintln!("`{}` did not stop within {GRACE:?}; killing it", self.what);
-                let _ = self.child.kill().await;
+        self.child.close_stdin();
+        self.reap();
+    }
+
+    /// Waits for a child whose stdin is closed to exit; kills it after [`GRACE`].
+    fn reap(&mut self) {
+        let name = self.child.name().to_string();
+        match tokio::task::block_in_place(|| self.child.wait(GRACE)) {
+            Ok(status) if status.success() => {}
+            Ok(status) => eprintln!("`{name}` exited with {status}"),
+            Err(e) => {
+                eprintln!("{e}\n`{name}` did not stop within {GRACE:?}; killing it");
+                let _ = self.child.kill();
             }
         }
     }
 }
 
-/// Stops every child, all at once.
-pub(crate) async fn stop_all(procs: Vec<Proc>) {
-    futures_util::future::join_all(procs.into_iter().map(Proc::stop)).await;
+/// Stops every child, all at once: every stdin is closed before any is waited for.
+pub(crate) async fn stop_all(mut procs: Vec<Proc>) {
+    for proc in &mut procs {
+        proc.child.close_stdin();
+    }
+    for mut proc in procs {
+        proc.reap();
+    }
 }
 
 /// In a child: resolves when the parent closes our stdin (or dies).

@@ -29,6 +29,9 @@ pub(crate) struct Dispatcher {
     max_in_flight: usize,
     /// `Config::spawn_handlers`: a task per call from the start.
     spawn_all: bool,
+    /// Set when the node closes: calls still arriving are refused as `ShuttingDown`, which
+    /// callers re-route at no cost (Redis may deliver a few after the unsubscribe returned).
+    closed: std::sync::atomic::AtomicBool,
     /// Every handler running in a task of its own, so shutdown can wait for them. (Replies
     /// the receive loop sends are finished by the loop before it stops, or given up after a
     /// command timeout.)
@@ -113,6 +116,7 @@ impl Dispatcher {
     pub(crate) fn new(max_in_flight: usize, spawn_all: bool) -> Self {
         Dispatcher {
             spawn_all,
+            closed: Default::default(),
             routes: RwLock::default(),
             running: Arc::default(),
             max_in_flight,
@@ -150,8 +154,9 @@ impl Dispatcher {
         Ok(names)
     }
 
-    /// Forgets every route (at close).
+    /// Forgets every route and refuses calls from now on (at close).
     pub(crate) fn clear(&self) {
+        self.closed.store(true, Ordering::Release);
         write(&self.routes).clear();
     }
 
@@ -191,6 +196,15 @@ impl Dispatcher {
         if call.deadline_ms == 0 {
             // The caller has already given up on this attempt.
             return Dispatched::Expired;
+        }
+        if self.closed.load(Ordering::Acquire) {
+            return Dispatched::Ready(ReadyReply {
+                caller: call.reply_to,
+                id: call.id,
+                status: Status::ShuttingDown,
+                body: ReplyBody::from_encoded(codec::NIL),
+                slot: None,
+            });
         }
         let route = {
             let table = read(&self.routes);
@@ -470,7 +484,11 @@ mod tests {
         ));
         d.clear();
         let reply = decoded(ready(d.dispatch(call("math.add", 1000, (2, 3)))));
-        assert_eq!(reply.status, Status::UnknownMethod);
+        assert_eq!(
+            reply.status,
+            Status::ShuttingDown,
+            "a closed server refuses, so callers re-route"
+        );
     }
 
     #[tokio::test(start_paused = true)]

@@ -1,10 +1,28 @@
-//! Shared by the integration tests: a throwaway redis-server per test and polling helpers.
+//! Shared by the integration tests: a throwaway redis-server per test, polling helpers, and
+//! the example binaries to run as child processes.
 #![allow(dead_code, unreachable_pub)]
 
 use std::future::Future;
+use std::path::PathBuf;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 pub use clouds_testkit::RedisServer;
+
+/// A command running the example `name`: `target/<profile>/examples/<name>`, next to this
+/// test binary's `deps/` directory. `cargo test` builds the examples before the tests.
+pub fn example(name: &str) -> Command {
+    let mut dir: PathBuf = std::env::current_exe().expect("test binary path");
+    dir.pop(); // the test binary
+    dir.pop(); // deps/
+    let path = dir.join("examples").join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: run `cargo test` (which builds the examples) or `cargo build --example {name}`",
+        path.display()
+    );
+    Command::new(path)
+}
 
 /// Starts a redis-server on a free loopback port for one test.
 pub fn redis() -> RedisServer {

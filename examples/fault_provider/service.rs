@@ -1,0 +1,28 @@
+//! The `fault` service and its configuration, shared by the `fault_provider` example (which
+//! serves it) and `tests/faults.rs` (which calls it, through `#[path]`).
+#![allow(dead_code, unreachable_pub)]
+
+use std::time::Duration;
+
+/// The service the provider processes serve.
+#[clouds::service("fault")]
+pub trait Fault {
+    /// The serving node's id.
+    async fn whoami(&self) -> String;
+    /// Sleeps `ms`, then answers.
+    async fn nap(&self, ms: u64) -> u64;
+}
+
+/// Heartbeat of every node in the fault tests: a dead provider expires after 3 of them.
+pub const HEARTBEAT: Duration = Duration::from_millis(300);
+/// Call timeout of every node in the fault tests.
+pub const TIMEOUT: Duration = Duration::from_millis(800);
+
+/// The configuration of providers and callers alike, for the Redis at `url`.
+pub fn fault_config(url: &str) -> clouds::Config {
+    clouds::Config::from_url(url)
+        .unwrap_or_else(|e| panic!("bad Redis URL {url:?}: {e}"))
+        .heartbeat(HEARTBEAT)
+        .timeout(TIMEOUT)
+        .command_timeout(Duration::from_secs(1))
+}
