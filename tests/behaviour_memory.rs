@@ -14,6 +14,11 @@ impl behaviour::Backend for Memory {
             .heartbeat(Duration::from_millis(300))
             .timeout(Duration::from_secs(1))
     }
+
+    fn stale_entry(&self, method: &str, node: &clouds::NodeId) {
+        self.0
+            .stale_entry(&self.config(), method, node, Duration::from_secs(60));
+    }
 }
 
 fn memory() -> Memory {

@@ -15,6 +15,22 @@ impl behaviour::Backend for Redis {
             .heartbeat(Duration::from_millis(300))
             .timeout(Duration::from_secs(1))
     }
+
+    fn stale_entry(&self, method: &str, node: &clouds::NodeId) {
+        // A member of the method's sorted set in db 3, scored by its expiry a minute from now
+        // on Redis's clock (docs/protocol.md §5), with no server hash behind it. (The testkit's
+        // raw connection sits in db 0, hence the SELECT inside the script.)
+        let lua = "redis.call('SELECT', '3') \
+                   local t = redis.call('TIME') \
+                   local expiry = tonumber(t[1]) * 1000 + 60000 \
+                   return redis.call('ZADD', KEYS[1], expiry, ARGV[1])";
+        let key = format!("{{clouds:3}}:method:{method}");
+        let reply = self
+            .0
+            .command(&["EVAL", lua, "1", &key, node.as_str()])
+            .expect("EVAL");
+        assert!(!reply.is_error(), "{reply:?}");
+    }
 }
 
 fn redis() -> Redis {

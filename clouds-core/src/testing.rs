@@ -5,8 +5,9 @@
 //! shut down exactly as they do over Redis; the same behaviour suite runs against both. Faults a
 //! test can inject: a node that stops reading ([`Broker::freeze`], [`Broker::stall`]), lost
 //! subscriptions ([`Broker::drop_subscriptions`]), a cut connection ([`Broker::disconnect`],
-//! [`Broker::reconnect`]), failing commands ([`Broker::fail_commands`]), and one frame dropped,
-//! duplicated or delayed ([`Broker::fault_next_frame`]).
+//! [`Broker::reconnect`]), failing or slow commands ([`Broker::fail_commands`],
+//! [`Broker::delay_next_command`]), one frame dropped, duplicated or delayed
+//! ([`Broker::fault_next_frame`]), and stale registry entries ([`Broker::stale_entry`]).
 //!
 //! Under `tokio::time::pause()` heartbeats, TTLs, timeouts and retries take no real time:
 //!

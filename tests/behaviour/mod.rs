@@ -18,6 +18,10 @@ use clouds::{Balance, Client, Config, Error, Monitor, Server};
 pub trait Backend {
     /// A config for this backend's deployment: heartbeat 300 ms (TTL 900 ms), timeout 1 s.
     fn config(&self) -> Config;
+
+    /// Lists `node` as a provider of `method` in the registry for a minute, as a stale entry
+    /// would, whether it serves `method` or not.
+    fn stale_entry(&self, method: &str, node: &clouds::NodeId);
 }
 
 /// The service every case serves.
@@ -160,6 +164,22 @@ pub async fn bad_arguments_and_unknown_names(b: impl Backend) {
         Err(Error::InvalidMethod { .. }) => {}
         other => panic!("expected InvalidMethod, got {other:?}"),
     }
+    server.shutdown().await.expect("shutdown");
+}
+
+pub async fn unknown_method_from_a_stale_entry(b: impl Backend) {
+    let (server, _) = serve(b.config(), "a").await;
+    b.stale_entry("suite.retired", server.id());
+    let client = client(b.config()).await.with_retries(2);
+    match client.call::<_, String>("suite.retired", ()).await {
+        Err(Error::UnknownMethod { method, node }) => {
+            assert_eq!(method, "suite.retired");
+            assert_eq!(&node, server.id());
+        }
+        other => panic!("expected UnknownMethod, got {other:?}"),
+    }
+    // Not retried: the answer would be the same.
+    assert_eq!(client.stats().rerouted_calls, 0);
     server.shutdown().await.expect("shutdown");
 }
 
@@ -396,6 +416,7 @@ macro_rules! behaviour_suite {
         $crate::behaviour_suite!(@cases [$backend] ($($attr)*)
             typed_calls_app_errors_and_panics
             bad_arguments_and_unknown_names
+            unknown_method_from_a_stale_entry
             no_provider_fails_fast
             timeout_then_retry_on_another_provider
             reroute_when_nobody_received

@@ -387,6 +387,39 @@ impl Broker {
             .push_back(delay);
     }
 
+    /// Lists `node` as a provider of `method` in the registry of `config`'s deployment for
+    /// `ttl`, as a stale entry would (a server restarted without that method, a deployment
+    /// that went wrong): callers then send it calls whether it serves `method` or not, and
+    /// its answer is `UnknownMethod`.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread", start_paused = true)]
+    /// # async fn main() -> Result<(), clouds_core::Error> {
+    /// let broker = clouds_core::testing::Broker::new();
+    /// let server = clouds_core::Server::start(broker.config()).await?;
+    /// broker.stale_entry(&broker.config(), "math.gone", server.id(), std::time::Duration::from_secs(60));
+    /// let client = clouds_core::Client::connect(broker.config()).await?;
+    /// let answer = client.call::<_, i64>("math.gone", (1,)).await;
+    /// assert!(matches!(answer, Err(clouds_core::Error::UnknownMethod { .. })));
+    /// # Ok(()) }
+    /// ```
+    pub fn stale_entry(
+        &self,
+        config: &crate::Config,
+        method: &str,
+        node: impl AsRef<str>,
+        ttl: Duration,
+    ) {
+        let scope = Names::new(config).scope().to_string();
+        let mut state = lock(&self.state);
+        let registry = state.registries.entry(scope).or_default();
+        registry
+            .methods
+            .entry(method.to_string())
+            .or_default()
+            .insert(node.as_ref().to_string(), Instant::now() + ttl);
+    }
+
     /// How many connections are subscribed to `channel` right now.
     ///
     /// ```
