@@ -1,8 +1,8 @@
 //! Key and channel names.
 //!
-//! Pub/sub ignores the db number, so every name carries `namespace:db`. Registry keys share
-//! one hash tag, `{namespace:db}`, so a script touching several is legal on Redis Cluster;
-//! inbox channels carry no tag so they spread over shards.
+//! Pub/sub ignores the db number, so every name carries `namespace:db` (the scope). The
+//! registry's keys are the transport's business (`clouds_redis::Registry` puts them under one
+//! hash tag, `{namespace:db}`); channels carry no tag so they spread over shards.
 
 use std::sync::Mutex;
 
@@ -27,24 +27,8 @@ impl Names {
     }
 
     /// `namespace:db`: what every name of this deployment starts with.
-    #[cfg_attr(not(any(test, feature = "testing")), allow(dead_code))]
     pub(crate) fn scope(&self) -> &str {
         &self.scope
-    }
-
-    /// Sorted set of live server ids scored by expiry (ms, Redis clock).
-    pub(crate) fn nodes_key(&self) -> String {
-        format!("{{{}}}:nodes", self.scope)
-    }
-
-    /// Hash of one server's info; expires with its TTL.
-    pub(crate) fn node_key(&self, node: &str) -> String {
-        format!("{{{}}}:node:{node}", self.scope)
-    }
-
-    /// Sorted set of a method's provider ids scored by expiry.
-    pub(crate) fn method_key(&self, method: &str) -> String {
-        format!("{{{}}}:method:{method}", self.scope)
     }
 
     /// A node's inbox: replies and messages addressed to it.
@@ -148,8 +132,7 @@ mod tests {
     #[test]
     fn names_carry_namespace_and_db() {
         let names = Names::new(&Config::default().namespace("app").db(3));
-        assert_eq!(names.nodes_key(), "{app:3}:nodes");
-        assert_eq!(names.method_key("test.hello"), "{app:3}:method:test.hello");
+        assert_eq!(names.scope(), "app:3");
         assert_eq!(names.inbox("n1").as_str(), "app:3:inbox:n1");
         assert_eq!(names.calls("n1").as_str(), "app:3:calls:n1");
         assert_eq!(names.events().as_str(), "app:3:events");

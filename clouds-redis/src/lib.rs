@@ -13,6 +13,8 @@
 //!   and receiving from the same channels allocates no copies of their names.
 //! - [`inbound`]: [`Inbound`], the receive side of the subscriber connection, which turns the
 //!   broadcast channel's lag into a counted event instead of a silent stop.
+//! - [`registry`]: [`Registry`], the heartbeat registry's keys and Lua scripts (sorted sets
+//!   and hashes under one hash tag, expiry on Redis's clock).
 //! - [`script`]: [`Script`] (Lua run with EVALSHA, reloaded after a Redis restart) and
 //!   [`ScriptValue`], the reply shape the registry reads.
 //! - [`error`]: [`TransportError`], which carries no fred type.
@@ -23,6 +25,7 @@ pub mod channel;
 pub mod endpoint;
 pub mod error;
 pub mod inbound;
+pub mod registry;
 pub mod script;
 pub mod transport;
 
@@ -30,5 +33,6 @@ pub use channel::Channel;
 pub use endpoint::{Endpoint, TransportOptions};
 pub use error::TransportError;
 pub use inbound::{Delivery, Inbound};
+pub use registry::Registry;
 pub use script::{Script, ScriptValue};
 pub use transport::{Reconnects, Transport};
