@@ -10,7 +10,7 @@ use crate::error::Error;
 ///
 /// ```
 /// let config = clouds_core::Config::default().balance(clouds_core::Balance::LeastInFlight);
-/// assert_eq!(config.balance_mode(), clouds_core::Balance::LeastInFlight);
+/// assert_eq!(config.get_balance(), clouds_core::Balance::LeastInFlight);
 /// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 #[non_exhaustive]
@@ -31,7 +31,7 @@ pub enum Balance {
 /// let config = clouds_core::Config::from_url("redis://127.0.0.1:6379/3")?
 ///     .heartbeat(Duration::from_secs(2))
 ///     .timeout(Duration::from_secs(2));
-/// assert_eq!(config.database(), 3);
+/// assert_eq!(config.get_db(), 3);
 /// assert_eq!(config.effective_ttl(), Duration::from_secs(6));
 /// # Ok::<(), clouds_core::Error>(())
 /// ```
@@ -86,7 +86,7 @@ impl Config {
     ///
     /// ```
     /// let config = clouds_core::Config::from_url("redis://user:secret@10.0.0.5:6380/3")?;
-    /// assert_eq!(config.database(), 3);
+    /// assert_eq!(config.get_db(), 3);
     /// # Ok::<(), clouds_core::Error>(())
     /// ```
     pub fn from_url(url: &str) -> Result<Self, Error> {
@@ -102,7 +102,7 @@ impl Config {
     ///
     /// ```
     /// let config = clouds_core::Config::default().db(3);
-    /// assert_eq!(config.database(), 3);
+    /// assert_eq!(config.get_db(), 3);
     /// ```
     pub fn db(mut self, db: u8) -> Self {
         self.endpoint.set_db(db);
@@ -334,12 +334,14 @@ impl Config {
         crate::transport::Target::Redis(self.endpoint.clone())
     }
 
-    /// The Redis database in use.
+    /// The Redis database in use (set with [`Config::db`] or the URL). Getters of this
+    /// builder are named `get_` + the setter, as `std::process::Command`'s are.
     ///
     /// ```
-    /// assert_eq!(clouds_core::Config::default().database(), 0);
+    /// assert_eq!(clouds_core::Config::default().get_db(), 0);
+    /// assert_eq!(clouds_core::Config::default().db(3).get_db(), 3);
     /// ```
-    pub fn database(&self) -> u8 {
+    pub fn get_db(&self) -> u8 {
         self.endpoint.db()
     }
 
@@ -353,12 +355,12 @@ impl Config {
         self.ttl.unwrap_or(self.heartbeat * 3)
     }
 
-    /// The balancing strategy in use.
+    /// The balancing strategy in use (set with [`Config::balance`]).
     ///
     /// ```
-    /// assert_eq!(clouds_core::Config::default().balance_mode(), clouds_core::Balance::RoundRobin);
+    /// assert_eq!(clouds_core::Config::default().get_balance(), clouds_core::Balance::RoundRobin);
     /// ```
-    pub fn balance_mode(&self) -> Balance {
+    pub fn get_balance(&self) -> Balance {
         self.balance
     }
 

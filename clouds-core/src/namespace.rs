@@ -22,7 +22,7 @@ pub(crate) struct Names {
 impl Names {
     pub(crate) fn new(config: &Config) -> Self {
         Names {
-            scope: format!("{}:{}", config.namespace, config.database()),
+            scope: format!("{}:{}", config.namespace, config.get_db()),
         }
     }
 

@@ -142,8 +142,8 @@ fn urls_are_checked_when_the_config_is_built() {
         }
     }
     let config = Config::from_url("redis://user:secret@10.0.0.5:6380/7").expect("valid");
-    assert_eq!(config.database(), 7);
-    assert_eq!(config.db(2).database(), 2);
+    assert_eq!(config.get_db(), 7);
+    assert_eq!(config.db(2).get_db(), 2);
 }
 
 #[test]
