@@ -15,7 +15,7 @@ use crate::error::{Error, RemoteError};
 use crate::message::Messages;
 use crate::node::{Node, Owner};
 use crate::node_id::NodeId;
-use crate::stats::{Stats, bump};
+use crate::stats::{Count, Stats};
 use crate::transport::Transport;
 
 /// A connection to the services of one Redis deployment: calls methods, sends messages.
@@ -359,7 +359,7 @@ impl Client {
             let outcome = match outcome {
                 Ok(Ok(Attempt::Replied(reply))) => match reply.status {
                     Status::Overloaded => {
-                        bump(&node.counters().overloaded);
+                        node.counters().bump(Count::Overloaded);
                         Outcome::Overloaded
                     }
                     Status::ShuttingDown => Outcome::ShuttingDown,
@@ -382,11 +382,11 @@ impl Client {
                 Verdict::Suspect => node.caller().balancer().suspect(&provider),
                 Verdict::Gone => {
                     node.caller().balancer().mark_gone(&provider);
-                    bump(&node.counters().rerouted);
+                    node.counters().bump(Count::Rerouted);
                 }
                 Verdict::Leaving => {
                     node.caller().balancer().remove(&provider);
-                    bump(&node.counters().rerouted);
+                    node.counters().bump(Count::Rerouted);
                 }
             }
             match next {

@@ -5,7 +5,6 @@
 //! dispatcher, messages to the message queue, join/leave events to the balancer. A frame that
 //! does not decode, or arrives on the wrong channel, is counted and logged, never fatal.
 
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -25,7 +24,7 @@ use crate::namespace::{Names, PeerChannels};
 use crate::node_id::NodeId;
 use crate::registry::Registry;
 use crate::shutdown::Lifecycle;
-use crate::stats::{Counters, Stats, bump, bump_and_sample};
+use crate::stats::{Count, Counters, Stats};
 
 /// The shared state of one node, in parts each owned by the module that uses them.
 pub(crate) struct Node {
@@ -279,17 +278,17 @@ impl Node {
 
     pub(crate) fn stats(&self) -> Stats {
         let c = &self.counters;
-        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let get = |count| c.get(count);
         Stats {
-            malformed_frames: get(&c.malformed),
-            misrouted_frames: get(&c.misrouted),
-            oversized_frames: get(&c.oversized),
-            lagged_frames: get(&c.lagged),
-            late_replies: get(&c.late_replies),
-            dropped_messages: get(&c.dropped_messages),
-            expired_calls: get(&c.expired_calls),
-            rerouted_calls: get(&c.rerouted),
-            overloaded_replies: get(&c.overloaded),
+            malformed_frames: get(Count::Malformed),
+            misrouted_frames: get(Count::Misrouted),
+            oversized_frames: get(Count::Oversized),
+            lagged_frames: get(Count::Lagged),
+            late_replies: get(Count::LateReplies),
+            dropped_messages: get(Count::DroppedMessages),
+            expired_calls: get(Count::ExpiredCalls),
+            rerouted_calls: get(Count::Rerouted),
+            overloaded_replies: get(Count::Overloaded),
             tasks: self.life.tasks() + self.dispatcher.get().map_or(0, |d| d.tasks()),
             pending_calls: self.caller.pending().len(),
             in_flight: self.in_flight(),
@@ -332,7 +331,7 @@ impl Node {
         let (channel, payload) = match delivery {
             Delivery::Frame { channel, payload } => (channel, payload),
             Delivery::Lagged(n) => {
-                self.counters.lagged.fetch_add(n, Ordering::Relaxed);
+                self.counters.add(Count::Lagged, n);
                 tracing::warn!(node = %self.id, lost = n, "receive loop fell behind; frames lost (calls will time out and retry)");
                 return None;
             }
@@ -340,14 +339,14 @@ impl Node {
         let frame = match codec::decode(&payload) {
             Ok(frame) => frame,
             Err(e) => {
-                if let Some(seen) = bump_and_sample(&self.counters.malformed) {
+                if let Some(seen) = self.counters.bump_and_sample(Count::Malformed) {
                     tracing::warn!(node = %self.id, %channel, len = payload.len(), error = %e, seen, "dropped a malformed frame");
                 }
                 return None;
             }
         };
         if payload.len() > self.config.max_frame_size {
-            if let Some(seen) = bump_and_sample(&self.counters.oversized) {
+            if let Some(seen) = self.counters.bump_and_sample(Count::Oversized) {
                 tracing::warn!(node = %self.id, %channel, len = payload.len(), max = self.config.max_frame_size, seen, "dropped an oversized frame");
             }
             // Only a call on this server's call channel that someone still waits for is
@@ -373,12 +372,12 @@ impl Node {
         match frame {
             Frame::Reply(reply) if channel == self.inbox => {
                 if !self.caller.pending().complete(reply) {
-                    bump(&self.counters.late_replies);
+                    self.counters.bump(Count::LateReplies);
                 }
             }
             Frame::Message { from, body } if channel == self.inbox => {
                 if !self.messages.push(Message { from, body })
-                    && let Some(seen) = bump_and_sample(&self.counters.dropped_messages)
+                    && let Some(seen) = self.counters.bump_and_sample(Count::DroppedMessages)
                 {
                     tracing::warn!(node = %self.id, seen, "message queue full or closed; message dropped");
                 }
@@ -386,25 +385,25 @@ impl Node {
             Frame::Call(call) if channel == self.calls => match self.dispatcher.get() {
                 Some(dispatcher) => match dispatcher.dispatch(call) {
                     Dispatched::Ready(reply) => return Some(reply),
-                    Dispatched::Expired => bump(&self.counters.expired_calls),
+                    Dispatched::Expired => self.counters.bump(Count::ExpiredCalls),
                     Dispatched::Running(running) => {
                         let node = self.clone();
                         dispatcher.track(async move {
                             match running.run().await {
                                 Some(reply) => node.send_reply(reply).await,
-                                None => bump(&node.counters.expired_calls),
+                                None => node.counters.bump(Count::ExpiredCalls),
                             }
                         });
                     }
                 },
-                None => bump(&self.counters.misrouted),
+                None => self.counters.bump(Count::Misrouted),
             },
             Frame::Join { node, methods } if channel == self.events => {
                 self.caller.balancer().join(&node, &methods);
             }
             Frame::Leave { node } if channel == self.events => self.caller.balancer().remove(&node),
             other => {
-                if let Some(seen) = bump_and_sample(&self.counters.misrouted) {
+                if let Some(seen) = self.counters.bump_and_sample(Count::Misrouted) {
                     tracing::warn!(node = %self.id, %channel, frame = ?kind(&other), seen, "dropped a frame that does not belong on this channel");
                 }
             }
@@ -500,7 +499,7 @@ fn handle_guarded(node: &Arc<Node>, delivery: Delivery) -> Option<ReadyReply> {
     match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| node.handle(delivery))) {
         Ok(work) => work,
         Err(_) => {
-            bump(&node.counters.malformed);
+            node.counters.bump(Count::Malformed);
             tracing::error!(node = %node.id, "routing a frame panicked; frame dropped");
             None
         }

@@ -43,26 +43,65 @@ pub struct Stats {
     pub in_flight: usize,
 }
 
+/// What a node counts, one counter each.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Count {
+    Malformed,
+    Misrouted,
+    Oversized,
+    Lagged,
+    LateReplies,
+    DroppedMessages,
+    ExpiredCalls,
+    Rerouted,
+    Overloaded,
+}
+
+/// A node's counters, updated from any thread without a lock.
 #[derive(Debug, Default)]
-pub(crate) struct Counters {
-    pub(crate) malformed: AtomicU64,
-    pub(crate) misrouted: AtomicU64,
-    pub(crate) oversized: AtomicU64,
-    pub(crate) lagged: AtomicU64,
-    pub(crate) late_replies: AtomicU64,
-    pub(crate) dropped_messages: AtomicU64,
-    pub(crate) expired_calls: AtomicU64,
-    pub(crate) rerouted: AtomicU64,
-    pub(crate) overloaded: AtomicU64,
+pub(crate) struct Counters([AtomicU64; 9]);
+
+impl Counters {
+    /// Adds one to `count`.
+    pub(crate) fn bump(&self, count: Count) {
+        self.add(count, 1);
+    }
+
+    /// Adds `n` to `count`.
+    pub(crate) fn add(&self, count: Count, n: u64) {
+        self.0[count as usize].fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Counts one bad frame and says whether to log it: the 1st, 2nd, 4th, 8th, ... so
+    /// garbage flooding a channel cannot flood the logs, while the count stays exact in
+    /// `stats()`.
+    pub(crate) fn bump_and_sample(&self, count: Count) -> Option<u64> {
+        let n = self.0[count as usize].fetch_add(1, Ordering::Relaxed) + 1;
+        n.is_power_of_two().then_some(n)
+    }
+
+    /// The current value of `count`.
+    pub(crate) fn get(&self, count: Count) -> u64 {
+        self.0[count as usize].load(Ordering::Relaxed)
+    }
 }
 
-pub(crate) fn bump(counter: &AtomicU64) {
-    counter.fetch_add(1, Ordering::Relaxed);
-}
+#[cfg(test)]
+mod tests {
+    use super::*;
 
-/// Counts one bad frame and says whether to log it: the 1st, 2nd, 4th, 8th, ... so garbage
-/// flooding a channel cannot flood the logs, while the count stays exact in `stats()`.
-pub(crate) fn bump_and_sample(counter: &AtomicU64) -> Option<u64> {
-    let n = counter.fetch_add(1, Ordering::Relaxed) + 1;
-    n.is_power_of_two().then_some(n)
+    #[test]
+    fn counters_count_apart_and_sample_powers_of_two() {
+        let counters = Counters::default();
+        counters.bump(Count::Rerouted);
+        counters.add(Count::Lagged, 5);
+        assert_eq!(counters.get(Count::Rerouted), 1);
+        assert_eq!(counters.get(Count::Lagged), 5);
+        assert_eq!(counters.get(Count::Overloaded), 0);
+        let logged: Vec<u64> = (0..10)
+            .filter_map(|_| counters.bump_and_sample(Count::Malformed))
+            .collect();
+        assert_eq!(logged, vec![1, 2, 4, 8]);
+        assert_eq!(counters.get(Count::Malformed), 10);
+    }
 }
