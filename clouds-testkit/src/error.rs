@@ -56,6 +56,16 @@ pub enum TestkitError {
     /// Starting or watching a child process failed (for `redis-server`: it could not be
     /// spawned); see [`ChildError`].
     Child(ChildError),
+    /// A [`RedisCluster`](crate::RedisCluster) operation failed or its cluster did not settle
+    /// before the deadline (or the operation was asked something impossible, like a cluster
+    /// of two primaries).
+    Cluster {
+        /// What was being done, and why it failed.
+        what: String,
+        /// What the cluster looked like: the last state seen, `redis-cli` output, the tail
+        /// of each node's log. Empty when there is nothing to add.
+        details: String,
+    },
 }
 
 impl fmt::Display for TestkitError {
@@ -78,6 +88,12 @@ impl fmt::Display for TestkitError {
             TestkitError::Protocol(msg) => write!(f, "RESP protocol error: {msg}"),
             TestkitError::Auth(msg) => write!(f, "Redis rejected AUTH: {msg}"),
             TestkitError::Child(e) => fmt::Display::fmt(e, f),
+            TestkitError::Cluster { what, details } if details.is_empty() => {
+                write!(f, "Redis Cluster: {what}")
+            }
+            TestkitError::Cluster { what, details } => {
+                write!(f, "Redis Cluster: {what};\n{}", details.trim_end())
+            }
         }
     }
 }

@@ -1,5 +1,5 @@
-//! Throwaway `redis-server` processes, and the child-process harness, for clouds' tests,
-//! examples and benchmarks.
+//! Throwaway `redis-server` processes and Redis Clusters, and the child-process harness, for
+//! clouds' tests, examples and benchmarks.
 //!
 //! [`RedisServer::start`] launches a private `redis-server` on a free loopback
 //! port with persistence disabled and a fresh temporary working directory. The
@@ -37,6 +37,24 @@
 //! # Ok::<(), clouds_testkit::ChildError>(())
 //! ```
 //!
+//! A throwaway Redis Cluster (3 primaries and 3 replicas by default) is a [`RedisCluster`]:
+//! its nodes are `RedisServer`s created into a cluster by `redis-cli --cluster create`, with
+//! the fault operations cluster tests need (kill and restart a node, manual failover, slot
+//! migration) and [`RedisCluster::slot_of`], the key-to-slot function.
+//!
+//! ```no_run
+//! use clouds_testkit::RedisCluster;
+//! use std::time::Duration;
+//!
+//! let mut cluster = RedisCluster::start()?;
+//! let slot = RedisCluster::slot_of("{svc}:requests");
+//! let primary = cluster.primary_for_slot(slot)?;
+//! cluster.kill_node(primary)?;
+//! cluster.wait_ok(Duration::from_secs(15))?; // a replica has taken over the slot
+//! assert_ne!(cluster.primary_for_slot(slot)?, primary);
+//! # Ok::<(), clouds_testkit::TestkitError>(())
+//! ```
+//!
 //! Only std is used; the raw RESP2 client behind [`RedisServer::command`] is
 //! deliberately minimal and meant for poking Redis from tests, not for
 //! production traffic.
@@ -45,17 +63,22 @@
 //!
 //! - `server.rs`: [`RedisServer`] (launching on a free port, readiness, stop, restart,
 //!   clean-up) and [`redis_server_path`].
+//! - `cluster.rs`: [`RedisCluster`] (nodes on free ports with free bus ports, creation
+//!   with `redis-cli`, waiting for the cluster to settle, kill, restart, failover, slot
+//!   migration), [`ClusterNode`], [`NodeRole`], [`StartupTimings`], and the slot function.
 //! - `process.rs`: [`ChildProcess`], the one harness for child processes (spawn, wait for a
 //!   line, signal, stop, kill on drop), [`output_of`], and its [`ChildError`].
 //! - `resp.rs`: the raw RESP2 client: [`RespValue`], the connection behind
 //!   [`RedisServer::command`], and [`ping`].
 //! - `error.rs`: [`TestkitError`].
 
+mod cluster;
 mod error;
 mod process;
 mod resp;
 mod server;
 
+pub use cluster::{ClusterNode, NodeRole, RedisCluster, StartupTimings};
 pub use error::TestkitError;
 pub use process::{ChildError, ChildErrorKind, ChildProcess, Signal, SpawnOptions, output_of};
 pub use resp::{RespValue, ping};

@@ -106,17 +106,7 @@ impl RedisServer {
     /// # Ok::<(), clouds_testkit::TestkitError>(())
     /// ```
     pub fn start_with(args: &[&str]) -> Result<RedisServer, TestkitError> {
-        let binary = redis_server_path()?;
-        let dir = create_temp_dir()?;
-        // From here on, dropping `server` cleans up the directory (and any child).
-        let mut server = RedisServer {
-            binary,
-            port: 0,
-            dir,
-            extra_args: args.iter().map(|a| (*a).to_owned()).collect(),
-            password: find_password(args),
-            child: None,
-        };
+        let mut server = RedisServer::unstarted(args)?;
         let mut last_log = String::new();
         for _ in 0..PORT_ATTEMPTS {
             server.port = free_port()?;
@@ -272,6 +262,58 @@ impl RedisServer {
         self.connect(COMMAND_TIMEOUT)?.call(args)
     }
 
+    /// A server that is not running yet, with its directory created, for callers that
+    /// choose the port themselves ([`RedisCluster`](crate::RedisCluster): its nodes need a
+    /// free cluster bus port too). Start it with [`RedisServer::launch_on`].
+    pub(crate) fn unstarted(args: &[&str]) -> Result<RedisServer, TestkitError> {
+        let binary = redis_server_path()?;
+        let dir = create_temp_dir()?;
+        // From here on, dropping the server cleans up the directory (and any child).
+        Ok(RedisServer {
+            binary,
+            port: 0,
+            dir,
+            extra_args: args.iter().map(|a| (*a).to_owned()).collect(),
+            password: find_password(args),
+            child: None,
+        })
+    }
+
+    /// Appends `redis-server` arguments for the next launches (e.g. ones naming a file in
+    /// [`RedisServer::dir`]).
+    pub(crate) fn push_args<I, S>(&mut self, args: I)
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.extra_args.extend(args.into_iter().map(Into::into));
+    }
+
+    /// The server's temporary directory (removed on drop).
+    pub(crate) fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Starts the (stopped) server on `port` and waits until it answers PING. A port taken
+    /// by someone else shows as an error for which [`port_taken`] is true.
+    pub(crate) fn launch_on(&mut self, port: u16) -> Result<(), TestkitError> {
+        self.stop();
+        self.port = port;
+        match self.launch() {
+            Ok(()) => Ok(()),
+            Err(LaunchError::PortTaken(err) | LaunchError::Fatal(err)) => Err(err),
+        }
+    }
+
+    /// Kills the server at once (SIGKILL, no SHUTDOWN: nothing is saved or said) and reaps
+    /// it, keeping its port and directory so it can be [restarted](RedisServer::restart).
+    /// Does nothing if it is already stopped.
+    pub(crate) fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+        }
+    }
+
     /// Spawns the child on `self.port` and waits until it answers.
     fn launch(&mut self) -> Result<(), LaunchError> {
         // A fresh log file per launch, so an error quotes only this attempt.
@@ -353,6 +395,19 @@ impl RedisServer {
         }
     }
 
+    /// Runs several commands, in order, on one fresh connection (as
+    /// [`RedisServer::command`] does one), for commands whose effect is the connection's.
+    pub(crate) fn commands(&self, commands: &[&[&str]]) -> Result<Vec<RespValue>, TestkitError> {
+        let mut conn = self.connect(COMMAND_TIMEOUT)?;
+        commands
+            .iter()
+            .map(|args| {
+                let args: Vec<&[u8]> = args.iter().map(|a| a.as_bytes()).collect();
+                conn.call(&args)
+            })
+            .collect()
+    }
+
     /// Opens an (authenticated) connection to the server.
     fn connect(&self, timeout: Duration) -> Result<Connection, TestkitError> {
         let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, self.port));
@@ -366,7 +421,7 @@ impl RedisServer {
     }
 
     /// The last lines of the running child's output and of Redis' log file.
-    fn log_tail(&self) -> String {
+    pub(crate) fn log_tail(&self) -> String {
         match &self.child {
             Some(child) => self.log_tail_with(&child.stdout(), &child.stderr()),
             None => self.log_tail_with("", ""),
@@ -453,13 +508,13 @@ fn find_redis_server(
 }
 
 #[cfg(unix)]
-fn is_executable(path: &Path) -> bool {
+pub(crate) fn is_executable(path: &Path) -> bool {
     use std::os::unix::fs::PermissionsExt;
     fs::metadata(path).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
 }
 
 #[cfg(not(unix))]
-fn is_executable(path: &Path) -> bool {
+pub(crate) fn is_executable(path: &Path) -> bool {
     path.is_file()
 }
 
@@ -503,7 +558,7 @@ fn create_temp_dir() -> io::Result<PathBuf> {
 }
 
 /// Whether an early exit was caused by the port being taken.
-fn port_taken(err: &TestkitError) -> bool {
+pub(crate) fn port_taken(err: &TestkitError) -> bool {
     matches!(err, TestkitError::Exited { log, .. }
         if log.contains("Address already in use") || log.contains("Failed listening on port"))
 }
