@@ -6,10 +6,12 @@
 //! starve it, so a busy server is never declared dead. On an in-memory broker it runs as a task
 //! of the node, so a test that pauses tokio's clock pauses the heartbeat too.
 //!
-//! Beats are written one at a time per server (`Advert::order`), and each reads the method list
-//! once it has its turn: the registration that adds methods and the heartbeat loop both write
-//! the entry, and without this an older list could land after a newer one and shrink the node
-//! hash's `methods` (what the monitor reads) below the method sets (what callers read).
+//! The registration that adds methods and the heartbeat loop both write the entry, on different
+//! connections, so an older method list could land after a newer one and shrink the node
+//! hash's `methods` (what the monitor reads) below the method sets (what callers read). Each
+//! beat therefore carries the generation of its method list, and the registry ignores a beat
+//! older than the entry it would overwrite. (A lock between the writers would tie the
+//! heartbeat thread to the application's runtime, which it exists to be free of.)
 
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
@@ -24,11 +26,11 @@ use crate::transport::{Reconnects, Transport, Wire};
 /// What the heartbeat announces; shared with `Server` which adds methods.
 #[derive(Debug)]
 pub(crate) struct Advert {
-    methods: Mutex<Vec<String>>,
+    /// The methods, and their generation: how many times methods were added. A beat carries
+    /// the generation it read, and the registry ignores a beat older than the entry's.
+    methods: Mutex<(u64, Vec<String>)>,
     /// When the server started, by its own clock (ms since the Unix epoch).
     started_at_ms: u64,
-    /// Held while a beat is written: beats land in the order they read `methods`.
-    order: tokio::sync::Mutex<()>,
 }
 
 impl Advert {
@@ -40,24 +42,30 @@ impl Advert {
         Advert {
             methods: Mutex::default(),
             started_at_ms,
-            order: tokio::sync::Mutex::default(),
         }
     }
 
     /// Adds methods to what the next beat announces.
     pub(crate) fn add(&self, methods: &[String]) {
-        crate::locks::lock(&self.methods).extend(methods.iter().cloned());
+        let mut current = crate::locks::lock(&self.methods);
+        current.0 += 1;
+        current.1.extend(methods.iter().cloned());
+    }
+
+    /// The methods and their generation, read together.
+    fn snapshot(&self) -> (u64, Vec<String>) {
+        crate::locks::lock(&self.methods).clone()
     }
 
     pub(crate) fn methods(&self) -> Vec<String> {
-        crate::locks::lock(&self.methods).clone()
+        crate::locks::lock(&self.methods).1.clone()
     }
 }
 
-/// Writes the entry once, through `wire`, after any beat already being written.
+/// Writes the entry once, through `wire`. Beats may overtake each other on the way (they go
+/// on two connections); the registry keeps the one with the newest method list.
 pub(crate) async fn beat(node: &Node, wire: &Wire, advert: &Advert) -> Result<(), Error> {
-    let _turn = advert.order.lock().await;
-    let methods = advert.methods();
+    let (generation, methods) = advert.snapshot();
     let in_flight = node.in_flight();
     node.registry()
         .heartbeat(
@@ -65,6 +73,7 @@ pub(crate) async fn beat(node: &Node, wire: &Wire, advert: &Advert) -> Result<()
             &Announcement {
                 id: node.id(),
                 methods: &methods,
+                generation,
                 started_at_ms: advert.started_at_ms,
                 in_flight,
             },

@@ -18,6 +18,8 @@ use crate::node_id::NodeId;
 pub(crate) struct Announcement<'a> {
     pub(crate) id: &'a NodeId,
     pub(crate) methods: &'a [String],
+    /// How many times methods were added: orders beats (see `heartbeat`).
+    pub(crate) generation: u64,
     pub(crate) started_at_ms: u64,
     pub(crate) in_flight: usize,
 }
@@ -51,6 +53,7 @@ impl Registry {
                 ("in_flight", me.in_flight.to_string()),
                 ("protocol", crate::codec::VERSION.to_string()),
                 ("methods", me.methods.join("\n")),
+                ("generation", me.generation.to_string()),
             ],
         };
         wire.heartbeat(&entry).await?;

@@ -27,11 +27,19 @@ end
 
 /// KEYS: nodes set, node hash, method sets... ARGV: id, ttl_ms, info field/value pairs...
 /// Renews (or re-creates, after a Redis restart) a server's whole entry; returns Redis's now.
+/// A beat whose `generation` field is older than the entry's is ignored: it was overtaken by
+/// a beat with a newer method list, which has renewed everything already.
 static HEARTBEAT: LazyLock<Script> = LazyLock::new(|| {
     Script::new(leak(format!(
         "{PRELUDE}{}",
         r#"
 local id, ttl = ARGV[1], tonumber(ARGV[2])
+local gen
+for i = 3, #ARGV - 1, 2 do
+  if ARGV[i] == 'generation' then gen = tonumber(ARGV[i + 1]) end
+end
+local seen = tonumber(redis.call('HGET', KEYS[2], 'generation'))
+if gen and seen and gen < seen then return now end
 local expiry = now + ttl
 redis.call('ZADD', KEYS[1], expiry, id)
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)

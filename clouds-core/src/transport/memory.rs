@@ -84,6 +84,9 @@ pub enum FrameFault {
     Delay(Duration),
 }
 
+/// Where an entry whose TTL would overflow the clock expires instead.
+const FAR_FUTURE: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+
 #[derive(Default)]
 struct State {
     next_conn: u64,
@@ -417,7 +420,10 @@ impl Broker {
             .methods
             .entry(method.to_string())
             .or_default()
-            .insert(node.as_ref().to_string(), Instant::now() + ttl);
+            .insert(
+                node.as_ref().to_string(),
+                Instant::now().checked_add(ttl).unwrap_or(Instant::now() + FAR_FUTURE),
+            );
     }
 
     /// How many connections are subscribed to `channel` right now.
@@ -632,7 +638,21 @@ impl Transport for MemoryWire {
     async fn heartbeat(&self, entry: &Entry<'_>) -> Result<(), TransportError> {
         self.registry("EVALSHA", |registry, now| {
             registry.purge(now);
-            let expiry = now + entry.ttl;
+            // As the Redis script does: a beat older than the entry's method list is ignored.
+            let generation = |fields: &[(&str, String)]| -> Option<u64> {
+                let (_, value) = fields.iter().find(|(k, _)| *k == "generation")?;
+                value.parse().ok()
+            };
+            let seen = registry.nodes.get(entry.id.as_str()).and_then(|(_, fields)| {
+                let (_, value) = fields.iter().find(|(k, _)| &k[..] == b"generation")?;
+                std::str::from_utf8(value).ok()?.parse::<u64>().ok()
+            });
+            if let (Some(incoming), Some(seen)) = (generation(&entry.fields), seen)
+                && incoming < seen
+            {
+                return;
+            }
+            let expiry = now.checked_add(entry.ttl).unwrap_or(now + FAR_FUTURE);
             let fields = entry
                 .fields
                 .iter()
