@@ -399,6 +399,19 @@ impl Config {
                 self.heartbeat
             ));
         }
+        const DAY: Duration = Duration::from_secs(24 * 3600);
+        for (name, value) in [
+            ("heartbeat", self.heartbeat),
+            ("ttl", self.effective_ttl()),
+            ("timeout", self.timeout),
+            ("command_timeout", self.transport.command_timeout),
+            ("shutdown_timeout", self.shutdown_timeout),
+            ("reconnect_delay", self.transport.reconnect_max_delay),
+        ] {
+            if value > DAY {
+                return fail(format!("{name} {value:?} is over a day"));
+            }
+        }
         if self.transport.command_timeout.is_zero() {
             return fail("command_timeout must be above zero".into());
         }

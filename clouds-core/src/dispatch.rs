@@ -32,6 +32,9 @@ pub(crate) struct Dispatcher {
     /// Set when the node closes: calls still arriving are refused as `ShuttingDown`, which
     /// callers re-route at no cost (Redis may deliver a few after the unsubscribe returned).
     closed: std::sync::atomic::AtomicBool,
+    /// Set by `testing::crash`: calls still arriving get no answer at all, as from a dead
+    /// process.
+    silent: std::sync::atomic::AtomicBool,
     /// Every handler running in a task of its own, so shutdown can wait for them. (Replies
     /// the receive loop sends are finished by the loop before it stops, or given up after a
     /// command timeout.)
@@ -117,6 +120,7 @@ impl Dispatcher {
         Dispatcher {
             spawn_all,
             closed: Default::default(),
+            silent: Default::default(),
             routes: RwLock::default(),
             running: Arc::default(),
             max_in_flight,
@@ -152,6 +156,12 @@ impl Dispatcher {
             table.insert(route.name.clone(), route);
         }
         Ok(names)
+    }
+
+    /// Answers nothing from now on (a simulated crash).
+    #[cfg(any(test, feature = "testing"))]
+    pub(crate) fn silence(&self) {
+        self.silent.store(true, Ordering::Release);
     }
 
     /// Forgets every route and refuses calls from now on (at close).
@@ -193,8 +203,8 @@ impl Dispatcher {
     /// waiting. Error replies (unknown method, overloaded) are ready replies too.
     /// `Config::spawn_handlers` returns every handler unpolled, for a task from the start.
     pub(crate) fn dispatch(&self, call: Call) -> Dispatched {
-        if call.deadline_ms == 0 {
-            // The caller has already given up on this attempt.
+        if call.deadline_ms == 0 || self.silent.load(Ordering::Relaxed) {
+            // The caller has already given up on this attempt (or this server plays dead).
             return Dispatched::Expired;
         }
         if self.closed.load(Ordering::Acquire) {

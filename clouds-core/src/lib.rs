@@ -13,7 +13,7 @@
 //! - [`message`]: [`Message`] and [`Messages`].
 //! - [`error`]: [`Error`] and [`RemoteError`].
 //!
-//! - [`testing`] (feature `testing`): the in-memory broker and fault injection.
+//! - `testing` (feature `testing`): the in-memory broker and fault injection.
 //!
 //! Underneath, one concept per module:
 //! - `node`: a node's identity and its receive loop, which routes every frame; it owns the

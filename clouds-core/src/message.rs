@@ -1,12 +1,13 @@
 //! Free-form messages between nodes.
 
+use std::collections::VecDeque;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use serde::de::DeserializeOwned;
-use tokio::sync::{Mutex, mpsc};
+use tokio::sync::Notify;
 use tokio_util::sync::ReusableBoxFuture;
 
 use crate::error::Error;
@@ -81,16 +82,46 @@ impl Message {
 /// # }
 /// ```
 pub struct Messages {
-    rx: Arc<Mutex<mpsc::Receiver<Message>>>,
+    queue: Arc<Shared>,
     /// The wait that `Stream::poll_next` is driving, kept between polls (in one box, reused).
+    /// It holds no lock while it waits, so a stream polled once and then left idle keeps no
+    /// other reader from the queue.
     polling: Option<ReusableBoxFuture<'static, Option<Message>>>,
+}
+
+/// The queue itself, shared by the node and every reader.
+#[derive(Debug)]
+struct Shared {
+    state: std::sync::Mutex<Queue>,
+    /// Wakes every waiting reader when a message arrives or the queue closes; each then
+    /// tries to take one, so a reader that stopped polling cannot swallow a wake-up.
+    changed: Notify,
+}
+
+#[derive(Debug)]
+struct Queue {
+    messages: VecDeque<Message>,
+    capacity: usize,
+    closed: bool,
+}
+
+impl Shared {
+    /// A message if one is queued; `Err(())` once closed and empty.
+    fn take(&self) -> Result<Option<Message>, ()> {
+        let mut queue = crate::locks::lock(&self.state);
+        match queue.messages.pop_front() {
+            Some(message) => Ok(Some(message)),
+            None if queue.closed => Err(()),
+            None => Ok(None),
+        }
+    }
 }
 
 impl Clone for Messages {
     /// Another reader of the same queue.
     fn clone(&self) -> Self {
         Messages {
-            rx: self.rx.clone(),
+            queue: self.queue.clone(),
             polling: None,
         }
     }
@@ -102,9 +133,19 @@ impl std::fmt::Debug for Messages {
     }
 }
 
-/// Waits for the next message of the queue behind `rx`.
-async fn next_of(rx: Arc<Mutex<mpsc::Receiver<Message>>>) -> Option<Message> {
-    rx.lock().await.recv().await
+/// Waits for the next message of `queue`; `None` once it is closed and empty.
+async fn next_of(queue: Arc<Shared>) -> Option<Message> {
+    loop {
+        // Registered before looking, so a message pushed in between still wakes this wait.
+        let changed = queue.changed.notified();
+        tokio::pin!(changed);
+        changed.as_mut().enable();
+        match queue.take() {
+            Ok(Some(message)) => return Some(message),
+            Err(()) => return None,
+            Ok(None) => changed.await,
+        }
+    }
 }
 
 /// The messages as a stream, for `StreamExt` combinators; it ends when the node shuts down.
@@ -120,13 +161,13 @@ impl futures_util::Stream for Messages {
 
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Message>> {
         let this = self.get_mut();
-        let rx = &this.rx;
+        let queue = &this.queue;
         let waiting = this
             .polling
-            .get_or_insert_with(|| ReusableBoxFuture::new(next_of(rx.clone())));
+            .get_or_insert_with(|| ReusableBoxFuture::new(next_of(queue.clone())));
         let next = std::task::ready!(waiting.poll(cx));
         // The next wait starts on the next poll, reusing the box.
-        waiting.set(next_of(rx.clone()));
+        waiting.set(next_of(queue.clone()));
         Poll::Ready(next)
     }
 }
@@ -140,11 +181,10 @@ impl Messages {
     /// # }
     /// ```
     pub async fn next(&mut self) -> Option<Message> {
-        self.rx.lock().await.recv().await
+        next_of(self.queue.clone()).await
     }
 
-    /// A message that has already arrived, without waiting. `None` also while another handle
-    /// of the same node is waiting in [`Messages::next`].
+    /// A message that has already arrived, without waiting.
     ///
     /// ```
     /// # fn demo(mut inbox: clouds_core::Messages) {
@@ -152,26 +192,29 @@ impl Messages {
     /// # }
     /// ```
     pub fn try_next(&mut self) -> Option<Message> {
-        self.rx.try_lock().ok()?.try_recv().ok()
+        self.queue.take().ok().flatten()
     }
 }
 
-/// The sending half, owned by the node's receive loop.
+/// The node's side of its message queue, fed by the receive loop.
 #[derive(Debug)]
 pub(crate) struct MessageQueue {
-    /// `None` once closed: dropping the sender is what ends readers' `next()`, without
-    /// touching the receiver a reader may be holding while it waits.
-    tx: std::sync::Mutex<Option<mpsc::Sender<Message>>>,
     readers: Messages,
 }
 
 impl MessageQueue {
     pub(crate) fn new(capacity: usize) -> Self {
-        let (tx, rx) = mpsc::channel(capacity);
+        let shared = Shared {
+            state: std::sync::Mutex::new(Queue {
+                messages: VecDeque::new(),
+                capacity,
+                closed: false,
+            }),
+            changed: Notify::new(),
+        };
         MessageQueue {
-            tx: std::sync::Mutex::new(Some(tx)),
             readers: Messages {
-                rx: Arc::new(Mutex::new(rx)),
+                queue: Arc::new(shared),
                 polling: None,
             },
         }
@@ -179,10 +222,16 @@ impl MessageQueue {
 
     /// Queues a message without waiting; false if the queue is full or closed.
     pub(crate) fn push(&self, message: Message) -> bool {
-        match &*crate::locks::lock(&self.tx) {
-            Some(tx) => tx.try_send(message).is_ok(),
-            None => false,
+        let shared = &self.readers.queue;
+        {
+            let mut queue = crate::locks::lock(&shared.state);
+            if queue.closed || queue.messages.len() >= queue.capacity {
+                return false;
+            }
+            queue.messages.push_back(message);
         }
+        shared.changed.notify_waiters();
+        true
     }
 
     pub(crate) fn reader(&self) -> Messages {
@@ -191,7 +240,9 @@ impl MessageQueue {
 
     /// Ends the queue: readers get what is already queued, then `None`.
     pub(crate) fn close(&self) {
-        crate::locks::lock(&self.tx).take();
+        let shared = &self.readers.queue;
+        crate::locks::lock(&shared.state).closed = true;
+        shared.changed.notify_waiters();
     }
 }
 
@@ -222,6 +273,31 @@ mod tests {
             .await;
         assert_eq!(got, vec![0, 1, 2]);
         assert!(!queue.push(message(9)), "a closed queue takes nothing");
+    }
+
+    #[tokio::test]
+    async fn a_stream_polled_once_and_left_idle_blocks_no_other_reader() {
+        let queue = MessageQueue::new(8);
+        let mut idle = queue.reader();
+        let waited = tokio::time::timeout(
+            std::time::Duration::from_millis(10),
+            StreamExt::next(&mut idle),
+        )
+        .await;
+        assert!(waited.is_err(), "nothing to read yet");
+        assert!(queue.push(message(7)));
+        let mut other = queue.reader();
+        let got = tokio::time::timeout(std::time::Duration::from_secs(1), other.next())
+            .await
+            .expect("the idle stream holds nothing")
+            .expect("a message");
+        assert_eq!(got.decode::<u8>().ok(), Some(7));
+        queue.close();
+        assert!(other.next().await.is_none());
+        assert!(
+            StreamExt::next(&mut idle).await.is_none(),
+            "the idle one ends too"
+        );
     }
 
     #[tokio::test]

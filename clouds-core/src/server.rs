@@ -293,6 +293,7 @@ impl Server {
     /// connections closed, but the registry entry left to expire with its TTL.
     #[cfg(any(test, feature = "testing"))]
     pub(crate) async fn crash(self) {
+        self.dispatcher.silence();
         let mut state = self.state.lock().await;
         let heartbeat = crate::locks::lock(&self.heartbeat).take();
         if let Some(heartbeat) = heartbeat {

@@ -57,9 +57,14 @@ pub(crate) enum Count {
     Overloaded,
 }
 
+impl Count {
+    /// How many there are: the last one's index + 1 (keep `Overloaded` last).
+    const ALL: usize = Count::Overloaded as usize + 1;
+}
+
 /// A node's counters, updated from any thread without a lock.
 #[derive(Debug, Default)]
-pub(crate) struct Counters([AtomicU64; 9]);
+pub(crate) struct Counters([AtomicU64; Count::ALL]);
 
 impl Counters {
     /// Adds one to `count`.

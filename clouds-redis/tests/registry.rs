@@ -60,7 +60,13 @@ async fn a_beat_older_than_the_entry_is_ignored() {
         .expect("same generation");
     // A beat without a generation (a server written from an older spec) always writes.
     registry
-        .heartbeat(&transport, "s1", ttl, &older, &[("methods", "m.one".into())])
+        .heartbeat(
+            &transport,
+            "s1",
+            ttl,
+            &older,
+            &[("methods", "m.one".into())],
+        )
         .await
         .expect("beat without generation");
     let servers = registry.servers(&transport).await.expect("servers");
@@ -76,6 +82,12 @@ async fn a_beat_older_than_the_entry_is_ignored() {
         .deregister(&transport, "s1", &newer)
         .await
         .expect("deregister");
-    assert!(registry.servers(&transport).await.expect("servers").is_empty());
+    assert!(
+        registry
+            .servers(&transport)
+            .await
+            .expect("servers")
+            .is_empty()
+    );
     transport.close().await;
 }

@@ -378,6 +378,25 @@ pub async fn graceful_shutdown_under_load(b: impl Backend) {
     staying.shutdown().await.expect("shutdown");
 }
 
+pub async fn a_crashed_server_answers_nothing_more(b: impl Backend) {
+    let (server, _) = serve(b.config(), "doomed").await;
+    let client = client(b.config().timeout(Duration::from_millis(500))).await;
+    let running = {
+        let suite = SuiteClient::new(&client).with_retries(0);
+        tokio::spawn(async move { suite.nap(100).await })
+    };
+    eventually("the call runs", Duration::from_secs(2), || async {
+        server.stats().in_flight == 1
+    })
+    .await;
+    clouds::testing::crash(server).await;
+    // Its handler finishes, but a dead process sends no reply.
+    match running.await.expect("join") {
+        Err(Error::Timeout { .. }) => {}
+        other => panic!("expected Timeout, got {other:?}"),
+    }
+}
+
 pub async fn a_dead_provider_expires(b: impl Backend) {
     let config = b.config();
     let (server, _) = serve(config.clone(), "dead").await;
@@ -425,6 +444,7 @@ macro_rules! behaviour_suite {
             messages_between_nodes
             monitor_lists_who_serves_what
             graceful_shutdown_under_load
+            a_crashed_server_answers_nothing_more
             a_dead_provider_expires
         );
     };

@@ -18,7 +18,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use tokio::sync::{broadcast, mpsc};
+use tokio::sync::broadcast;
 use tokio::time::Instant;
 
 use super::{Channel, Delivery, Entry, Fields, Inbound, Reconnects, Transport, TransportError};
@@ -109,9 +109,11 @@ struct State {
 
 struct Conn {
     node: String,
-    tx: mpsc::Sender<Delivery>,
-    /// Frames lost to a full buffer, reported before the next frame that fits.
-    lost: u64,
+    /// Like fred's: a bounded broadcast channel, so a reader that falls behind loses the
+    /// oldest frames and is told how many at its next read.
+    tx: broadcast::Sender<Delivery>,
+    /// The channels it wants; the broker's `channels` says which it has now (they differ
+    /// after `drop_subscriptions`, until a reconnect restores them).
     subscriptions: BTreeSet<String>,
     /// Frames held while the node is frozen, in order.
     held: VecDeque<Delivery>,
@@ -171,6 +173,17 @@ impl State {
             .map(|(id, _)| *id)
     }
 
+    /// Fails a command on a connection that was closed, as a client's would after QUIT.
+    fn check_open(&self, conn: u64, command: &'static str) -> Result<(), TransportError> {
+        if self.conns.contains_key(&conn) {
+            return Ok(());
+        }
+        Err(TransportError::Command {
+            command,
+            reason: "the connection is closed".into(),
+        })
+    }
+
     /// Takes one injected failure for `node`'s next command, if any is left.
     fn take_failure(&mut self, node: &str, command: &'static str) -> Result<(), TransportError> {
         if self.disconnected.contains(node) {
@@ -193,20 +206,9 @@ impl State {
     }
 }
 
-/// Puts `delivery` in `conn`'s buffer, reporting earlier losses first.
+/// Puts `delivery` in `conn`'s buffer (no reader yet: dropped, as Redis's would be).
 fn send(conn: &mut Conn, delivery: Delivery) {
-    if conn.lost > 0 {
-        match conn.tx.try_send(Delivery::Lagged(conn.lost)) {
-            Ok(()) => conn.lost = 0,
-            Err(_) => {
-                conn.lost += 1;
-                return;
-            }
-        }
-    }
-    if let Err(mpsc::error::TrySendError::Full(_)) = conn.tx.try_send(delivery) {
-        conn.lost += 1;
-    }
+    let _ = conn.tx.send(delivery);
 }
 
 impl Broker {
@@ -297,8 +299,8 @@ impl Broker {
         let mut state = lock(&self.state);
         let ids: Vec<u64> = state.conns_of(node.as_ref()).collect();
         for id in ids {
-            let channels = match state.conns.get_mut(&id) {
-                Some(conn) => std::mem::take(&mut conn.subscriptions),
+            let channels = match state.conns.get(&id) {
+                Some(conn) => conn.subscriptions.clone(),
                 None => continue,
             };
             for channel in channels {
@@ -335,8 +337,21 @@ impl Broker {
         let node = node.as_ref();
         let mut state = lock(&self.state);
         state.disconnected.remove(node);
-        for conn in state.conns.values().filter(|c| c.node == node) {
-            let _ = conn.reconnected.send(());
+        let ids: Vec<u64> = state.conns_of(node).collect();
+        for id in ids {
+            // Subscriptions come back with the connection, as the Redis transport restores
+            // them after every reconnect.
+            let wanted = state
+                .conns
+                .get(&id)
+                .map(|c| c.subscriptions.clone())
+                .unwrap_or_default();
+            for channel in wanted {
+                state.channels.entry(channel).or_default().insert(id);
+            }
+            if let Some(conn) = state.conns.get(&id) {
+                let _ = conn.reconnected.send(());
+            }
         }
     }
 
@@ -422,7 +437,9 @@ impl Broker {
             .or_default()
             .insert(
                 node.as_ref().to_string(),
-                Instant::now().checked_add(ttl).unwrap_or(Instant::now() + FAR_FUTURE),
+                Instant::now()
+                    .checked_add(ttl)
+                    .unwrap_or(Instant::now() + FAR_FUTURE),
             );
     }
 
@@ -446,7 +463,8 @@ impl Broker {
         id: &NodeId,
         options: &clouds_redis::TransportOptions,
     ) -> Result<MemoryWire, TransportError> {
-        let (tx, rx) = mpsc::channel(options.inbound_capacity.max(1));
+        // Sized as fred sizes the subscriber's channel (tokio rounds it up to a power of two).
+        let (tx, _) = broadcast::channel(options.inbound_capacity.max(16));
         let (reconnected, _) = broadcast::channel(16);
         let mut state = lock(&self.state);
         let conn = state.next_conn;
@@ -456,10 +474,9 @@ impl Broker {
             Conn {
                 node: id.to_string(),
                 tx,
-                lost: 0,
                 subscriptions: BTreeSet::new(),
                 held: VecDeque::new(),
-                reconnected: reconnected.clone(),
+                reconnected,
             },
         );
         Ok(MemoryWire {
@@ -467,14 +484,20 @@ impl Broker {
             conn,
             node: id.to_string(),
             scope: names.scope().to_string(),
-            inbound: Mutex::new(Some(rx)),
-            reconnected,
+            command_timeout: options.command_timeout,
         })
     }
 
-    /// Publishes on behalf of `node`: how many connections received the frame.
-    fn publish(&self, node: &str, channel: &str, frame: Bytes) -> Result<u64, TransportError> {
+    /// Publishes on connection `conn` of `node`: how many connections received the frame.
+    fn publish(
+        &self,
+        conn: u64,
+        node: &str,
+        channel: &str,
+        frame: Bytes,
+    ) -> Result<u64, TransportError> {
         let mut state = lock(&self.state);
+        state.check_open(conn, "PUBLISH")?;
         state.take_failure(node, "PUBLISH")?;
         let receivers: Vec<u64> = match state.channels.get(channel) {
             Some(subscribers) => subscribers
@@ -536,9 +559,8 @@ pub(crate) struct MemoryWire {
     node: String,
     /// The registry scope (`namespace:db`) this node reads and writes.
     scope: String,
-    /// Handed out once: a connection has one inbound stream.
-    inbound: Mutex<Option<mpsc::Receiver<Delivery>>>,
-    reconnected: broadcast::Sender<()>,
+    /// `Config::command_timeout`: what a slow registry command turns into a timeout after.
+    command_timeout: Duration,
 }
 
 impl std::fmt::Debug for MemoryWire {
@@ -563,9 +585,18 @@ impl MemoryWire {
             .get_mut(&self.node)
             .and_then(VecDeque::pop_front);
         if let Some(delay) = delay {
+            // A reply slower than the command timeout is a timeout, as over Redis.
+            if delay >= self.command_timeout {
+                tokio::time::sleep(self.command_timeout).await;
+                return Err(TransportError::Timeout {
+                    command,
+                    after: self.command_timeout,
+                });
+            }
             tokio::time::sleep(delay).await;
         }
         let mut state = lock(&self.broker.state);
+        state.check_open(self.conn, command)?;
         state.take_failure(&self.node, command)?;
         let registry = state.registries.entry(self.scope.clone()).or_default();
         Ok(f(registry, Instant::now()))
@@ -607,7 +638,10 @@ impl Transport for MemoryWire {
         frame: Bytes,
     ) -> impl Future<Output = Result<u64, TransportError>> + Send {
         // Nothing to wait for in memory: delivered (or not) before the future is polled.
-        std::future::ready(self.broker.publish(&self.node, channel.as_str(), frame))
+        std::future::ready(
+            self.broker
+                .publish(self.conn, &self.node, channel.as_str(), frame),
+        )
     }
 
     fn publish_untimed(
@@ -627,12 +661,20 @@ impl Transport for MemoryWire {
     }
 
     fn inbound(&self) -> Inbound {
-        let rx = lock(&self.inbound).take();
+        let rx = lock(&self.broker.state)
+            .conns
+            .get(&self.conn)
+            .map(|c| c.tx.subscribe());
         Inbound::Memory(MemoryInbound { rx })
     }
 
     fn reconnects(&self) -> Reconnects {
-        Reconnects::Memory(self.reconnected.subscribe())
+        // The sender lives with the connection: once it is closed, this ends (`None`).
+        let rx = match lock(&self.broker.state).conns.get(&self.conn) {
+            Some(conn) => conn.reconnected.subscribe(),
+            None => broadcast::channel(1).1,
+        };
+        Reconnects::Memory(rx)
     }
 
     async fn heartbeat(&self, entry: &Entry<'_>) -> Result<(), TransportError> {
@@ -643,10 +685,13 @@ impl Transport for MemoryWire {
                 let (_, value) = fields.iter().find(|(k, _)| *k == "generation")?;
                 value.parse().ok()
             };
-            let seen = registry.nodes.get(entry.id.as_str()).and_then(|(_, fields)| {
-                let (_, value) = fields.iter().find(|(k, _)| &k[..] == b"generation")?;
-                std::str::from_utf8(value).ok()?.parse::<u64>().ok()
-            });
+            let seen = registry
+                .nodes
+                .get(entry.id.as_str())
+                .and_then(|(_, fields)| {
+                    let (_, value) = fields.iter().find(|(k, _)| &k[..] == b"generation")?;
+                    std::str::from_utf8(value).ok()?.parse::<u64>().ok()
+                });
             if let (Some(incoming), Some(seen)) = (generation(&entry.fields), seen)
                 && incoming < seen
             {
@@ -737,15 +782,25 @@ impl Drop for MemoryWire {
 
 /// The receive side of a [`MemoryWire`]; ends once the connection is closed.
 pub(crate) struct MemoryInbound {
-    rx: Option<mpsc::Receiver<Delivery>>,
+    rx: Option<broadcast::Receiver<Delivery>>,
 }
 
 impl MemoryInbound {
     pub(crate) async fn recv(&mut self) -> Option<Delivery> {
-        self.rx.as_mut()?.recv().await
+        use broadcast::error::RecvError;
+        match self.rx.as_mut()?.recv().await {
+            Ok(delivery) => Some(delivery),
+            Err(RecvError::Lagged(n)) => Some(Delivery::Lagged(n)),
+            Err(RecvError::Closed) => None,
+        }
     }
 
     pub(crate) fn try_recv(&mut self) -> Option<Delivery> {
-        self.rx.as_mut()?.try_recv().ok()
+        use broadcast::error::TryRecvError;
+        match self.rx.as_mut()?.try_recv() {
+            Ok(delivery) => Some(delivery),
+            Err(TryRecvError::Lagged(n)) => Some(Delivery::Lagged(n)),
+            Err(TryRecvError::Empty | TryRecvError::Closed) => None,
+        }
     }
 }

@@ -154,8 +154,10 @@ pub enum TransportError {
     },
 }
 
-impl From<clouds_redis::TransportError> for TransportError {
-    fn from(e: clouds_redis::TransportError) -> Self {
+impl TransportError {
+    /// The same failure, told by clouds-redis. (A method, not a `From` impl, so that
+    /// clouds-redis stays out of this crate's public API.)
+    pub(crate) fn from_redis(e: clouds_redis::TransportError) -> Self {
         use clouds_redis::TransportError as R;
         match e {
             R::Connect { addr, reason } => TransportError::Connect { addr, reason },

@@ -25,7 +25,9 @@ impl RedisWire {
         names: &Names,
     ) -> Result<Self, TransportError> {
         Ok(RedisWire {
-            redis: clouds_redis::Transport::connect(endpoint, options).await?,
+            redis: clouds_redis::Transport::connect(endpoint, options)
+                .await
+                .map_err(TransportError::from_redis)?,
             registry: clouds_redis::Registry::new(names.scope()),
         })
     }
@@ -38,7 +40,7 @@ impl Transport for RedisWire {
         frame: Bytes,
     ) -> impl Future<Output = Result<u64, TransportError>> + Send {
         let publish = self.redis.publish(channel, frame);
-        async move { Ok(publish.await?) }
+        async move { publish.await.map_err(TransportError::from_redis) }
     }
 
     fn publish_untimed(
@@ -47,15 +49,21 @@ impl Transport for RedisWire {
         frame: Bytes,
     ) -> impl Future<Output = Result<u64, TransportError>> + Send {
         let publish = self.redis.publish_untimed(channel, frame);
-        async move { Ok(publish.await?) }
+        async move { publish.await.map_err(TransportError::from_redis) }
     }
 
     async fn subscribe(&self, channel: &Channel) -> Result<(), TransportError> {
-        Ok(self.redis.subscribe(channel).await?)
+        self.redis
+            .subscribe(channel)
+            .await
+            .map_err(TransportError::from_redis)
     }
 
     async fn unsubscribe(&self, channel: &Channel) -> Result<(), TransportError> {
-        Ok(self.redis.unsubscribe(channel).await?)
+        self.redis
+            .unsubscribe(channel)
+            .await
+            .map_err(TransportError::from_redis)
     }
 
     fn inbound(&self) -> Inbound {
@@ -69,25 +77,34 @@ impl Transport for RedisWire {
     async fn heartbeat(&self, entry: &Entry<'_>) -> Result<(), TransportError> {
         let id = entry.id.as_str();
         let registry = &self.registry;
-        Ok(registry
+        registry
             .heartbeat(&self.redis, id, entry.ttl, entry.methods, &entry.fields)
-            .await?)
+            .await
+            .map_err(TransportError::from_redis)
     }
 
     async fn deregister(&self, id: &NodeId, methods: &[String]) -> Result<(), TransportError> {
-        Ok(self
-            .registry
+        self.registry
             .deregister(&self.redis, id.as_str(), methods)
-            .await?)
+            .await
+            .map_err(TransportError::from_redis)
     }
 
     async fn providers(&self, methods: &[String]) -> Result<Vec<Vec<NodeId>>, TransportError> {
-        let lists = self.registry.providers(&self.redis, methods).await?;
+        let lists = self
+            .registry
+            .providers(&self.redis, methods)
+            .await
+            .map_err(TransportError::from_redis)?;
         Ok(lists.into_iter().map(ids).collect())
     }
 
     async fn servers(&self) -> Result<Vec<(NodeId, Fields)>, TransportError> {
-        let servers = self.registry.servers(&self.redis).await?;
+        let servers = self
+            .registry
+            .servers(&self.redis)
+            .await
+            .map_err(TransportError::from_redis)?;
         Ok(servers
             .into_iter()
             .filter(|(id, _)| is_node_id(id))
