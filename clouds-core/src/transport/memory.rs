@@ -309,9 +309,10 @@ impl Broker {
         }
     }
 
-    /// Cuts `node`'s connections: it receives nothing and its commands fail until
-    /// [`Broker::reconnect`]. Its subscriptions are kept for the reconnect, as the Redis
-    /// transport restores them.
+    /// Cuts `node`'s connections: it receives nothing and its commands fail at once until
+    /// [`Broker::reconnect`] (over Redis they would wait for the reconnect and time out: a
+    /// caller sees `Error::Redis` here where Redis gives `Error::Timeout`). Its subscriptions
+    /// are kept for the reconnect, as the Redis transport restores them.
     ///
     /// ```
     /// # fn demo(broker: clouds_core::testing::Broker, server: clouds_core::Server) {
@@ -355,8 +356,9 @@ impl Broker {
         }
     }
 
-    /// Makes `node`'s next `count` commands (publish, subscribe, registry reads and writes)
-    /// fail with [`TransportError::Command`].
+    /// Makes `node`'s next `count` commands (publish, subscribe, registry reads and writes,
+    /// on any of its connections: a heartbeat can take one) fail with
+    /// [`TransportError::Command`].
     ///
     /// ```
     /// # fn demo(broker: clouds_core::testing::Broker, client: clouds_core::Client) {
@@ -372,7 +374,11 @@ impl Broker {
         }
     }
 
-    /// Applies `fault` to the next frame delivered to `node` (faults queue up in order).
+    /// Applies `fault` to the next frame delivered to `node`, on any of its channels (its
+    /// inbox, its call channel or the events channel: a join announcement can take a fault
+    /// meant for a call). Faults queue up in order. A delayed frame is overtaken by frames
+    /// published after it, which Redis never does on one connection: use it to test code
+    /// that must survive reordering.
     ///
     /// ```
     /// # fn demo(broker: clouds_core::testing::Broker, server: clouds_core::Server) {
