@@ -325,15 +325,6 @@ impl Config {
         self
     }
 
-    /// Where this config's nodes connect.
-    pub(crate) fn target(&self) -> crate::transport::Target {
-        #[cfg(any(test, feature = "testing"))]
-        if let Some(broker) = &self.broker {
-            return crate::transport::Target::Memory(broker.clone());
-        }
-        crate::transport::Target::Redis(self.endpoint.clone())
-    }
-
     /// The Redis database in use (set with [`Config::db`] or the URL). Getters of this
     /// builder are named `get_` + the setter, as `std::process::Command`'s are.
     ///

@@ -6,7 +6,7 @@
 //! other (`node.rs`).
 
 use foldhash::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
@@ -29,17 +29,21 @@ pub(crate) struct Dispatcher {
     max_in_flight: usize,
     /// `Config::spawn_handlers`: a task per call from the start.
     spawn_all: bool,
-    /// Set when the node closes: calls still arriving are refused as `ShuttingDown`, which
-    /// callers re-route at no cost (Redis may deliver a few after the unsubscribe returned).
-    closed: std::sync::atomic::AtomicBool,
-    /// Set by `testing::crash`: calls still arriving get no answer at all, as from a dead
-    /// process.
-    silent: std::sync::atomic::AtomicBool,
+    /// [`OPEN`], [`CLOSED`] or [`SILENT`]: one load per call tells all three apart.
+    mode: AtomicU8,
     /// Every handler running in a task of its own, so shutdown can wait for them. (Replies
     /// the receive loop sends are finished by the loop before it stops, or given up after a
     /// command timeout.)
     tasks: TaskTracker,
 }
+
+/// Calls are served.
+const OPEN: u8 = 0;
+/// The node is closing: calls still arriving are refused as `ShuttingDown`, which callers
+/// re-route at no cost (Redis may deliver a few after the unsubscribe returned).
+const CLOSED: u8 = 1;
+/// Set by `testing::crash`: calls still arriving get no answer at all, as from a dead process.
+const SILENT: u8 = 2;
 
 /// What became of one call.
 pub(crate) enum Dispatched {
@@ -119,8 +123,7 @@ impl Dispatcher {
     pub(crate) fn new(max_in_flight: usize, spawn_all: bool) -> Self {
         Dispatcher {
             spawn_all,
-            closed: Default::default(),
-            silent: Default::default(),
+            mode: AtomicU8::new(OPEN),
             routes: RwLock::default(),
             running: Arc::default(),
             max_in_flight,
@@ -161,12 +164,15 @@ impl Dispatcher {
     /// Answers nothing from now on (a simulated crash).
     #[cfg(any(test, feature = "testing"))]
     pub(crate) fn silence(&self) {
-        self.silent.store(true, Ordering::Release);
+        self.mode.store(SILENT, Ordering::Release);
     }
 
     /// Forgets every route and refuses calls from now on (at close).
     pub(crate) fn clear(&self) {
-        self.closed.store(true, Ordering::Release);
+        // A silent (crashed) server stays silent.
+        let _ = self
+            .mode
+            .compare_exchange(OPEN, CLOSED, Ordering::AcqRel, Ordering::Acquire);
         write(&self.routes).clear();
     }
 
@@ -203,40 +209,32 @@ impl Dispatcher {
     /// waiting. Error replies (unknown method, overloaded) are ready replies too.
     /// `Config::spawn_handlers` returns every handler unpolled, for a task from the start.
     pub(crate) fn dispatch(&self, call: Call) -> Dispatched {
-        if call.deadline_ms == 0 || self.silent.load(Ordering::Relaxed) {
+        let mode = self.mode.load(Ordering::Acquire);
+        if call.deadline_ms == 0 || mode == SILENT {
             // The caller has already given up on this attempt (or this server plays dead).
             return Dispatched::Expired;
         }
-        if self.closed.load(Ordering::Acquire) {
-            return Dispatched::Ready(ReadyReply {
-                caller: call.reply_to,
-                id: call.id,
-                status: Status::ShuttingDown,
-                body: ReplyBody::from_encoded(codec::NIL),
-                slot: None,
-            });
+        if mode == CLOSED {
+            return refuse(
+                call,
+                Status::ShuttingDown,
+                ReplyBody::from_encoded(codec::NIL),
+            );
         }
         let route = {
             let table = read(&self.routes);
             table.get(call.method.as_str()).map(|r| r.handler.clone())
         };
         let Some(handler) = route else {
-            return Dispatched::Ready(ReadyReply {
-                body: ReplyBody::text(call.method.as_str()),
-                caller: call.reply_to,
-                id: call.id,
-                status: Status::UnknownMethod,
-                slot: None,
-            });
+            let body = ReplyBody::text(call.method.as_str());
+            return refuse(call, Status::UnknownMethod, body);
         };
         let Some(slot) = self.enter() else {
-            return Dispatched::Ready(ReadyReply {
-                caller: call.reply_to,
-                id: call.id,
-                status: Status::Overloaded,
-                body: ReplyBody::from_encoded(codec::NIL),
-                slot: None,
-            });
+            return refuse(
+                call,
+                Status::Overloaded,
+                ReplyBody::from_encoded(codec::NIL),
+            );
         };
         let Call {
             id,
@@ -256,11 +254,11 @@ impl Dispatcher {
                 slot,
             });
         }
-        let mut running = handler(args);
+        let mut handling = handler(args);
         // A no-op waker: if the handler is not done, the task it moves to polls it again at
         // once, with that task's waker, before anything could have been missed.
         let mut cx = Context::from_waker(Waker::noop());
-        match running.as_mut().poll(&mut cx) {
+        match handling.as_mut().poll(&mut cx) {
             Poll::Ready(outcome) => Dispatched::Ready(ReadyReply {
                 caller: reply_to,
                 id,
@@ -268,8 +266,9 @@ impl Dispatcher {
                 body: outcome.body,
                 slot: Some(slot),
             }),
+            // Its deadline is read only here: a handler that finishes at once costs no clock.
             Poll::Pending => Dispatched::Running(Running {
-                work: Work::Started(running),
+                work: Work::Started(handling),
                 caller: reply_to,
                 id,
                 method,
@@ -278,6 +277,17 @@ impl Dispatcher {
             }),
         }
     }
+}
+
+/// An answer that runs no handler and holds no place in flight.
+fn refuse(call: Call, status: Status, body: ReplyBody) -> Dispatched {
+    Dispatched::Ready(ReadyReply {
+        caller: call.reply_to,
+        id: call.id,
+        status,
+        body,
+        slot: None,
+    })
 }
 
 #[cfg(test)]

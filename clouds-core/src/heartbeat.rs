@@ -161,9 +161,8 @@ async fn run(
     // subscriber needs no room for bursts.
     let mut options = config.transport.clone();
     options.inbound_capacity = 16;
-    let target = config.target();
     let wire = loop {
-        match Wire::connect(&target, &options, &names, &id).await {
+        match Wire::connect(&config, &options, &names, &id).await {
             Ok(wire) => break wire,
             Err(e) => {
                 tracing::warn!(node = %id, error = %e, "heartbeat cannot connect; retrying");

@@ -8,7 +8,6 @@
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use crate::transport::{Channel, Delivery, Inbound, Transport, TransportError, Wire};
 use bytes::Bytes;
 use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
@@ -25,6 +24,7 @@ use crate::node_id::NodeId;
 use crate::registry::Registry;
 use crate::shutdown::Lifecycle;
 use crate::stats::{Count, Counters, Stats};
+use crate::transport::{Channel, Delivery, Inbound, Transport, TransportError, Wire};
 
 /// The shared state of one node, in parts each owned by the module that uses them.
 pub(crate) struct Node {
@@ -61,7 +61,7 @@ impl Node {
         config.validate()?;
         let id = NodeId::generate(kind);
         let names = Names::new(&config);
-        let wire = Wire::connect(&config.target(), &config.transport, &names, &id).await?;
+        let wire = Wire::connect(&config, &config.transport, &names, &id).await?;
         // Take the receiver before subscribing so nothing delivered is missed.
         let inbound = wire.inbound();
         let node = Arc::new(Node {
@@ -310,7 +310,6 @@ impl Node {
         if !self.life.begin_close() {
             return;
         }
-        self.life.stop();
         if let Some(dispatcher) = self.dispatcher.get() {
             // Routes may hold clients of this very node: dropping them breaks that cycle.
             dispatcher.clear();

@@ -372,6 +372,11 @@ mod tests {
         server.shutdown().await.expect("shutdown");
     }
 
+    async fn listed(monitor: &Monitor, id: &NodeId) -> bool {
+        let snapshot = monitor.snapshot().await.expect("snapshot");
+        snapshot.servers.contains_key(id)
+    }
+
     #[tokio::test(start_paused = true)]
     async fn a_crashed_server_stays_listed_until_its_ttl_then_expires() {
         let broker = Broker::new();
@@ -380,31 +385,10 @@ mod tests {
         let id = server.id().clone();
         let monitor = Monitor::connect(config).await.expect("monitor");
         server.crash().await;
-        assert!(
-            monitor
-                .snapshot()
-                .await
-                .expect("snapshot")
-                .servers
-                .contains_key(&id)
-        );
+        assert!(listed(&monitor, &id).await);
         tokio::time::sleep(Duration::from_millis(2_900)).await;
-        assert!(
-            monitor
-                .snapshot()
-                .await
-                .expect("snapshot")
-                .servers
-                .contains_key(&id)
-        );
+        assert!(listed(&monitor, &id).await);
         tokio::time::sleep(Duration::from_millis(200)).await;
-        assert!(
-            !monitor
-                .snapshot()
-                .await
-                .expect("snapshot")
-                .servers
-                .contains_key(&id)
-        );
+        assert!(!listed(&monitor, &id).await);
     }
 }

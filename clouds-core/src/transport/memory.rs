@@ -149,21 +149,18 @@ fn by_expiry<'a>(members: impl Iterator<Item = (&'a String, &'a Instant)>) -> Ve
 }
 
 impl State {
-    /// Hands `delivery` to connection `id`: held if its node is frozen, counted as lost if its
-    /// buffer is full.
+    /// Hands `delivery` to connection `id`: held if its node is frozen, else into its buffer
+    /// (which, like fred's, loses the oldest frames when full; with no reader yet, the frame
+    /// is dropped, as Redis would drop it).
     fn deliver(&mut self, id: u64, delivery: Delivery) {
-        let frozen = match self.conns.get(&id) {
-            Some(conn) => self.frozen.contains(&conn.node),
-            None => return,
-        };
         let Some(conn) = self.conns.get_mut(&id) else {
             return;
         };
-        if frozen {
+        if self.frozen.contains(&conn.node) {
             conn.held.push_back(delivery);
-            return;
+        } else {
+            let _ = conn.tx.send(delivery);
         }
-        send(conn, delivery);
     }
 
     fn conns_of<'a>(&'a self, node: &'a str) -> impl Iterator<Item = u64> + 'a {
@@ -173,42 +170,36 @@ impl State {
             .map(|(id, _)| *id)
     }
 
-    /// Fails a command on a connection that was closed, as a client's would after QUIT.
-    fn check_open(&self, conn: u64, command: &'static str) -> Result<(), TransportError> {
-        if self.conns.contains_key(&conn) {
-            return Ok(());
-        }
-        Err(TransportError::Command {
-            command,
-            reason: "the connection is closed".into(),
-        })
-    }
-
-    /// Takes one injected failure for `node`'s next command, if any is left.
-    fn take_failure(&mut self, node: &str, command: &'static str) -> Result<(), TransportError> {
-        if self.disconnected.contains(node) {
-            return Err(TransportError::Command {
+    /// Lets a command of `node` on connection `conn` through, or fails it: the connection
+    /// was closed (as a client's would after QUIT), the node is disconnected, or an injected
+    /// failure is left for it.
+    fn admit(
+        &mut self,
+        conn: u64,
+        node: &str,
+        command: &'static str,
+    ) -> Result<(), TransportError> {
+        let fail = |reason: &str| {
+            Err(TransportError::Command {
                 command,
-                reason: "connection lost (in-memory broker: disconnected)".into(),
-            });
+                reason: reason.into(),
+            })
+        };
+        if !self.conns.contains_key(&conn) {
+            return fail("the connection is closed");
+        }
+        if self.disconnected.contains(node) {
+            return fail("connection lost (in-memory broker: disconnected)");
         }
         if let Some(left) = self.failing.get_mut(node) {
             *left -= 1;
             if *left == 0 {
                 self.failing.remove(node);
             }
-            return Err(TransportError::Command {
-                command,
-                reason: "injected failure (in-memory broker)".into(),
-            });
+            return fail("injected failure (in-memory broker)");
         }
         Ok(())
     }
-}
-
-/// Puts `delivery` in `conn`'s buffer (no reader yet: dropped, as Redis's would be).
-fn send(conn: &mut Conn, delivery: Delivery) {
-    let _ = conn.tx.send(delivery);
 }
 
 impl Broker {
@@ -262,7 +253,7 @@ impl Broker {
         for id in ids {
             if let Some(conn) = state.conns.get_mut(&id) {
                 while let Some(delivery) = conn.held.pop_front() {
-                    send(conn, delivery);
+                    let _ = conn.tx.send(delivery);
                 }
             }
         }
@@ -494,6 +485,16 @@ impl Broker {
         })
     }
 
+    /// Removes connection `conn` and its subscriptions (closing it twice does nothing).
+    fn disconnect_conn(&self, conn: u64) {
+        let mut state = lock(&self.state);
+        if let Some(removed) = state.conns.remove(&conn) {
+            for channel in removed.subscriptions {
+                unsubscribe(&mut state, &channel, conn);
+            }
+        }
+    }
+
     /// Publishes on connection `conn` of `node`: how many connections received the frame.
     fn publish(
         &self,
@@ -503,8 +504,7 @@ impl Broker {
         frame: Bytes,
     ) -> Result<u64, TransportError> {
         let mut state = lock(&self.state);
-        state.check_open(conn, "PUBLISH")?;
-        state.take_failure(node, "PUBLISH")?;
+        state.admit(conn, node, "PUBLISH")?;
         let receivers: Vec<u64> = match state.channels.get(channel) {
             Some(subscribers) => subscribers
                 .iter()
@@ -602,8 +602,7 @@ impl MemoryWire {
             tokio::time::sleep(delay).await;
         }
         let mut state = lock(&self.broker.state);
-        state.check_open(self.conn, command)?;
-        state.take_failure(&self.node, command)?;
+        state.admit(self.conn, &self.node, command)?;
         let registry = state.registries.entry(self.scope.clone()).or_default();
         Ok(f(registry, Instant::now()))
     }
@@ -611,19 +610,14 @@ impl MemoryWire {
     /// Subscribes or unsubscribes this connection.
     fn change(&self, channel: &Channel, subscribe: bool) -> Result<(), TransportError> {
         let mut state = lock(&self.broker.state);
-        state.take_failure(
-            &self.node,
-            if subscribe {
-                "SUBSCRIBE"
-            } else {
-                "UNSUBSCRIBE"
-            },
-        )?;
+        let command = if subscribe {
+            "SUBSCRIBE"
+        } else {
+            "UNSUBSCRIBE"
+        };
+        state.admit(self.conn, &self.node, command)?;
         let Some(conn) = state.conns.get_mut(&self.conn) else {
-            return Err(TransportError::Command {
-                command: "SUBSCRIBE",
-                reason: "the connection is closed".into(),
-            });
+            return Ok(()); // admitted: it is open
         };
         let name = channel.as_str().to_string();
         if subscribe {
@@ -766,23 +760,13 @@ impl Transport for MemoryWire {
     }
 
     async fn close(&self) {
-        let mut state = lock(&self.broker.state);
-        if let Some(conn) = state.conns.remove(&self.conn) {
-            for channel in conn.subscriptions {
-                unsubscribe(&mut state, &channel, self.conn);
-            }
-        }
+        self.broker.disconnect_conn(self.conn);
     }
 }
 
 impl Drop for MemoryWire {
     fn drop(&mut self) {
-        let mut state = lock(&self.broker.state);
-        if let Some(conn) = state.conns.remove(&self.conn) {
-            for channel in conn.subscriptions {
-                unsubscribe(&mut state, &channel, self.conn);
-            }
-        }
+        self.broker.disconnect_conn(self.conn);
     }
 }
 

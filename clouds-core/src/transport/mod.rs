@@ -194,14 +194,6 @@ impl From<clouds_redis::Delivery> for Delivery {
     }
 }
 
-/// Where a node's connections go: the Redis of its config, or an in-memory broker.
-#[derive(Debug, Clone)]
-pub(crate) enum Target {
-    Redis(clouds_redis::Endpoint),
-    #[cfg(any(test, feature = "testing"))]
-    Memory(memory::Broker),
-}
-
 /// A node's connection to its broker, statically dispatched.
 #[derive(Debug)]
 pub(crate) enum Wire {
@@ -222,21 +214,21 @@ macro_rules! each {
 }
 
 impl Wire {
-    /// Opens a connection for node `id` to `target`.
+    /// Opens a connection for node `id` to where `config` points (its in-memory broker if
+    /// it names one, else its Redis), with `options` (a config's own, or adjusted).
     #[cfg_attr(not(any(test, feature = "testing")), allow(unused_variables))]
     pub(crate) async fn connect(
-        target: &Target,
+        config: &crate::Config,
         options: &clouds_redis::TransportOptions,
         names: &Names,
         id: &NodeId,
     ) -> Result<Wire, TransportError> {
-        Ok(match target {
-            Target::Redis(endpoint) => {
-                Wire::Redis(redis::RedisWire::connect(endpoint, options, names).await?)
-            }
-            #[cfg(any(test, feature = "testing"))]
-            Target::Memory(broker) => Wire::Memory(broker.connect(names, id, options)?),
-        })
+        #[cfg(any(test, feature = "testing"))]
+        if let Some(broker) = &config.broker {
+            return Ok(Wire::Memory(broker.connect(names, id, options)?));
+        }
+        let redis = redis::RedisWire::connect(&config.endpoint, options, names).await?;
+        Ok(Wire::Redis(redis))
     }
 
     /// Whether this connection's node runs its heartbeat on a thread and connection of its
