@@ -82,11 +82,19 @@ impl Default for Config {
 }
 
 impl Config {
-    /// Settings for the Redis at `redis://[user:password@]host[:port][/db]`, defaults for the rest.
+    /// Settings for the Redis at `redis://[user:password@]host[:port][/db]`, or for the Redis
+    /// Cluster at `redis-cluster://[user:password@]host:port[?node=host:port&node=...]`
+    /// (any reachable seed node will do; a cluster has no databases, so a db other than 0 is
+    /// refused: use [`Config::namespace`] to keep deployments apart). Defaults for the rest.
     ///
     /// ```
     /// let config = clouds_core::Config::from_url("redis://user:secret@10.0.0.5:6380/3")?;
     /// assert_eq!(config.get_db(), 3);
+    /// let cluster = clouds_core::Config::from_url(
+    ///     "redis-cluster://10.0.0.5:7000?node=10.0.0.6:7000&node=10.0.0.7:7000",
+    /// )?;
+    /// assert!(cluster.is_cluster());
+    /// assert!(clouds_core::Config::from_url("redis-cluster://10.0.0.5:7000/3").is_err());
     /// # Ok::<(), clouds_core::Error>(())
     /// ```
     pub fn from_url(url: &str) -> Result<Self, Error> {
@@ -97,7 +105,36 @@ impl Config {
         })
     }
 
-    /// Uses Redis database `db` (overriding the URL's). Nodes in different dbs never see
+    /// Settings for the Redis Cluster found from any of `nodes` (each `host:port`): the same as
+    /// a `redis-cluster://` URL, for seed nodes held in a list. Add credentials with
+    /// [`Config::password`].
+    ///
+    /// ```
+    /// let config = clouds_core::Config::cluster(["10.0.0.5:7000", "10.0.0.6:7000"])?
+    ///     .namespace("orders");
+    /// assert!(config.is_cluster());
+    /// assert!(clouds_core::Config::cluster(["10.0.0.5"]).is_err()); // no port
+    /// # Ok::<(), clouds_core::Error>(())
+    /// ```
+    pub fn cluster<S: AsRef<str>>(nodes: impl IntoIterator<Item = S>) -> Result<Self, Error> {
+        let endpoint = Endpoint::cluster(nodes).map_err(|e| Error::Config(e.to_string()))?;
+        Ok(Config {
+            endpoint,
+            ..Config::default()
+        })
+    }
+
+    /// Whether these settings point at a Redis Cluster.
+    ///
+    /// ```
+    /// assert!(!clouds_core::Config::default().is_cluster());
+    /// ```
+    pub fn is_cluster(&self) -> bool {
+        self.endpoint.is_cluster()
+    }
+
+    /// Uses Redis database `db` (overriding the URL's). A Redis Cluster has only db 0: any
+    /// other is refused when a node starts (see [`Config::validate`]). Nodes in different dbs never see
     /// each other.
     ///
     /// ```
@@ -368,6 +405,9 @@ impl Config {
     /// ```
     pub fn validate(&self) -> Result<(), Error> {
         let fail = |m: String| Err(Error::Config(m));
+        if let Err(e) = self.endpoint.check() {
+            return fail(e.to_string());
+        }
         if self.namespace.is_empty()
             || self.namespace.len() > 64
             || self

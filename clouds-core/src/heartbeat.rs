@@ -188,6 +188,9 @@ async fn run(
         }
         let Some(node) = node.upgrade() else { break };
         let mut result = beat(&node, &wire, &advert).await;
+        if result.is_ok() && keep_calls_subscribed(&node, &wire).await {
+            announce = true;
+        }
         if result.is_ok() && announce {
             result = node
                 .registry()
@@ -206,4 +209,32 @@ async fn run(
         };
     }
     wire.close().await;
+}
+
+/// Checks that the server still receives its call channel where the broker may end a
+/// subscription silently (a Redis Cluster slot that moved, see `Node::keep_subscribed`), and
+/// subscribes again if not. True when it had been lost: callers that found nobody there have
+/// dropped this server, so it must announce itself again. Counted on the heartbeat's own
+/// connection, so a starved application runtime cannot delay the check.
+async fn keep_calls_subscribed(node: &Node, wire: &Wire) -> bool {
+    if !wire.may_lose_subscriptions() {
+        return false;
+    }
+    let calls = node.calls_channel();
+    match wire.subscribers(calls).await {
+        Ok(0) => {}
+        Ok(_) => return false,
+        Err(e) => {
+            tracing::debug!(node = %node.id(), error = %e, "could not count the call channel's subscribers");
+            return false;
+        }
+    }
+    tracing::warn!(node = %node.id(), channel = %calls, "the call channel subscription was lost (its slot moved?); subscribing again");
+    match node.wire().resubscribe(calls).await {
+        Ok(()) => true,
+        Err(e) => {
+            tracing::warn!(node = %node.id(), error = %e, "could not subscribe to the call channel again; retrying next heartbeat");
+            false
+        }
+    }
 }

@@ -2,7 +2,10 @@
 //!
 //! Pub/sub ignores the db number, so every name carries `namespace:db` (the scope). The
 //! registry's keys are the transport's business (`clouds_redis::Registry` puts them under one
-//! hash tag, `{namespace:db}`); channels carry no tag so they spread over shards.
+//! hash tag, `{namespace:db}`). Inboxes and call channels carry no tag, so that in a Redis
+//! Cluster they spread over slots, and so over shards; the events channel of a cluster carries
+//! the registry's tag, so it lives in the registry's slot, where the registry scripts may
+//! publish on it.
 
 use std::sync::Mutex;
 
@@ -17,12 +20,15 @@ use crate::locks::lock;
 pub(crate) struct Names {
     /// `namespace:db`, the channel prefix.
     scope: String,
+    /// Redis Cluster: sharded channels, the events channel in the registry's slot.
+    sharded: bool,
 }
 
 impl Names {
     pub(crate) fn new(config: &Config) -> Self {
         Names {
             scope: format!("{}:{}", config.namespace, config.get_db()),
+            sharded: config.endpoint.is_cluster(),
         }
     }
 
@@ -42,9 +48,14 @@ impl Names {
         self.channel(":calls:", node)
     }
 
-    /// Join and leave announcements.
+    /// Join and leave announcements: `namespace:db:events`, or in a cluster
+    /// `{namespace:db}:events`, in the registry's slot.
     pub(crate) fn events(&self) -> Channel {
-        self.channel(":events", "")
+        if self.sharded {
+            Channel::from(format!("{{{}}}:events", self.scope))
+        } else {
+            self.channel(":events", "")
+        }
     }
 
     /// `scope` + `infix` + `node` in one allocation of the exact size: this runs for every
@@ -153,6 +164,10 @@ mod tests {
             "the cache is bounded"
         );
         assert!(validate_method("bad name").is_err());
+        let cluster = Config::from_url("redis-cluster://127.0.0.1:7000").expect("url");
+        let names = Names::new(&cluster.namespace("app"));
+        assert_eq!(names.events().as_str(), "{app:0}:events");
+        assert_eq!(names.inbox("n1").as_str(), "app:0:inbox:n1");
         assert!(validate_method("").is_err());
     }
 }

@@ -267,6 +267,24 @@ impl Node {
         self.refresh(&[method.to_string()]).await
     }
 
+    /// Heals the subscriptions a broker may end without the connection noticing (see
+    /// `Transport::may_lose_subscriptions`; in a Redis Cluster, a slot that moved). The inbox
+    /// is only this node's, so a count of 0 means its subscription is gone: it is sent again.
+    /// The events channel is shared by every node, so a count cannot tell; it is simply
+    /// subscribed again (harmless when the subscription is still there). The call channel is
+    /// the heartbeat's to check, since a server that lost it must also announce itself again.
+    pub(crate) async fn keep_subscribed(&self) -> Result<(), Error> {
+        if !self.wire.may_lose_subscriptions() {
+            return Ok(());
+        }
+        if self.wire.subscribers(&self.inbox).await? == 0 {
+            tracing::warn!(node = %self.id, channel = %self.inbox, "the inbox subscription was lost (its slot moved?); subscribing again");
+            self.wire.resubscribe(&self.inbox).await?;
+        }
+        self.wire.resubscribe(&self.events).await?;
+        Ok(())
+    }
+
     /// Looks up providers of `method` in the registry and caches them.
     pub(crate) async fn refresh(&self, methods: &[String]) -> Result<(), Error> {
         let lists = self.registry.providers(&self.wire, methods).await?;
@@ -509,7 +527,8 @@ fn handle_guarded(node: &Arc<Node>, delivery: Delivery) -> Option<ReadyReply> {
 const IDLE_METHOD: Duration = Duration::from_secs(600);
 
 /// Re-reads the providers of every method this node calls, every heartbeat and after every
-/// reconnect: the fallback for join/leave events missed while a connection was down.
+/// reconnect: the fallback for join/leave events missed while a connection was down. Also
+/// heals subscriptions the broker may have ended silently (`Node::keep_subscribed`).
 async fn refresh_loop(node: Arc<Node>) {
     let mut reconnects = node.wire.reconnects();
     let mut tick = tokio::time::interval(node.config.heartbeat);
@@ -524,6 +543,9 @@ async fn refresh_loop(node: Arc<Node>) {
                 Some(()) => node.caller.balancer().forget_gone(),
                 None => break,
             },
+        }
+        if let Err(e) = node.keep_subscribed().await {
+            tracing::debug!(node = %node.id, error = %e, "could not check the subscriptions; trying again next heartbeat");
         }
         node.caller.balancer().evict_idle(IDLE_METHOD);
         node.caller.balancer().forget_expired_suspects();

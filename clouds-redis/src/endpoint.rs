@@ -4,13 +4,17 @@ use std::time::Duration;
 
 use crate::error::TransportError;
 
-/// A parsed Redis address: host, port, database and credentials.
+/// A parsed Redis address: one server or a cluster's seed nodes, database and credentials.
 ///
 /// ```
 /// let e = clouds_redis::Endpoint::parse("redis://user:secret@127.0.0.1:6380/3").unwrap();
 /// assert_eq!(e.db(), 3);
 /// assert_eq!(e.addr(), "127.0.0.1:6380");
+/// assert!(!e.is_cluster());
 /// assert!(!format!("{e:?}").contains("secret"));
+///
+/// let c = clouds_redis::Endpoint::parse("redis-cluster://10.0.0.1:7000?node=10.0.0.2:7000").unwrap();
+/// assert!(c.is_cluster());
 /// ```
 #[derive(Clone)]
 pub struct Endpoint {
@@ -18,26 +22,50 @@ pub struct Endpoint {
     url_redacted: String,
 }
 
+/// The URL forms this version understands, for error messages.
+const FORMS: &str = "redis://[user:password@]host[:port][/db] or \
+    redis-cluster://[user:password@]host:port[?node=host:port&node=...]";
+
 impl Endpoint {
-    /// Parses `redis://[user:password@]host[:port][/db]`. The port defaults to 6379, the db to 0.
+    /// Parses `redis://[user:password@]host[:port][/db]` (one server; the port defaults to
+    /// 6379, the db to 0) or `redis-cluster://[user:password@]host:port[?node=host:port...]`
+    /// (a Redis Cluster, found from any of the seed nodes; it has no databases, so a db other
+    /// than 0 is refused).
+    ///
+    /// ```
+    /// use clouds_redis::Endpoint;
+    /// assert!(Endpoint::parse("redis-cluster://127.0.0.1:7000/2").is_err());
+    /// assert!(Endpoint::parse("rediss://127.0.0.1").is_err());
+    /// ```
     pub fn parse(url: &str) -> Result<Self, TransportError> {
-        if !url.starts_with("redis://") {
-            return Err(TransportError::InvalidUrl {
-                url: redact(url),
-                reason: "the scheme must be redis:// (TLS and unix sockets are not supported yet)"
-                    .into(),
-            });
-        }
-        let config =
-            fred::types::config::Config::from_url(url).map_err(|e| TransportError::InvalidUrl {
-                url: redact(url),
-                reason: e.details().to_string(),
-            })?;
-        if !config.server.is_centralized() {
-            return Err(TransportError::InvalidUrl {
-                url: redact(url),
-                reason: "only a single Redis server (redis://) is supported in this version".into(),
-            });
+        let invalid = |reason: String| TransportError::InvalidUrl {
+            url: redact(url),
+            reason,
+        };
+        let cluster = if url.starts_with("redis://") {
+            false
+        } else if url.starts_with("redis-cluster://") {
+            true
+        } else {
+            return Err(invalid(format!(
+                "unsupported scheme (TLS, Sentinel and unix sockets are not supported yet); use {FORMS}"
+            )));
+        };
+        let mut config = fred::types::config::Config::from_url(url)
+            .map_err(|e| invalid(format!("{}; use {FORMS}", e.details())))?;
+        if cluster {
+            // fred ignores a cluster URL's path; a db there would be silently dropped.
+            if config.database.unwrap_or(0) != 0 || !matches!(url_path(url), "" | "/" | "/0") {
+                return Err(invalid(CLUSTER_DB.to_string()));
+            }
+            config.database = None;
+            if let fred::types::config::ServerConfig::Clustered { policy, .. } = &mut config.server
+            {
+                // Seed nodes can die: rediscover the cluster from the last slot map too.
+                *policy = fred::types::config::ClusterDiscoveryPolicy::UseCache;
+            }
+        } else if !config.server.is_centralized() {
+            return Err(invalid(format!("use {FORMS}")));
         }
         Ok(Endpoint {
             config,
@@ -45,14 +73,80 @@ impl Endpoint {
         })
     }
 
-    /// The database number (0 when the URL names none).
+    /// A Redis Cluster found from `nodes` (each `host:port`), without credentials: what
+    /// `redis-cluster://` parses to, for a list of seed nodes held in code or a file.
+    ///
+    /// ```
+    /// let e = clouds_redis::Endpoint::cluster(["127.0.0.1:7000", "127.0.0.1:7001"]).unwrap();
+    /// assert!(e.is_cluster());
+    /// assert_eq!(e.addr(), "127.0.0.1:7000,127.0.0.1:7001");
+    /// assert!(clouds_redis::Endpoint::cluster(["no-port"]).is_err());
+    /// ```
+    pub fn cluster<S: AsRef<str>>(
+        nodes: impl IntoIterator<Item = S>,
+    ) -> Result<Self, TransportError> {
+        let nodes: Vec<String> = nodes.into_iter().map(|n| n.as_ref().to_string()).collect();
+        let invalid = |reason: String| TransportError::InvalidUrl {
+            url: nodes.join(","),
+            reason,
+        };
+        let mut hosts = Vec::with_capacity(nodes.len());
+        for node in &nodes {
+            let (host, port) = node
+                .rsplit_once(':')
+                .and_then(|(h, p)| Some((h, p.parse::<u16>().ok()?)))
+                .filter(|(h, _)| !h.is_empty())
+                .ok_or_else(|| invalid(format!("cluster node {node:?} is not host:port")))?;
+            hosts.push(fred::types::config::Server::new(host, port));
+        }
+        if hosts.is_empty() {
+            return Err(invalid("a cluster needs at least one seed node".into()));
+        }
+        let config = fred::types::config::Config {
+            server: fred::types::config::ServerConfig::Clustered {
+                hosts,
+                policy: fred::types::config::ClusterDiscoveryPolicy::UseCache,
+            },
+            ..Default::default()
+        };
+        Ok(Endpoint {
+            config,
+            url_redacted: format!("redis-cluster://{}", nodes.join(",")),
+        })
+    }
+
+    /// Whether this is a Redis Cluster (sharded pub/sub, no databases).
+    pub fn is_cluster(&self) -> bool {
+        self.config.server.is_clustered()
+    }
+
+    /// The database number (0 when the URL names none; always 0 on a cluster).
     pub fn db(&self) -> u8 {
         self.config.database.unwrap_or(0)
     }
 
-    /// Sets the database number.
+    /// Sets the database number. A cluster has only database 0: setting another one here is
+    /// refused when the node starts (see [`Endpoint::check`]).
     pub fn set_db(&mut self, db: u8) {
         self.config.database = Some(db);
+    }
+
+    /// Whether the settings can work: a cluster with a db other than 0 cannot.
+    ///
+    /// ```
+    /// let mut e = clouds_redis::Endpoint::parse("redis-cluster://127.0.0.1:7000").unwrap();
+    /// assert!(e.check().is_ok());
+    /// e.set_db(2);
+    /// assert!(e.check().unwrap_err().to_string().contains("namespace"));
+    /// ```
+    pub fn check(&self) -> Result<(), TransportError> {
+        if self.is_cluster() && self.db() != 0 {
+            return Err(TransportError::InvalidUrl {
+                url: self.url_redacted.clone(),
+                reason: CLUSTER_DB.to_string(),
+            });
+        }
+        Ok(())
     }
 
     /// Sets the password (and optionally the ACL user name).
@@ -61,21 +155,43 @@ impl Endpoint {
         self.config.password = Some(password);
     }
 
-    /// `host:port` of the server.
+    /// `host:port` of the server, or of a cluster's seed nodes separated by commas.
     pub fn addr(&self) -> String {
-        match self.config.server.hosts().first() {
-            Some(server) => format!("{}:{}", server.host, server.port),
-            None => "<none>".to_string(),
+        let hosts = self.config.server.hosts();
+        if hosts.is_empty() {
+            return "<none>".to_string();
         }
+        let addrs: Vec<String> = hosts
+            .iter()
+            .map(|server| format!("{}:{}", server.host, server.port))
+            .collect();
+        addrs.join(",")
     }
 }
+
+/// Why a cluster refuses a database number.
+const CLUSTER_DB: &str = "Redis Cluster has only database 0; keep deployments apart with \
+    `namespace` instead of a db number";
 
 impl std::fmt::Debug for Endpoint {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Endpoint")
             .field("url", &self.url_redacted)
             .field("db", &self.db())
+            .field("cluster", &self.is_cluster())
             .finish()
+    }
+}
+
+/// The path of a URL (`/3` in `redis-cluster://h:1/3?node=h:2`), empty if it has none.
+fn url_path(url: &str) -> &str {
+    let rest = url.split_once("://").map_or(url, |(_, rest)| rest);
+    let rest = rest.split(['?', '#']).next().unwrap_or_default();
+    // After the credentials, which may hold a '/'.
+    let authority_start = rest.rfind('@').map_or(0, |at| at + 1);
+    match rest[authority_start..].find('/') {
+        Some(slash) => &rest[authority_start + slash..],
+        None => "",
     }
 }
 
@@ -164,5 +280,24 @@ mod tests {
         assert_eq!(e.db(), 0);
         assert_eq!(e.addr(), "localhost:6379");
         assert!(Endpoint::parse("http://nope").is_err());
+    }
+
+    #[test]
+    fn parses_cluster_urls() {
+        let e = Endpoint::parse("redis-cluster://u:pw@127.0.0.1:7000?node=127.0.0.1:7001")
+            .expect("valid url");
+        assert!(e.is_cluster());
+        assert_eq!(e.db(), 0);
+        assert!(e.addr().contains("127.0.0.1:7000") && e.addr().contains("127.0.0.1:7001"));
+        assert!(!format!("{e:?}").contains("pw"));
+        let refused =
+            Endpoint::parse("redis-cluster://127.0.0.1:7000/3").expect_err("db 3 is refused");
+        assert!(refused.to_string().contains("namespace"), "{refused}");
+        let mut e = Endpoint::parse("redis-cluster://127.0.0.1:7000/0").expect("db 0 is fine");
+        assert!(e.check().is_ok());
+        e.set_db(1);
+        assert!(e.check().is_err());
+        assert!(Endpoint::cluster(Vec::<String>::new()).is_err());
+        assert!(Endpoint::cluster([":7000"]).is_err());
     }
 }

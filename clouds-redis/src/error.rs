@@ -7,9 +7,7 @@ use std::time::Duration;
 #[non_exhaustive]
 pub enum TransportError {
     /// The Redis URL could not be parsed.
-    #[error(
-        "invalid Redis URL {url:?}: {reason} (expected redis://[user:password@]host[:port][/db])"
-    )]
+    #[error("invalid Redis URL {url:?}: {reason}")]
     InvalidUrl {
         /// The URL as given.
         url: String,

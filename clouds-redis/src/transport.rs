@@ -5,8 +5,19 @@
 //! exponential backoff (fred's default is not to reconnect at all, which leaves a killed
 //! subscriber dead), and the subscriber re-subscribes to its channels after each reconnect.
 //!
-//! The `publish`/`subscribe`/`unsubscribe` methods are the one place that chooses classic
-//! pub/sub; sharded pub/sub for Redis Cluster would switch them to SPUBLISH/SSUBSCRIBE here.
+//! The `publish`/`subscribe`/`unsubscribe` methods are the one place that chooses between
+//! classic pub/sub (one server) and sharded pub/sub (`SPUBLISH`/`SSUBSCRIBE`, Redis Cluster).
+//!
+//! In a cluster, a channel lives on the primary that owns its slot, and fred sends both
+//! `SSUBSCRIBE` and `SPUBLISH` there, so `SPUBLISH`'s receiver count covers every subscriber
+//! (classic `PUBLISH` would be broadcast to every node and count only one node's). Two fred
+//! behaviours need care there:
+//! - each `MOVED`/`ASK` resend counts against `max_command_attempts`, so a cluster client
+//!   allows `1 + REDIRECTIONS` attempts (with one, the first command after a topology change
+//!   would fail);
+//! - fred drops the `sunsubscribe` Redis sends when a slot migrates or its primary is demoted,
+//!   and does not subscribe again: [`Transport::subscribers`] and [`Transport::resubscribe`]
+//!   let the runtime notice the loss and heal it.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -54,6 +65,8 @@ pub struct Transport {
     runtime: tokio::runtime::Handle,
     options: TransportOptions,
     addr: String,
+    /// Sharded pub/sub (Redis Cluster) rather than classic.
+    sharded: bool,
 }
 
 impl std::fmt::Debug for Transport {
@@ -70,13 +83,24 @@ impl Transport {
         endpoint: &Endpoint,
         options: &TransportOptions,
     ) -> Result<Self, TransportError> {
+        endpoint.check()?;
+        let sharded = endpoint.is_cluster();
         let mut builder = Builder::from_config(endpoint.config.clone());
         builder.with_connection_config(|c| {
             c.connection_timeout = options.connect_timeout;
             c.internal_command_timeout = options.command_timeout;
             // A command in flight when the connection drops fails instead of being written
-            // again after the reconnect: a PUBLISH sent twice could run a call twice.
-            c.max_command_attempts = 1;
+            // again after the reconnect: a PUBLISH sent twice could run a call twice. In a
+            // cluster, fred counts each MOVED/ASK resend as an attempt too, so the first
+            // command after a slot moved would fail with a single attempt: there a command
+            // may be written `1 + REDIRECTIONS` times (see docs/protocol.md on what that
+            // means for a call whose connection drops).
+            if sharded {
+                c.max_command_attempts = 1 + REDIRECTIONS;
+                c.max_redirections = REDIRECTIONS;
+            } else {
+                c.max_command_attempts = 1;
+            }
             c.tcp.nodelay = Some(true);
         });
         // fred sizes every broadcast channel of a client (messages, reconnects, errors, ...)
@@ -141,7 +165,13 @@ impl Transport {
             runtime: tokio::runtime::Handle::current(),
             options: options.clone(),
             addr,
+            sharded,
         })
+    }
+
+    /// Whether this transport uses sharded pub/sub (it is connected to a Redis Cluster).
+    pub fn is_sharded(&self) -> bool {
+        self.sharded
     }
 
     /// `host:port` of the Redis server.
@@ -217,27 +247,96 @@ impl Transport {
 
     /// The PUBLISH itself, once a slot is held: how many subscribers received the frame.
     async fn send_publish(&self, channel: Channel, frame: Bytes) -> Result<u64, TransportError> {
-        let receivers: i64 = self
-            .commands
-            .publish(channel.0, Value::Bytes(frame))
-            .await
-            .map_err(|e| self.error("PUBLISH", e))?;
+        let receivers: i64 = if self.sharded {
+            self.commands
+                .spublish(channel.0, Value::Bytes(frame))
+                .await
+                .map_err(|e| self.error("SPUBLISH", e))?
+        } else {
+            self.commands
+                .publish(channel.0, Value::Bytes(frame))
+                .await
+                .map_err(|e| self.error("PUBLISH", e))?
+        };
         Ok(receivers.max(0) as u64)
     }
 
     /// Subscribes to `channel`; the subscription is restored after every reconnect.
     pub async fn subscribe(&self, channel: &str) -> Result<(), TransportError> {
-        Box::pin(self.subscriber.subscribe(channel))
-            .await
-            .map_err(|e| self.error("SUBSCRIBE", e))
+        if self.sharded {
+            Box::pin(self.subscriber.ssubscribe(channel))
+                .await
+                .map_err(|e| self.error("SSUBSCRIBE", e))
+        } else {
+            Box::pin(self.subscriber.subscribe(channel))
+                .await
+                .map_err(|e| self.error("SUBSCRIBE", e))
+        }
     }
 
     /// Unsubscribes from `channel`. Once this returns, Redis delivers nothing more from it, and
     /// everything it delivered before is already waiting in [`Inbound`].
     pub async fn unsubscribe(&self, channel: &str) -> Result<(), TransportError> {
-        Box::pin(self.subscriber.unsubscribe(channel))
+        if self.sharded {
+            Box::pin(self.subscriber.sunsubscribe(channel))
+                .await
+                .map_err(|e| self.error("SUNSUBSCRIBE", e))
+        } else {
+            Box::pin(self.subscriber.unsubscribe(channel))
+                .await
+                .map_err(|e| self.error("UNSUBSCRIBE", e))
+        }
+    }
+
+    /// How many connections, this one's included, are subscribed to `channel` now, as the
+    /// Redis that owns it counts them (`PUBSUB SHARDNUMSUB` on its slot's primary, or
+    /// `PUBSUB NUMSUB`). For a channel only this node subscribes to, 0 means its subscription
+    /// was lost.
+    ///
+    /// ```no_run
+    /// # async fn demo(transport: clouds_redis::Transport) -> Result<(), clouds_redis::TransportError> {
+    /// transport.subscribe("inbox:me").await?;
+    /// if transport.subscribers("inbox:me").await? == 0 {
+    ///     transport.resubscribe("inbox:me").await?;
+    /// }
+    /// # Ok(()) }
+    /// ```
+    pub async fn subscribers(&self, channel: &str) -> Result<u64, TransportError> {
+        let command = if self.sharded {
+            "PUBSUB SHARDNUMSUB"
+        } else {
+            "PUBSUB NUMSUB"
+        };
+        let count = async {
+            if self.sharded {
+                Box::pin(self.commands.pubsub_shardnumsub::<Value, _>(channel)).await
+            } else {
+                Box::pin(self.commands.pubsub_numsub::<Value, _>(channel)).await
+            }
+        };
+        let value = tokio::time::timeout(self.options.command_timeout, count)
             .await
-            .map_err(|e| self.error("UNSUBSCRIBE", e))
+            .map_err(|_| self.timed_out(command))?
+            .map_err(|e| self.error(command, e))?;
+        // `[channel, count]`, as an array or (RESP3) a map.
+        let count = match value {
+            Value::Array(items) => items.into_iter().nth(1).and_then(|v| v.as_i64()),
+            Value::Map(map) => map.inner().into_iter().next().and_then(|(_, v)| v.as_i64()),
+            _ => None,
+        };
+        count
+            .map(|n| n.max(0) as u64)
+            .ok_or_else(|| TransportError::Reply {
+                command,
+                reason: "expected [channel, count]".into(),
+            })
+    }
+
+    /// Sends the subscription for `channel` again, to wherever it lives now: heals a sharded
+    /// subscription that Redis ended when its slot moved (fred does not notice that). Harmless
+    /// when the subscription is still there.
+    pub async fn resubscribe(&self, channel: &str) -> Result<(), TransportError> {
+        self.subscribe(channel).await
     }
 
     /// A receiver for everything the subscriber connection delivers from now on.
@@ -395,6 +494,10 @@ async fn resubscribe(
         let _ = done.send(());
     }
 }
+
+/// Cluster redirections (`MOVED`, `ASK`) one command may follow; also what raises its write
+/// attempts above 1 in a cluster (see `connect`).
+const REDIRECTIONS: u32 = 3;
 
 /// Broadcast capacity of the command connection, which only reports reconnects and errors.
 const COMMAND_EVENTS_CAPACITY: usize = 16;

@@ -1,7 +1,8 @@
 //! The behaviour suite: what every broker clouds runs on must do, written once and run against
 //! each (`tests/behaviour_memory.rs`: the in-memory broker under paused time;
-//! `tests/behaviour_redis.rs`: a real `redis-server`). A case that passes on one and fails on
-//! the other is a bug in the in-memory model.
+//! `tests/behaviour_redis.rs`: a real `redis-server`; `tests/behaviour_cluster.rs`: a real
+//! 3+3 Redis Cluster). A case that passes on one and fails on another is a bug in the
+//! in-memory model or in that transport.
 //!
 //! Each case takes a [`Backend`]: a config for a fresh, private deployment. Waiting is done on
 //! tokio's clock only (timeouts, sleeps that are part of the behaviour under test), so the
@@ -431,6 +432,36 @@ pub async fn a_dead_provider_expires(b: impl Backend) {
 /// One `#[tokio::test]` per case, each with a fresh backend from `$backend`.
 #[macro_export]
 macro_rules! behaviour_suite {
+    // Every case in one test, one after the other, each with `$backend(case_name)`: for a
+    // backend too costly to start once per case (a Redis Cluster is six processes).
+    (one_test $test:ident, $backend:expr, $($attr:tt)*) => {
+        $crate::behaviour_suite!(@sequence $test [$backend] ($($attr)*)
+            typed_calls_app_errors_and_panics
+            bad_arguments_and_unknown_names
+            unknown_method_from_a_stale_entry
+            no_provider_fails_fast
+            timeout_then_retry_on_another_provider
+            reroute_when_nobody_received
+            overloaded_provider_refuses
+            round_robin_and_least_in_flight
+            messages_between_nodes
+            monitor_lists_who_serves_what
+            graceful_shutdown_under_load
+            a_crashed_server_answers_nothing_more
+            a_dead_provider_expires
+        );
+    };
+    (@sequence $test:ident [$backend:expr] $attrs:tt $($case:ident)*) => {
+        #[tokio::test $attrs]
+        async fn $test() {
+            let backend = $backend;
+            $(
+                let started = std::time::Instant::now();
+                behaviour::$case(backend(stringify!($case))).await;
+                eprintln!("{}: passed in {:?}", stringify!($case), started.elapsed());
+            )*
+        }
+    };
     ($backend:expr, $($attr:tt)*) => {
         $crate::behaviour_suite!(@cases [$backend] ($($attr)*)
             typed_calls_app_errors_and_panics

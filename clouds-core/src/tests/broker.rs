@@ -116,11 +116,12 @@ async fn a_stall_thaws_after_its_duration() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn lost_subscriptions_make_a_node_unreachable() {
+async fn lost_subscriptions_make_a_node_unreachable_until_its_next_heartbeat() {
     let broker = Broker::new();
     let sender = client(config(&broker)).await;
     let receiver = client(config(&broker)).await;
     sender.send(receiver.id(), &1).await.expect("send");
+    settle().await;
     broker.drop_subscriptions(receiver.id());
     assert!(matches!(
         sender.send(receiver.id(), &2).await,
@@ -132,6 +133,18 @@ async fn lost_subscriptions_make_a_node_unreachable() {
     );
     // It can still send: only its subscriptions are gone.
     receiver.send(sender.id(), &3).await.expect("send");
+    // Its next heartbeat finds its inbox with no subscriber and subscribes again.
+    tokio::time::sleep(HEARTBEAT).await;
+    sender.send(receiver.id(), &4).await.expect("healed");
+    let mut messages = receiver.messages();
+    assert_eq!(
+        messages.next().await.expect("1").decode::<i32>().ok(),
+        Some(1)
+    );
+    assert_eq!(
+        messages.next().await.expect("4").decode::<i32>().ok(),
+        Some(4)
+    );
 }
 
 #[tokio::test(start_paused = true)]

@@ -170,3 +170,39 @@ async fn heartbeats_report_the_calls_in_flight() {
     assert_eq!(in_flight(monitor.clone(), provider.id().clone()).await, 0);
     provider.shutdown().await.expect("shutdown");
 }
+
+/// Redis Cluster ends a sharded subscription silently when its slot moves (fred drops the
+/// notice): the server's next heartbeat finds its call channel without a subscriber,
+/// subscribes again and announces itself, so a caller that found it gone uses it again.
+#[tokio::test(start_paused = true)]
+async fn a_lost_call_subscription_is_healed_and_announced_at_the_next_heartbeat() {
+    let broker = Broker::new();
+    let provider = server(config(&broker)).await;
+    let calls = answer_name(&provider, "heal.who", "healed").await;
+    let caller = client(config(&broker)).await.with_retries(0);
+    let who: String = caller.call("heal.who", ()).await.expect("first call");
+    assert_eq!(who, "healed");
+    settle().await;
+    broker.drop_subscriptions(provider.id());
+    assert!(matches!(
+        caller.call::<_, String>("heal.who", ()).await,
+        Err(Error::NoProvider { .. })
+    ));
+    let lost_at = Instant::now();
+    eventually(
+        "the caller reaches the provider again",
+        HEARTBEAT * 2,
+        || {
+            let caller = caller.clone();
+            async move { caller.call::<_, String>("heal.who", ()).await.is_ok() }
+        },
+    )
+    .await;
+    assert!(
+        lost_at.elapsed() <= HEARTBEAT + ms(10),
+        "healed after {:?}",
+        lost_at.elapsed()
+    );
+    assert_eq!(calls.get(), 2);
+    provider.shutdown().await.expect("shutdown");
+}

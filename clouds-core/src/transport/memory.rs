@@ -660,6 +660,20 @@ impl Transport for MemoryWire {
         self.change(channel, false)
     }
 
+    async fn subscribers(&self, channel: &Channel) -> Result<u64, TransportError> {
+        let mut state = lock(&self.broker.state);
+        state.admit(self.conn, &self.node, "PUBSUB NUMSUB")?;
+        Ok(state.channels.get(channel.as_str()).map_or(0, |s| s.len()) as u64)
+    }
+
+    async fn resubscribe(&self, channel: &Channel) -> Result<(), TransportError> {
+        self.change(channel, true)
+    }
+
+    fn may_lose_subscriptions(&self) -> bool {
+        true // `Broker::drop_subscriptions`
+    }
+
     fn inbound(&self) -> Inbound {
         let rx = lock(&self.broker.state)
             .conns

@@ -10,14 +10,16 @@
 //!
 //! Join and leave announcements are ordinary frames on the events channel, so they need nothing
 //! more. Two implementations sit behind it:
-//! - [`redis`]: standalone Redis, over the `clouds-redis` connections (Lua scripts on Redis's
-//!   own clock, every registry key in one hash tag);
+//! - [`redis`]: Redis, standalone or Cluster, over the `clouds-redis` connections (classic or
+//!   sharded pub/sub; Lua scripts on Redis's own clock, every registry key in one hash tag);
 //! - [`memory`]: an in-process broker with the same observable behaviour on tokio's clock, with
 //!   faults a test can inject (`clouds::testing`).
 //!
 //! The runtime holds a [`Wire`], an enum of the two: every call is a `match`, not a boxed trait
-//! object, so the hot path stays statically dispatched. A third kind of broker (Redis Cluster's
-//! sharded pub/sub) is one more implementation and one more variant; nothing else changes.
+//! object, so the hot path stays statically dispatched. Redis Cluster is not a variant of its
+//! own: the same connections switch to sharded pub/sub (`clouds-redis` chooses the commands),
+//! and the runtime only learns that subscriptions may be lost silently
+//! ([`Transport::may_lose_subscriptions`]).
 
 #[cfg(any(test, feature = "testing"))]
 pub(crate) mod memory;
@@ -61,6 +63,24 @@ pub(crate) trait Transport: Send + Sync + Sized {
         &self,
         channel: &Channel,
     ) -> impl Future<Output = Result<(), TransportError>> + Send;
+
+    /// How many connections are subscribed to `channel` now, as the broker counts them.
+    fn subscribers(
+        &self,
+        channel: &Channel,
+    ) -> impl Future<Output = Result<u64, TransportError>> + Send;
+
+    /// Sends the subscription to `channel` again, to wherever the channel lives now.
+    fn resubscribe(
+        &self,
+        channel: &Channel,
+    ) -> impl Future<Output = Result<(), TransportError>> + Send;
+
+    /// Whether the broker may end a subscription while the connection stays up, without the
+    /// connection noticing: Redis Cluster does when a channel's slot moves (fred drops the
+    /// notice), the in-memory broker does on `drop_subscriptions`. Such nodes check their
+    /// subscriptions every heartbeat (`node.rs`, `heartbeat.rs`); the others need not.
+    fn may_lose_subscriptions(&self) -> bool;
 
     /// Everything delivered to this connection's subscriptions from now on, in order.
     fn inbound(&self) -> Inbound;
@@ -254,6 +274,18 @@ impl Transport for Wire {
 
     async fn unsubscribe(&self, channel: &Channel) -> Result<(), TransportError> {
         each!(self, t => t.unsubscribe(channel).await)
+    }
+
+    async fn subscribers(&self, channel: &Channel) -> Result<u64, TransportError> {
+        each!(self, t => t.subscribers(channel).await)
+    }
+
+    async fn resubscribe(&self, channel: &Channel) -> Result<(), TransportError> {
+        each!(self, t => t.resubscribe(channel).await)
+    }
+
+    fn may_lose_subscriptions(&self) -> bool {
+        each!(self, t => t.may_lose_subscriptions())
     }
 
     fn inbound(&self) -> Inbound {

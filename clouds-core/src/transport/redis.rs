@@ -1,5 +1,6 @@
-//! The transport for standalone Redis: [`Transport`] over `clouds-redis`, which holds the
-//! connections (pub/sub, reconnects) and the registry's keys and Lua scripts
+//! The transport for Redis, standalone or Cluster: [`Transport`] over `clouds-redis`, which
+//! holds the connections (classic or sharded pub/sub, reconnects) and the registry's keys and
+//! Lua scripts
 //! (`clouds_redis::Registry`). This adapter only turns ids into [`NodeId`]s and errors into
 //! clouds-core's own.
 
@@ -11,7 +12,7 @@ use super::{Channel, Entry, Fields, Inbound, Reconnects, Transport, TransportErr
 use crate::namespace::Names;
 use crate::node_id::NodeId;
 
-/// One node's connections to a standalone Redis.
+/// One node's connections to a Redis (one server or a cluster).
 #[derive(Debug)]
 pub(crate) struct RedisWire {
     redis: clouds_redis::Transport,
@@ -64,6 +65,26 @@ impl Transport for RedisWire {
             .unsubscribe(channel)
             .await
             .map_err(TransportError::from_redis)
+    }
+
+    async fn subscribers(&self, channel: &Channel) -> Result<u64, TransportError> {
+        self.redis
+            .subscribers(channel)
+            .await
+            .map_err(TransportError::from_redis)
+    }
+
+    async fn resubscribe(&self, channel: &Channel) -> Result<(), TransportError> {
+        self.redis
+            .resubscribe(channel)
+            .await
+            .map_err(TransportError::from_redis)
+    }
+
+    fn may_lose_subscriptions(&self) -> bool {
+        // Standalone Redis only ends a subscription with its connection, and fred subscribes
+        // again after every reconnect; a cluster ends them when slots move.
+        self.redis.is_sharded()
     }
 
     fn inbound(&self) -> Inbound {

@@ -1,0 +1,60 @@
+//! The behaviour suite on a real Redis Cluster (3 primaries, 3 replicas), started once for
+//! the whole suite (six processes, about 3 s) and stopped when it ends, also on panic. Each
+//! case runs in a namespace of its own, so none sees another's servers.
+
+mod behaviour;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use clouds_testkit::RedisCluster;
+
+/// One case's deployment on the shared cluster.
+struct Cluster {
+    cluster: Arc<RedisCluster>,
+    namespace: String,
+}
+
+impl behaviour::Backend for Cluster {
+    fn config(&self) -> clouds::Config {
+        clouds::Config::from_url(&self.cluster.seed_url())
+            .expect("valid url")
+            .namespace(&self.namespace)
+            .heartbeat(Duration::from_millis(300))
+            .timeout(Duration::from_secs(1))
+    }
+
+    fn stale_entry(&self, method: &str, node: &clouds::NodeId) {
+        // As in behaviour_redis.rs, on the primary of the registry's slot (docs/protocol.md §5).
+        let lua = "local t = redis.call('TIME') \
+                   local expiry = tonumber(t[1]) * 1000 + 60000 \
+                   return redis.call('ZADD', KEYS[1], expiry, ARGV[1])";
+        let key = format!("{{{}:0}}:method:{method}", self.namespace);
+        let port = self
+            .cluster
+            .primary_for_slot(RedisCluster::slot_of(&key))
+            .expect("the registry slot's primary");
+        let reply = self
+            .cluster
+            .command_on(port, &["EVAL", lua, "1", &key, node.as_str()])
+            .expect("EVAL");
+        assert!(!reply.is_error(), "{reply:?}");
+    }
+}
+
+fn cluster() -> Arc<RedisCluster> {
+    Arc::new(RedisCluster::start().expect("start a Redis Cluster (apt-get install redis-server)"))
+}
+
+behaviour_suite!(
+    one_test the_behaviour_suite_on_a_redis_cluster,
+    {
+        let cluster = cluster();
+        move |case: &str| Cluster {
+            cluster: cluster.clone(),
+            namespace: case.replace('_', "-"),
+        }
+    },
+    flavor = "multi_thread",
+    worker_threads = 2
+);
