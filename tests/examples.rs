@@ -155,3 +155,72 @@ fn calls_survive_a_provider_killed_mid_run() {
         std::thread::sleep(Duration::from_millis(250));
     }
 }
+
+/// Sums `INFO commandstats`' `calls=` of `command` over every node of `cluster`.
+fn calls_on_cluster(cluster: &clouds_testkit::RedisCluster, command: &str) -> u64 {
+    let field = format!("cmdstat_{command}:calls=");
+    cluster
+        .ports()
+        .into_iter()
+        .map(|port| {
+            let info = cluster
+                .command_on(port, &["INFO", "commandstats"])
+                .expect("INFO");
+            let text = info.as_text().unwrap_or_default();
+            text.lines()
+                .find_map(|line| line.strip_prefix(&field))
+                .and_then(|rest| rest.split(',').next())
+                .and_then(|n| n.parse::<u64>().ok())
+                .unwrap_or(0)
+        })
+        .sum()
+}
+
+#[test]
+fn the_examples_run_on_a_redis_cluster() {
+    let cluster = clouds_testkit::RedisCluster::start().expect("start a Redis Cluster");
+    let url = cluster.seed_url();
+    let out =
+        output_of(example("hello").env("REDIS_URL", &url), RUN_LIMIT).expect("hello finishes");
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    assert!(
+        stdout.contains("test.hello -> Hello Glen, timestamp is"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("server got \"ping\""), "{stdout}");
+    assert!(!stdout.contains("throwaway"), "used the cluster: {stdout}");
+
+    let (mut server, server_id) = start_server(&url);
+    let out = output_of(
+        example("hello_client")
+            .args(["20", "10"])
+            .env("REDIS_URL", &url),
+        RUN_LIMIT,
+    )
+    .expect("hello_client finishes");
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    assert!(stdout.contains("20 ok, 0 failed"), "{stdout}\n{stderr}");
+    let out =
+        output_of(example("monitor").env("REDIS_URL", &url), RUN_LIMIT).expect("monitor finishes");
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    assert!(stdout.contains(&server_id), "{stdout}");
+    let status = server
+        .terminate(SERVER_LIMIT)
+        .expect("hello_server stops on SIGTERM");
+    assert!(status.success(), "{status}\n{}", server.stdout());
+
+    // Sharded pub/sub only: a classic PUBLISH in a cluster is broadcast to every node and
+    // its receiver count covers only one of them (docs/protocol.md §2).
+    assert_eq!(
+        calls_on_cluster(&cluster, "publish"),
+        0,
+        "no classic PUBLISH"
+    );
+    assert!(
+        calls_on_cluster(&cluster, "spublish") >= 40,
+        "calls went by SPUBLISH"
+    );
+}
