@@ -4,8 +4,9 @@
 //! cargo run --example hello
 //! ```
 //!
-//! Uses `$REDIS_URL` (default `redis://127.0.0.1:6379/3`). If nothing answers there, it starts
-//! a throwaway `redis-server` on a free port for the run and says so.
+//! Uses `$REDIS_URL` (default `redis://127.0.0.1:6379/3`; a Redis Cluster works the same:
+//! `REDIS_URL=redis-cluster://127.0.0.1:7000`). If nothing answers there, it starts a throwaway
+//! `redis-server` on a free port for the run and says so.
 
 mod common;
 

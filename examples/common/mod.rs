@@ -17,7 +17,8 @@ pub trait Hello {
 #[error("division by zero")]
 pub struct DivError;
 
-/// The Redis URL to use: `$REDIS_URL`, or `redis://127.0.0.1:6379/3` (db 3).
+/// The Redis URL to use: `$REDIS_URL` (a `redis://` server or a `redis-cluster://` cluster), or
+/// `redis://127.0.0.1:6379/3` (db 3).
 pub fn redis_url() -> String {
     std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379/3".to_string())
 }
