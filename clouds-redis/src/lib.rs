@@ -3,12 +3,13 @@
 //!
 //! # Layout
 //!
-//! - [`endpoint`]: where Redis is (URL parsing, db, credentials) and how to talk to it
-//!   ([`TransportOptions`]: timeouts, reconnect policy, inbound buffer).
+//! - [`endpoint`]: where Redis is (one server or a cluster's seed nodes, db, credentials) and
+//!   how to talk to it ([`TransportOptions`]: timeouts, reconnect policy, inbound buffer).
 //! - [`transport`]: [`Transport`], one node's pair of connections: a command connection (PUBLISH,
 //!   scripts, reads) and a subscriber connection that re-subscribes after every reconnect.
-//!   Its `publish`/`subscribe`/`unsubscribe` methods are the single pub/sub seam: switching to
-//!   sharded pub/sub (SPUBLISH/SSUBSCRIBE) for Redis Cluster changes only that file.
+//!   Its `publish`/`subscribe`/`unsubscribe` methods are the single pub/sub seam: on a Redis
+//!   Cluster they use sharded pub/sub (SPUBLISH/SSUBSCRIBE), and `subscribers`/`resubscribe`
+//!   let the runtime heal the sharded subscriptions a moved slot ends silently.
 //! - [`channel`]: [`Channel`], a channel name shared by reference count, so publishing to
 //!   and receiving from the same channels allocates no copies of their names.
 //! - [`inbound`]: [`Inbound`], the receive side of the subscriber connection, which turns the
