@@ -3,19 +3,23 @@
 //! ```text
 //! cargo run --release -p clouds-bench            # the full table (a few minutes)
 //! cargo run --release -p clouds-bench -- --quick # a smoke test of every row (seconds)
+//! cargo run --release -p clouds-bench -- --cluster # and rows on a Redis Cluster
 //! ```
 //!
 //! Starts its own `redis-server` on a free loopback port and measures, against it, an echo
-//! round trip made with fred alone (the floor) and through a `#[clouds::service]` stub. The
-//! table goes to stdout (Markdown), progress to stderr. See `BENCHMARKS.md` at the repository
-//! root for the results and the profile.
+//! round trip made with fred alone (the floor) and through a `#[clouds::service]` stub. With
+//! `--cluster` it then starts a Redis Cluster (3 primaries, 3 replicas) and measures the
+//! 3-process rows again on it, raw with sharded pub/sub. The table goes to stdout
+//! (Markdown), progress to stderr. See `BENCHMARKS.md` at the repository root for the results
+//! and the profile.
 //!
 //! # Layout
 //!
 //! - `main.rs`: arguments, roles (the binary re-executes itself as provider, raw server and
 //!   RSS client processes), the rows and the table.
-//! - `raw.rs`: the baseline, fred alone.
+//! - `raw.rs`: the baseline, fred alone (`SPUBLISH`/`SSUBSCRIBE` on a cluster).
 //! - `clouds_rows.rs`: the `Bench` service, its provider and the caller.
+//! - `cluster.rs`: the rows on a Redis Cluster (`--cluster`).
 //! - `load.rs`: the bounded load generator both are driven by.
 //! - `rss.rs`: client memory per call in flight, in a child process.
 //! - `wire.rs`: Redis commands and bytes per call, from `INFO`.
@@ -37,6 +41,7 @@ const ALLOCATOR_NAME: &str = if cfg!(feature = "mimalloc") {
 };
 
 mod clouds_rows;
+mod cluster;
 mod load;
 mod procs;
 mod raw;
@@ -49,13 +54,13 @@ use std::fmt::Write as _;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use clouds_testkit::RedisServer;
+use clouds_testkit::{RedisCluster, RedisServer};
 
 use crate::clouds_rows::{CloudsCaller, InProcess};
 use crate::load::{Caller, payload};
 use crate::procs::Proc;
 use crate::raw::{Channels, RawClient, RawServer};
-use crate::report::{Memory, Ratios, Row, Setup, fmt_d, table, targets, wire_notes};
+use crate::report::{Memory, Ratios, Row, Setup, cluster_notes, fmt_d, table, targets, wire_notes};
 use crate::stats::{Figures, median_figures};
 use crate::wire::{Wire, first_calls, info, wire_cost};
 
@@ -80,6 +85,8 @@ struct Plan {
     rss_in_flight: usize,
     /// Longest a single measured run may take before it stops starting calls.
     run_limit: Duration,
+    /// Also measure the 3-process rows on a Redis Cluster (`--cluster`).
+    cluster: bool,
 }
 
 impl Plan {
@@ -93,6 +100,7 @@ impl Plan {
             big_flight_calls: 10_000,
             rss_in_flight: 10_000,
             run_limit: Duration::from_secs(120),
+            cluster: false,
         }
     }
 
@@ -106,6 +114,7 @@ impl Plan {
             big_flight_calls: 500,
             rss_in_flight: 2_000,
             run_limit: Duration::from_secs(30),
+            cluster: false,
         }
     }
 }
@@ -152,7 +161,7 @@ enum Role {
 }
 
 const USAGE: &str = "\
-usage: clouds-bench [--quick] [--reps N]
+usage: clouds-bench [--quick] [--reps N] [--cluster]
        clouds-bench --profile raw|clouds [--calls N] [--in-flight N] [--payload BYTES]
                     [--redis URL]
 
@@ -160,6 +169,9 @@ usage: clouds-bench [--quick] [--reps N]
                flight, 1 provider in-process and 3 provider processes, RSS per call in flight
   --quick      every row with small counts and one run each (a smoke test)
   --reps N     runs per figure (median reported; default 5, --quick 1)
+  --cluster    then start a Redis Cluster (3 primaries + 3 replicas) and measure 100 B at
+               64 and 1,000 in flight on it with 3 provider processes (raw: SPUBLISH); a
+               clouds that cannot run on it is reported as skipped, with the reason
   --profile    one in-process scenario once, for callgrind: starts Redis, warms up 200
                calls, then makes --calls calls (default 2000) --in-flight at a time (default 1)
                with --payload bytes (default 100), against --redis URL if given (watch it
@@ -237,10 +249,12 @@ fn parse_args(args: &[String]) -> Result<Role, String> {
         _ => {
             let mut plan = Plan::full();
             let mut reps = None;
+            let mut cluster = false;
             let mut i = 0;
             while i < args.len() {
                 match args[i].as_str() {
                     "--quick" => plan = Plan::quick(),
+                    "--cluster" => cluster = true,
                     "--reps" => {
                         reps = Some(num(args.get(i + 1), "--reps")?.max(1));
                         i += 1;
@@ -251,6 +265,7 @@ fn parse_args(args: &[String]) -> Result<Role, String> {
                 i += 1;
             }
             plan.reps = reps.unwrap_or(plan.reps);
+            plan.cluster = cluster;
             Ok(Role::Bench(plan))
         }
     }
@@ -362,7 +377,8 @@ fn bench(runtime: &tokio::runtime::Runtime, plan: &Plan) -> Result<(), String> {
         .cloned()
         .unwrap_or_default();
     eprintln!("redis-server {version} on port {}", redis.port());
-    let (rows, wire, memory, scaling) = runtime.block_on(measure_all(plan, &redis))?;
+    let (mut rows, wire, memory, scaling) = runtime.block_on(measure_all(plan, &redis))?;
+    let mut cluster = plan.cluster.then(|| measure_cluster(runtime, plan));
     let mut out = String::new();
     let _ = writeln!(
         out,
@@ -370,8 +386,23 @@ fn bench(runtime: &tokio::runtime::Runtime, plan: &Plan) -> Result<(), String> {
         plan.name, plan.reps
     );
     let _ = writeln!(out, "start: {at_start}; allocator: {ALLOCATOR_NAME}");
+    if let Some(Ok(run)) = &mut cluster {
+        rows.append(&mut run.rows);
+    }
     out.push_str(&table(&rows, memory.as_ref()));
     out.push_str(&wire_notes(&wire));
+    match &cluster {
+        Some(Ok(run)) => out.push_str(&cluster_notes(
+            CLUSTER_SHAPE,
+            &run.channels,
+            &run.wire,
+            run.clouds_skipped.as_deref(),
+        )),
+        Some(Err(e)) => {
+            let _ = writeln!(out, "\nCluster rows (`--cluster`): not measured: {e}");
+        }
+        None => {}
+    }
     out.push_str(&targets(&rows, memory.as_ref(), scaling));
     let _ = writeln!(
         out,
@@ -380,7 +411,29 @@ fn bench(runtime: &tokio::runtime::Runtime, plan: &Plan) -> Result<(), String> {
         started.elapsed()
     );
     print!("{out}");
-    Ok(())
+    match cluster {
+        Some(Err(e)) => Err(format!("the cluster rows failed: {e}")),
+        _ => Ok(()),
+    }
+}
+
+/// The cluster the `--cluster` rows run on, for the notes.
+const CLUSTER_SHAPE: &str = "3 primaries + 3 replicas";
+
+/// `--cluster`: starts a Redis Cluster, measures its rows, and stops it. Runs after every
+/// standalone row, so those are measured exactly as without the flag.
+fn measure_cluster(
+    runtime: &tokio::runtime::Runtime,
+    plan: &Plan,
+) -> Result<cluster::ClusterRun, String> {
+    let cluster =
+        RedisCluster::start().map_err(|e| format!("cannot start a Redis Cluster: {e}"))?;
+    eprintln!(
+        "Redis Cluster ({CLUSTER_SHAPE}) on ports {:?}, started in {}",
+        cluster.ports(),
+        cluster.startup()
+    );
+    runtime.block_on(cluster::measure(plan, &cluster))
 }
 
 async fn measure_all(
@@ -420,8 +473,9 @@ async fn measure_all(
                 raw: Figures::default(),
                 clouds: Figures::default(),
                 ratios: Ratios::default(),
+                clouds_skipped: false,
             };
-            rows.push(measure_row(plan, row, &raw, &clouds).await);
+            rows.push(measure_row(plan, row, &raw, Some(&clouds)).await);
         }
         let scaling = flight_scaling(plan, &clouds).await;
         Ok::<_, String>((wire, scaling))
@@ -516,8 +570,9 @@ async fn processes_rows(
             raw: Figures::default(),
             clouds: Figures::default(),
             ratios: Ratios::default(),
+            clouds_skipped: false,
         };
-        rows.push(measure_row(plan, row, &raw, &clouds).await);
+        rows.push(measure_row(plan, row, &raw, Some(&clouds)).await);
     }
     raw.close().await;
     client.close().await;
@@ -584,12 +639,20 @@ fn median_sample(samples: &[rss::Sample]) -> rss::Sample {
         .unwrap_or_default()
 }
 
-/// Warms both up, then runs raw and clouds alternately `plan.reps` times each.
-async fn measure_row(plan: &Plan, mut row: Row, raw: &impl Caller, clouds: &impl Caller) -> Row {
+/// Warms both up, then runs raw and clouds alternately `plan.reps` times each; raw alone if
+/// there is no clouds (`row.clouds` then stays empty).
+async fn measure_row(
+    plan: &Plan,
+    mut row: Row,
+    raw: &impl Caller,
+    clouds: Option<&impl Caller>,
+) -> Row {
     let payload = payload(row.payload);
     let warm = (row.calls / 10).clamp(100, 2_000);
     let _ = load::run(raw, &payload, warm, row.in_flight, plan.run_limit).await;
-    let _ = load::run(clouds, &payload, warm, row.in_flight, plan.run_limit).await;
+    if let Some(clouds) = clouds {
+        let _ = load::run(clouds, &payload, warm, row.in_flight, plan.run_limit).await;
+    }
     let (mut raws, mut cloudss, mut pairs) = (Vec::new(), Vec::new(), Vec::new());
     for rep in 0..plan.reps {
         // Alternate which goes first, so a machine speeding up or slowing down over the row
@@ -600,10 +663,14 @@ async fn measure_row(plan: &Plan, mut row: Row, raw: &impl Caller, clouds: &impl
             ["clouds", "raw"]
         };
         for name in order {
-            let run = if name == "raw" {
-                load::run(raw, &payload, row.calls, row.in_flight, plan.run_limit).await
-            } else {
-                load::run(clouds, &payload, row.calls, row.in_flight, plan.run_limit).await
+            let run = match (name, clouds) {
+                ("raw", _) => {
+                    load::run(raw, &payload, row.calls, row.in_flight, plan.run_limit).await
+                }
+                (_, Some(clouds)) => {
+                    load::run(clouds, &payload, row.calls, row.in_flight, plan.run_limit).await
+                }
+                (_, None) => continue,
             };
             if let Some(e) = &run.first_error {
                 eprintln!("  {name}: {} errors, first: {e}", run.errors);

@@ -5,6 +5,11 @@
 //! with its id to come back. Connections are set up as clouds sets up its own (TCP_NODELAY, the
 //! same broadcast capacity and command timeout), and the client uses two connections
 //! (commands and subscriber) as a clouds node does.
+//!
+//! On a Redis Cluster (a `redis-cluster://` URL) the same round trip uses sharded pub/sub:
+//! `SSUBSCRIBE` and `SPUBLISH` through fred's cluster client, which sends each to the primary
+//! that owns the channel's slot. Every channel is its own name, with no hash tag, so the
+//! channels spread over the slots (and the primaries) as clouds' inboxes would.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -14,6 +19,7 @@ use std::time::Duration;
 use bytes::{BufMut, Bytes, BytesMut};
 use fred::clients::{Client, SubscriberClient};
 use fred::interfaces::{ClientLike, EventInterface, PubsubInterface};
+use fred::types::config::ReconnectPolicy;
 use fred::types::{Builder, Value};
 use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
@@ -53,31 +59,111 @@ impl Channels {
     }
 }
 
-/// A fred builder configured like clouds' transport.
+/// Attempts per command on a cluster: fred counts every `MOVED` or `ASK` resend as an
+/// attempt, so one attempt (as on a single server) would fail any command sent while a slot
+/// moves.
+const CLUSTER_COMMAND_ATTEMPTS: u32 = 4;
+/// Redirections a command may follow on a cluster.
+const CLUSTER_REDIRECTIONS: u32 = 3;
+
+/// A fred builder configured like clouds' transport; on a cluster, with the settings that
+/// survive a change of topology (more attempts, reconnecting forever).
 fn builder(url: &str, timeout: Duration) -> Result<Builder, String> {
     let config = fred::types::config::Config::from_url(url).map_err(|e| e.to_string())?;
+    let cluster = config.server.is_clustered();
     let mut builder = Builder::from_config(config);
     builder.with_connection_config(|c| {
         c.tcp.nodelay = Some(true);
-        c.max_command_attempts = 1;
+        if cluster {
+            c.max_command_attempts = CLUSTER_COMMAND_ATTEMPTS;
+            c.max_redirections = CLUSTER_REDIRECTIONS;
+        } else {
+            c.max_command_attempts = 1;
+        }
     });
     builder.with_performance_config(|p| {
         p.default_command_timeout = timeout;
         p.broadcast_channel_capacity = 16_384; // as a clouds subscriber (TransportOptions::inbound_capacity)
     });
+    if cluster {
+        // Never give up, 50 ms to 2 s apart, as clouds' transport.
+        builder.set_policy(ReconnectPolicy::new_exponential(0, 50, 2_000, 2));
+    }
     Ok(builder)
 }
 
-/// Connects a command client and a subscriber client.
-async fn connect(url: &str, timeout: Duration) -> Result<(Client, SubscriberClient), String> {
-    let builder = builder(url, timeout)?;
-    let commands = builder.build().map_err(|e| e.to_string())?;
-    let subscriber = builder
-        .build_subscriber_client()
-        .map_err(|e| e.to_string())?;
-    commands.init().await.map_err(|e| e.to_string())?;
-    subscriber.init().await.map_err(|e| e.to_string())?;
-    Ok((commands, subscriber))
+/// A command connection and a subscriber connection, and which pub/sub they use.
+struct PubSub {
+    commands: Client,
+    subscriber: SubscriberClient,
+    /// `SSUBSCRIBE`/`SPUBLISH` (a cluster) rather than `SUBSCRIBE`/`PUBLISH`.
+    sharded: bool,
+    /// On a cluster, re-subscribes after the subscriber reconnects (aborted on close).
+    resubscriber: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl PubSub {
+    /// Connects both; sharded if `url` names a cluster.
+    async fn connect(url: &str, timeout: Duration) -> Result<PubSub, String> {
+        let builder = builder(url, timeout)?;
+        let sharded = builder
+            .get_config()
+            .is_some_and(|c| c.server.is_clustered());
+        let commands = builder.build().map_err(|e| e.to_string())?;
+        let subscriber = builder
+            .build_subscriber_client()
+            .map_err(|e| e.to_string())?;
+        commands.init().await.map_err(|e| e.to_string())?;
+        subscriber.init().await.map_err(|e| e.to_string())?;
+        let resubscriber = sharded.then(|| subscriber.manage_subscriptions());
+        Ok(PubSub {
+            commands,
+            subscriber,
+            sharded,
+            resubscriber,
+        })
+    }
+
+    /// `SUBSCRIBE channel`, or `SSUBSCRIBE` on a cluster.
+    async fn subscribe(&self, channel: &str) -> Result<(), String> {
+        let subscribed = if self.sharded {
+            self.subscriber.ssubscribe(channel).await
+        } else {
+            self.subscriber.subscribe(channel).await
+        };
+        subscribed.map_err(|e| e.to_string())
+    }
+
+    /// `PUBLISH channel frame`, or `SPUBLISH` on a cluster; returns the receivers.
+    async fn publish(&self, channel: &str, frame: Bytes) -> Result<i64, fred::error::Error> {
+        if self.sharded {
+            self.commands.spublish(channel, Value::Bytes(frame)).await
+        } else {
+            self.commands.publish(channel, Value::Bytes(frame)).await
+        }
+    }
+
+    /// The name of [`PubSub::publish`]'s command, for errors.
+    fn publish_command(&self) -> &'static str {
+        if self.sharded { "SPUBLISH" } else { "PUBLISH" }
+    }
+
+    /// Closes both connections.
+    async fn quit(&self) {
+        if let Some(resubscriber) = &self.resubscriber {
+            resubscriber.abort();
+        }
+        let _ = self.subscriber.quit().await;
+        let _ = self.commands.quit().await;
+    }
+}
+
+impl Drop for PubSub {
+    fn drop(&mut self) {
+        if let Some(resubscriber) = &self.resubscriber {
+            resubscriber.abort();
+        }
+    }
 }
 
 /// A raw server: republishes what arrives on one request channel to the reply channel.
@@ -89,19 +175,15 @@ pub(crate) struct RawServer {
 impl RawServer {
     /// Subscribes to `request` and starts republishing to `reply`.
     pub(crate) async fn start(url: &str, request: &str, reply: &str) -> Result<RawServer, String> {
-        let (commands, subscriber) = connect(url, Duration::from_secs(10)).await?;
+        let pubsub = PubSub::connect(url, Duration::from_secs(10)).await?;
         // Take the receiver before subscribing, so nothing is missed.
-        let rx = subscriber.message_rx();
-        subscriber
-            .subscribe(request)
-            .await
-            .map_err(|e| e.to_string())?;
+        let rx = pubsub.subscriber.message_rx();
+        pubsub.subscribe(request).await?;
         let (stop, stopped) = oneshot::channel();
         let reply = reply.to_string();
         let task = tokio::spawn(async move {
-            serve(&commands, rx, &reply, stopped).await;
-            let _ = subscriber.quit().await;
-            let _ = commands.quit().await;
+            serve(&pubsub, rx, &reply, stopped).await;
+            pubsub.quit().await;
         });
         Ok(RawServer {
             stop: Some(stop),
@@ -127,17 +209,14 @@ impl Drop for RawServer {
 /// The server loop: no task per frame; publishes are pipelined on the command connection
 /// (fred writes each as soon as it is polled) and awaited together.
 async fn serve(
-    commands: &Client,
+    pubsub: &PubSub,
     mut rx: broadcast::Receiver<fred::types::Message>,
     reply: &str,
     mut stop: oneshot::Receiver<()>,
 ) {
     let publish = |frame: Bytes| async move {
-        if let Err(e) = commands
-            .publish::<i64, _, _>(reply, Value::Bytes(frame))
-            .await
-        {
-            eprintln!("raw server: PUBLISH failed: {e}");
+        if let Err(e) = pubsub.publish(reply, frame).await {
+            eprintln!("raw server: {} failed: {e}", pubsub.publish_command());
         }
     };
     let mut sends = FuturesUnordered::new();
@@ -211,8 +290,7 @@ pub(crate) struct RawClient {
 }
 
 struct Inner {
-    commands: Client,
-    subscriber: SubscriberClient,
+    pubsub: PubSub,
     waiting: Arc<Waiting>,
     next_id: AtomicU64,
     next_server: AtomicUsize,
@@ -228,12 +306,9 @@ impl RawClient {
         channels: &Channels,
         timeout: Duration,
     ) -> Result<RawClient, String> {
-        let (commands, subscriber) = connect(url, timeout).await?;
-        let mut rx = subscriber.message_rx();
-        subscriber
-            .subscribe(channels.reply.as_str())
-            .await
-            .map_err(|e| e.to_string())?;
+        let pubsub = PubSub::connect(url, timeout).await?;
+        let mut rx = pubsub.subscriber.message_rx();
+        pubsub.subscribe(&channels.reply).await?;
         let waiting: Arc<Waiting> = Arc::default();
         let table = waiting.clone();
         let receiver = tokio::spawn(async move {
@@ -258,8 +333,7 @@ impl RawClient {
         });
         Ok(RawClient {
             inner: Arc::new(Inner {
-                commands,
-                subscriber,
+                pubsub,
                 waiting,
                 next_id: AtomicU64::new(0),
                 next_server: AtomicUsize::new(0),
@@ -290,11 +364,11 @@ impl RawClient {
             id,
         };
         let channel = &inner.requests[server % inner.requests.len()];
-        let receivers: i64 = inner
-            .commands
-            .publish(channel.as_str(), Value::Bytes(frame.freeze()))
+        let receivers = inner
+            .pubsub
+            .publish(channel, frame.freeze())
             .await
-            .map_err(|e| format!("PUBLISH: {e}"))?;
+            .map_err(|e| format!("{}: {e}", inner.pubsub.publish_command()))?;
         if receivers == 0 {
             return Err(format!("nobody listens on {channel}"));
         }
@@ -331,8 +405,7 @@ impl RawClient {
     /// Closes both connections.
     pub(crate) async fn close(&self) {
         self.inner.receiver.abort();
-        let _ = self.inner.subscriber.quit().await;
-        let _ = self.inner.commands.quit().await;
+        self.inner.pubsub.quit().await;
     }
 }
 

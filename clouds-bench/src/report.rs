@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use crate::rss;
 use crate::stats::{Figures, median};
-use crate::wire::Wire;
+use crate::wire::{Wire, WireCost};
 
 /// Where the rows' providers run.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -14,6 +14,8 @@ pub(crate) enum Setup {
     InProcess,
     /// Three provider (raw server) processes.
     Processes,
+    /// Three provider (raw server) processes on a Redis Cluster (`--cluster`).
+    Cluster,
 }
 
 /// One line of the table.
@@ -27,6 +29,8 @@ pub(crate) struct Row {
     pub(crate) clouds: Figures,
     /// clouds ÷ raw, the median over runs of the ratio within each back-to-back pair.
     pub(crate) ratios: Ratios,
+    /// clouds could not run here (the reason is in the notes): only raw was measured.
+    pub(crate) clouds_skipped: bool,
 }
 
 /// clouds ÷ raw for one row's figures.
@@ -107,12 +111,26 @@ pub(crate) fn table(rows: &[Row], memory: Option<&Memory>) -> String {
         let providers = match r.setup {
             Setup::InProcess => "1, in-process",
             Setup::Processes => "3 processes",
+            Setup::Cluster => "3 processes, cluster",
         };
         let flight = if r.in_flight == 1 {
             "1 (sequential)".to_string()
         } else {
             format!("{}", r.in_flight)
         };
+        if r.clouds_skipped {
+            let _ = writeln!(
+                t,
+                "| {} | {} | {flight} | {providers} | {:.0} | skipped | - | {} | skipped | - | {} | skipped | - | {}/- |",
+                fmt_size(r.payload),
+                r.calls,
+                r.raw.calls_per_sec,
+                fmt_d(r.raw.p50),
+                fmt_d(r.raw.p99),
+                r.raw.errors,
+            );
+            continue;
+        }
         let _ = writeln!(
             t,
             "| {} | {} | {flight} | {providers} | {:.0} | {:.0} | {:.2} | {} | {} | {:.2} | {} | {} | {:.2} | {}/{} |",
@@ -152,7 +170,27 @@ pub(crate) fn wire_notes(wire: &Wire) -> String {
     let mut t = String::from(
         "\nRedis commands and bytes per call (sequential 100 B calls, 1 provider in-process, from INFO commandstats/stats):\n\n",
     );
-    for (name, w) in &wire.per_call {
+    t.push_str(&per_call_lines(&wire.per_call));
+    t.push_str(
+        "  (commands that are not PUBLISH come from timers, not calls: heartbeats and provider refreshes every 2 s)\n",
+    );
+    let (calls, errors, commands) = &wire.herd;
+    let commands: Vec<String> = commands
+        .iter()
+        .map(|(c, k)| format!("{} {k}", c.to_uppercase()))
+        .collect();
+    let _ = writeln!(
+        t,
+        "- clouds, {calls} calls started at once of a method this client had not called yet ({errors} errors): {}",
+        commands.join(", ")
+    );
+    t
+}
+
+/// One line per side: commands and bytes per call.
+fn per_call_lines(per_call: &[(&str, WireCost)]) -> String {
+    let mut t = String::new();
+    for (name, w) in per_call {
         let n = w.calls as f64;
         let commands: Vec<String> = w
             .commands
@@ -169,19 +207,30 @@ pub(crate) fn wire_notes(wire: &Wire) -> String {
             w.bytes_out as f64 / n
         );
     }
-    t.push_str(
-        "  (commands that are not PUBLISH come from timers, not calls: heartbeats and provider refreshes every 2 s)\n",
+    t
+}
+
+/// What the cluster rows ran on, what Redis did per call there, and why clouds did not run
+/// if it did not.
+pub(crate) fn cluster_notes(
+    shape: &str,
+    channels: &[String],
+    per_call: &[(&str, WireCost)],
+    clouds_skipped: Option<&str>,
+) -> String {
+    let mut t = format!(
+        "\nCluster rows (`--cluster`): a Redis Cluster of {shape} on loopback, started by the bench. \
+         raw uses sharded pub/sub (SSUBSCRIBE/SPUBLISH) through fred's cluster client; \
+         clouds is given the cluster's seed URL (`redis-cluster://...`). \
+         raw's channels, each on its own slot: {}.\n\n\
+         Redis commands and bytes per call on the cluster (sequential 100 B calls, 3 processes, \
+         summed over the primaries):\n\n",
+        channels.join(", ")
     );
-    let (calls, errors, commands) = &wire.herd;
-    let commands: Vec<String> = commands
-        .iter()
-        .map(|(c, k)| format!("{} {k}", c.to_uppercase()))
-        .collect();
-    let _ = writeln!(
-        t,
-        "- clouds, {calls} calls started at once of a method this client had not called yet ({errors} errors): {}",
-        commands.join(", ")
-    );
+    t.push_str(&per_call_lines(per_call));
+    if let Some(reason) = clouds_skipped {
+        let _ = writeln!(t, "- clouds: not measured on the cluster: {reason}");
+    }
     t
 }
 

@@ -1,14 +1,57 @@
 //! What Redis did for the calls, from `INFO commandstats` and `INFO stats`: commands and
 //! bytes per call, and the cost of a burst of first calls.
+//!
+//! On a Redis Cluster the counters are summed over the primaries (the nodes that execute the
+//! commands), so a call's `SPUBLISH`es count wherever their channels' slots live.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use clouds_testkit::RedisServer;
+use clouds_testkit::{NodeRole, RedisCluster, RedisServer};
 
 use crate::clouds_rows::{self, CloudsCaller};
 use crate::load::{self, Caller, payload};
+
+/// A Redis whose `INFO` the bench reads: one server, or a cluster's primaries.
+pub(crate) trait InfoSource {
+    /// The text of `INFO section` from every node that executes commands.
+    fn info_texts(&self, section: &str) -> Vec<String>;
+}
+
+impl InfoSource for RedisServer {
+    fn info_texts(&self, section: &str) -> Vec<String> {
+        let text = self
+            .command(&["INFO", section])
+            .ok()
+            .and_then(|v| v.as_text())
+            .unwrap_or_default();
+        vec![text]
+    }
+}
+
+impl InfoSource for RedisCluster {
+    /// Every running primary's, in the order the cluster lists them.
+    fn info_texts(&self, section: &str) -> Vec<String> {
+        let nodes = match self.nodes() {
+            Ok(nodes) => nodes,
+            Err(e) => {
+                eprintln!("cannot list the cluster's nodes for INFO {section}: {e}");
+                return Vec::new();
+            }
+        };
+        nodes
+            .iter()
+            .filter(|n| n.role == NodeRole::Primary && n.pid.is_some())
+            .map(|n| {
+                self.command_on(n.port, &["INFO", section])
+                    .ok()
+                    .and_then(|v| v.as_text())
+                    .unwrap_or_default()
+            })
+            .collect()
+    }
+}
 
 /// What Redis did per call, from INFO before and after a run of sequential calls.
 #[derive(Debug, Clone)]
@@ -32,7 +75,7 @@ pub(crate) struct Wire {
 /// Makes `calls` calls at once of a method this client has not called yet (`bench.hold`,
 /// released at once) and counts the Redis commands they cost.
 pub(crate) async fn first_calls(
-    redis: &RedisServer,
+    redis: &impl InfoSource,
     clouds: &CloudsCaller,
     calls: usize,
 ) -> (usize, usize, Vec<(String, u64)>) {
@@ -57,14 +100,15 @@ pub(crate) async fn first_calls(
     (calls, errors, command_deltas(&before, after))
 }
 
-/// Commands whose call counts grew from `before` to `after`, but INFO.
+/// Commands whose call counts grew from `before` to `after`, but the bench's own reads: INFO,
+/// and on a cluster the CLUSTER NODES that finds the primaries.
 pub(crate) fn command_deltas(
     before: &HashMap<String, u64>,
     after: HashMap<String, u64>,
 ) -> Vec<(String, u64)> {
     let mut commands: Vec<(String, u64)> = after
         .into_iter()
-        .filter(|(name, _)| name != "info")
+        .filter(|(name, _)| name != "info" && name != "cluster|nodes")
         .map(|(name, n)| {
             let delta = n - before.get(&name).copied().unwrap_or(0).min(n);
             (name, delta)
@@ -75,41 +119,58 @@ pub(crate) fn command_deltas(
     commands
 }
 
-/// INFO of one section as key/value pairs.
+/// INFO of one section of one server as key/value pairs.
 pub(crate) fn info(redis: &RedisServer, section: &str) -> HashMap<String, String> {
-    let text = redis
-        .command(&["INFO", section])
-        .ok()
-        .and_then(|v| v.as_text())
-        .unwrap_or_default();
+    redis
+        .info_texts(section)
+        .first()
+        .map(|text| parse_info(text))
+        .unwrap_or_default()
+}
+
+/// The `key:value` lines of an INFO reply.
+fn parse_info(text: &str) -> HashMap<String, String> {
     text.lines()
         .filter_map(|l| l.split_once(':'))
         .map(|(k, v)| (k.to_string(), v.trim().to_string()))
         .collect()
 }
 
-/// Commands by name with their call counts, and the network byte counters.
-pub(crate) fn counters(redis: &RedisServer) -> (HashMap<String, u64>, u64, u64) {
-    let commands = info(redis, "commandstats")
-        .into_iter()
-        .filter_map(|(k, v)| {
-            let name = k.strip_prefix("cmdstat_")?.to_string();
-            let calls = v.strip_prefix("calls=")?.split(',').next()?.parse().ok()?;
-            Some((name, calls))
-        })
-        .collect();
-    let stats = info(redis, "stats");
-    let get = |k: &str| stats.get(k).and_then(|v| v.parse().ok()).unwrap_or(0);
-    (
-        commands,
-        get("total_net_input_bytes"),
-        get("total_net_output_bytes"),
-    )
+/// Commands by name with their call counts, and the network byte counters, summed over the
+/// nodes.
+pub(crate) fn counters(redis: &impl InfoSource) -> (HashMap<String, u64>, u64, u64) {
+    let mut commands = HashMap::new();
+    for text in redis.info_texts("commandstats") {
+        for (k, v) in parse_info(&text) {
+            let Some(name) = k.strip_prefix("cmdstat_") else {
+                continue;
+            };
+            let calls = v
+                .strip_prefix("calls=")
+                .and_then(|v| v.split(',').next()?.parse::<u64>().ok());
+            if let Some(calls) = calls {
+                *commands.entry(name.to_string()).or_default() += calls;
+            }
+        }
+    }
+    let (mut bytes_in, mut bytes_out) = (0, 0);
+    for text in redis.info_texts("stats") {
+        let stats = parse_info(&text);
+        let get = |k: &str| {
+            stats
+                .get(k)
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap_or(0)
+        };
+        bytes_in += get("total_net_input_bytes");
+        bytes_out += get("total_net_output_bytes");
+    }
+    (commands, bytes_in, bytes_out)
 }
 
 /// Runs `calls` sequential 100-byte calls and counts what Redis did meanwhile.
 pub(crate) async fn wire_cost(
-    redis: &RedisServer,
+    redis: &impl InfoSource,
     caller: &impl Caller,
     calls: usize,
 ) -> Result<WireCost, String> {
