@@ -124,34 +124,41 @@ async fn start_clouds(url: &str, procs: &mut Vec<Proc>) -> Result<clouds::Client
         .map_err(|e| e.to_string())
 }
 
-/// raw's channels on the cluster, and `channel (slot S, primary :PORT)` for each: every
-/// request channel on a primary of its own while there are primaries to spare, the reply
-/// channel wherever its name falls, no two on one slot.
-///
-/// raw is the floor, so its servers' channels get the best spread; clouds' inboxes are named
-/// after random node ids and fall where they fall.
+/// raw's channels on the cluster, and `channel (slot S, primary :PORT)` for each (see
+/// [`spread`]).
 fn spread_channels(cluster: &RedisCluster) -> Result<(Channels, Vec<String>), String> {
     let nodes = cluster
         .nodes()
         .map_err(|e| format!("cannot list the cluster's nodes: {e}"))?;
     let primaries = nodes.iter().filter(|n| n.role == NodeRole::Primary).count();
-    let owner = |slot: u16| {
-        nodes
-            .iter()
-            .find(|n| n.owns(slot))
-            .map(|n| n.port)
-            .ok_or_else(|| format!("no primary owns slot {slot}"))
-    };
+    let owner = |slot: u16| nodes.iter().find(|n| n.owns(slot)).map(|n| n.port);
+    spread(RAW_PREFIX, PROCESSES, primaries, owner)
+}
+
+/// `servers` request channels and a reply channel under `prefix`, with `owner` the port of
+/// the primary that owns a slot: every request channel on a primary of its own while there
+/// are primaries to spare, the reply channel wherever its name falls, no two on one slot,
+/// no hash tags. Also `channel (slot S, primary :PORT)` for each.
+///
+/// raw is the floor, so its servers' channels get the best spread; clouds' inboxes are named
+/// after random node ids and fall where they fall.
+fn spread(
+    prefix: &str,
+    servers: usize,
+    primaries: usize,
+    owner: impl Fn(u16) -> Option<u16>,
+) -> Result<(Channels, Vec<String>), String> {
+    let owner = |slot: u16| owner(slot).ok_or_else(|| format!("no primary owns slot {slot}"));
     let mut taken: Vec<(u16, u16)> = Vec::new(); // (slot, primary)
     let mut placed = Vec::new();
     let mut requests = Vec::new();
-    for i in 0..PROCESSES {
+    for i in 0..servers {
         let spare = taken.len() < primaries;
         let mut chosen = None;
         for k in 0..NAME_TRIES {
             let name = match k {
-                0 => format!("{RAW_PREFIX}:req:{i}"),
-                k => format!("{RAW_PREFIX}:req:{i}.{k}"),
+                0 => format!("{prefix}:req:{i}"),
+                k => format!("{prefix}:req:{i}.{k}"),
             };
             let slot = RedisCluster::slot_of(&name);
             let primary = owner(slot)?;
@@ -168,7 +175,7 @@ fn spread_channels(cluster: &RedisCluster) -> Result<(Channels, Vec<String>), St
         placed.push(format!("{name} (slot {slot}, primary :{primary})"));
         requests.push(name);
     }
-    let reply = format!("{RAW_PREFIX}:reply");
+    let reply = format!("{prefix}:reply");
     let slot = RedisCluster::slot_of(&reply);
     if taken.iter().any(|(s, _)| *s == slot) {
         return Err(format!(
@@ -177,4 +184,62 @@ fn spread_channels(cluster: &RedisCluster) -> Result<(Channels, Vec<String>), St
     }
     placed.push(format!("{reply} (slot {slot}, primary :{})", owner(slot)?));
     Ok((Channels { requests, reply }, placed))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The slots of 3 primaries as `redis-cli --cluster create` assigns them.
+    fn three(slot: u16) -> Option<u16> {
+        Some(match slot {
+            0..=5460 => 7000,
+            5461..=10922 => 7001,
+            _ => 7002,
+        })
+    }
+
+    fn primary_of(name: &str) -> u16 {
+        three(RedisCluster::slot_of(name)).unwrap_or_default()
+    }
+
+    #[test]
+    fn each_request_channel_gets_a_primary_of_its_own() {
+        let (channels, placed) = spread(RAW_PREFIX, 3, 3, three).expect("spread");
+        let mut primaries: Vec<u16> = channels.requests.iter().map(|c| primary_of(c)).collect();
+        primaries.sort_unstable();
+        assert_eq!(primaries, [7000, 7001, 7002]);
+        assert_eq!(channels.requests[0], "rawbench:cluster:req:0");
+        assert_eq!(channels.reply, "rawbench:cluster:reply");
+        assert_eq!(placed.len(), 4);
+        let mut slots: Vec<u16> = channels
+            .requests
+            .iter()
+            .chain([&channels.reply])
+            .map(RedisCluster::slot_of)
+            .collect();
+        slots.sort_unstable();
+        slots.dedup();
+        assert_eq!(slots.len(), 4, "no two channels on one slot");
+        assert!(placed.iter().all(|p| !p.contains('{')), "no hash tags");
+    }
+
+    #[test]
+    fn more_servers_than_primaries_share_them() {
+        let (channels, _) = spread(RAW_PREFIX, 5, 3, three).expect("spread");
+        let mut first: Vec<u16> = channels.requests[..3]
+            .iter()
+            .map(|c| primary_of(c))
+            .collect();
+        first.sort_unstable();
+        assert_eq!(first, [7000, 7001, 7002]);
+        assert_eq!(channels.requests.len(), 5);
+        let (one, _) = spread(RAW_PREFIX, 3, 1, |_| Some(7000)).expect("one primary");
+        assert_eq!(one.requests[2], "rawbench:cluster:req:2");
+    }
+
+    #[test]
+    fn a_slot_without_a_primary_is_an_error() {
+        assert!(spread(RAW_PREFIX, 3, 3, |_| None).is_err());
+    }
 }

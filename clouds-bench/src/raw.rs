@@ -9,7 +9,8 @@
 //! On a Redis Cluster (a `redis-cluster://` URL) the same round trip uses sharded pub/sub:
 //! `SSUBSCRIBE` and `SPUBLISH` through fred's cluster client, which sends each to the primary
 //! that owns the channel's slot. Every channel is its own name, with no hash tag, so the
-//! channels spread over the slots (and the primaries) as clouds' inboxes would.
+//! channels fall on different slots (`cluster.rs` picks names that give each server's request
+//! channel a primary of its own).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -134,16 +135,7 @@ impl PubSub {
         subscribed.map_err(|e| e.to_string())
     }
 
-    /// `PUBLISH channel frame`, or `SPUBLISH` on a cluster; returns the receivers.
-    async fn publish(&self, channel: &str, frame: Bytes) -> Result<i64, fred::error::Error> {
-        if self.sharded {
-            self.commands.spublish(channel, Value::Bytes(frame)).await
-        } else {
-            self.commands.publish(channel, Value::Bytes(frame)).await
-        }
-    }
-
-    /// The name of [`PubSub::publish`]'s command, for errors.
+    /// The name of the publishing command, for errors.
     fn publish_command(&self) -> &'static str {
         if self.sharded { "SPUBLISH" } else { "PUBLISH" }
     }
@@ -214,8 +206,15 @@ async fn serve(
     reply: &str,
     mut stop: oneshot::Receiver<()>,
 ) {
+    // PUBLISH or SPUBLISH written out at each call site rather than behind an async fn of
+    // `PubSub`: a wrapper's future would add its own state to every call's future.
     let publish = |frame: Bytes| async move {
-        if let Err(e) = pubsub.publish(reply, frame).await {
+        let published: Result<i64, _> = if pubsub.sharded {
+            pubsub.commands.spublish(reply, Value::Bytes(frame)).await
+        } else {
+            pubsub.commands.publish(reply, Value::Bytes(frame)).await
+        };
+        if let Err(e) = published {
             eprintln!("raw server: {} failed: {e}", pubsub.publish_command());
         }
     };
@@ -364,11 +363,19 @@ impl RawClient {
             id,
         };
         let channel = &inner.requests[server % inner.requests.len()];
-        let receivers = inner
-            .pubsub
-            .publish(channel, frame.freeze())
-            .await
-            .map_err(|e| format!("{}: {e}", inner.pubsub.publish_command()))?;
+        // Written out rather than behind an async fn of `PubSub`, whose future would add its
+        // own state to every call's future (the memory row reports its size).
+        let published: Result<i64, _> = if inner.pubsub.sharded {
+            (inner.pubsub.commands)
+                .spublish(channel.as_str(), Value::Bytes(frame.freeze()))
+                .await
+        } else {
+            (inner.pubsub.commands)
+                .publish(channel.as_str(), Value::Bytes(frame.freeze()))
+                .await
+        };
+        let receivers =
+            published.map_err(|e| format!("{}: {e}", inner.pubsub.publish_command()))?;
         if receivers == 0 {
             return Err(format!("nobody listens on {channel}"));
         }

@@ -100,15 +100,16 @@ pub(crate) async fn first_calls(
     (calls, errors, command_deltas(&before, after))
 }
 
-/// Commands whose call counts grew from `before` to `after`, but the bench's own reads: INFO,
-/// and on a cluster the CLUSTER NODES that finds the primaries.
+/// Commands whose call counts grew from `before` to `after`, but the bench's own reads (INFO,
+/// and on a cluster the CLUSTER NODES that finds the primaries) and, on a cluster, the
+/// replicas' REPLCONF ACK to their primary (once a second, whatever the calls do).
 pub(crate) fn command_deltas(
     before: &HashMap<String, u64>,
     after: HashMap<String, u64>,
 ) -> Vec<(String, u64)> {
     let mut commands: Vec<(String, u64)> = after
         .into_iter()
-        .filter(|(name, _)| name != "info" && name != "cluster|nodes")
+        .filter(|(name, _)| !["info", "cluster|nodes", "replconf"].contains(&name.as_str()))
         .map(|(name, n)| {
             let delta = n - before.get(&name).copied().unwrap_or(0).min(n);
             (name, delta)
@@ -189,4 +190,40 @@ pub(crate) async fn wire_cost(
         bytes_in: in1.saturating_sub(in0),
         bytes_out: out1.saturating_sub(out0),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A cluster of two primaries, as INFO texts.
+    struct TwoPrimaries;
+
+    impl InfoSource for TwoPrimaries {
+        fn info_texts(&self, section: &str) -> Vec<String> {
+            match section {
+                "commandstats" => vec![
+                    "# Commandstats\r\ncmdstat_spublish:calls=3,usec=9,usec_per_call=3.00,rejected_calls=0,failed_calls=0\r\ncmdstat_info:calls=7,usec=1\r\n".into(),
+                    "# Commandstats\r\ncmdstat_spublish:calls=5,usec=9\r\ncmdstat_cluster|nodes:calls=2,usec=1\r\ncmdstat_replconf:calls=4,usec=1\r\n".into(),
+                ],
+                _ => vec![
+                    "total_net_input_bytes:100\r\ntotal_net_output_bytes:10\r\n".into(),
+                    "total_net_input_bytes:200\r\ntotal_net_output_bytes:20\r\n".into(),
+                ],
+            }
+        }
+    }
+
+    #[test]
+    fn counters_are_summed_over_the_nodes() {
+        let (commands, bytes_in, bytes_out) = counters(&TwoPrimaries);
+        assert_eq!(commands.get("spublish"), Some(&8));
+        assert_eq!((bytes_in, bytes_out), (300, 30));
+        let deltas = command_deltas(&HashMap::new(), commands);
+        assert_eq!(
+            deltas,
+            [("spublish".to_string(), 8)],
+            "the bench's own reads are left out"
+        );
+    }
 }
