@@ -3,9 +3,9 @@
 //! replicas the bench starts (and stops on drop).
 //!
 //! raw uses sharded pub/sub (`raw.rs`, chosen by the `redis-cluster://` seed URL). clouds gets
-//! the same seed URL. While clouds' transport does not accept `redis-cluster://` yet, its
-//! configuration fails to parse: the rows then report clouds as skipped, with the error, and
-//! raw is measured all the same.
+//! the same seed URL. Should clouds not run there (a transport without `redis-cluster://`
+//! fails to parse it; a provider may fail to start), the rows report clouds as skipped, with
+//! the error, and raw is measured all the same.
 
 use clouds_testkit::{NodeRole, RedisCluster};
 
