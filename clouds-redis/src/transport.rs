@@ -17,7 +17,12 @@
 //!   would fail);
 //! - fred drops the `sunsubscribe` Redis sends when a slot migrates or its primary is demoted,
 //!   and does not subscribe again: [`Transport::subscribers`] and [`Transport::resubscribe`]
-//!   let the runtime notice the loss and heal it.
+//!   let the runtime notice the loss and heal it;
+//! - fred reconnects a cluster client to every primary at once and sends no command until all
+//!   of them answer: while a killed primary's replica has not taken over yet, every command of
+//!   the client waits, whichever slot it is for. The reconnect pause is therefore capped at
+//!   250 ms in a cluster, so a client is back within that long after the failover rather than
+//!   up to `reconnect_max_delay` (2 s) later.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -115,7 +120,7 @@ impl Transport {
         builder.set_policy(ReconnectPolicy::new_exponential(
             0, // never give up
             millis(options.reconnect_min_delay).max(1),
-            millis(options.reconnect_max_delay).max(1),
+            millis(reconnect_max_delay(options, sharded)).max(1),
             2,
         ));
         let addr = endpoint.addr();
@@ -499,9 +504,56 @@ async fn resubscribe(
 /// attempts above 1 in a cluster (see `connect`).
 const REDIRECTIONS: u32 = 3;
 
+/// Longest pause between two reconnect attempts of a cluster client, whatever
+/// `reconnect_max_delay` says: while one primary is down, fred's cluster client sends no
+/// command at all (see the module doc), so a long pause would keep the whole client down that
+/// much longer after the cluster has failed over. Each attempt costs a `CLUSTER SLOTS` on a
+/// live node and a connection attempt to the missing one.
+const CLUSTER_RECONNECT_MAX_DELAY: Duration = Duration::from_millis(250);
+
+/// The longest reconnect pause: `reconnect_max_delay`, capped in a cluster at
+/// [`CLUSTER_RECONNECT_MAX_DELAY`] (but never below `reconnect_min_delay`).
+fn reconnect_max_delay(options: &TransportOptions, sharded: bool) -> Duration {
+    if sharded {
+        options
+            .reconnect_max_delay
+            .min(CLUSTER_RECONNECT_MAX_DELAY)
+            .max(options.reconnect_min_delay)
+    } else {
+        options.reconnect_max_delay
+    }
+}
+
 /// Broadcast capacity of the command connection, which only reports reconnects and errors.
 const COMMAND_EVENTS_CAPACITY: usize = 16;
 
 fn millis(d: Duration) -> u32 {
     d.as_millis().min(u32::MAX as u128) as u32
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_cluster_client_reconnects_at_least_every_250_ms() {
+        let mut options = TransportOptions::default();
+        assert_eq!(reconnect_max_delay(&options, false), Duration::from_secs(2));
+        assert_eq!(
+            reconnect_max_delay(&options, true),
+            Duration::from_millis(250)
+        );
+        options.reconnect_max_delay = Duration::from_millis(100);
+        assert_eq!(
+            reconnect_max_delay(&options, true),
+            Duration::from_millis(100)
+        );
+        // Never below the first pause.
+        options.reconnect_min_delay = Duration::from_millis(400);
+        options.reconnect_max_delay = Duration::from_secs(1);
+        assert_eq!(
+            reconnect_max_delay(&options, true),
+            Duration::from_millis(400)
+        );
+    }
 }
