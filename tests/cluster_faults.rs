@@ -912,6 +912,13 @@ async fn failover_then_kill_of_the_registry_shard() {
     d.blocking(|c| c.failover(replica))
         .expect("manual failover");
     let failover_took = fault_failover.elapsed();
+    eventually(
+        "both providers listed after the failover",
+        STEP_LIMIT,
+        both_listed,
+    )
+    .await;
+    let listed_failover = fault_failover.elapsed();
     let events_back_failover = d
         .resubscribed(
             replica,
@@ -921,13 +928,6 @@ async fn failover_then_kill_of_the_registry_shard() {
             "every node hears events again",
         )
         .await;
-    eventually(
-        "both providers listed after the failover",
-        STEP_LIMIT,
-        both_listed,
-    )
-    .await;
-    let listed_failover = fault_failover.elapsed();
     load.progress(
         20,
         fault_failover + failover_took,
@@ -940,6 +940,13 @@ async fn failover_then_kill_of_the_registry_shard() {
     let fault_kill = Instant::now();
     d.blocking(|c| c.kill_node(replica)).expect("kill -9");
     let promoted = d.promoted(registry, fault_kill).await;
+    eventually(
+        "both providers listed after the kill",
+        STEP_LIMIT,
+        both_listed,
+    )
+    .await;
+    let listed_kill = fault_kill.elapsed();
     let events_back_kill = d
         .resubscribed(
             registry,
@@ -949,13 +956,6 @@ async fn failover_then_kill_of_the_registry_shard() {
             "every node hears events again",
         )
         .await;
-    eventually(
-        "both providers listed after the kill",
-        STEP_LIMIT,
-        both_listed,
-    )
-    .await;
-    let listed_kill = fault_kill.elapsed();
     load.progress(
         20,
         fault_kill + listed_kill,
@@ -968,19 +968,19 @@ async fn failover_then_kill_of_the_registry_shard() {
     let across_failover = window(&records, fault_failover, Some(fault_kill));
     let failover = Figures::of(&across_failover, fault_failover);
     eprintln!(
-        "FIGURES {scenario} failover: failover_took_ms={} events_resubscribed_ms={} \
-         providers_listed_ms={} {failover}",
+        "FIGURES {scenario} failover: failover_took_ms={} providers_listed_ms={} \
+         events_resubscribed_ms={} {failover}",
         ms(failover_took),
-        ms(events_back_failover),
         ms(listed_failover),
+        ms(events_back_failover),
     );
     let kill = Figures::of(&window(&records, fault_kill, None), fault_kill);
     eprintln!(
-        "FIGURES {scenario} kill: promoted_ms={} events_resubscribed_ms={} \
-         providers_listed_ms={} all_back_ms={} {kill}",
+        "FIGURES {scenario} kill: promoted_ms={} providers_listed_ms={} \
+         events_resubscribed_ms={} all_back_ms={} {kill}",
         ms(promoted),
-        ms(events_back_kill),
         ms(listed_kill),
+        ms(events_back_kill),
         ms(kill.all_back()),
     );
     eprintln!(
