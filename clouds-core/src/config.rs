@@ -293,7 +293,9 @@ impl Config {
     }
 
     /// How long to wait before reconnecting after a lost connection: `min` first, doubling
-    /// up to `max` (defaults 50 ms and 2 s). Reconnecting never gives up.
+    /// up to `max` (defaults 50 ms and 2 s). Reconnecting never gives up. On a Redis Cluster
+    /// `max` is at most 250 ms: fred's cluster client sends nothing while it reconnects, so a
+    /// long pause would keep it down long after a failed primary has been replaced.
     ///
     /// ```
     /// use std::time::Duration;

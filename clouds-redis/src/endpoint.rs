@@ -232,7 +232,9 @@ pub struct TransportOptions {
     pub connect_timeout: Duration,
     /// First delay before reconnecting after a lost connection; doubles up to `reconnect_max_delay`.
     pub reconnect_min_delay: Duration,
-    /// Longest delay between reconnect attempts. Reconnecting never gives up.
+    /// Longest delay between reconnect attempts. Reconnecting never gives up. On a Redis
+    /// Cluster it is at most 250 ms (see the `transport` module: a cluster client is down as
+    /// a whole while it reconnects).
     pub reconnect_max_delay: Duration,
     /// How many received pub/sub frames may wait for the receive loop before the oldest are
     /// dropped (and counted as lag): room for a burst of replies to that many calls in flight.

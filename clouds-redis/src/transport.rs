@@ -17,14 +17,24 @@
 //!   would fail);
 //! - fred drops the `sunsubscribe` Redis sends when a slot migrates or its primary is demoted,
 //!   and does not subscribe again: [`Transport::subscribers`] and [`Transport::resubscribe`]
-//!   let the runtime notice the loss and heal it.
+//!   let the runtime notice the loss and heal it. Both first bring fred's slot map up to date,
+//!   since fred may not have noticed the change at all (a demoted primary goes on serving
+//!   sharded pub/sub for its old slots as a replica, see `Transport::follow_slot_map`);
+//! - fred reconnects a cluster client to every primary at once and sends no command until all
+//!   of them answer: while a killed primary's replica has not taken over yet, every command of
+//!   the client waits, whichever slot it is for. The reconnect pause is therefore capped at
+//!   250 ms in a cluster, so a client is back within that long after the failover rather than
+//!   up to `reconnect_max_delay` (2 s) later.
 
 use std::future::Future;
 use std::pin::Pin;
 use std::time::Duration;
 
 use bytes::Bytes;
-use fred::interfaces::{ClientLike, EventInterface, HashesInterface, PubsubInterface};
+use fred::interfaces::{
+    ClientLike, ClusterInterface, EventInterface, HashesInterface, PubsubInterface,
+};
+use fred::types::cluster::ClusterRouting;
 use fred::types::config::ReconnectPolicy;
 use fred::types::{Builder, Value};
 use futures_util::future::Either;
@@ -115,7 +125,7 @@ impl Transport {
         builder.set_policy(ReconnectPolicy::new_exponential(
             0, // never give up
             millis(options.reconnect_min_delay).max(1),
-            millis(options.reconnect_max_delay).max(1),
+            millis(reconnect_max_delay(options, sharded)).max(1),
             2,
         ));
         let addr = endpoint.addr();
@@ -291,7 +301,8 @@ impl Transport {
     /// How many connections, this one's included, are subscribed to `channel` now, as the
     /// Redis that owns it counts them (`PUBSUB SHARDNUMSUB` on its slot's primary, or
     /// `PUBSUB NUMSUB`). For a channel only this node subscribes to, 0 means its subscription
-    /// was lost.
+    /// was lost. In a cluster, both connections first catch up with the cluster's slot map
+    /// (see `Transport::follow_slot_map`), so the count comes from the slot's primary.
     ///
     /// ```no_run
     /// # async fn demo(transport: clouds_redis::Transport) -> Result<(), clouds_redis::TransportError> {
@@ -303,6 +314,7 @@ impl Transport {
     /// ```
     pub async fn subscribers(&self, channel: &str) -> Result<u64, TransportError> {
         let command = if self.sharded {
+            self.follow_slot_map().await?;
             "PUBSUB SHARDNUMSUB"
         } else {
             "PUBSUB NUMSUB"
@@ -334,9 +346,58 @@ impl Transport {
 
     /// Sends the subscription for `channel` again, to wherever it lives now: heals a sharded
     /// subscription that Redis ended when its slot moved (fred does not notice that). Harmless
-    /// when the subscription is still there.
+    /// when the subscription is still there. In a cluster, both connections first catch up
+    /// with the cluster's slot map (see `Transport::follow_slot_map`), so the subscription
+    /// goes to the slot's primary.
     pub async fn resubscribe(&self, channel: &str) -> Result<(), TransportError> {
+        if self.sharded {
+            self.follow_slot_map().await?;
+        }
         self.subscribe(channel).await
+    }
+
+    /// In a cluster, reads which primary owns which slots (`CLUSTER SLOTS`) and has each of
+    /// the two connections whose routing differs refresh it (fred's `sync_cluster`: the new
+    /// map, connections to new primaries, none to nodes that are no longer primaries).
+    ///
+    /// fred learns a new slot map only from a `MOVED`/`ASK` reply or a reconnect. After a
+    /// manual failover neither comes: the demoted primary, now a replica, goes on serving
+    /// `SSUBSCRIBE`, `SPUBLISH` and `PUBSUB SHARDNUMSUB` for its old slots itself (Redis lets
+    /// a replica of the slot's primary serve sharded pub/sub without redirecting). A
+    /// subscription healed through the old map would land on that replica, where frames
+    /// still reach it (the shard passes them on) while `SPUBLISH` on the primary counts 0
+    /// receivers: a caller with the new map would then take a listening provider for gone,
+    /// re-route a call it already received, or fail it with `NoProvider`.
+    async fn follow_slot_map(&self) -> Result<(), TransportError> {
+        const COMMAND: &str = "CLUSTER SLOTS";
+        let timeout = self.options.command_timeout;
+        let slots: Value = tokio::time::timeout(timeout, Box::pin(self.commands.cluster_slots()))
+            .await
+            .map_err(|_| self.timed_out(COMMAND))?
+            .map_err(|e| self.error(COMMAND, e))?;
+        let now = ClusterRouting::from_cluster_slots(slots, "")
+            .map(|routing| slot_owners(&routing))
+            .map_err(|e| self.error(COMMAND, e))?;
+        let stale = |routing: Option<ClusterRouting>| {
+            routing.is_none_or(|routing| slot_owners(&routing) != now)
+        };
+        if stale(self.commands.cached_cluster_state()) {
+            tracing::debug!(addr = %self.addr, "the cluster's slot map changed; following it");
+            tokio::time::timeout(timeout, Box::pin(self.commands.sync_cluster()))
+                .await
+                .map_err(|_| self.timed_out(COMMAND))?
+                .map_err(|e| self.error(COMMAND, e))?;
+        }
+        // Refreshing the subscriber drops its connections to demoted primaries (and the
+        // subscriptions there) and reports the new connections as reconnects, after which
+        // `resubscribe` (the task) restores every channel where it belongs.
+        if stale(self.subscriber.cached_cluster_state()) {
+            tokio::time::timeout(timeout, Box::pin(self.subscriber.sync_cluster()))
+                .await
+                .map_err(|_| self.timed_out(COMMAND))?
+                .map_err(|e| self.error(COMMAND, e))?;
+        }
+        Ok(())
     }
 
     /// A receiver for everything the subscriber connection delivers from now on.
@@ -499,9 +560,65 @@ async fn resubscribe(
 /// attempts above 1 in a cluster (see `connect`).
 const REDIRECTIONS: u32 = 3;
 
+/// Each slot range of a cluster's map, with the node id of the primary that owns it.
+fn slot_owners(routing: &ClusterRouting) -> Vec<(u16, u16, String)> {
+    routing
+        .slots()
+        .iter()
+        .map(|range| (range.start, range.end, range.id.to_string()))
+        .collect()
+}
+
+/// Longest pause between two reconnect attempts of a cluster client, whatever
+/// `reconnect_max_delay` says: while one primary is down, fred's cluster client sends no
+/// command at all (see the module doc), so a long pause would keep the whole client down that
+/// much longer after the cluster has failed over. Each attempt costs a `CLUSTER SLOTS` on a
+/// live node and a connection attempt to the missing one.
+const CLUSTER_RECONNECT_MAX_DELAY: Duration = Duration::from_millis(250);
+
+/// The longest reconnect pause: `reconnect_max_delay`, capped in a cluster at
+/// [`CLUSTER_RECONNECT_MAX_DELAY`] (but never below `reconnect_min_delay`).
+fn reconnect_max_delay(options: &TransportOptions, sharded: bool) -> Duration {
+    if sharded {
+        options
+            .reconnect_max_delay
+            .min(CLUSTER_RECONNECT_MAX_DELAY)
+            .max(options.reconnect_min_delay)
+    } else {
+        options.reconnect_max_delay
+    }
+}
+
 /// Broadcast capacity of the command connection, which only reports reconnects and errors.
 const COMMAND_EVENTS_CAPACITY: usize = 16;
 
 fn millis(d: Duration) -> u32 {
     d.as_millis().min(u32::MAX as u128) as u32
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_cluster_client_reconnects_at_least_every_250_ms() {
+        let mut options = TransportOptions::default();
+        assert_eq!(reconnect_max_delay(&options, false), Duration::from_secs(2));
+        assert_eq!(
+            reconnect_max_delay(&options, true),
+            Duration::from_millis(250)
+        );
+        options.reconnect_max_delay = Duration::from_millis(100);
+        assert_eq!(
+            reconnect_max_delay(&options, true),
+            Duration::from_millis(100)
+        );
+        // Never below the first pause.
+        options.reconnect_min_delay = Duration::from_millis(400);
+        options.reconnect_max_delay = Duration::from_secs(1);
+        assert_eq!(
+            reconnect_max_delay(&options, true),
+            Duration::from_millis(400)
+        );
+    }
 }
