@@ -7,7 +7,7 @@ use std::future::Future;
 
 use bytes::Bytes;
 
-use super::{Channel, Entry, Fields, Inbound, Reconnects, Transport, TransportError};
+use super::{Channel, Entry, Fields, Inbound, Lookup, Reconnects, Transport, TransportError};
 use crate::namespace::Names;
 use crate::node_id::NodeId;
 
@@ -75,28 +75,60 @@ impl Transport for RedisWire {
     }
 
     async fn heartbeat(&self, entry: &Entry<'_>) -> Result<(), TransportError> {
-        let id = entry.id.as_str();
-        let registry = &self.registry;
-        registry
-            .heartbeat(&self.redis, id, entry.ttl, entry.methods, &entry.fields)
-            .await
-            .map_err(TransportError::from_redis)
-    }
-
-    async fn deregister(&self, id: &NodeId, methods: &[String]) -> Result<(), TransportError> {
+        let beat = clouds_redis::Beat {
+            id: entry.id.as_str(),
+            ttl: entry.ttl,
+            methods: entry.methods,
+            fields: &entry.fields,
+            join: entry.join.clone(),
+            force_join: entry.force_join,
+        };
         self.registry
-            .deregister(&self.redis, id.as_str(), methods)
+            .heartbeat(&self.redis, &beat)
             .await
             .map_err(TransportError::from_redis)
     }
 
-    async fn providers(&self, methods: &[String]) -> Result<Vec<Vec<NodeId>>, TransportError> {
-        let lists = self
+    async fn deregister(
+        &self,
+        id: &NodeId,
+        methods: &[String],
+        leave: Bytes,
+    ) -> Result<(), TransportError> {
+        self.registry
+            .deregister(&self.redis, id.as_str(), methods, leave)
+            .await
+            .map_err(TransportError::from_redis)
+    }
+
+    async fn providers(
+        &self,
+        methods: &[String],
+        known: &[Option<u64>],
+    ) -> Result<Vec<Lookup>, TransportError> {
+        let known: Vec<(&str, Option<u64>)> = methods
+            .iter()
+            .map(String::as_str)
+            .zip(known.iter().copied())
+            .collect();
+        let found = self
             .registry
-            .providers(&self.redis, methods)
+            .providers_since(&self.redis, &known)
             .await
             .map_err(TransportError::from_redis)?;
-        Ok(lists.into_iter().map(ids).collect())
+        Ok(found
+            .into_iter()
+            .map(|lookup| match lookup {
+                clouds_redis::Lookup::Unchanged => Lookup::Unchanged,
+                clouds_redis::Lookup::Changed {
+                    generation,
+                    providers,
+                } => Lookup::Changed {
+                    generation,
+                    providers: ids(providers),
+                },
+            })
+            .collect())
     }
 
     async fn servers(&self) -> Result<Vec<(NodeId, Fields)>, TransportError> {
