@@ -46,14 +46,15 @@ local function changed(gens, set)
   end
 end
 local function generation(gens, set)
+  local m = method_of(set)
   if redis.call('EXISTS', set) == 0 then
-    redis.call('HDEL', gens, method_of(set))
+    redis.call('HDEL', gens, m)
     return '0'
   end
-  local g = redis.call('HGET', gens, method_of(set))
+  local g = redis.call('HGET', gens, m)
   if g then return g end
   changed(gens, set)
-  return redis.call('HGET', gens, method_of(set))
+  return redis.call('HGET', gens, m)
 end
 "#;
 

@@ -161,3 +161,21 @@ fn ids(list: Vec<String>) -> Vec<NodeId> {
         .map(|id| NodeId::from(id.as_str()))
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The registry scripts publish join and leave frames on the channel every node
+    /// subscribes to. On Redis Cluster the registry publishes on `{scope}:events` (its own
+    /// slot): `Names::events()` must give that name there too.
+    #[test]
+    fn the_registry_announces_on_the_events_channel_nodes_subscribe() {
+        let names = Names::new(&crate::Config::default().namespace("app").db(3));
+        let standalone = clouds_redis::Registry::new(names.scope());
+        assert_eq!(standalone.events_channel(), names.events().as_str());
+        assert_eq!(standalone.events_channel(), "app:3:events");
+        let sharded = clouds_redis::Registry::sharded(names.scope());
+        assert_eq!(sharded.events_channel(), "{app:3}:events");
+    }
+}
