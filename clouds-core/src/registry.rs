@@ -92,6 +92,7 @@ impl Registry {
         methods: &[String],
         known: &[Option<u64>],
     ) -> Result<Vec<Lookup>, Error> {
+        debug_assert_eq!(methods.len(), known.len(), "one generation per method");
         if methods.is_empty() {
             return Ok(Vec::new());
         }
