@@ -45,6 +45,7 @@ mod cluster;
 mod load;
 mod procs;
 mod raw;
+mod registry_sim;
 mod report;
 mod rss;
 mod stats;
@@ -273,6 +274,10 @@ fn parse_args(args: &[String]) -> Result<Role, String> {
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
+    // `registry`: the registry simulation (registry_sim.rs), a program of its own.
+    if args.first().is_some_and(|a| a == "registry") {
+        return registry_sim::main(&args[1..]);
+    }
     let role = match parse_args(&args) {
         Ok(role) => role,
         Err(e) => {

@@ -3,6 +3,12 @@
 //! Filled from the registry on first use, corrected at once by join/leave events and by
 //! `PUBLISH` returning 0 (the provider's inbox is gone), and refreshed every heartbeat as a
 //! fallback for missed events. Reads on the call path take a read lock and touch no Redis.
+//!
+//! Each method remembers the registry generation its list was read at, so a refresh of an
+//! unchanged method costs the registry no read of the list. The generation is kept only while
+//! the list is the registry's at that generation (minus providers marked gone): any local
+//! correction (an event, a provider found gone) forgets it, and so does a gone mark running
+//! out or a reconnect, so the next refresh reads the list whole, as every refresh used to.
 
 use foldhash::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -18,6 +24,9 @@ use crate::node_id::NodeId;
 #[derive(Debug, Default)]
 struct Entry {
     providers: Vec<NodeId>,
+    /// The registry generation `providers` was read at; `None` once it was corrected since
+    /// (or never read), so the next refresh reads it whole.
+    generation: Option<u64>,
     cursor: AtomicUsize,
     /// When a call last asked for this method, in ms since the balancer was made.
     last_used_ms: AtomicU64,
@@ -90,22 +99,55 @@ impl Balancer {
         read(&self.methods).keys().cloned().collect()
     }
 
-    /// Replaces a method's providers with a fresh registry read.
-    pub(crate) fn set(&self, method: &str, mut providers: Vec<NodeId>) {
+    /// The generation each of `methods` was read at (`None`: unknown, or corrected since),
+    /// for a refresh to send to the registry.
+    pub(crate) fn generations(&self, methods: &[String]) -> Vec<Option<u64>> {
+        if self.forget_expired_gone() {
+            forget_generations(&mut write(&self.methods));
+        }
+        let cache = read(&self.methods);
+        methods
+            .iter()
+            .map(|m| cache.get(m).and_then(|e| e.generation))
+            .collect()
+    }
+
+    /// Drops gone marks whose time is up; true if there were any. The registry may still list
+    /// those providers, so lists read while they were marked are no longer the registry's.
+    fn forget_expired_gone(&self) -> bool {
+        prune(&mut lock(&self.gone))
+    }
+
+    /// Replaces a method's providers with a registry read of unknown generation.
+    #[cfg(test)]
+    pub(crate) fn set(&self, method: &str, providers: Vec<NodeId>) {
+        self.replace(method, None, providers);
+    }
+
+    /// Replaces a method's providers with the registry's list at `generation`.
+    pub(crate) fn set_at(&self, method: &str, generation: u64, providers: Vec<NodeId>) {
+        self.replace(method, Some(generation), providers);
+    }
+
+    fn replace(&self, method: &str, generation: Option<u64>, mut providers: Vec<NodeId>) {
         providers.sort();
         providers.dedup();
-        {
-            let now = Instant::now();
+        let expired = {
             let mut gone = lock(&self.gone);
+            let expired = prune(&mut gone);
             if !gone.is_empty() {
-                gone.retain(|_, until| *until > now);
                 providers.retain(|p| !gone.contains_key(p));
             }
-        }
+            expired
+        };
         let now = self.now_ms();
         let mut methods = write(&self.methods);
+        if expired {
+            forget_generations(&mut methods);
+        }
         let entry = methods.entry(method.to_string()).or_default();
         entry.providers = providers;
+        entry.generation = generation;
         // A fresh entry counts as used: it was created for a call.
         if entry.last_used_ms.load(Ordering::Relaxed) == 0 {
             entry.last_used_ms.store(now.max(1), Ordering::Relaxed);
@@ -121,6 +163,7 @@ impl Balancer {
                 && let Err(at) = entry.providers.binary_search(node)
             {
                 entry.providers.insert(at, node.clone());
+                entry.generation = None;
             }
         }
     }
@@ -129,7 +172,11 @@ impl Balancer {
     pub(crate) fn remove(&self, node: &NodeId) {
         let mut cache = write(&self.methods);
         for entry in cache.values_mut() {
+            let before = entry.providers.len();
             entry.providers.retain(|p| p != node);
+            if entry.providers.len() != before {
+                entry.generation = None;
+            }
         }
         drop(cache);
         self.change_suspects(|suspects| {
@@ -144,9 +191,11 @@ impl Balancer {
         lock(&self.gone).insert(node.clone(), Instant::now() + self.suspect_for);
     }
 
-    /// Trusts registry refreshes again for every provider marked gone.
+    /// Trusts registry refreshes again for every provider marked gone, and reads every list
+    /// whole at the next refresh (after a reconnect: events may have been missed).
     pub(crate) fn forget_gone(&self) {
         lock(&self.gone).clear();
+        forget_generations(&mut write(&self.methods));
     }
 
     /// `node` timed out: try others first for a while. Its registry entry stays; it may only
@@ -276,6 +325,21 @@ impl Balancer {
     }
 }
 
+/// Drops the marks whose time is up; true if there were any.
+fn prune(marks: &mut HashMap<NodeId, Instant>) -> bool {
+    let now = Instant::now();
+    let before = marks.len();
+    marks.retain(|_, until| *until > now);
+    marks.len() != before
+}
+
+/// Makes the next refresh read every list whole.
+fn forget_generations(methods: &mut HashMap<String, Entry>) {
+    for entry in methods.values_mut() {
+        entry.generation = None;
+    }
+}
+
 /// One call waiting on a provider; dropping it ends the count.
 pub(crate) struct Outstanding<'a> {
     balancer: &'a Balancer,
@@ -396,6 +460,44 @@ mod tests {
         b.join(&"a".into(), &["m".into()]);
         let seen: std::collections::HashSet<_> = (0..10).filter_map(|_| b.pick("m", &[])).collect();
         assert_eq!(seen.len(), 2);
+    }
+
+    #[test]
+    fn a_generation_is_kept_only_while_the_list_is_the_registrys() {
+        let b = Balancer::new(Balance::RoundRobin, Duration::from_millis(20));
+        let both = ["m".to_string(), "n".to_string()];
+        assert_eq!(b.generations(&both), [None, None], "never read");
+        b.set_at("m", 7, ids(&["a", "b"]));
+        b.set_at("n", 9, ids(&["a"]));
+        assert_eq!(b.generations(&both), [Some(7), Some(9)]);
+        // An event that changes nothing keeps them.
+        b.join(&"a".into(), &["m".into()]);
+        b.remove(&"z".into());
+        assert_eq!(b.generations(&both), [Some(7), Some(9)]);
+        // A join adding a provider forgets that method's.
+        b.join(&"c".into(), &["m".into()]);
+        assert_eq!(b.generations(&both), [None, Some(9)]);
+        // A leave forgets the generation of every list it changed.
+        b.set_at("m", 8, ids(&["a", "b", "c"]));
+        b.remove(&"b".into());
+        assert_eq!(b.generations(&both), [None, Some(9)]);
+        b.set_at("m", 8, ids(&["a", "b", "c"]));
+        // A gone provider too; the lists read meanwhile leave it out...
+        b.mark_gone(&"a".into());
+        assert_eq!(b.generations(&both), [None, None]);
+        b.set_at("m", 8, ids(&["a", "b", "c"]));
+        b.set_at("n", 9, ids(&["a"]));
+        assert_eq!(b.pick("n", &[]), None);
+        assert_eq!(b.generations(&both), [Some(8), Some(9)]);
+        // ...so once its mark runs out, every list is read again (the registry may list it).
+        std::thread::sleep(Duration::from_millis(30));
+        assert_eq!(b.generations(&both), [None, None]);
+        b.set_at("n", 9, ids(&["a"]));
+        assert_eq!(b.pick("n", &[]), Some("a".into()));
+        // After a reconnect, everything is read again.
+        b.set_at("m", 8, ids(&["a"]));
+        b.forget_gone();
+        assert_eq!(b.generations(&both), [None, None]);
     }
 
     #[test]

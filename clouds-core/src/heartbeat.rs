@@ -63,8 +63,15 @@ impl Advert {
 }
 
 /// Writes the entry once, through `wire`. Beats may overtake each other on the way (they go
-/// on two connections); the registry keeps the one with the newest method list.
-pub(crate) async fn beat(node: &Node, wire: &Wire, advert: &Advert) -> Result<(), Error> {
+/// on two connections); the registry keeps the one with the newest method list. The registry
+/// publishes a join (all methods) with a beat that adds a method, and with every beat that
+/// `announce`s.
+pub(crate) async fn beat(
+    node: &Node,
+    wire: &Wire,
+    advert: &Advert,
+    announce: bool,
+) -> Result<(), Error> {
     let (generation, methods) = advert.snapshot();
     let in_flight = node.in_flight();
     node.registry()
@@ -76,6 +83,7 @@ pub(crate) async fn beat(node: &Node, wire: &Wire, advert: &Advert) -> Result<()
                 generation,
                 started_at_ms: advert.started_at_ms,
                 in_flight,
+                announce,
             },
         )
         .await
@@ -187,18 +195,12 @@ async fn run(
             Some(()) = node_reconnects.recv() => announce = true,
         }
         let Some(node) = node.upgrade() else { break };
-        let mut result = beat(&node, &wire, &advert).await;
-        if result.is_ok() && keep_calls_subscribed(&node, &wire).await {
+        if keep_calls_subscribed(&node, &wire).await {
             announce = true;
         }
-        if result.is_ok() && announce {
-            result = node
-                .registry()
-                .announce(&wire, &id, &advert.methods())
-                .await;
-            // Cleared only once sent: a failed announcement is retried with the next beat.
-            announce = result.is_err();
-        }
+        let result = beat(&node, &wire, &advert, announce).await;
+        // Cleared only once sent (with the beat): a failed one is retried with the next beat.
+        announce &= result.is_err();
         drop(node);
         wait = match result {
             Ok(()) => period,

@@ -68,7 +68,7 @@ impl Node {
             inbox: names.inbox(id.as_str()),
             calls: names.calls(id.as_str()),
             events: names.events(),
-            registry: Registry::new(names.clone(), config.effective_ttl()),
+            registry: Registry::new(config.effective_ttl()),
             peers: PeerChannels::new(names.clone()),
             caller: Caller::new(&config),
             messages: MessageQueue::new(config.message_buffer),
@@ -285,11 +285,20 @@ impl Node {
         Ok(())
     }
 
-    /// Looks up providers of `method` in the registry and caches them.
+    /// Looks up providers of `methods` in the registry and caches them. Only lists that
+    /// changed since the generation the cache holds are read and replaced.
     pub(crate) async fn refresh(&self, methods: &[String]) -> Result<(), Error> {
-        let lists = self.registry.providers(&self.wire, methods).await?;
-        for (method, providers) in methods.iter().zip(lists) {
-            self.caller.balancer().set(method, providers);
+        let balancer = self.caller.balancer();
+        let known = balancer.generations(methods);
+        let found = self.registry.providers(&self.wire, methods, &known).await?;
+        for (method, found) in methods.iter().zip(found) {
+            if let crate::transport::Lookup::Changed {
+                generation,
+                providers,
+            } = found
+            {
+                balancer.set_at(method, generation, providers);
+            }
         }
         Ok(())
     }

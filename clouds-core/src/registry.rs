@@ -1,16 +1,16 @@
 //! The heartbeat registry: who provides what, kept alive by the providers themselves.
 //!
 //! This module decides what an entry says (the info fields, the TTL) and what join and leave
-//! announcements carry; how entries are stored and expired is the transport's business
-//! (`transport::redis` keeps them in sorted sets and hashes on Redis's clock).
+//! announcements carry; how entries are stored and expired, and how the announcements go out
+//! with the change they announce, is the transport's business (`transport::redis` keeps them
+//! in sorted sets and hashes on Redis's clock and publishes from inside its scripts).
 
 use std::collections::BTreeMap;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use crate::transport::{Entry, Transport, Wire};
+use crate::transport::{Entry, Lookup, Transport, Wire};
 
 use crate::error::Error;
-use crate::namespace::Names;
 use crate::node_id::NodeId;
 
 /// What a server publishes about itself.
@@ -22,24 +22,32 @@ pub(crate) struct Announcement<'a> {
     pub(crate) generation: u64,
     pub(crate) started_at_ms: u64,
     pub(crate) in_flight: usize,
+    /// Announce the server (a join with all its methods) even if the beat adds nothing:
+    /// after a reconnect callers may have dropped it, and after a registration they are told
+    /// at once.
+    pub(crate) announce: bool,
 }
 
 /// Registry operations of one deployment.
 #[derive(Debug, Clone)]
 pub(crate) struct Registry {
-    names: Names,
     ttl: Duration,
     /// This machine's host name, read once: every heartbeat writes it.
     host: String,
 }
 
 impl Registry {
-    pub(crate) fn new(names: Names, ttl: Duration) -> Self {
+    /// The registry of the deployment `_names` names. (The names are no longer needed here —
+    /// the transport publishes the announcements — but `node.rs` builds this while it is being
+    /// changed for Redis Cluster; the parameter goes once that has landed.)
+    pub(crate) fn new(ttl: Duration) -> Self {
         let host = gethostname::gethostname().to_string_lossy().into_owned();
-        Registry { names, ttl, host }
+        Registry { ttl, host }
     }
 
-    /// Writes or renews a server's entry.
+    /// Writes or renews a server's entry. The transport publishes a join (all its methods)
+    /// with it when the beat makes it a provider of a method it was not listed for, or when
+    /// `me.announce` says so; callers that miss it find out at their next refresh.
     pub(crate) async fn heartbeat(&self, wire: &Wire, me: &Announcement<'_>) -> Result<(), Error> {
         let entry = Entry {
             id: me.id,
@@ -55,50 +63,39 @@ impl Registry {
                 ("methods", me.methods.join("\n")),
                 ("generation", me.generation.to_string()),
             ],
+            join: crate::codec::encode_join(me.id.as_str(), me.methods).into(),
+            force_join: me.announce,
         };
         wire.heartbeat(&entry).await?;
         Ok(())
     }
 
-    /// Tells callers at once that `id` provides `methods` (a join event). Callers that miss it
-    /// find out at their next refresh.
-    pub(crate) async fn announce(
-        &self,
-        wire: &Wire,
-        id: &NodeId,
-        methods: &[String],
-    ) -> Result<(), Error> {
-        let join = crate::codec::encode_join(id.as_str(), methods);
-        wire.publish(self.names.events(), join.into()).await?;
-        Ok(())
-    }
-
-    /// Removes a server's entry and tells callers it is leaving. Both steps are attempted;
-    /// the first failure is returned (the entry then expires with its TTL).
+    /// Removes a server's entry; the transport tells callers it is leaving in the same step.
+    /// On failure the entry expires with its TTL.
     pub(crate) async fn leave(
         &self,
         wire: &Wire,
         id: &NodeId,
         methods: &[String],
     ) -> Result<(), Error> {
-        let removed = wire.deregister(id, methods).await;
         let leave = crate::codec::encode_leave(id.as_str());
-        let announced = wire.publish(self.names.events(), leave.into()).await;
-        removed?;
-        announced?;
+        wire.deregister(id, methods, leave.into()).await?;
         Ok(())
     }
 
-    /// Live providers of each method, in the order asked.
+    /// For each method, in the order asked: unchanged since generation `known` (same order),
+    /// or its live providers and their generation.
     pub(crate) async fn providers(
         &self,
         wire: &Wire,
         methods: &[String],
-    ) -> Result<Vec<Vec<NodeId>>, Error> {
+        known: &[Option<u64>],
+    ) -> Result<Vec<Lookup>, Error> {
+        debug_assert_eq!(methods.len(), known.len(), "one generation per method");
         if methods.is_empty() {
             return Ok(Vec::new());
         }
-        Ok(wire.providers(methods).await?)
+        Ok(wire.providers(methods, known).await?)
     }
 
     /// Every live server and its info. Entries that cannot be read are logged and skipped.

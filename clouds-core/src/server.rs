@@ -86,7 +86,7 @@ impl Server {
         let advert = Arc::new(Advert::new());
         let started = async {
             node.wire().subscribe(node.calls_channel()).await?;
-            heartbeat::beat(&node, node.wire(), &advert).await?;
+            heartbeat::beat(&node, node.wire(), &advert, false).await?;
             Heartbeat::start(&node, advert.clone())
         };
         let heartbeat = match started.await {
@@ -168,10 +168,9 @@ impl Server {
         let added = self.dispatcher.add(routes)?;
         self.advert.add(&added);
         let node = self.node();
-        heartbeat::beat(node, node.wire(), &self.advert).await?;
-        node.registry()
-            .announce(node.wire(), node.id(), &added)
-            .await?;
+        // Announced with the beat, even if the registry listed it already for these methods
+        // (a stale entry): callers that dropped it take it back.
+        heartbeat::beat(node, node.wire(), &self.advert, true).await?;
         tracing::info!(node = %node.id(), methods = ?added, "serving");
         Ok(())
     }
@@ -352,7 +351,7 @@ mod tests {
         let broker = Broker::new();
         let server = Server::start(broker.config()).await.expect("server");
         broker.delay_next_command(server.id(), Duration::from_millis(100));
-        let older = heartbeat::beat(&server.node, server.node.wire(), &server.advert);
+        let older = heartbeat::beat(&server.node, server.node.wire(), &server.advert, false);
         let register = server.register("late.method", |(): ()| async { Ok::<_, Infallible>(()) });
         let (older, register) = tokio::join!(older, register);
         older.expect("beat");

@@ -15,7 +15,8 @@
 //! - [`inbound`]: [`Inbound`], the receive side of the subscriber connection, which turns the
 //!   broadcast channel's lag into a counted event instead of a silent stop.
 //! - [`registry`]: [`Registry`], the heartbeat registry's keys and Lua scripts (sorted sets
-//!   and hashes under one hash tag, expiry on Redis's clock).
+//!   and hashes under one hash tag, expiry on Redis's clock, per-method generations so an
+//!   unchanged list is not read again); the scripts publish join and leave frames themselves.
 //! - [`script`]: [`Script`] (Lua run with EVALSHA, reloaded after a Redis restart) and
 //!   [`ScriptValue`], the reply shape the registry reads.
 //! - [`error`]: [`TransportError`], which carries no fred type.
@@ -34,6 +35,6 @@ pub use channel::Channel;
 pub use endpoint::{Endpoint, TransportOptions};
 pub use error::TransportError;
 pub use inbound::{Delivery, Inbound};
-pub use registry::Registry;
+pub use registry::{Beat, Lookup, Registry};
 pub use script::{Script, ScriptValue};
 pub use transport::{Reconnects, Transport};

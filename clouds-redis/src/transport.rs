@@ -417,12 +417,13 @@ impl Transport {
         }
     }
 
-    /// Runs `script` with EVALSHA (loading it first if Redis does not know it).
+    /// Runs `script` with EVALSHA (loading it first if Redis does not know it). The
+    /// arguments are binary-safe (a frame to publish can be one).
     pub async fn eval(
         &self,
         script: &Script,
         keys: Vec<String>,
-        args: Vec<String>,
+        args: Vec<Bytes>,
     ) -> Result<ScriptValue, TransportError> {
         let eval = Box::pin(script.inner.evalsha_with_reload(&self.commands, keys, args));
         let value: Value = tokio::time::timeout(self.options.command_timeout, eval)

@@ -311,3 +311,181 @@ async fn the_registry_lists_providers_by_expiry_then_id_and_purges_the_expired()
     let servers = raw.servers().await;
     assert_eq!(servers, [a]);
 }
+
+/// A beat of `id` for `methods` lasting an hour, announcing itself if `force_join`.
+async fn beat(raw: &RawPeer, id: &NodeId, methods: &[&str], force_join: bool) {
+    let methods: Vec<String> = methods.iter().map(|m| m.to_string()).collect();
+    let entry = Entry {
+        id,
+        ttl: Duration::from_secs(3600),
+        methods: &methods,
+        fields: vec![("methods", methods.join("\n"))],
+        join: crate::codec::encode_join(id.as_str(), &methods).into(),
+        force_join,
+    };
+    raw.wire.heartbeat(&entry).await.expect("raw heartbeat");
+}
+
+/// The frames that have arrived on `raw`'s connection, decoded.
+fn arrived(raw: &mut RawPeer) -> Vec<Frame> {
+    std::iter::from_fn(|| raw.try_recv())
+        .map(|d| crate::codec::decode(&payload(d)).expect("a valid frame"))
+        .collect()
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_registry_announces_joins_and_leaves_with_the_change() {
+    let broker = Broker::new();
+    let config = config(&broker);
+    let mut listener = RawPeer::connect(&broker, &config, 64);
+    listener.subscribe(&listener.events()).await;
+    let writer = RawPeer::connect(&broker, &config, 16);
+    let s = NodeId::from("s");
+    let join = |methods: &[&str]| Frame::Join {
+        node: s.clone(),
+        methods: methods.iter().map(|m| m.to_string()).collect(),
+    };
+
+    beat(&writer, &s, &[], false).await;
+    assert_eq!(arrived(&mut listener), [], "serving nothing: no join");
+    beat(&writer, &s, &["j.a"], false).await;
+    assert_eq!(arrived(&mut listener), [join(&["j.a"])]);
+    beat(&writer, &s, &["j.a"], false).await;
+    assert_eq!(arrived(&mut listener), [], "a renewal adds nothing");
+    beat(&writer, &s, &["j.a", "j.b"], false).await;
+    assert_eq!(arrived(&mut listener), [join(&["j.a", "j.b"])]);
+    beat(&writer, &s, &["j.a", "j.b"], true).await;
+    assert_eq!(arrived(&mut listener), [join(&["j.a", "j.b"])], "forced");
+    // Whoever hears the join finds the entry already there.
+    assert_eq!(writer.providers(&["j.b"]).await, [vec![s.clone()]]);
+
+    writer.deregister(&s, &["j.a", "j.b"]).await;
+    assert_eq!(arrived(&mut listener), [Frame::Leave { node: s.clone() }]);
+    writer.deregister(&s, &["j.a", "j.b"]).await;
+    assert_eq!(
+        arrived(&mut listener),
+        [Frame::Leave { node: s.clone() }],
+        "announced also with nothing left to remove"
+    );
+    // A failed registry command announces nothing.
+    broker.fail_commands(&writer.id, 1);
+    let methods = vec!["j.a".to_string()];
+    let entry = Entry {
+        id: &s,
+        ttl: Duration::from_secs(60),
+        methods: &methods,
+        fields: Vec::new(),
+        join: crate::codec::encode_join(s.as_str(), &methods).into(),
+        force_join: true,
+    };
+    assert!(writer.wire.heartbeat(&entry).await.is_err());
+    assert_eq!(arrived(&mut listener), []);
+}
+
+#[tokio::test(start_paused = true)]
+async fn announcements_reach_subscribers_as_a_publish_would() {
+    let broker = Broker::new();
+    let config = config(&broker);
+    let mut frozen = RawPeer::connect(&broker, &config, 64);
+    frozen.subscribe(&frozen.events()).await;
+    let mut faulty = RawPeer::connect(&broker, &config, 64);
+    faulty.subscribe(&faulty.events()).await;
+    let writer = RawPeer::connect(&broker, &config, 16);
+    let s = NodeId::from("s");
+    broker.freeze(&frozen.id);
+    broker.fault_next_frame(&faulty.id, FrameFault::Duplicate);
+    beat(&writer, &s, &["f.a"], false).await;
+    assert_eq!(arrived(&mut frozen), [], "held while frozen");
+    assert_eq!(arrived(&mut faulty).len(), 2, "duplicated");
+    broker.thaw(&frozen.id);
+    assert_eq!(arrived(&mut frozen).len(), 1);
+    // Another deployment hears nothing.
+    let mut other = RawPeer::connect(&broker, &config.clone().namespace("other"), 16);
+    other.subscribe(&other.events()).await;
+    writer.deregister(&s, &["f.a"]).await;
+    assert_eq!(arrived(&mut other), []);
+    assert_eq!(arrived(&mut faulty), [Frame::Leave { node: s }]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_lookup_holding_the_current_generation_is_told_nothing_changed() {
+    let broker = Broker::new();
+    let raw = RawPeer::connect(&broker, &config(&broker), 16);
+    let (a, b) = (NodeId::from("a"), NodeId::from("b"));
+    let changed = |found: Lookup| match found {
+        Lookup::Changed {
+            generation,
+            providers,
+        } => (generation, providers),
+        Lookup::Unchanged => panic!("expected a changed list"),
+    };
+    let one = |found: Vec<Lookup>| -> Lookup {
+        let [found] = <[Lookup; 1]>::try_from(found).expect("one answer");
+        found
+    };
+
+    // Nobody provides it: generation 0.
+    let (g0, list) = changed(one(raw.providers_since(&["g.m"], &[None]).await));
+    assert_eq!((g0, list), (0, vec![]));
+    assert_eq!(
+        raw.providers_since(&["g.m"], &[Some(0)]).await,
+        [Lookup::Unchanged]
+    );
+
+    // A join.
+    raw.register_as(&a, &["g.m"], ms(1000)).await;
+    let (g1, list) = changed(one(raw.providers_since(&["g.m"], &[Some(0)]).await));
+    assert_eq!(list, vec![a.clone()]);
+    assert_ne!(g1, 0);
+    // A renewal is no change.
+    raw.register_as(&a, &["g.m"], ms(1000)).await;
+    assert_eq!(
+        raw.providers_since(&["g.m"], &[Some(g1)]).await,
+        [Lookup::Unchanged]
+    );
+    // Another join, then a leave.
+    raw.register_as(&b, &["g.m"], ms(300)).await;
+    let (g2, list) = changed(one(raw.providers_since(&["g.m"], &[Some(g1)]).await));
+    assert_eq!(list, [b.clone(), a.clone()], "by expiry");
+    raw.deregister(&a, &["g.m"]).await;
+    let (g3, list) = changed(one(raw.providers_since(&["g.m"], &[Some(g2)]).await));
+    assert_eq!(list, vec![b.clone()]);
+    assert!(g1 < g2 && g2 < g3);
+    // Expiry, seen by a caller that only asks for changes: of one provider of two...
+    let c = NodeId::from("c");
+    raw.register_as(&c, &["g.m"], ms(400)).await;
+    let (g3, list) = changed(one(raw.providers_since(&["g.m"], &[Some(g3)]).await));
+    assert_eq!(list, [b.clone(), c.clone()]);
+    tokio::time::sleep(ms(300)).await;
+    let (g3, list) = changed(one(raw.providers_since(&["g.m"], &[Some(g3)]).await));
+    assert_eq!(list, vec![c.clone()]);
+    assert_eq!(
+        raw.providers_since(&["g.m"], &[Some(g3)]).await,
+        [Lookup::Unchanged]
+    );
+    // ...and of the last one.
+    tokio::time::sleep(ms(100)).await;
+    assert_eq!(
+        changed(one(raw.providers_since(&["g.m"], &[Some(g3)]).await)),
+        (0, vec![])
+    );
+    // Back again: a generation never handed out before.
+    raw.register_as(&a, &["g.m"], ms(1000)).await;
+    let (g4, list) = changed(one(raw.providers_since(&["g.m"], &[Some(0)]).await));
+    assert_eq!(list, vec![a.clone()]);
+    assert!(g4 > g3);
+    // Several methods at once, in the order asked.
+    raw.register_as(&b, &["g.other"], ms(1000)).await;
+    let found = raw
+        .providers_since(&["g.m", "g.other", "g.none"], &[Some(g4), None, Some(0)])
+        .await;
+    assert_eq!(found[0], Lookup::Unchanged);
+    assert_eq!(changed(found[1].clone()).1, vec![b.clone()]);
+    assert_eq!(found[2], Lookup::Unchanged);
+    // A stale entry written by the test is a change too.
+    broker.stale_entry(&config(&broker), "g.m", "stale", ms(1000));
+    assert_eq!(
+        changed(one(raw.providers_since(&["g.m"], &[Some(g4)]).await)).1,
+        [a, NodeId::from("stale")]
+    );
+}

@@ -27,7 +27,7 @@ use crate::envelope::{Call, Frame, Status};
 use crate::namespace::Names;
 use crate::testing::Broker;
 use crate::transport::memory::MemoryWire;
-use crate::transport::{Channel, Delivery, Entry, Inbound, Transport};
+use crate::transport::{Channel, Delivery, Entry, Inbound, Lookup, Transport};
 use crate::{Client, Config, NodeId, Server};
 
 /// `n` milliseconds.
@@ -229,6 +229,8 @@ impl RawPeer {
             ttl,
             methods: &methods,
             fields,
+            join: crate::codec::encode_join(id.as_str(), &methods).into(),
+            force_join: false,
         };
         self.wire.heartbeat(&entry).await.expect("raw heartbeat");
     }
@@ -236,16 +238,33 @@ impl RawPeer {
     /// Removes `id`'s registry entry for `methods`.
     async fn deregister(&self, id: &NodeId, methods: &[&str]) {
         let methods: Vec<String> = methods.iter().map(|m| m.to_string()).collect();
+        let leave = crate::codec::encode_leave(id.as_str());
         self.wire
-            .deregister(id, &methods)
+            .deregister(id, &methods, leave.into())
             .await
             .expect("raw deregister");
     }
 
     /// The live providers of each of `methods`, as the registry lists them.
     async fn providers(&self, methods: &[&str]) -> Vec<Vec<NodeId>> {
+        let known = vec![None; methods.len()];
+        self.providers_since(methods, &known)
+            .await
+            .into_iter()
+            .map(|found| match found {
+                Lookup::Changed { providers, .. } => providers,
+                Lookup::Unchanged => panic!("a lookup of no generation was unchanged"),
+            })
+            .collect()
+    }
+
+    /// What a caller holding generation `known[i]` of `methods[i]` learns from the registry.
+    async fn providers_since(&self, methods: &[&str], known: &[Option<u64>]) -> Vec<Lookup> {
         let methods: Vec<String> = methods.iter().map(|m| m.to_string()).collect();
-        self.wire.providers(&methods).await.expect("raw providers")
+        self.wire
+            .providers(&methods, known)
+            .await
+            .expect("raw providers")
     }
 
     /// The live servers' ids, as the registry lists them.

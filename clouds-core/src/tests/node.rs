@@ -374,3 +374,42 @@ async fn a_handler_that_never_finishes_does_not_hold_up_other_calls() {
     ));
     assert_eq!(provider.stats().in_flight, 1, "still running");
 }
+
+#[tokio::test(start_paused = true)]
+async fn an_expired_entry_leaves_the_cache_at_the_next_refresh() {
+    let broker = Broker::new();
+    let provider = server(config(&broker)).await;
+    answer_name(&provider, "x.who", "server").await;
+    let mut raw = RawPeer::connect(&broker, &config(&broker), 64);
+    raw.subscribe(&raw.calls(raw.id.as_str())).await;
+    let id = raw.id.clone();
+    raw.register_as(&id, &["x.who"], HEARTBEAT * 3).await;
+    let caller = client(config(&broker)).await.with_retries(0);
+    let calls = tokio::spawn({
+        let caller = caller.clone();
+        async move {
+            let mut answers = Vec::new();
+            for _ in 0..2 {
+                answers.push(caller.call::<_, String>("x.who", ()).await.expect("call"));
+            }
+            answers
+        }
+    });
+    // Round-robin over the two reaches the raw provider within two calls.
+    let first = raw.next_call().await;
+    raw.answer(&first, Status::Ok, &encoded("raw")).await;
+    let mut answers = calls.await.expect("join");
+    answers.sort();
+    assert_eq!(answers, ["raw", "server"]);
+    // Nobody renews the raw entry, and nothing is announced: its call channel still listens,
+    // so only the refresh (holding the list's generation) can learn that it expired.
+    tokio::time::sleep(HEARTBEAT * 5).await;
+    for _ in 0..4 {
+        assert_eq!(
+            caller.call::<_, String>("x.who", ()).await.expect("call"),
+            "server"
+        );
+    }
+    assert!(raw.try_recv().is_none(), "no call was sent to it");
+    provider.shutdown().await.expect("shutdown");
+}

@@ -8,6 +8,11 @@
 //! - registry entries expire after their TTL on tokio's clock (so `tokio::time::pause()` makes
 //!   a test of expiry instant), providers are listed by expiry then id like `ZRANGE`, and
 //!   expired members are purged by whoever reads, as the Lua scripts do;
+//! - each method's providers have a generation that every change moves on (a provider added,
+//!   removed or expired), and a lookup holding the current one is answered "unchanged";
+//! - a heartbeat that adds a provider publishes its join frame, a deregistration its leave
+//!   frame, under the same lock as the change (so nobody sees one without the other), to the
+//!   events channel's subscribers exactly as a publish would reach them;
 //! - pub/sub ignores the registry's scope (namespace and db), as Redis's does.
 //!
 //! Faults are addressed by node id and apply to every connection of that node.
@@ -21,7 +26,9 @@ use bytes::Bytes;
 use tokio::sync::broadcast;
 use tokio::time::Instant;
 
-use super::{Channel, Delivery, Entry, Fields, Inbound, Reconnects, Transport, TransportError};
+use super::{
+    Channel, Delivery, Entry, Fields, Inbound, Lookup, Reconnects, Transport, TransportError,
+};
 use crate::locks::lock;
 use crate::namespace::Names;
 use crate::node_id::NodeId;
@@ -126,15 +133,61 @@ struct Registry {
     nodes: HashMap<String, (Instant, Fields)>,
     /// Method → provider id → expiry.
     methods: HashMap<String, HashMap<String, Instant>>,
+    /// Method → its generation: moved on by every change of its providers, never reset.
+    generations: HashMap<String, u64>,
 }
 
 impl Registry {
+    /// Removes expired entries; a method that lost providers gets a new generation.
     fn purge(&mut self, now: Instant) {
         self.nodes.retain(|_, (expiry, _)| *expiry > now);
-        for providers in self.methods.values_mut() {
+        for (method, providers) in &mut self.methods {
+            let before = providers.len();
             providers.retain(|_, expiry| *expiry > now);
+            if providers.len() != before {
+                *self.generations.entry(method.clone()).or_default() += 1;
+            }
         }
         self.methods.retain(|_, providers| !providers.is_empty());
+    }
+
+    /// Lists (or renews) `id` as a provider of `method` until `expiry`; true if it was not
+    /// one (the method's generation then moves on).
+    fn provide(&mut self, method: &str, id: &str, expiry: Instant) -> bool {
+        let providers = self.methods.entry(method.to_string()).or_default();
+        let added = providers.insert(id.to_string(), expiry).is_none();
+        if added {
+            *self.generations.entry(method.to_string()).or_default() += 1;
+        }
+        added
+    }
+
+    /// Takes `id` off `method`'s providers (the generation moves on if it was one).
+    fn withdraw(&mut self, method: &str, id: &str) {
+        if let Some(providers) = self.methods.get_mut(method)
+            && providers.remove(id).is_some()
+        {
+            *self.generations.entry(method.to_string()).or_default() += 1;
+        }
+    }
+
+    /// What a lookup holding generation `known` of `method` gets, as the Redis script answers:
+    /// generation 0 for a method nobody provides.
+    fn look_up(&self, method: &str, known: Option<u64>) -> Lookup {
+        let (generation, providers) = match self.methods.get(method) {
+            Some(providers) if !providers.is_empty() => (
+                self.generations.get(method).copied().unwrap_or_default(),
+                Some(providers),
+            ),
+            _ => (0, None),
+        };
+        if known == Some(generation) {
+            return Lookup::Unchanged;
+        }
+        Lookup::Changed {
+            generation,
+            providers: providers.map_or_else(Vec::new, |p| by_expiry(p.iter())),
+        }
     }
 }
 
@@ -428,16 +481,10 @@ impl Broker {
         let scope = Names::new(config).scope().to_string();
         let mut state = lock(&self.state);
         let registry = state.registries.entry(scope).or_default();
-        registry
-            .methods
-            .entry(method.to_string())
-            .or_default()
-            .insert(
-                node.as_ref().to_string(),
-                Instant::now()
-                    .checked_add(ttl)
-                    .unwrap_or(Instant::now() + FAR_FUTURE),
-            );
+        let expiry = Instant::now()
+            .checked_add(ttl)
+            .unwrap_or(Instant::now() + FAR_FUTURE);
+        registry.provide(method, node.as_ref(), expiry);
     }
 
     /// How many connections are subscribed to `channel` right now.
@@ -481,6 +528,7 @@ impl Broker {
             conn,
             node: id.to_string(),
             scope: names.scope().to_string(),
+            events: names.events(),
             command_timeout: options.command_timeout,
         })
     }
@@ -505,6 +553,12 @@ impl Broker {
     ) -> Result<u64, TransportError> {
         let mut state = lock(&self.state);
         state.admit(conn, node, "PUBLISH")?;
+        Ok(self.fan_out(&mut state, channel, frame))
+    }
+
+    /// Hands `frame` to every connection subscribed to `channel` (faults applied): how many
+    /// received it. Under the caller's lock, so a registry change can publish with it.
+    fn fan_out(&self, state: &mut State, channel: &str, frame: Bytes) -> u64 {
         let receivers: Vec<u64> = match state.channels.get(channel) {
             Some(subscribers) => subscribers
                 .iter()
@@ -516,7 +570,7 @@ impl Broker {
                         .is_some_and(|c| !state.disconnected.contains(&c.node))
                 })
                 .collect(),
-            None => return Ok(0),
+            None => return 0,
         };
         let channel = Channel::from(channel);
         for &id in &receivers {
@@ -545,7 +599,7 @@ impl Broker {
                 }
             }
         }
-        Ok(receivers.len() as u64)
+        receivers.len() as u64
     }
 }
 
@@ -565,6 +619,8 @@ pub(crate) struct MemoryWire {
     node: String,
     /// The registry scope (`namespace:db`) this node reads and writes.
     scope: String,
+    /// Where its registry changes announce themselves (join and leave frames).
+    events: Channel,
     /// `Config::command_timeout`: what a slow registry command turns into a timeout after.
     command_timeout: Duration,
 }
@@ -586,6 +642,18 @@ impl MemoryWire {
         command: &'static str,
         f: impl FnOnce(&mut Registry, Instant) -> T,
     ) -> Result<T, TransportError> {
+        self.registry_announcing(command, |registry, now| (f(registry, now), None))
+            .await
+    }
+
+    /// [`MemoryWire::registry`] for a change that may announce itself: the frame `f` returns
+    /// is published on the events channel under the same lock, as the Lua scripts publish
+    /// inside the script.
+    async fn registry_announcing<T>(
+        &self,
+        command: &'static str,
+        f: impl FnOnce(&mut Registry, Instant) -> (T, Option<Bytes>),
+    ) -> Result<T, TransportError> {
         let delay = lock(&self.broker.state)
             .slow
             .get_mut(&self.node)
@@ -604,7 +672,11 @@ impl MemoryWire {
         let mut state = lock(&self.broker.state);
         state.admit(self.conn, &self.node, command)?;
         let registry = state.registries.entry(self.scope.clone()).or_default();
-        Ok(f(registry, Instant::now()))
+        let (out, announcement) = f(registry, Instant::now());
+        if let Some(frame) = announcement {
+            self.broker.fan_out(&mut state, self.events.as_str(), frame);
+        }
+        Ok(out)
     }
 
     /// Subscribes or unsubscribes this connection.
@@ -692,8 +764,9 @@ impl Transport for MemoryWire {
     }
 
     async fn heartbeat(&self, entry: &Entry<'_>) -> Result<(), TransportError> {
-        self.registry("EVALSHA", |registry, now| {
+        self.registry_announcing("EVALSHA", |registry, now| {
             registry.purge(now);
+            let forced = entry.force_join.then(|| entry.join.clone());
             // As the Redis script does: a beat older than the entry's method list is ignored.
             let generation = |fields: &[(&str, String)]| -> Option<u64> {
                 let (_, value) = fields.iter().find(|(k, _)| *k == "generation")?;
@@ -709,7 +782,7 @@ impl Transport for MemoryWire {
             if let (Some(incoming), Some(seen)) = (generation(&entry.fields), seen)
                 && incoming < seen
             {
-                return;
+                return ((), forced);
             }
             let expiry = now.checked_add(entry.ttl).unwrap_or(now + FAR_FUTURE);
             let fields = entry
@@ -720,40 +793,42 @@ impl Transport for MemoryWire {
             registry
                 .nodes
                 .insert(entry.id.to_string(), (expiry, fields));
+            let mut joined = false;
             for method in entry.methods {
-                registry
-                    .methods
-                    .entry(method.clone())
-                    .or_default()
-                    .insert(entry.id.to_string(), expiry);
+                joined |= registry.provide(method, entry.id.as_str(), expiry);
             }
+            ((), forced.or_else(|| joined.then(|| entry.join.clone())))
         })
         .await
     }
 
-    async fn deregister(&self, id: &NodeId, methods: &[String]) -> Result<(), TransportError> {
-        self.registry("EVALSHA", |registry, _| {
+    async fn deregister(
+        &self,
+        id: &NodeId,
+        methods: &[String],
+        leave: Bytes,
+    ) -> Result<(), TransportError> {
+        self.registry_announcing("EVALSHA", |registry, _| {
             registry.nodes.remove(id.as_str());
             for method in methods {
-                if let Some(providers) = registry.methods.get_mut(method) {
-                    providers.remove(id.as_str());
-                }
+                registry.withdraw(method, id.as_str());
             }
+            ((), Some(leave))
         })
         .await
     }
 
-    async fn providers(&self, methods: &[String]) -> Result<Vec<Vec<NodeId>>, TransportError> {
+    async fn providers(
+        &self,
+        methods: &[String],
+        known: &[Option<u64>],
+    ) -> Result<Vec<Lookup>, TransportError> {
         self.registry("EVALSHA", |registry, now| {
             registry.purge(now);
             methods
                 .iter()
-                .map(|m| {
-                    registry
-                        .methods
-                        .get(m)
-                        .map_or_else(Vec::new, |p| by_expiry(p.iter()))
-                })
+                .zip(known)
+                .map(|(method, known)| registry.look_up(method, *known))
                 .collect()
         })
         .await

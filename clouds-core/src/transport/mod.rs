@@ -7,9 +7,13 @@
 //!   connection ([`Reconnects`]);
 //! - the registry: write a server's entry with its TTL ([`Entry`]), remove it, read the live
 //!   providers of methods and the live servers with their info, purging the expired on the way.
+//!   Each method's providers have a generation that every change moves on, so a caller that
+//!   holds the current one is told so ([`Lookup::Unchanged`]) without the list being read.
 //!
-//! Join and leave announcements are ordinary frames on the events channel, so they need nothing
-//! more. Two implementations sit behind it:
+//! Join and leave announcements are ordinary frames on the events channel, published by the
+//! registry operations themselves, in the same step as the change they announce: a beat that
+//! adds a server to a method publishes its join frame, a deregistration its leave frame. Two
+//! implementations sit behind it:
 //! - [`redis`]: Redis, standalone or Cluster, over the `clouds-redis` connections (classic or
 //!   sharded pub/sub; Lua scripts on Redis's own clock, every registry key in one hash tag);
 //! - [`memory`]: an in-process broker with the same observable behaviour on tokio's clock, with
@@ -88,24 +92,31 @@ pub(crate) trait Transport: Send + Sync + Sized {
     /// Notifications that a lost connection is back (and its subscriptions restored).
     fn reconnects(&self) -> Reconnects;
 
-    /// Writes or renews a server's registry entry for `entry.ttl`.
+    /// Writes or renews a server's registry entry for `entry.ttl`; in the same step publishes
+    /// `entry.join` on the events channel if the beat made it a provider of a method it was
+    /// not listed for, or if `entry.force_join`.
     fn heartbeat(
         &self,
         entry: &Entry<'_>,
     ) -> impl Future<Output = Result<(), TransportError>> + Send;
 
-    /// Removes a server's entry at once.
+    /// Removes a server's entry at once and, in the same step, publishes `leave` on the
+    /// events channel.
     fn deregister(
         &self,
         id: &NodeId,
         methods: &[String],
+        leave: Bytes,
     ) -> impl Future<Output = Result<(), TransportError>> + Send;
 
-    /// The live providers of each method, in the order asked; purges expired ones.
+    /// For each method, in the order asked: [`Lookup::Unchanged`] if `known` (same order)
+    /// holds its current generation, else its live providers and their generation (`None`
+    /// always gets the list). Purges expired providers, which changes the generation.
     fn providers(
         &self,
         methods: &[String],
-    ) -> impl Future<Output = Result<Vec<Vec<NodeId>>, TransportError>> + Send;
+        known: &[Option<u64>],
+    ) -> impl Future<Output = Result<Vec<Lookup>, TransportError>> + Send;
 
     /// Every live server with the info fields of its last heartbeat; purges expired ones.
     fn servers(&self)
@@ -126,6 +137,24 @@ pub(crate) struct Entry<'a> {
     pub(crate) methods: &'a [String],
     /// The node hash's fields, `methods` included (joined by `\n`).
     pub(crate) fields: Vec<(&'static str, String)>,
+    /// The join frame, published when the beat adds the server to a method's providers.
+    pub(crate) join: Bytes,
+    /// Publish `join` even if the beat adds nothing (after a reconnect, or a registration).
+    pub(crate) force_join: bool,
+}
+
+/// What a registry lookup found for one method (see [`Transport::providers`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Lookup {
+    /// The generation the caller holds is current: so is its list.
+    Unchanged,
+    /// The providers changed since then (or the caller held no generation).
+    Changed {
+        /// The list's generation, for the next lookup (0: nobody provides the method).
+        generation: u64,
+        /// The live providers, by expiry then id.
+        providers: Vec<NodeId>,
+    },
 }
 
 /// A failure talking to the broker.
@@ -300,12 +329,21 @@ impl Transport for Wire {
         each!(self, t => t.heartbeat(entry).await)
     }
 
-    async fn deregister(&self, id: &NodeId, methods: &[String]) -> Result<(), TransportError> {
-        each!(self, t => t.deregister(id, methods).await)
+    async fn deregister(
+        &self,
+        id: &NodeId,
+        methods: &[String],
+        leave: Bytes,
+    ) -> Result<(), TransportError> {
+        each!(self, t => t.deregister(id, methods, leave).await)
     }
 
-    async fn providers(&self, methods: &[String]) -> Result<Vec<Vec<NodeId>>, TransportError> {
-        each!(self, t => t.providers(methods).await)
+    async fn providers(
+        &self,
+        methods: &[String],
+        known: &[Option<u64>],
+    ) -> Result<Vec<Lookup>, TransportError> {
+        each!(self, t => t.providers(methods, known).await)
     }
 
     async fn servers(&self) -> Result<Vec<(NodeId, Fields)>, TransportError> {

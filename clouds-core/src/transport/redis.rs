@@ -8,7 +8,7 @@ use std::future::Future;
 
 use bytes::Bytes;
 
-use super::{Channel, Entry, Fields, Inbound, Reconnects, Transport, TransportError};
+use super::{Channel, Entry, Fields, Inbound, Lookup, Reconnects, Transport, TransportError};
 use crate::namespace::Names;
 use crate::node_id::NodeId;
 
@@ -25,12 +25,17 @@ impl RedisWire {
         options: &clouds_redis::TransportOptions,
         names: &Names,
     ) -> Result<Self, TransportError> {
-        Ok(RedisWire {
-            redis: clouds_redis::Transport::connect(endpoint, options)
-                .await
-                .map_err(TransportError::from_redis)?,
-            registry: clouds_redis::Registry::new(names.scope()),
-        })
+        let redis = clouds_redis::Transport::connect(endpoint, options)
+            .await
+            .map_err(TransportError::from_redis)?;
+        // In a cluster the scripts publish joins and leaves by SPUBLISH, on a channel in the
+        // registry's own slot.
+        let registry = if redis.is_sharded() {
+            clouds_redis::Registry::sharded(names.scope())
+        } else {
+            clouds_redis::Registry::new(names.scope())
+        };
+        Ok(RedisWire { redis, registry })
     }
 }
 
@@ -96,28 +101,60 @@ impl Transport for RedisWire {
     }
 
     async fn heartbeat(&self, entry: &Entry<'_>) -> Result<(), TransportError> {
-        let id = entry.id.as_str();
-        let registry = &self.registry;
-        registry
-            .heartbeat(&self.redis, id, entry.ttl, entry.methods, &entry.fields)
-            .await
-            .map_err(TransportError::from_redis)
-    }
-
-    async fn deregister(&self, id: &NodeId, methods: &[String]) -> Result<(), TransportError> {
+        let beat = clouds_redis::Beat {
+            id: entry.id.as_str(),
+            ttl: entry.ttl,
+            methods: entry.methods,
+            fields: &entry.fields,
+            join: entry.join.clone(),
+            force_join: entry.force_join,
+        };
         self.registry
-            .deregister(&self.redis, id.as_str(), methods)
+            .heartbeat(&self.redis, &beat)
             .await
             .map_err(TransportError::from_redis)
     }
 
-    async fn providers(&self, methods: &[String]) -> Result<Vec<Vec<NodeId>>, TransportError> {
-        let lists = self
+    async fn deregister(
+        &self,
+        id: &NodeId,
+        methods: &[String],
+        leave: Bytes,
+    ) -> Result<(), TransportError> {
+        self.registry
+            .deregister(&self.redis, id.as_str(), methods, leave)
+            .await
+            .map_err(TransportError::from_redis)
+    }
+
+    async fn providers(
+        &self,
+        methods: &[String],
+        known: &[Option<u64>],
+    ) -> Result<Vec<Lookup>, TransportError> {
+        let known: Vec<(&str, Option<u64>)> = methods
+            .iter()
+            .map(String::as_str)
+            .zip(known.iter().copied())
+            .collect();
+        let found = self
             .registry
-            .providers(&self.redis, methods)
+            .providers_since(&self.redis, &known)
             .await
             .map_err(TransportError::from_redis)?;
-        Ok(lists.into_iter().map(ids).collect())
+        Ok(found
+            .into_iter()
+            .map(|lookup| match lookup {
+                clouds_redis::Lookup::Unchanged => Lookup::Unchanged,
+                clouds_redis::Lookup::Changed {
+                    generation,
+                    providers,
+                } => Lookup::Changed {
+                    generation,
+                    providers: ids(providers),
+                },
+            })
+            .collect())
     }
 
     async fn servers(&self) -> Result<Vec<(NodeId, Fields)>, TransportError> {
@@ -149,4 +186,27 @@ fn ids(list: Vec<String>) -> Vec<NodeId> {
         .filter(|id| is_node_id(id))
         .map(|id| NodeId::from(id.as_str()))
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The registry scripts publish join and leave frames on the channel every node
+    /// subscribes to. On Redis Cluster the registry publishes on `{scope}:events` (its own
+    /// slot): `Names::events()` must give that name there too.
+    #[test]
+    fn the_registry_announces_on_the_events_channel_nodes_subscribe() {
+        let names = Names::new(&crate::Config::default().namespace("app").db(3));
+        let standalone = clouds_redis::Registry::new(names.scope());
+        assert_eq!(standalone.events_channel(), names.events().as_str());
+        assert_eq!(standalone.events_channel(), "app:3:events");
+        let cluster = crate::Config::from_url("redis-cluster://127.0.0.1:7000")
+            .expect("url")
+            .namespace("app");
+        let names = Names::new(&cluster);
+        let sharded = clouds_redis::Registry::sharded(names.scope());
+        assert_eq!(sharded.events_channel(), names.events().as_str());
+        assert_eq!(sharded.events_channel(), "{app:0}:events");
+    }
 }
