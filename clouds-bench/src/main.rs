@@ -4,6 +4,7 @@
 //! cargo run --release -p clouds-bench            # the full table (a few minutes)
 //! cargo run --release -p clouds-bench -- --quick # a smoke test of every row (seconds)
 //! cargo run --release -p clouds-bench -- --cluster # and rows on a Redis Cluster
+//! cargo run --release -p clouds-bench -- registry  # registry CPU at 1,000 servers and callers
 //! ```
 //!
 //! Starts its own `redis-server` on a free loopback port and measures, against it, an echo
@@ -20,6 +21,8 @@
 //! - `raw.rs`: the baseline, fred alone (`SPUBLISH`/`SSUBSCRIBE` on a cluster).
 //! - `clouds_rows.rs`: the `Bench` service, its provider and the caller.
 //! - `cluster.rs`: the rows on a Redis Cluster (`--cluster`).
+//! - `registry_sim.rs`: `registry`, the registry's Redis CPU with 1,000 servers beating and
+//!   1,000 callers refreshing, full lookups against generation lookups.
 //! - `load.rs`: the bounded load generator both are driven by.
 //! - `rss.rs`: client memory per call in flight, in a child process.
 //! - `wire.rs`: Redis commands and bytes per call, from `INFO`.
