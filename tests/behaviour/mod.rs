@@ -432,10 +432,9 @@ pub async fn a_dead_provider_expires(b: impl Backend) {
 /// One `#[tokio::test]` per case, each with a fresh backend from `$backend`.
 #[macro_export]
 macro_rules! behaviour_suite {
-    // Every case in one test, one after the other, each with `$backend(case_name)`: for a
-    // backend too costly to start once per case (a Redis Cluster is six processes).
-    (one_test $test:ident, $backend:expr, $($attr:tt)*) => {
-        $crate::behaviour_suite!(@sequence $test [$backend] ($($attr)*)
+    // The cases, listed once: appended to `$($head)*`, which is expanded with them.
+    (@with_cases [$($head:tt)*]) => {
+        $crate::behaviour_suite!($($head)*
             typed_calls_app_errors_and_panics
             bad_arguments_and_unknown_names
             unknown_method_from_a_stale_entry
@@ -462,23 +461,6 @@ macro_rules! behaviour_suite {
             )*
         }
     };
-    ($backend:expr, $($attr:tt)*) => {
-        $crate::behaviour_suite!(@cases [$backend] ($($attr)*)
-            typed_calls_app_errors_and_panics
-            bad_arguments_and_unknown_names
-            unknown_method_from_a_stale_entry
-            no_provider_fails_fast
-            timeout_then_retry_on_another_provider
-            reroute_when_nobody_received
-            overloaded_provider_refuses
-            round_robin_and_least_in_flight
-            messages_between_nodes
-            monitor_lists_who_serves_what
-            graceful_shutdown_under_load
-            a_crashed_server_answers_nothing_more
-            a_dead_provider_expires
-        );
-    };
     (@cases [$backend:expr] $attrs:tt $($case:ident)*) => {
         $(
             #[tokio::test $attrs]
@@ -486,5 +468,14 @@ macro_rules! behaviour_suite {
                 behaviour::$case($backend).await;
             }
         )*
+    };
+    // Every case in one test, one after the other, each with `$backend(case_name)`: for a
+    // backend too costly to start once per case (a Redis Cluster is six processes).
+    (one_test $test:ident, $backend:expr, $($attr:tt)*) => {
+        $crate::behaviour_suite!(@with_cases [@sequence $test [$backend] ($($attr)*)]);
+    };
+    // One test per case, each with a fresh `$backend`.
+    ($backend:expr, $($attr:tt)*) => {
+        $crate::behaviour_suite!(@with_cases [@cases [$backend] ($($attr)*)]);
     };
 }
