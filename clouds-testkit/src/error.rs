@@ -66,6 +66,15 @@ pub enum TestkitError {
         /// of each node's log. Empty when there is nothing to add.
         details: String,
     },
+    /// A [`RedisSentinel`](crate::RedisSentinel) operation failed, or the deployment did not
+    /// settle (or fail over) before the deadline.
+    Sentinel {
+        /// What was being done, and why it failed.
+        what: String,
+        /// The last state seen and the tail of each process's log; empty when there is
+        /// nothing to add.
+        details: String,
+    },
 }
 
 impl fmt::Display for TestkitError {
@@ -93,6 +102,12 @@ impl fmt::Display for TestkitError {
             }
             TestkitError::Cluster { what, details } => {
                 write!(f, "Redis Cluster: {what};\n{}", details.trim_end())
+            }
+            TestkitError::Sentinel { what, details } if details.is_empty() => {
+                write!(f, "Redis Sentinel: {what}")
+            }
+            TestkitError::Sentinel { what, details } => {
+                write!(f, "Redis Sentinel: {what};\n{}", details.trim_end())
             }
         }
     }

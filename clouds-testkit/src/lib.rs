@@ -55,6 +55,9 @@
 //! # Ok::<(), clouds_testkit::TestkitError>(())
 //! ```
 //!
+//! A throwaway Sentinel deployment (a primary, its replica and three sentinels) is a
+//! [`RedisSentinel`], with the primary's kill and the wait for the failover.
+//!
 //! Only std is used; the raw RESP2 client behind [`RedisServer::command`] is
 //! deliberately minimal and meant for poking Redis from tests, not for
 //! production traffic.
@@ -76,10 +79,12 @@ mod cluster;
 mod error;
 mod process;
 mod resp;
+mod sentinel;
 mod server;
 
 pub use cluster::{ClusterNode, NodeRole, RedisCluster, StartupTimings};
 pub use error::TestkitError;
 pub use process::{ChildError, ChildErrorKind, ChildProcess, Signal, SpawnOptions, output_of};
 pub use resp::{RespValue, ping};
+pub use sentinel::RedisSentinel;
 pub use server::{RedisServer, redis_server_path};

@@ -59,6 +59,9 @@ pub struct RedisServer {
     dir: PathBuf,
     extra_args: Vec<String>,
     password: Option<String>,
+    /// A configuration file given before every other argument (Sentinel needs one it can
+    /// rewrite).
+    config_file: Option<PathBuf>,
     child: Option<ChildProcess>,
 }
 
@@ -275,6 +278,7 @@ impl RedisServer {
             dir,
             extra_args: args.iter().map(|a| (*a).to_owned()).collect(),
             password: find_password(args),
+            config_file: None,
             child: None,
         })
     }
@@ -287,6 +291,11 @@ impl RedisServer {
         S: Into<String>,
     {
         self.extra_args.extend(args.into_iter().map(Into::into));
+    }
+
+    /// Names a configuration file to give `redis-server` first, before every argument.
+    pub(crate) fn set_config_file(&mut self, path: PathBuf) {
+        self.config_file = Some(path);
     }
 
     /// The server's temporary directory (removed on drop).
@@ -319,6 +328,9 @@ impl RedisServer {
         // A fresh log file per launch, so an error quotes only this attempt.
         let _ = fs::remove_file(self.dir.join(LOG_FILE));
         let mut command = Command::new(&self.binary);
+        if let Some(config_file) = &self.config_file {
+            command.arg(config_file);
+        }
         command
             .arg("--port")
             .arg(self.port.to_string())
