@@ -124,6 +124,47 @@ impl Config {
         })
     }
 
+    /// Settings for the primary of Sentinel service `service`, found through any of the
+    /// sentinels in `sentinels` (each `host:port`): the same as a `redis-sentinel://` URL.
+    /// Add the data nodes' credentials with [`Config::password`], the sentinels' (where they
+    /// differ) with [`Config::sentinel_password`].
+    ///
+    /// ```
+    /// let config = clouds_core::Config::sentinel("orders", ["10.0.0.5:26379", "10.0.0.6:26379"])?
+    ///     .password(Some("app"), "secret")
+    ///     .sentinel_password(None, "sentinel-secret")
+    ///     .db(3);
+    /// assert!(config.validate().is_ok());
+    /// # Ok::<(), clouds_core::Error>(())
+    /// ```
+    pub fn sentinel<S: AsRef<str>>(
+        service: &str,
+        sentinels: impl IntoIterator<Item = S>,
+    ) -> Result<Self, Error> {
+        let endpoint =
+            Endpoint::sentinel(service, sentinels).map_err(|e| Error::Config(e.to_string()))?;
+        Ok(Config {
+            endpoint,
+            ..Config::default()
+        })
+    }
+
+    /// Authenticates with the sentinels with `password` (and an ACL `username`), where they
+    /// want other credentials than the data nodes ([`Config::password`]). Only for Sentinel
+    /// settings; ignored otherwise.
+    ///
+    /// ```
+    /// let config = clouds_core::Config::sentinel("orders", ["10.0.0.5:26379"])?
+    ///     .sentinel_password(Some("watcher"), "sentinel-secret");
+    /// assert!(!format!("{config:?}").contains("sentinel-secret"));
+    /// # Ok::<(), clouds_core::Error>(())
+    /// ```
+    pub fn sentinel_password(mut self, username: Option<&str>, password: &str) -> Self {
+        self.endpoint
+            .set_sentinel_credentials(username.map(str::to_string), password.to_string());
+        self
+    }
+
     /// Whether these settings point at a Redis Cluster.
     ///
     /// ```

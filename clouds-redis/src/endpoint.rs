@@ -23,14 +23,27 @@ pub struct Endpoint {
 }
 
 /// The URL forms this version understands, for error messages.
-const FORMS: &str = "redis://[user:password@]host[:port][/db] or \
-    redis-cluster://[user:password@]host:port[?node=host:port&node=...]";
+const FORMS: &str = "redis://[user:password@]host[:port][/db], \
+    redis-cluster://[user:password@]host:port[?node=host:port&node=...] or \
+    redis-sentinel://[user:password@]host:port[/db]?sentinelServiceName=NAME[&node=host:port...]";
 
 impl Endpoint {
     /// Parses `redis://[user:password@]host[:port][/db]` (one server; the port defaults to
     /// 6379, the db to 0) or `redis-cluster://[user:password@]host:port[?node=host:port...]`
     /// (a Redis Cluster, found from any of the seed nodes; it has no databases, so a db other
-    /// than 0 is refused).
+    /// than 0 is refused) or
+    /// `redis-sentinel://[user:password@]host:port[/db]?sentinelServiceName=NAME[&node=host:port...]`
+    /// (the primary of service `NAME`, found through any of the sentinels at `host:port` and
+    /// the `node`s; `sentinelUsername` and `sentinelPassword` in the query, when the sentinels
+    /// want other credentials than the data nodes).
+    ///
+    /// ```
+    /// let e = clouds_redis::Endpoint::parse(
+    ///     "redis-sentinel://127.0.0.1:26379/3?sentinelServiceName=orders&node=127.0.0.1:26380",
+    /// ).unwrap();
+    /// assert!(e.is_sentinel());
+    /// assert_eq!(e.db(), 3);
+    /// ```
     ///
     /// ```
     /// use clouds_redis::Endpoint;
@@ -42,10 +55,19 @@ impl Endpoint {
             url: redact(url),
             reason,
         };
-        let cluster = if url.starts_with("redis://") {
-            false
+        let (cluster, sentinel) = if url.starts_with("redis://") {
+            (false, false)
         } else if url.starts_with("redis-cluster://") {
-            true
+            (true, false)
+        } else if url.starts_with("redis-sentinel://") {
+            if !url.contains("sentinelServiceName=") {
+                return Err(invalid(
+                    "a redis-sentinel:// URL needs ?sentinelServiceName=NAME, the service the \
+                     sentinels monitor"
+                        .into(),
+                ));
+            }
+            (false, true)
         } else {
             return Err(invalid(format!(
                 "unsupported scheme (TLS, Sentinel and unix sockets are not supported yet); use {FORMS}"
@@ -64,7 +86,9 @@ impl Endpoint {
                 // Seed nodes can die: rediscover the cluster from the last slot map too.
                 *policy = fred::types::config::ClusterDiscoveryPolicy::UseCache;
             }
-        } else if !config.server.is_centralized() {
+        } else if sentinel != config.server.is_sentinel() || config.server.is_clustered() {
+            // (fred also reads `redis://...?sentinelServiceName=` as Sentinel: ask for the
+            // scheme that says so.)
             return Err(invalid(format!("use {FORMS}")));
         }
         Ok(Endpoint {
@@ -86,22 +110,7 @@ impl Endpoint {
         nodes: impl IntoIterator<Item = S>,
     ) -> Result<Self, TransportError> {
         let nodes: Vec<String> = nodes.into_iter().map(|n| n.as_ref().to_string()).collect();
-        let invalid = |reason: String| TransportError::InvalidUrl {
-            url: nodes.join(","),
-            reason,
-        };
-        let mut hosts = Vec::with_capacity(nodes.len());
-        for node in &nodes {
-            let (host, port) = node
-                .rsplit_once(':')
-                .and_then(|(h, p)| Some((h, p.parse::<u16>().ok()?)))
-                .filter(|(h, _)| !h.is_empty())
-                .ok_or_else(|| invalid(format!("cluster node {node:?} is not host:port")))?;
-            hosts.push(fred::types::config::Server::new(host, port));
-        }
-        if hosts.is_empty() {
-            return Err(invalid("a cluster needs at least one seed node".into()));
-        }
+        let hosts = parse_hosts(&nodes)?;
         let config = fred::types::config::Config {
             server: fred::types::config::ServerConfig::Clustered {
                 hosts,
@@ -113,6 +122,64 @@ impl Endpoint {
             config,
             url_redacted: format!("redis-cluster://{}", nodes.join(",")),
         })
+    }
+
+    /// The primary of `service`, found through any of the sentinels in `nodes` (each
+    /// `host:port`), without credentials: what `redis-sentinel://` parses to.
+    ///
+    /// ```
+    /// let e = clouds_redis::Endpoint::sentinel("orders", ["127.0.0.1:26379", "127.0.0.1:26380"])
+    ///     .unwrap();
+    /// assert!(e.is_sentinel());
+    /// assert!(clouds_redis::Endpoint::sentinel("", ["127.0.0.1:26379"]).is_err());
+    /// ```
+    pub fn sentinel<S: AsRef<str>>(
+        service: &str,
+        nodes: impl IntoIterator<Item = S>,
+    ) -> Result<Self, TransportError> {
+        let nodes: Vec<String> = nodes.into_iter().map(|n| n.as_ref().to_string()).collect();
+        let hosts = parse_hosts(&nodes)?;
+        if service.is_empty() {
+            return Err(TransportError::InvalidUrl {
+                url: nodes.join(","),
+                reason: "a Sentinel service name must not be empty".into(),
+            });
+        }
+        let config = fred::types::config::Config {
+            server: fred::types::config::ServerConfig::Sentinel {
+                hosts,
+                service_name: service.to_string(),
+                username: None,
+                password: None,
+            },
+            ..Default::default()
+        };
+        Ok(Endpoint {
+            config,
+            url_redacted: format!(
+                "redis-sentinel://{}?sentinelServiceName={service}",
+                nodes.join(",")
+            ),
+        })
+    }
+
+    /// Sets the password (and optionally the ACL user name) for the sentinels, where they
+    /// differ from the data nodes'. Does nothing unless this is a Sentinel endpoint.
+    pub fn set_sentinel_credentials(&mut self, username: Option<String>, password: String) {
+        if let fred::types::config::ServerConfig::Sentinel {
+            username: u,
+            password: p,
+            ..
+        } = &mut self.config.server
+        {
+            *u = username;
+            *p = Some(password);
+        }
+    }
+
+    /// Whether the primary is found through Redis Sentinel.
+    pub fn is_sentinel(&self) -> bool {
+        self.config.server.is_sentinel()
     }
 
     /// Whether this is a Redis Cluster (sharded pub/sub, no databases).
@@ -169,6 +236,27 @@ impl Endpoint {
     }
 }
 
+/// `host:port` strings as fred's servers; at least one.
+fn parse_hosts(nodes: &[String]) -> Result<Vec<fred::types::config::Server>, TransportError> {
+    let invalid = |reason: String| TransportError::InvalidUrl {
+        url: nodes.join(","),
+        reason,
+    };
+    let mut hosts = Vec::with_capacity(nodes.len());
+    for node in nodes {
+        let (host, port) = node
+            .rsplit_once(':')
+            .and_then(|(h, p)| Some((h, p.parse::<u16>().ok()?)))
+            .filter(|(h, _)| !h.is_empty())
+            .ok_or_else(|| invalid(format!("node {node:?} is not host:port")))?;
+        hosts.push(fred::types::config::Server::new(host, port));
+    }
+    if hosts.is_empty() {
+        return Err(invalid("at least one node is needed".into()));
+    }
+    Ok(hosts)
+}
+
 /// Why a cluster refuses a database number.
 const CLUSTER_DB: &str = "Redis Cluster has only database 0; keep deployments apart with \
     `namespace` instead of a db number";
@@ -179,6 +267,7 @@ impl std::fmt::Debug for Endpoint {
             .field("url", &self.url_redacted)
             .field("db", &self.db())
             .field("cluster", &self.is_cluster())
+            .field("sentinel", &self.is_sentinel())
             .finish()
     }
 }
@@ -195,8 +284,22 @@ fn url_path(url: &str) -> &str {
     }
 }
 
-/// Hides the password of a URL so it can go into errors and logs.
+/// Hides the passwords of a URL (the user's, and a `sentinelPassword` in the query) so it
+/// can go into errors and logs.
 fn redact(url: &str) -> String {
+    let url = redact_userinfo(url);
+    match url.find("sentinelPassword=") {
+        Some(start) => {
+            let value = start + "sentinelPassword=".len();
+            let end = url[value..].find('&').map_or(url.len(), |i| value + i);
+            format!("{}***{}", &url[..value], &url[end..])
+        }
+        None => url,
+    }
+}
+
+/// Hides the password between `://` and `@`.
+fn redact_userinfo(url: &str) -> String {
     match (url.find("://"), url.rfind('@')) {
         (Some(scheme), Some(at)) if at > scheme => {
             let creds = &url[scheme + 3..at];
@@ -271,6 +374,10 @@ mod tests {
         assert_eq!(redact("redis://u:p@h:1/2"), "redis://u:***@h:1/2");
         assert_eq!(redact("redis://:p@h"), "redis://:***@h");
         assert_eq!(redact("redis://h:1"), "redis://h:1");
+        assert_eq!(
+            redact("redis-sentinel://u:p@h:1?sentinelServiceName=s&sentinelPassword=q&node=h:2"),
+            "redis-sentinel://u:***@h:1?sentinelServiceName=s&sentinelPassword=***&node=h:2"
+        );
     }
 
     #[test]

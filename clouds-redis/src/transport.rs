@@ -125,7 +125,11 @@ impl Transport {
         builder.set_policy(ReconnectPolicy::new_exponential(
             0, // never give up
             millis(options.reconnect_min_delay).max(1),
-            millis(reconnect_max_delay(options, sharded)).max(1),
+            millis(reconnect_max_delay(
+                options,
+                sharded || endpoint.is_sentinel(),
+            ))
+            .max(1),
             2,
         ));
         let addr = endpoint.addr();
@@ -574,13 +578,16 @@ fn slot_owners(routing: &ClusterRouting) -> Vec<(u16, u16, String)> {
 /// `reconnect_max_delay` says: while one primary is down, fred's cluster client sends no
 /// command at all (see the module doc), so a long pause would keep the whole client down that
 /// much longer after the cluster has failed over. Each attempt costs a `CLUSTER SLOTS` on a
-/// live node and a connection attempt to the missing one.
+/// live node and a connection attempt to the missing one. The same holds for a primary
+/// found through Sentinel: until the sentinels promote the replica, each attempt finds the
+/// dead one.
 const CLUSTER_RECONNECT_MAX_DELAY: Duration = Duration::from_millis(250);
 
-/// The longest reconnect pause: `reconnect_max_delay`, capped in a cluster at
-/// [`CLUSTER_RECONNECT_MAX_DELAY`] (but never below `reconnect_min_delay`).
-fn reconnect_max_delay(options: &TransportOptions, sharded: bool) -> Duration {
-    if sharded {
+/// The longest reconnect pause: `reconnect_max_delay`, capped where Redis fails over by
+/// itself (a cluster, Sentinel) at [`CLUSTER_RECONNECT_MAX_DELAY`] (but never below
+/// `reconnect_min_delay`).
+fn reconnect_max_delay(options: &TransportOptions, fails_over: bool) -> Duration {
+    if fails_over {
         options
             .reconnect_max_delay
             .min(CLUSTER_RECONNECT_MAX_DELAY)
