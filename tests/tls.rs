@@ -177,7 +177,10 @@ async fn a_server_signed_by_another_ca_is_a_certificate_error() {
         .expect_err("a server the CA did not sign");
     let message = err.to_string();
     assert!(message.contains("TLS"), "{message}");
-    assert!(message.contains("certificate was refused (UnknownIssuer)"), "{message}");
+    assert!(
+        message.contains("certificate was refused (UnknownIssuer)"),
+        "{message}"
+    );
     // Without a CA, the system trust store does not know the test CA either.
     let err = Client::connect(Config::from_url(&redis.url()).expect("valid url"))
         .await

@@ -17,6 +17,7 @@ use crate::error::TransportError;
 ///
 /// let c = clouds_redis::Endpoint::parse("redis-cluster://10.0.0.1:7000?node=10.0.0.2:7000").unwrap();
 /// assert!(c.is_cluster());
+/// ```
 ///
 /// `rediss://` and `rediss-cluster://` are the same over TLS (with the `tls` feature; without
 /// it they are refused, never sent in plaintext):
@@ -435,6 +436,36 @@ mod tests {
         assert_eq!(e.db(), 0);
         assert_eq!(e.addr(), "localhost:6379");
         assert!(Endpoint::parse("http://nope").is_err());
+    }
+
+    #[test]
+    fn tls_urls_need_the_tls_feature_and_tls_settings_need_a_tls_url() {
+        for url in [
+            "rediss://u:pw@127.0.0.1:6380/2",
+            "rediss-cluster://127.0.0.1:7000",
+        ] {
+            let parsed = Endpoint::parse(url);
+            assert_eq!(parsed.is_ok(), cfg!(feature = "tls"), "{url}");
+            match parsed {
+                Ok(e) => {
+                    assert!(e.is_tls());
+                    assert!(!format!("{e:?}").contains("pw"));
+                }
+                Err(e) => assert!(e.to_string().contains("never used in plaintext"), "{e}"),
+            }
+        }
+        let mut e = Endpoint::parse("redis://127.0.0.1").expect("valid url");
+        assert!(!e.is_tls());
+        e.set_tls_client_pem(b"cert".to_vec(), b"KEY BYTES".to_vec());
+        assert!(!e.is_tls());
+        assert!(!format!("{e:?}").contains("KEY BYTES"));
+        assert!(
+            e.check()
+                .expect_err("plaintext")
+                .to_string()
+                .contains("rediss://")
+        );
+        assert!(Endpoint::parse("redis+unix:///tmp/r.sock").is_err());
     }
 
     #[test]
