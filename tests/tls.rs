@@ -202,6 +202,22 @@ async fn plaintext_to_the_tls_port_fails_within_the_connect_timeout() {
     assert!(started.elapsed() < Duration::from_secs(11), "{err}");
     let message = err.to_string();
     assert!(message.contains("could not connect"), "{message}");
+
+    // And the other way round: TLS to a plaintext port is a TLS error that says so.
+    let plain = common::redis();
+    let tls_url = plain.url().replace("redis://", "rediss://");
+    let started = Instant::now();
+    let err = Client::connect(
+        Config::from_url(&tls_url)
+            .expect("valid url")
+            .tls_ca_pem(pki.ca_pem.as_str()),
+    )
+    .await
+    .expect_err("TLS to a plaintext port");
+    assert!(started.elapsed() < Duration::from_secs(11), "{err}");
+    let message = err.to_string();
+    assert!(message.contains("TLS with Redis"), "{message}");
+    assert!(message.contains("plaintext"), "{message}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

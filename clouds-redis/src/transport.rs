@@ -585,14 +585,21 @@ fn connect_error(addr: &str, tls: bool, e: &fred::error::Error) -> TransportErro
     if let Some(what) = between(&text, "InvalidCertificate(", ")") {
         return tls_error(format!(
             "the server's certificate was refused ({what}); check the CA \
-         (Config::tls_ca_pem / tls_ca_file, or the system trust store and SSL_CERT_FILE) \
-         and that the certificate names this host"
+             (Config::tls_ca_pem / tls_ca_file, or the system trust store and SSL_CERT_FILE) \
+             and that the certificate names this host"
         ));
     }
     if let Some(alert) = between(&text, "AlertReceived(", ")") {
         return tls_error(format!(
             "the server ended the handshake with the alert {alert}; does it require a \
-         client certificate (Config::tls_client_cert_pem) or one from another CA?"
+             client certificate (Config::tls_client_cert_pem) or one from another CA?"
+        ));
+    }
+    if tls && matches!(e.kind(), fred::error::ErrorKind::Timeout) {
+        // A plaintext Redis takes a TLS hello for the start of a command and waits.
+        return tls_error(format!(
+            "no TLS handshake within the connect timeout ({text}); is this a plaintext \
+             port? use redis:// there"
         ));
     }
     if tls && (text.contains("InvalidContentType") || text.contains("CorruptMessage")) {
