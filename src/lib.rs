@@ -62,6 +62,13 @@
 //!
 //! This crate re-exports the runtime (`clouds-core`) and the macro (`clouds-macros`);
 //! depend on `clouds` alone.
+//!
+//! # Features
+//!
+//! - `tls` (default): `rediss://` and `rediss-cluster://` URLs, over rustls with the ring
+//!   provider ([`Config::tls_ca_pem`], [`Config::tls_client_cert_pem`]). Without it such
+//!   URLs are refused by [`Config::from_url`], never used in plaintext.
+//! - `testing`: the in-memory broker (`clouds::testing`), for tests without Redis.
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 pub use clouds_core::{

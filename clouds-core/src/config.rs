@@ -87,6 +87,10 @@ impl Config {
     /// (any reachable seed node will do; a cluster has no databases, so a db other than 0 is
     /// refused: use [`Config::namespace`] to keep deployments apart). Defaults for the rest.
     ///
+    /// `rediss://`, `rediss-cluster://` and `rediss-sentinel://` are the same over TLS (the `tls` feature, on by
+    /// default in `clouds`; a build without it refuses them here rather than connect in
+    /// plaintext). See [`Config::tls_ca_pem`] and [`Config::tls_client_cert_pem`].
+    ///
     /// ```
     /// let config = clouds_core::Config::from_url("redis://user:secret@10.0.0.5:6380/3")?;
     /// assert_eq!(config.get_db(), 3);
@@ -195,6 +199,78 @@ impl Config {
     pub fn password(mut self, username: Option<&str>, password: &str) -> Self {
         self.endpoint
             .set_credentials(username.map(str::to_string), password.to_string());
+        self
+    }
+
+    /// Trusts the CA certificates in `pem` (PEM `CERTIFICATE` blocks) for a `rediss://` or
+    /// `rediss-cluster://` URL, instead of the system trust store (which is used when no CA
+    /// is set, honouring `SSL_CERT_FILE` and `SSL_CERT_DIR`). TLS settings on a plaintext
+    /// URL are refused when the node starts.
+    ///
+    /// ```no_run
+    /// # async fn demo() -> Result<(), clouds_core::Error> {
+    /// let ca = std::fs::read("/etc/redis/ca.pem").expect("the CA file");
+    /// let config = clouds_core::Config::from_url("rediss://redis.internal:6380")?.tls_ca_pem(ca);
+    /// # Ok(()) }
+    /// ```
+    pub fn tls_ca_pem(mut self, pem: impl Into<Vec<u8>>) -> Self {
+        self.endpoint.set_tls_ca_pem(pem.into());
+        self
+    }
+
+    /// Like [`Config::tls_ca_pem`], with the PEM read from the file at `path` when connecting
+    /// (a missing or invalid file is an error then).
+    ///
+    /// ```
+    /// # #[cfg(feature = "tls")] {
+    /// let config = clouds_core::Config::from_url("rediss://127.0.0.1:6380")
+    ///     .unwrap()
+    ///     .tls_ca_file("/etc/redis/ca.pem");
+    /// assert!(format!("{config:?}").contains("/etc/redis/ca.pem"));
+    /// # }
+    /// ```
+    pub fn tls_ca_file(mut self, path: impl Into<std::path::PathBuf>) -> Self {
+        self.endpoint.set_tls_ca_file(path.into());
+        self
+    }
+
+    /// Shows the server the client certificate chain `cert_pem` and its private key
+    /// `key_pem` (PEM: PKCS#8, PKCS#1 or SEC1), for mutual TLS (`tls-auth-clients yes`).
+    /// The key never appears in `Debug` output or errors.
+    ///
+    /// ```
+    /// # #[cfg(feature = "tls")] {
+    /// let config = clouds_core::Config::from_url("rediss://127.0.0.1:6380")
+    ///     .unwrap()
+    ///     .tls_client_cert_pem("-----BEGIN CERTIFICATE-----...", "-----BEGIN PRIVATE KEY-----...");
+    /// assert!(!format!("{config:?}").contains("PRIVATE KEY"));
+    /// # }
+    /// ```
+    pub fn tls_client_cert_pem(
+        mut self,
+        cert_pem: impl Into<Vec<u8>>,
+        key_pem: impl Into<Vec<u8>>,
+    ) -> Self {
+        self.endpoint
+            .set_tls_client_pem(cert_pem.into(), key_pem.into());
+        self
+    }
+
+    /// Like [`Config::tls_client_cert_pem`], with both read from files when connecting.
+    ///
+    /// ```
+    /// # #[cfg(feature = "tls")] {
+    /// let config = clouds_core::Config::from_url("rediss://127.0.0.1:6380")
+    ///     .unwrap()
+    ///     .tls_client_cert_files("/etc/redis/client.pem", "/etc/redis/client.key");
+    /// # }
+    /// ```
+    pub fn tls_client_cert_files(
+        mut self,
+        cert: impl Into<std::path::PathBuf>,
+        key: impl Into<std::path::PathBuf>,
+    ) -> Self {
+        self.endpoint.set_tls_client_files(cert.into(), key.into());
         self
     }
 

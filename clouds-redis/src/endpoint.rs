@@ -1,5 +1,7 @@
 //! Where Redis is and how the transport talks to it.
 
+use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use crate::error::TransportError;
@@ -16,16 +18,64 @@ use crate::error::TransportError;
 /// let c = clouds_redis::Endpoint::parse("redis-cluster://10.0.0.1:7000?node=10.0.0.2:7000").unwrap();
 /// assert!(c.is_cluster());
 /// ```
+///
+/// `rediss://` and `rediss-cluster://` are the same over TLS (with the `tls` feature; without
+/// it they are refused, never sent in plaintext):
+///
+/// ```
+/// # #[cfg(feature = "tls")] {
+/// let e = clouds_redis::Endpoint::parse("rediss://127.0.0.1:6380").unwrap();
+/// assert!(e.is_tls());
+/// # }
+/// ```
 #[derive(Clone)]
 pub struct Endpoint {
     pub(crate) config: fred::types::config::Config,
     url_redacted: String,
+    pub(crate) tls: Option<Tls>,
+    /// TLS settings were given for a plaintext URL (refused by `check`).
+    tls_on_plaintext: bool,
+}
+
+/// TLS settings: whom to trust and what to show the server. Built into a rustls
+/// configuration when the transport connects (see `tls.rs`).
+#[derive(Clone, Default, Debug)]
+pub(crate) struct Tls {
+    /// The CA certificates to trust instead of the system trust store.
+    pub(crate) ca: Option<Pem>,
+    /// A client certificate chain and its private key (mutual TLS).
+    pub(crate) client: Option<(Pem, Pem)>,
+}
+
+/// PEM text given in memory or as a file read at connect time.
+#[derive(Clone)]
+pub(crate) enum Pem {
+    /// The PEM bytes (never printed: a key is secret).
+    Bytes(Arc<[u8]>),
+    /// A file holding PEM.
+    File(PathBuf),
+}
+
+// By hand: a key's bytes must never reach a log.
+impl std::fmt::Debug for Pem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Pem::Bytes(bytes) => write!(f, "<{} bytes of PEM>", bytes.len()),
+            Pem::File(path) => write!(f, "{}", path.display()),
+        }
+    }
 }
 
 /// The URL forms this version understands, for error messages.
 const FORMS: &str = "redis://[user:password@]host[:port][/db], \
     redis-cluster://[user:password@]host:port[?node=host:port&node=...] or \
-    redis-sentinel://[user:password@]host:port[/db]?sentinelServiceName=NAME[&node=host:port...]";
+    redis-sentinel://[user:password@]host:port[/db]?sentinelServiceName=NAME[&node=host:port...], \
+    or rediss://, rediss-cluster:// and rediss-sentinel:// for TLS";
+
+/// Why a TLS URL is refused in a build without TLS.
+#[cfg(not(feature = "tls"))]
+const NO_TLS: &str = "this build has no TLS support (enable the `tls` feature of clouds, \
+    on by default); a TLS URL is never used in plaintext";
 
 impl Endpoint {
     /// Parses `redis://[user:password@]host[:port][/db]` (one server; the port defaults to
@@ -36,6 +86,11 @@ impl Endpoint {
     /// (the primary of service `NAME`, found through any of the sentinels at `host:port` and
     /// the `node`s; `sentinelUsername` and `sentinelPassword` in the query, when the sentinels
     /// want other credentials than the data nodes).
+    /// want other credentials than the data nodes). `rediss://`, `rediss-cluster://` and
+    /// `rediss-sentinel://` are the same over TLS, the server verified against the system trust
+    /// store (`SSL_CERT_FILE` and `SSL_CERT_DIR` are honoured) unless a CA is set with
+    /// [`Endpoint::set_tls_ca_pem`] or [`Endpoint::set_tls_ca_file`]. In a build without the
+    /// `tls` feature a TLS URL is an error, never a plaintext connection.
     ///
     /// ```
     /// let e = clouds_redis::Endpoint::parse(
@@ -48,32 +103,50 @@ impl Endpoint {
     /// ```
     /// use clouds_redis::Endpoint;
     /// assert!(Endpoint::parse("redis-cluster://127.0.0.1:7000/2").is_err());
-    /// assert!(Endpoint::parse("rediss://127.0.0.1").is_err());
+    /// assert!(Endpoint::parse("redis+unix:///tmp/redis.sock").is_err());
+    /// assert_eq!(Endpoint::parse("rediss://127.0.0.1").is_ok(), cfg!(feature = "tls"));
     /// ```
     pub fn parse(url: &str) -> Result<Self, TransportError> {
         let invalid = |reason: String| TransportError::InvalidUrl {
             url: redact(url),
             reason,
         };
-        let (cluster, sentinel) = if url.starts_with("redis://") {
-            (false, false)
-        } else if url.starts_with("redis-cluster://") {
-            (true, false)
-        } else if url.starts_with("redis-sentinel://") {
-            if !url.contains("sentinelServiceName=") {
-                return Err(invalid(
-                    "a redis-sentinel:// URL needs ?sentinelServiceName=NAME, the service the \
-                     sentinels monitor"
-                        .into(),
-                ));
+        let (scheme, rest) = url.split_once("://").unwrap_or((url, ""));
+        let (cluster, sentinel, tls) = match scheme {
+            "redis" => (false, false, false),
+            "redis-cluster" => (true, false, false),
+            "redis-sentinel" => (false, true, false),
+            "rediss" => (false, false, true),
+            "rediss-cluster" => (true, false, true),
+            "rediss-sentinel" => (false, true, true),
+            _ => {
+                return Err(invalid(format!(
+                    "unsupported scheme (unix sockets are not supported yet); use {FORMS}"
+                )));
             }
-            (false, true)
-        } else {
-            return Err(invalid(format!(
-                "unsupported scheme (TLS, Sentinel and unix sockets are not supported yet); use {FORMS}"
-            )));
         };
-        let mut config = fred::types::config::Config::from_url(url)
+        if sentinel && !url.contains("sentinelServiceName=") {
+            return Err(invalid(
+                "a redis-sentinel:// URL needs ?sentinelServiceName=NAME, the service the \
+                 sentinels monitor"
+                    .into(),
+            ));
+        }
+        #[cfg(not(feature = "tls"))]
+        if tls {
+            return Err(invalid(NO_TLS.to_string()));
+        }
+        // fred is given the plaintext form: the TLS configuration is built here (fred's own
+        // would load the system trust store at parse time and fail on any unreadable file).
+        let plain = format!(
+            "{}://{rest}",
+            match (cluster, sentinel) {
+                (true, _) => "redis-cluster",
+                (_, true) => "redis-sentinel",
+                _ => "redis",
+            }
+        );
+        let mut config = fred::types::config::Config::from_url(&plain)
             .map_err(|e| invalid(format!("{}; use {FORMS}", e.details())))?;
         if cluster {
             // fred ignores a cluster URL's path; a db there would be silently dropped.
@@ -94,6 +167,8 @@ impl Endpoint {
         Ok(Endpoint {
             config,
             url_redacted: redact(url),
+            tls: tls.then(Tls::default),
+            tls_on_plaintext: false,
         })
     }
 
@@ -121,6 +196,8 @@ impl Endpoint {
         Ok(Endpoint {
             config,
             url_redacted: format!("redis-cluster://{}", nodes.join(",")),
+            tls: None,
+            tls_on_plaintext: false,
         })
     }
 
@@ -160,6 +237,8 @@ impl Endpoint {
                 "redis-sentinel://{}?sentinelServiceName={service}",
                 nodes.join(",")
             ),
+            tls: None,
+            tls_on_plaintext: false,
         })
     }
 
@@ -180,6 +259,79 @@ impl Endpoint {
     /// Whether the primary is found through Redis Sentinel.
     pub fn is_sentinel(&self) -> bool {
         self.config.server.is_sentinel()
+    }
+
+    /// Whether connections use TLS (the URL was `rediss://` or `rediss-cluster://`).
+    ///
+    /// ```
+    /// assert!(!clouds_redis::Endpoint::parse("redis://127.0.0.1").unwrap().is_tls());
+    /// ```
+    pub fn is_tls(&self) -> bool {
+        self.tls.is_some() && !self.tls_on_plaintext
+    }
+
+    /// Trusts the CA certificates in `pem` (one or more PEM `CERTIFICATE` blocks) instead
+    /// of the system trust store. Only for a TLS URL: [`Endpoint::check`] refuses TLS
+    /// settings on a plaintext one.
+    ///
+    /// ```
+    /// let mut e = clouds_redis::Endpoint::parse("redis://127.0.0.1").unwrap();
+    /// e.set_tls_ca_pem(b"-----BEGIN CERTIFICATE-----...".to_vec());
+    /// assert!(e.check().unwrap_err().to_string().contains("rediss://"));
+    /// ```
+    pub fn set_tls_ca_pem(&mut self, pem: Vec<u8>) {
+        self.tls_settings().ca = Some(Pem::Bytes(pem.into()));
+    }
+
+    /// Like [`Endpoint::set_tls_ca_pem`], with the PEM read from `path` when connecting.
+    ///
+    /// ```
+    /// # #[cfg(feature = "tls")] {
+    /// let mut e = clouds_redis::Endpoint::parse("rediss://127.0.0.1").unwrap();
+    /// e.set_tls_ca_file("/etc/redis/ca.pem".into());
+    /// assert!(format!("{e:?}").contains("/etc/redis/ca.pem"));
+    /// # }
+    /// ```
+    pub fn set_tls_ca_file(&mut self, path: PathBuf) {
+        self.tls_settings().ca = Some(Pem::File(path));
+    }
+
+    /// Shows the server the certificate chain `cert_pem` with its private key `key_pem`
+    /// (PKCS#8, PKCS#1 or SEC1 PEM), for servers that require client certificates
+    /// (`tls-auth-clients yes`). The key is never printed.
+    ///
+    /// ```
+    /// # #[cfg(feature = "tls")] {
+    /// let mut e = clouds_redis::Endpoint::parse("rediss://127.0.0.1").unwrap();
+    /// e.set_tls_client_pem(b"cert".to_vec(), b"very secret key".to_vec());
+    /// assert!(!format!("{e:?}").contains("very secret"));
+    /// # }
+    /// ```
+    pub fn set_tls_client_pem(&mut self, cert_pem: Vec<u8>, key_pem: Vec<u8>) {
+        self.tls_settings().client =
+            Some((Pem::Bytes(cert_pem.into()), Pem::Bytes(key_pem.into())));
+    }
+
+    /// Like [`Endpoint::set_tls_client_pem`], with both read from files when connecting.
+    ///
+    /// ```
+    /// # #[cfg(feature = "tls")] {
+    /// let mut e = clouds_redis::Endpoint::parse("rediss://127.0.0.1").unwrap();
+    /// e.set_tls_client_files("client.pem".into(), "client.key".into());
+    /// assert!(e.check().is_ok());
+    /// # }
+    /// ```
+    pub fn set_tls_client_files(&mut self, cert: PathBuf, key: PathBuf) {
+        self.tls_settings().client = Some((Pem::File(cert), Pem::File(key)));
+    }
+
+    /// The TLS settings, created (on a plaintext URL, for [`Endpoint::check`] to refuse) if
+    /// there are none yet.
+    fn tls_settings(&mut self) -> &mut Tls {
+        if self.tls.is_none() {
+            self.tls_on_plaintext = true;
+        }
+        self.tls.get_or_insert_with(Tls::default)
     }
 
     /// Whether this is a Redis Cluster (sharded pub/sub, no databases).
@@ -207,6 +359,14 @@ impl Endpoint {
     /// assert!(e.check().unwrap_err().to_string().contains("namespace"));
     /// ```
     pub fn check(&self) -> Result<(), TransportError> {
+        if self.tls_on_plaintext {
+            return Err(TransportError::InvalidUrl {
+                url: self.url_redacted.clone(),
+                reason: "TLS settings (a CA or a client certificate) were given for a \
+                    plaintext URL; use rediss://, rediss-cluster:// or rediss-sentinel://"
+                    .to_string(),
+            });
+        }
         if self.is_cluster() && self.db() != 0 {
             return Err(TransportError::InvalidUrl {
                 url: self.url_redacted.clone(),
@@ -268,6 +428,7 @@ impl std::fmt::Debug for Endpoint {
             .field("db", &self.db())
             .field("cluster", &self.is_cluster())
             .field("sentinel", &self.is_sentinel())
+            .field("tls", &self.tls)
             .finish()
     }
 }
@@ -389,6 +550,37 @@ mod tests {
         assert_eq!(e.db(), 0);
         assert_eq!(e.addr(), "localhost:6379");
         assert!(Endpoint::parse("http://nope").is_err());
+    }
+
+    #[test]
+    fn tls_urls_need_the_tls_feature_and_tls_settings_need_a_tls_url() {
+        for url in [
+            "rediss://u:pw@127.0.0.1:6380/2",
+            "rediss-cluster://127.0.0.1:7000",
+            "rediss-sentinel://u:pw@127.0.0.1:26379?sentinelServiceName=s&sentinelPassword=pw",
+        ] {
+            let parsed = Endpoint::parse(url);
+            assert_eq!(parsed.is_ok(), cfg!(feature = "tls"), "{url}");
+            match parsed {
+                Ok(e) => {
+                    assert!(e.is_tls());
+                    assert!(!format!("{e:?}").contains("pw"));
+                }
+                Err(e) => assert!(e.to_string().contains("never used in plaintext"), "{e}"),
+            }
+        }
+        let mut e = Endpoint::parse("redis://127.0.0.1").expect("valid url");
+        assert!(!e.is_tls());
+        e.set_tls_client_pem(b"cert".to_vec(), b"KEY BYTES".to_vec());
+        assert!(!e.is_tls());
+        assert!(!format!("{e:?}").contains("KEY BYTES"));
+        assert!(
+            e.check()
+                .expect_err("plaintext")
+                .to_string()
+                .contains("rediss://")
+        );
+        assert!(Endpoint::parse("redis+unix:///tmp/r.sock").is_err());
     }
 
     #[test]

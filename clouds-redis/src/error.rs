@@ -22,6 +22,15 @@ pub enum TransportError {
         /// The underlying error.
         reason: String,
     },
+    /// The TLS settings could not be used, or the TLS handshake with Redis failed (its
+    /// certificate was refused, or it refused ours).
+    #[error("TLS with Redis at {addr} failed: {reason}")]
+    Tls {
+        /// `host:port` that was tried.
+        addr: String,
+        /// What went wrong, without key material.
+        reason: String,
+    },
     /// A command got no answer within the command timeout (Redis down, or reconnecting).
     #[error("Redis did not answer {command} within {after:?} (connection down or reconnecting)")]
     Timeout {

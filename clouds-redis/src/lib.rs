@@ -20,6 +20,8 @@
 //! - [`script`]: [`Script`] (Lua run with EVALSHA, reloaded after a Redis restart) and
 //!   [`ScriptValue`], the reply shape the registry reads.
 //! - [`error`]: [`TransportError`], which carries no fred type.
+//! - `tls` (with the `tls` feature): the rustls configuration of a `rediss://` endpoint
+//!   (ring provider; system trust store or a given CA; optional client certificate).
 //!
 //! No fred type appears in this crate's public API.
 
@@ -29,6 +31,8 @@ pub mod error;
 pub mod inbound;
 pub mod registry;
 pub mod script;
+#[cfg(feature = "tls")]
+mod tls;
 pub mod transport;
 
 pub use channel::Channel;

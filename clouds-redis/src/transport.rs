@@ -95,7 +95,21 @@ impl Transport {
     ) -> Result<Self, TransportError> {
         endpoint.check()?;
         let sharded = endpoint.is_cluster();
-        let mut builder = Builder::from_config(endpoint.config.clone());
+        let addr = endpoint.addr();
+        #[cfg_attr(not(feature = "tls"), allow(unused_mut))]
+        let mut config = endpoint.config.clone();
+        // Never plaintext for a TLS URL: without the `tls` feature `Endpoint::parse` refused it.
+        #[cfg(feature = "tls")]
+        if let Some(tls) = &endpoint.tls {
+            config.tls =
+                Some(
+                    crate::tls::fred_config(tls).map_err(|reason| TransportError::Tls {
+                        addr: addr.clone(),
+                        reason,
+                    })?,
+                );
+        }
+        let mut builder = Builder::from_config(config);
         builder.with_connection_config(|c| {
             c.connection_timeout = options.connect_timeout;
             c.internal_command_timeout = options.command_timeout;
@@ -132,11 +146,8 @@ impl Transport {
             .max(1),
             2,
         ));
-        let addr = endpoint.addr();
-        let connect_error = |e: fred::error::Error| TransportError::Connect {
-            addr: addr.clone(),
-            reason: e.to_string(),
-        };
+        let tls = endpoint.is_tls();
+        let connect_error = |e: fred::error::Error| connect_error(&addr, tls, &e);
         let commands = builder.build().map_err(connect_error)?;
         builder.with_performance_config(|p| {
             p.default_command_timeout = options.command_timeout;
@@ -564,6 +575,54 @@ async fn resubscribe(
 /// Cluster redirections (`MOVED`, `ASK`) one command may follow; also what raises its write
 /// attempts above 1 in a cluster (see `connect`).
 const REDIRECTIONS: u32 = 3;
+
+/// The error of a failed first connection: a TLS handshake failure told as such (what was
+/// refused and what to check), anything else as a connect error.
+fn connect_error(addr: &str, tls: bool, e: &fred::error::Error) -> TransportError {
+    let text = e.to_string();
+    let tls_error = |reason: String| TransportError::Tls {
+        addr: addr.to_string(),
+        reason,
+    };
+    // fred passes rustls' errors on as text: `InvalidCertificate(UnknownIssuer)`,
+    // `AlertReceived(CertificateRequired)`, ...
+    if let Some(what) = between(&text, "InvalidCertificate(", ")") {
+        return tls_error(format!(
+            "the server's certificate was refused ({what}); check the CA \
+             (Config::tls_ca_pem / tls_ca_file, or the system trust store and SSL_CERT_FILE) \
+             and that the certificate names this host"
+        ));
+    }
+    if let Some(alert) = between(&text, "AlertReceived(", ")") {
+        return tls_error(format!(
+            "the server ended the handshake with the alert {alert}; does it require a \
+             client certificate (Config::tls_client_cert_pem) or one from another CA?"
+        ));
+    }
+    if tls && matches!(e.kind(), fred::error::ErrorKind::Timeout) {
+        // A plaintext Redis takes a TLS hello for the start of a command and waits.
+        return tls_error(format!(
+            "no TLS handshake within the connect timeout ({text}); is this a plaintext \
+             port? use redis:// there"
+        ));
+    }
+    if tls && (text.contains("InvalidContentType") || text.contains("CorruptMessage")) {
+        return tls_error(format!(
+            "the server did not answer in TLS ({text}); is it a plaintext port? use redis://"
+        ));
+    }
+    TransportError::Connect {
+        addr: addr.to_string(),
+        reason: text,
+    }
+}
+
+/// The text between `start` and the next `end` in `text`.
+fn between<'a>(text: &'a str, start: &str, end: &str) -> Option<&'a str> {
+    let from = text.find(start)? + start.len();
+    let len = text[from..].find(end)?;
+    Some(&text[from..from + len])
+}
 
 /// Each slot range of a cluster's map, with the node id of the primary that owns it.
 fn slot_owners(routing: &ClusterRouting) -> Vec<(u16, u16, String)> {

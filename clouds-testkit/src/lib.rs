@@ -87,4 +87,4 @@ pub use error::TestkitError;
 pub use process::{ChildError, ChildErrorKind, ChildProcess, Signal, SpawnOptions, output_of};
 pub use resp::{RespValue, ping};
 pub use sentinel::RedisSentinel;
-pub use server::{RedisServer, redis_server_path};
+pub use server::{RedisServer, TlsFiles, redis_server_path};

@@ -62,7 +62,59 @@ pub struct RedisServer {
     /// A configuration file given before every other argument (Sentinel needs one it can
     /// rewrite).
     config_file: Option<PathBuf>,
+    /// Serves TLS only (`--port 0 --tls-port <port>`): probed by its log, not by a command.
+    tls: bool,
     child: Option<ChildProcess>,
+}
+
+/// The PEM files of a TLS server ([`RedisServer::start_tls`]).
+///
+/// ```
+/// let files = clouds_testkit::TlsFiles::new("server.pem", "server.key", "ca.pem")
+///     .require_client_certs(true);
+/// assert!(files.require_client_certs);
+/// ```
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct TlsFiles {
+    /// The server's certificate (chain).
+    pub cert: PathBuf,
+    /// The server certificate's private key.
+    pub key: PathBuf,
+    /// The CA certificate(s) that client certificates are checked against (Redis requires
+    /// one even when clients are not asked for certificates).
+    pub ca: PathBuf,
+    /// Whether clients must show a certificate signed by `ca` (`--tls-auth-clients yes`;
+    /// `no` otherwise).
+    pub require_client_certs: bool,
+}
+
+impl TlsFiles {
+    /// The files, with client certificates not required.
+    ///
+    /// ```
+    /// let files = clouds_testkit::TlsFiles::new("server.pem", "server.key", "ca.pem");
+    /// assert!(!files.require_client_certs);
+    /// ```
+    pub fn new(cert: impl Into<PathBuf>, key: impl Into<PathBuf>, ca: impl Into<PathBuf>) -> Self {
+        TlsFiles {
+            cert: cert.into(),
+            key: key.into(),
+            ca: ca.into(),
+            require_client_certs: false,
+        }
+    }
+
+    /// Sets whether clients must show a certificate (mutual TLS).
+    ///
+    /// ```
+    /// let files = clouds_testkit::TlsFiles::new("s.pem", "s.key", "ca.pem").require_client_certs(true);
+    /// assert!(files.require_client_certs);
+    /// ```
+    pub fn require_client_certs(mut self, required: bool) -> Self {
+        self.require_client_certs = required;
+        self
+    }
 }
 
 /// Why one launch attempt failed.
@@ -109,12 +161,16 @@ impl RedisServer {
     /// # Ok::<(), clouds_testkit::TestkitError>(())
     /// ```
     pub fn start_with(args: &[&str]) -> Result<RedisServer, TestkitError> {
-        let mut server = RedisServer::unstarted(args)?;
+        RedisServer::unstarted(args)?.start_on_free_port()
+    }
+
+    /// Launches the (unstarted) server on a free port, trying another one if it was taken.
+    fn start_on_free_port(mut self) -> Result<RedisServer, TestkitError> {
         let mut last_log = String::new();
         for _ in 0..PORT_ATTEMPTS {
-            server.port = free_port()?;
-            match server.launch() {
-                Ok(()) => return Ok(server),
+            self.port = free_port()?;
+            match self.launch() {
+                Ok(()) => return Ok(self),
                 Err(LaunchError::PortTaken(err)) => {
                     last_log = match err {
                         TestkitError::Exited { log, .. } => log,
@@ -130,6 +186,42 @@ impl RedisServer {
         })
     }
 
+    /// Starts `redis-server` serving TLS only (`--port 0 --tls-port <free port>`) with the
+    /// certificate, key and CA of `files`, and waits (up to ~10 s) until its log says it is
+    /// ready and the port accepts connections. [`RedisServer::url`] is then a `rediss://`
+    /// URL. The plaintext helpers ([`RedisServer::command`]) cannot reach such a server;
+    /// stopping it kills it (there is no plaintext `SHUTDOWN`).
+    ///
+    /// ```no_run
+    /// use clouds_testkit::{RedisServer, TlsFiles};
+    ///
+    /// let server = RedisServer::start_tls(&TlsFiles::new("server.pem", "server.key", "ca.pem"))?;
+    /// assert!(server.url().starts_with("rediss://127.0.0.1:"));
+    /// # Ok::<(), clouds_testkit::TestkitError>(())
+    /// ```
+    pub fn start_tls(files: &TlsFiles) -> Result<RedisServer, TestkitError> {
+        let path = |p: &Path| p.to_string_lossy().into_owned();
+        let (cert, key, ca) = (path(&files.cert), path(&files.key), path(&files.ca));
+        let auth = if files.require_client_certs {
+            "yes"
+        } else {
+            "no"
+        };
+        let args = [
+            "--tls-cert-file",
+            cert.as_str(),
+            "--tls-key-file",
+            key.as_str(),
+            "--tls-ca-cert-file",
+            ca.as_str(),
+            "--tls-auth-clients",
+            auth,
+        ];
+        let mut server = RedisServer::unstarted(&args)?;
+        server.tls = true;
+        server.start_on_free_port()
+    }
+
     /// The TCP port the server listens on (kept across [`RedisServer::stop`] and
     /// [`RedisServer::restart`]).
     ///
@@ -142,7 +234,8 @@ impl RedisServer {
         self.port
     }
 
-    /// `redis://127.0.0.1:PORT`, without a database number.
+    /// `redis://127.0.0.1:PORT` (`rediss://` for a [TLS server](RedisServer::start_tls)),
+    /// without a database number.
     ///
     /// ```
     /// let server = clouds_testkit::RedisServer::start()?;
@@ -150,7 +243,8 @@ impl RedisServer {
     /// # Ok::<(), clouds_testkit::TestkitError>(())
     /// ```
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
+        let scheme = if self.tls { "rediss" } else { "redis" };
+        format!("{scheme}://127.0.0.1:{}", self.port)
     }
 
     /// `redis://127.0.0.1:PORT/DB`, selecting database `db`.
@@ -161,7 +255,7 @@ impl RedisServer {
     /// # Ok::<(), clouds_testkit::TestkitError>(())
     /// ```
     pub fn url_db(&self, db: u8) -> String {
-        format!("redis://127.0.0.1:{}/{db}", self.port)
+        format!("{}/{db}", self.url())
     }
 
     /// The process id of the running server, or `None` after [`RedisServer::stop`].
@@ -196,7 +290,7 @@ impl RedisServer {
         let Some(mut child) = self.child.take() else {
             return;
         };
-        if matches!(child.try_wait(), Ok(None)) {
+        if !self.tls && matches!(child.try_wait(), Ok(None)) {
             // A successful SHUTDOWN closes the connection without a reply, so the
             // result is irrelevant: we only look at whether the process exits.
             let _ = self
@@ -279,6 +373,7 @@ impl RedisServer {
             extra_args: args.iter().map(|a| (*a).to_owned()).collect(),
             password: find_password(args),
             config_file: None,
+            tls: false,
             child: None,
         })
     }
@@ -331,8 +426,12 @@ impl RedisServer {
         if let Some(config_file) = &self.config_file {
             command.arg(config_file);
         }
+        if self.tls {
+            command.args(["--port", "0", "--tls-port"]);
+        } else {
+            command.arg("--port");
+        }
         command
-            .arg("--port")
             .arg(self.port.to_string())
             .args(["--bind", "127.0.0.1", "--protected-mode", "yes"])
             .args(["--daemonize", "no", "--save", "", "--appendonly", "no"])
@@ -394,6 +493,14 @@ impl RedisServer {
 
     /// True once *our* process (not whoever else might hold the port) answers.
     fn probe(&self, pid: u32) -> bool {
+        if self.tls {
+            // No plaintext port to ask: our process (alive, checked by the caller) says it is
+            // ready in its own log, and the port takes connections.
+            let log = fs::read(self.dir.join(LOG_FILE)).unwrap_or_default();
+            let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, self.port));
+            return String::from_utf8_lossy(&log).contains("Ready to accept connections")
+                && std::net::TcpStream::connect_timeout(&addr, PROBE_TIMEOUT).is_ok();
+        }
         let Ok(mut conn) = self.connect(PROBE_TIMEOUT) else {
             return false;
         };

@@ -177,6 +177,15 @@ pub enum TransportError {
         /// The underlying error.
         reason: String,
     },
+    /// The TLS settings could not be used, or the TLS handshake with Redis failed (its
+    /// certificate was refused, or it refused ours).
+    #[error("TLS with Redis at {addr} failed: {reason}")]
+    Tls {
+        /// `host:port` that was tried.
+        addr: String,
+        /// What went wrong, without key material.
+        reason: String,
+    },
     /// A command got no answer within the command timeout (Redis down, or reconnecting).
     #[error("Redis did not answer {command} within {after:?} (connection down or reconnecting)")]
     Timeout {
@@ -213,6 +222,7 @@ impl TransportError {
             R::Timeout { command, after } => TransportError::Timeout { command, after },
             R::Command { command, reason } => TransportError::Command { command, reason },
             R::Reply { command, reason } => TransportError::Reply { command, reason },
+            R::Tls { addr, reason } => TransportError::Tls { addr, reason },
             // Parsed (and refused) when the configuration is built, never at run time.
             R::InvalidUrl { url, reason } => TransportError::Connect { addr: url, reason },
             other => TransportError::Command {
