@@ -143,7 +143,13 @@ mod tests {
         assert!(words.contains(&"~{orders:5}:*"));
         assert!(words.contains(&"&orders:5:*"));
         assert!(words.contains(&"+select|5"));
-        for denied in ["+info", "+keys", "+psubscribe", "+config", "+client|setname"] {
+        for denied in [
+            "+info",
+            "+keys",
+            "+psubscribe",
+            "+config",
+            "+client|setname",
+        ] {
             assert!(!words.contains(&denied), "{denied} in {rule}");
         }
         let cluster = Config::from_url("redis-cluster://h:1")
