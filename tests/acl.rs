@@ -7,7 +7,7 @@ mod common;
 use std::time::Duration;
 
 use clouds::{Client, Config, Monitor, Server};
-use clouds_testkit::RespValue;
+use clouds_testkit::{RedisCluster, RespValue};
 use common::{RedisServer, eventually, redis};
 
 /// What each tenant serves.
@@ -63,8 +63,12 @@ fn create_user(redis: &RedisServer, config: &Config, user: &str) {
 
 /// Each `ACL LOG` entry as (object, username, reason).
 fn acl_log(redis: &RedisServer) -> Vec<(String, String, String)> {
-    let RespValue::Array(Some(entries)) = redis.command(&["ACL", "LOG"]).expect("ACL LOG") else {
-        panic!("ACL LOG is an array");
+    log_entries(redis.command(&["ACL", "LOG"]).expect("ACL LOG"))
+}
+
+fn log_entries(reply: RespValue) -> Vec<(String, String, String)> {
+    let RespValue::Array(Some(entries)) = reply else {
+        panic!("ACL LOG is an array: {reply:?}");
     };
     entries
         .iter()
@@ -274,4 +278,88 @@ async fn runs_with_info_and_client_id_denied() {
             "denied {object}"
         );
     }
+}
+
+/// The cluster form of the rule: two tenants on one Redis Cluster (users created on every
+/// node), sharded pub/sub, the heartbeat's `PUBSUB SHARDNUMSUB` and `CLUSTER SLOTS` checks
+/// and fred's `CLUSTER INFO`, with nothing denied; and no reach into the other tenant.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn confined_tenants_on_a_cluster() {
+    let cluster = RedisCluster::start().expect("start a Redis Cluster");
+    let seed = cluster.seed_url();
+    let hosts = seed.strip_prefix("redis-cluster://").expect("cluster url");
+    let (alpha, beta) = ("a@team:1", "b%team");
+    let tenant = |namespace: &str, user: &str| {
+        let url = format!(
+            "redis-cluster://{}:{}@{hosts}",
+            encode(user),
+            encode(PASSWORD)
+        );
+        Config::from_url(&url)
+            .expect("valid url")
+            .namespace(namespace)
+            .heartbeat(Duration::from_millis(300))
+            .timeout(Duration::from_secs(1))
+    };
+    let (config_a, config_b) = (tenant("alpha", alpha), tenant("beta", beta));
+    for (config, user) in [(&config_a, alpha), (&config_b, beta)] {
+        let rule = config.acl_rule(user, PASSWORD).expect("rule");
+        let args: Vec<&str> = rule.split(' ').collect();
+        for port in cluster.ports() {
+            let reply = cluster.command_on(port, &args).expect("ACL SETUSER");
+            assert!(!reply.is_error(), "{rule}: {reply:?}");
+        }
+    }
+    let log_is_empty = || {
+        for port in cluster.ports() {
+            let log = log_entries(cluster.command_on(port, &["ACL", "LOG"]).expect("ACL LOG"));
+            assert_eq!(log, [], "clouds ran into a denial on node {port}");
+        }
+    };
+
+    let a = start(config_a, "alpha").await;
+    let b = start(config_b, "beta").await;
+    a.check("alpha").await;
+    b.check("beta").await;
+    // Not a synchronisation: time has to pass for heartbeats (and their checks) to run.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    a.check("alpha").await;
+    b.check("beta").await;
+    log_is_empty();
+
+    let server_b = b.server.id().to_string();
+    let node_b = format!("{{beta:0}}:node:{server_b}");
+    let calls_b = format!("beta:0:calls:{server_b}");
+    let inbox_b = format!("beta:0:inbox:{}", b.client.id());
+    let port = cluster.ports()[0];
+    for probe in [
+        &["HGETALL", &node_b][..],
+        &["HSET", &node_b, "methods", "x"],
+        &["SSUBSCRIBE", "{beta:0}:events"],
+        &["SSUBSCRIBE", &inbox_b],
+        &["SPUBLISH", &calls_b, "forged"],
+        &["SPUBLISH", "{beta:0}:events", "forged"],
+        &["PUBLISH", "alpha:0:x", "classic"],
+        &["SUBSCRIBE", "alpha:0:x"],
+        &["PUBSUB", "CHANNELS"],
+        &["CLUSTER", "NODES"],
+        &["KEYS", "*"],
+    ] {
+        let reply = cluster
+            .command_as_on(port, alpha, PASSWORD, probe)
+            .expect("reply");
+        assert!(denied(&reply), "{probe:?} as {alpha}: {reply:?}");
+    }
+    for port in cluster.ports() {
+        assert!(
+            !cluster
+                .command_on(port, &["ACL", "LOG", "RESET"])
+                .expect("reset")
+                .is_error()
+        );
+    }
+    b.check("beta").await;
+    a.close().await;
+    b.close().await;
+    log_is_empty();
 }
