@@ -178,6 +178,17 @@ impl Config {
         self.endpoint.is_cluster()
     }
 
+    /// Whether these settings find the primary through Redis Sentinel.
+    ///
+    /// ```
+    /// let config = clouds_core::Config::sentinel("orders", ["127.0.0.1:26379"])?;
+    /// assert!(config.is_sentinel());
+    /// # Ok::<(), clouds_core::Error>(())
+    /// ```
+    pub fn is_sentinel(&self) -> bool {
+        self.endpoint.is_sentinel()
+    }
+
     /// Uses Redis database `db` (overriding the URL's). A Redis Cluster has only db 0: any
     /// other is refused when a node starts (see [`Config::validate`]). Nodes in different dbs never see
     /// each other.
@@ -511,6 +522,31 @@ impl Config {
         self.balance
     }
 
+    /// The `ACL SETUSER` command (for `redis-cli`, or after `user` in an ACL file) that
+    /// creates `user` with `password`, confined to this deployment: keys under the
+    /// registry's hash tag `{namespace:db}`, channels under `namespace:db:` (and, on a
+    /// Redis Cluster, `{namespace:db}:events`), and only the commands clouds sends
+    /// (`docs/protocol.md` §2.1, §2.2 for a cluster). Nodes then connect with
+    /// `redis://user:password@host/db`, percent-encoding the user and password if needed.
+    ///
+    /// Channel rules need Redis 6.2 or newer; `+select|<db>` and `+info|server` are
+    /// first-argument rules, which Redis 7 deprecates but still applies.
+    ///
+    /// Fails if the configuration does not [validate](Config::validate), or if the user
+    /// or password is empty or holds whitespace or quotes (the rule could not be pasted).
+    ///
+    /// ```
+    /// let config = clouds_core::Config::from_url("redis://127.0.0.1:6379/3")?.namespace("shop");
+    /// let rule = config.acl_rule("shop", "s3cret")?;
+    /// assert!(rule.starts_with("ACL SETUSER shop on >s3cret resetkeys ~{shop:3}:* \
+    ///                           resetchannels &shop:3:* nocommands "));
+    /// assert!(!rule.contains("+keys") && !rule.contains("+config"));
+    /// # Ok::<(), clouds_core::Error>(())
+    /// ```
+    pub fn acl_rule(&self, user: &str, password: &str) -> Result<String, Error> {
+        crate::acl::rule(self, user, password)
+    }
+
     /// Checks that the settings fit together, with an error that says which one is off.
     /// Servers, clients and monitors check this before they connect; call it yourself to
     /// refuse a bad configuration where it is built (at start-up, from a file).
@@ -536,6 +572,19 @@ impl Config {
         {
             return fail(format!(
                 "namespace {:?} must be 1-64 bytes without whitespace, ':', '{{' or '}}'",
+                self.namespace
+            ));
+        }
+        // ACL key and channel patterns are globs built from the namespace (see
+        // `Config::acl_rule`): a glob character would let one tenant's rule match another's.
+        if let Some(c) = self
+            .namespace
+            .chars()
+            .find(|c| matches!(c, '*' | '?' | '[' | ']' | '\\'))
+        {
+            return fail(format!(
+                "namespace {:?} contains {c:?}: glob characters (* ? [ ] \\) are refused, \
+                 since Redis ACL patterns built from the namespace would match other namespaces",
                 self.namespace
             ));
         }
@@ -607,6 +656,13 @@ mod tests {
         assert!(Config::default().validate().is_ok());
         assert!(Config::default().namespace("a:b").validate().is_err());
         assert!(Config::default().namespace("").validate().is_err());
+        for glob in ["a*", "a?", "[ab]", "a]", "a\\b"] {
+            match Config::default().namespace(glob).validate() {
+                Err(Error::Config(m)) => assert!(m.contains("glob"), "{m}"),
+                other => panic!("{glob:?} accepted: {other:?}"),
+            }
+        }
+        assert!(Config::default().namespace("a-b_c.d").validate().is_ok());
         assert!(
             Config::default()
                 .ttl(Duration::from_secs(1))

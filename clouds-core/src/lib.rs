@@ -23,7 +23,8 @@
 //!   `transport::memory` (the in-memory broker).
 //! - `envelope` (the frames) and `codec` (frames and values to bytes and back).
 //! - `namespace`: key and channel names (and the peers' channel names, built once each);
-//!   `registry`: what a registry entry says and the join/leave announcements.
+//!   `registry`: what a registry entry says and the join/leave announcements; `acl`: the
+//!   Redis ACL rule that confines a user to those names ([`Config::acl_rule`]).
 //! - `caller`: the caller side of a node (pending calls, provider cache, byte budget);
 //!   `attempt`: one call's retry policy as a plain state machine; `balance`: the provider
 //!   cache and the choice of provider; `pending`: calls awaiting replies.
@@ -36,6 +37,7 @@
 //! The wire protocol and Redis layout are specified in `docs/protocol.md`.
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
+mod acl;
 mod attempt;
 mod balance;
 mod caller;

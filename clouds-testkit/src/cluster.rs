@@ -603,6 +603,31 @@ impl RedisCluster {
         self.node(port)?.server.command(args)
     }
 
+    /// Like [`RedisCluster::command_on`], as the ACL user `user` (see
+    /// [`RedisServer::command_as`](crate::RedisServer::command_as)); users are per node, so
+    /// create them on every node first.
+    ///
+    /// ```no_run
+    /// use clouds_testkit::RedisCluster;
+    ///
+    /// let cluster = RedisCluster::start()?;
+    /// for port in cluster.ports() {
+    ///     cluster.command_on(port, &["ACL", "SETUSER", "pinger", "on", ">pw", "+ping"])?;
+    /// }
+    /// let port = cluster.ports()[0];
+    /// assert!(!cluster.command_as_on(port, "pinger", "pw", &["PING"])?.is_error());
+    /// # Ok::<(), clouds_testkit::TestkitError>(())
+    /// ```
+    pub fn command_as_on(
+        &self,
+        port: u16,
+        user: &str,
+        password: &str,
+        args: &[&str],
+    ) -> Result<RespValue, TestkitError> {
+        self.node(port)?.server.command_as(user, password, args)
+    }
+
     /// Runs several commands, in order, on one connection to the node on `port`, and
     /// returns their replies: for what a connection remembers, like `WAIT` after a write
     /// (it counts the replicas that have the connection's writes) or `READONLY` before

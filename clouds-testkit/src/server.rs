@@ -346,6 +346,34 @@ impl RedisServer {
         self.command_bytes(&args)
     }
 
+    /// Runs one command as the ACL user `user`: a fresh connection sends
+    /// `AUTH user password`, then `args`. A refused `AUTH` is [`TestkitError::Auth`]; a
+    /// command the user may not run comes back as a `NOPERM` [`RespValue::Error`].
+    ///
+    /// ```
+    /// let server = clouds_testkit::RedisServer::start()?;
+    /// server.command(&["ACL", "SETUSER", "reader", "on", ">pw", "~r:*", "+get"])?;
+    /// assert!(!server.command_as("reader", "pw", &["GET", "r:1"])?.is_error());
+    /// let denied = server.command_as("reader", "pw", &["SET", "r:1", "x"])?;
+    /// assert!(matches!(&denied, clouds_testkit::RespValue::Error(e) if e.starts_with("NOPERM")));
+    /// assert!(server.command_as("reader", "wrong", &["PING"]).is_err());
+    /// # Ok::<(), clouds_testkit::TestkitError>(())
+    /// ```
+    pub fn command_as(
+        &self,
+        user: &str,
+        password: &str,
+        args: &[&str],
+    ) -> Result<RespValue, TestkitError> {
+        let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, self.port));
+        let mut conn = Connection::open(&addr, COMMAND_TIMEOUT)?;
+        if let RespValue::Error(e) = conn.call(&[b"AUTH", user.as_bytes(), password.as_bytes()])? {
+            return Err(TestkitError::Auth(e));
+        }
+        let args: Vec<&[u8]> = args.iter().map(|a| a.as_bytes()).collect();
+        conn.call(&args)
+    }
+
     /// Like [`RedisServer::command`], with binary arguments.
     ///
     /// ```
