@@ -87,9 +87,9 @@ impl Config {
     /// (any reachable seed node will do; a cluster has no databases, so a db other than 0 is
     /// refused: use [`Config::namespace`] to keep deployments apart). Defaults for the rest.
     ///
-    /// `rediss://`, `rediss-cluster://` and `rediss-sentinel://` are the same over TLS (the `tls` feature, on by
-    /// default in `clouds`; a build without it refuses them here rather than connect in
-    /// plaintext). See [`Config::tls_ca_pem`] and [`Config::tls_client_cert_pem`].
+    /// `rediss://`, `rediss-cluster://` and `rediss-sentinel://` are the same over TLS (the
+    /// `tls` feature, on by default in `clouds`; a build without it refuses them here rather
+    /// than connect in plaintext). See [`Config::tls_ca_pem`] and [`Config::tls_client_cert_pem`].
     ///
     /// ```
     /// let config = clouds_core::Config::from_url("redis://user:secret@10.0.0.5:6380/3")?;
