@@ -214,6 +214,29 @@ impl RedisSentinel {
         self.data(port)?.command(args)
     }
 
+    /// Like [`RedisSentinel::command_on`], as the ACL user `user` (see
+    /// [`RedisServer::command_as`]); users are not replicated, so create them on every data
+    /// node ([`RedisSentinel::data_ports`]) first.
+    ///
+    /// ```no_run
+    /// let deployment = clouds_testkit::RedisSentinel::start()?;
+    /// for port in deployment.data_ports() {
+    ///     deployment.command_on(port, &["ACL", "SETUSER", "pinger", "on", ">pw", "+ping"])?;
+    /// }
+    /// let port = deployment.primary_port()?;
+    /// assert!(!deployment.command_as_on(port, "pinger", "pw", &["PING"])?.is_error());
+    /// # Ok::<(), clouds_testkit::TestkitError>(())
+    /// ```
+    pub fn command_as_on(
+        &self,
+        port: u16,
+        user: &str,
+        password: &str,
+        args: &[&str],
+    ) -> Result<RespValue, TestkitError> {
+        self.data(port)?.command_as(user, password, args)
+    }
+
     /// `master` or `slave`, as the data node on `port` says of itself (`INFO replication`).
     ///
     /// ```no_run
