@@ -52,6 +52,11 @@ struct Pki {
 
 impl Pki {
     fn new() -> Pki {
+        Pki::with_names(&["127.0.0.1", "localhost"])
+    }
+
+    /// Like [`Pki::new`], the server certificate naming only `names`.
+    fn with_names(names: &[&str]) -> Pki {
         static COUNTER: AtomicU64 = AtomicU64::new(0);
         let dir = std::env::temp_dir().join(format!(
             "clouds-tls-{}-{}",
@@ -62,7 +67,8 @@ impl Pki {
         let ca = ca("clouds test CA");
         let server_key = KeyPair::generate().expect("server key");
         let mut server =
-            CertificateParams::new(vec!["127.0.0.1".into(), "localhost".into()]).expect("params");
+            CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())
+                .expect("params");
         // Client authentication too: Redis Cluster nodes show their certificate to each other
         // on the cluster bus, which always asks for one.
         server.extended_key_usages = vec![
@@ -539,4 +545,61 @@ fn has_db3_keys(deployment: &RedisSentinel, port: u16) -> bool {
         .expect("text")
         .lines()
         .any(|line| line.starts_with("db3:keys="))
+}
+
+/// Certificates made for a DNS name only, as is common: the nodes announce IP addresses,
+/// which those certificates do not list. With a seed named by that DNS name, every node is
+/// checked against it and calls work; with the seed's IP address, the first handshake says
+/// the certificate does not name it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_whose_certificates_name_a_dns_name_only() {
+    let pki = Pki::with_names(&["localhost"]);
+    let files = pki.files().server_name("localhost");
+    let cluster = tokio::task::spawn_blocking(move || RedisCluster::start_tls_with(3, 0, &files))
+        .await
+        .expect("join")
+        .expect("start a TLS Redis Cluster");
+    let by_name = cluster.seed_url().replace("127.0.0.1", "localhost");
+    let config = |url: &str| {
+        Config::from_url(url)
+            .expect("valid url")
+            .tls_ca_pem(pki.ca_pem.as_str())
+            .namespace("dns-name")
+            .heartbeat(Duration::from_millis(300))
+            .timeout(Duration::from_secs(2))
+    };
+    let server = Server::start(config(&by_name))
+        .await
+        .expect("server, nodes checked against the seed's name");
+    server.serve(EchoServer::new(Echoer)).await.expect("serve");
+    let client = Client::connect(config(&by_name)).await.expect("client");
+    let echo = EchoClient::new(&client);
+    let calls = (0..50).map(|i| {
+        let echo = echo.clone();
+        async move { echo.echo(format!("call {i}")).await }
+    });
+    for (i, reply) in futures_join_all(calls).await.into_iter().enumerate() {
+        assert_eq!(reply.expect("call"), format!("call {i}"));
+    }
+    // Every primary was reached (at 127.0.0.1, as announced), over TLS.
+    for node in cluster.nodes().expect("nodes") {
+        if node.role == clouds_testkit::NodeRole::Primary {
+            assert!(
+                clients_on(&cluster, node.port) > 0,
+                "no connection to :{}",
+                node.port
+            );
+        }
+    }
+
+    let started = Instant::now();
+    let err = Client::connect(config(&cluster.seed_url()))
+        .await
+        .expect_err("the certificates do not name 127.0.0.1");
+    assert!(started.elapsed() < Duration::from_secs(11), "{err}");
+    let message = err.to_string();
+    assert!(message.contains("NotValidForName"), "{message}");
+    assert!(message.contains("does not name"), "{message}");
+    client.close().await;
+    server.shutdown().await.expect("shutdown");
 }

@@ -1,9 +1,11 @@
 //! The rustls client configuration of a `rediss://` endpoint: the trusted CAs (the system
-//! trust store, or the CA given) and the optional client certificate, with the ring provider.
+//! trust store, or the CA given) and the optional client certificate, with the ring provider;
+//! and, on a Redis Cluster, the name each node's certificate is checked against.
 
+use std::net::IpAddr;
 use std::sync::Arc;
 
-use fred::types::config::{TlsConfig, TlsConnector, TlsHostMapping};
+use fred::types::config::{HostMapping, TlsConfig, TlsConnector, TlsHostMapping};
 use rustls::RootCertStore;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
@@ -11,7 +13,15 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use crate::endpoint::{Pem, Tls};
 
 /// fred's TLS settings for `tls`, or why they cannot be made (a message without key material).
-pub(crate) fn fred_config(tls: &Tls) -> Result<TlsConfig, String> {
+///
+/// `cluster_seed_name` is, for a Redis Cluster found from a seed node named by a DNS name,
+/// that name: the nodes are reached at the addresses `CLUSTER SLOTS` announces, usually IP
+/// addresses, which certificates made for a DNS name do not list. A node announced by an IP
+/// address is then checked against the seed's name instead (by the same CA: a certificate
+/// for that name signed by the trusted CA is what the seed itself showed). Nodes announced by
+/// a hostname, and every node of a cluster whose seed is an IP address, are checked against
+/// their own address.
+pub(crate) fn fred_config(tls: &Tls, cluster_seed_name: Option<&str>) -> Result<TlsConfig, String> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let roots = match &tls.ca {
         Some(ca) => {
@@ -39,10 +49,52 @@ pub(crate) fn fred_config(tls: &Tls) -> Result<TlsConfig, String> {
         }
         None => builder.with_no_client_auth(),
     };
+    let hostnames = match cluster_seed_name {
+        Some(name) => TlsHostMapping::Custom(Arc::new(SeedName(name.to_string()))),
+        None => TlsHostMapping::None,
+    };
     Ok(TlsConfig {
         connector: TlsConnector::from(config),
-        hostnames: TlsHostMapping::None,
+        hostnames,
     })
+}
+
+/// The DNS name of a cluster's seed node, for the certificate check of the nodes announced by
+/// IP address (fred asks only for those).
+#[derive(Debug)]
+struct SeedName(String);
+
+impl HostMapping for SeedName {
+    fn map(&self, _announced: &IpAddr, _answered_by: &str) -> Option<String> {
+        Some(self.0.clone())
+    }
+}
+
+/// The first seed host of a cluster that is a DNS name rather than an IP address.
+pub(crate) fn cluster_seed_name<'a>(hosts: impl IntoIterator<Item = &'a str>) -> Option<&'a str> {
+    hosts
+        .into_iter()
+        .find(|host| host.trim_matches(['[', ']']).parse::<IpAddr>().is_err())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_seed_name_is_the_first_dns_name() {
+        assert_eq!(cluster_seed_name(["127.0.0.1", "::1", "[::1]"]), None);
+        assert_eq!(
+            cluster_seed_name(["10.0.0.1", "redis.example.com", "b.example.com"]),
+            Some("redis.example.com")
+        );
+        let mapping = SeedName("redis.example.com".into());
+        let ip: IpAddr = "10.0.0.2".parse().expect("ip");
+        assert_eq!(
+            mapping.map(&ip, "10.0.0.1").as_deref(),
+            Some("redis.example.com")
+        );
+    }
 }
 
 /// The system trust store, as `rustls-native-certs` finds it (`SSL_CERT_FILE` and

@@ -101,13 +101,17 @@ impl Transport {
         // Never plaintext for a TLS URL: without the `tls` feature `Endpoint::parse` refused it.
         #[cfg(feature = "tls")]
         if let Some(tls) = &endpoint.tls {
-            config.tls =
-                Some(
-                    crate::tls::fred_config(tls).map_err(|reason| TransportError::Tls {
-                        addr: addr.clone(),
-                        reason,
-                    })?,
-                );
+            let hosts = endpoint.config.server.hosts();
+            let seed_name = match sharded {
+                true => crate::tls::cluster_seed_name(hosts.iter().map(|h| &*h.host)),
+                false => None,
+            };
+            config.tls = Some(crate::tls::fred_config(tls, seed_name).map_err(|reason| {
+                TransportError::Tls {
+                    addr: addr.clone(),
+                    reason,
+                }
+            })?);
         }
         let mut builder = Builder::from_config(config);
         builder.with_connection_config(|c| {
@@ -586,6 +590,15 @@ fn connect_error(addr: &str, tls: bool, e: &fred::error::Error) -> TransportErro
     };
     // fred passes rustls' errors on as text: `InvalidCertificate(UnknownIssuer)`,
     // `AlertReceived(CertificateRequired)`, ...
+    if text.contains("InvalidCertificate(NotValidForName") {
+        return tls_error(format!(
+            "the server's certificate does not name the address connected to ({text}); on a \
+             Redis Cluster that is the address a node announces (CLUSTER SLOTS), usually an \
+             IP address: name the seed nodes by the DNS name the certificates were made for \
+             (nodes announced by IP address are then checked against it), or put the \
+             addresses in the certificates"
+        ));
+    }
     if let Some(what) = between(&text, "InvalidCertificate(", ")") {
         return tls_error(format!(
             "the server's certificate was refused ({what}); check the CA \

@@ -238,12 +238,12 @@ impl Connection {
         Connection::open_with(addr, timeout, None)
     }
 
-    /// A connection to `addr`, over TLS with `tls` (the server's certificate checked for
-    /// `addr`'s IP address) when given.
+    /// A connection to `addr`, over TLS with `tls` when given: the client configuration and
+    /// the DNS name to check the server's certificate against (`None`: `addr`'s IP address).
     pub(crate) fn open_with(
         addr: &SocketAddr,
         timeout: Duration,
-        tls: Option<&Arc<rustls::ClientConfig>>,
+        tls: Option<(&Arc<rustls::ClientConfig>, Option<&str>)>,
     ) -> io::Result<Connection> {
         let stream = TcpStream::connect_timeout(addr, timeout)?;
         stream.set_read_timeout(Some(timeout))?;
@@ -251,8 +251,12 @@ impl Connection {
         stream.set_nodelay(true)?;
         let stream = match tls {
             None => Stream::Plain(stream),
-            Some(config) => {
-                let name = rustls::pki_types::ServerName::IpAddress(addr.ip().into());
+            Some((config, name)) => {
+                let name = match name {
+                    Some(name) => rustls::pki_types::ServerName::try_from(name.to_owned())
+                        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?,
+                    None => rustls::pki_types::ServerName::IpAddress(addr.ip().into()),
+                };
                 let conn = rustls::ClientConnection::new(config.clone(), name)
                     .map_err(io::Error::other)?;
                 Stream::Tls(Box::new(rustls::StreamOwned::new(conn, stream)))

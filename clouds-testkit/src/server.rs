@@ -67,6 +67,8 @@ pub struct RedisServer {
     /// client configuration (the server's CA, and its certificate as the client's when
     /// clients must show one).
     tls: Option<Arc<rustls::ClientConfig>>,
+    /// The name the helpers check a TLS server's certificate against (`None`: its IP address).
+    tls_server_name: Option<String>,
     child: Option<ChildProcess>,
 }
 
@@ -90,6 +92,9 @@ pub struct TlsFiles {
     /// Whether clients must show a certificate signed by `ca` (`--tls-auth-clients yes`;
     /// `no` otherwise).
     pub require_client_certs: bool,
+    /// The name the testkit's own connections check the server certificate against; `None`
+    /// (the default) checks it against the IP address 127.0.0.1.
+    pub server_name: Option<String>,
 }
 
 impl TlsFiles {
@@ -105,7 +110,20 @@ impl TlsFiles {
             key: key.into(),
             ca: ca.into(),
             require_client_certs: false,
+            server_name: None,
         }
+    }
+
+    /// Sets the DNS name the testkit's own connections check the server certificate against,
+    /// for a certificate that does not name 127.0.0.1.
+    ///
+    /// ```
+    /// let files = clouds_testkit::TlsFiles::new("s.pem", "s.key", "ca.pem").server_name("localhost");
+    /// assert_eq!(files.server_name.as_deref(), Some("localhost"));
+    /// ```
+    pub fn server_name(mut self, name: impl Into<String>) -> Self {
+        self.server_name = Some(name.into());
+        self
     }
 
     /// Sets whether clients must show a certificate (mutual TLS).
@@ -197,7 +215,8 @@ impl RedisServer {
     ///
     /// The helpers ([`RedisServer::command`], [`RedisServer::command_as`]) speak TLS to it,
     /// trusting `files.ca` and checking the certificate for 127.0.0.1 (so the server
-    /// certificate needs that IP address among its names), and, when
+    /// certificate needs that IP address among its names, unless
+    /// [another name is set](TlsFiles::server_name)), and, when
     /// [client certificates are required](TlsFiles::require_client_certs), showing the server's
     /// own certificate (which must then allow client authentication too). Stopping it kills
     /// it (no `SHUTDOWN`).
@@ -225,6 +244,7 @@ impl RedisServer {
         let all: Vec<&str> = all.iter().map(String::as_str).collect();
         let mut server = RedisServer::unstarted(&all)?;
         server.tls = Some(client_config(files)?);
+        server.tls_server_name.clone_from(&files.server_name);
         Ok(server)
     }
 
@@ -376,7 +396,7 @@ impl RedisServer {
         args: &[&str],
     ) -> Result<RespValue, TestkitError> {
         let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, self.port));
-        let mut conn = Connection::open_with(&addr, COMMAND_TIMEOUT, self.tls.as_ref())?;
+        let mut conn = Connection::open_with(&addr, COMMAND_TIMEOUT, self.tls_settings())?;
         if let RespValue::Error(e) = conn.call(&[b"AUTH", user.as_bytes(), password.as_bytes()])? {
             return Err(TestkitError::Auth(e));
         }
@@ -412,6 +432,7 @@ impl RedisServer {
             password: find_password(args),
             config_file: None,
             tls: None,
+            tls_server_name: None,
             child: None,
         })
     }
@@ -569,10 +590,17 @@ impl RedisServer {
             .collect()
     }
 
+    /// The helpers' TLS settings: the client configuration and the name to check.
+    fn tls_settings(&self) -> Option<(&Arc<rustls::ClientConfig>, Option<&str>)> {
+        self.tls
+            .as_ref()
+            .map(|config| (config, self.tls_server_name.as_deref()))
+    }
+
     /// Opens an (authenticated) connection to the server.
     fn connect(&self, timeout: Duration) -> Result<Connection, TestkitError> {
         let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, self.port));
-        let mut conn = Connection::open_with(&addr, timeout, self.tls.as_ref())?;
+        let mut conn = Connection::open_with(&addr, timeout, self.tls_settings())?;
         if let Some(password) = &self.password
             && let RespValue::Error(e) = conn.call(&[b"AUTH", password.as_bytes()])?
         {
