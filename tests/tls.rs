@@ -6,7 +6,8 @@
 //! `rediss-cluster://` on a Redis Cluster whose nodes serve TLS only (client port, cluster bus
 //! and replication; `clouds_testkit::RedisCluster::start_tls`): calls and sharded pub/sub, and
 //! a wrong CA. `rediss-sentinel://` on a Sentinel deployment serving TLS only
-//! (`clouds_testkit::RedisSentinel::start_tls`): calls, and calls again after a failover.
+//! (`clouds_testkit::RedisSentinel::start_tls`): a wrong CA, calls, and calls again after a
+//! failover. Certificates naming a DNS name only, on a cluster.
 //! With no plaintext port anywhere, every connection that works is a TLS one.
 
 mod common;
@@ -483,6 +484,20 @@ async fn calls_over_tls_sentinel_and_after_a_failover() {
         .heartbeat(Duration::from_millis(300))
         .timeout(Duration::from_secs(1))
         .command_timeout(Duration::from_secs(1));
+    let wrong = Config::from_url(&url)
+        .expect("valid url")
+        .tls_ca_pem(ca("some other CA").pem())
+        .namespace("tls-sentinel");
+    let started = Instant::now();
+    let err = Client::connect(wrong)
+        .await
+        .expect_err("sentinels the CA did not sign");
+    // fred does not pass the handshake's failure on through Sentinel: the error says what to
+    // check, at once.
+    assert!(started.elapsed() < Duration::from_secs(11), "{err}");
+    let message = err.to_string();
+    assert!(message.contains("TLS"), "{message}");
+    assert!(message.contains("check the CA"), "{message}");
     let server = Server::start(config.clone())
         .await
         .expect("server through TLS sentinels");

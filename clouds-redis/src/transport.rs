@@ -612,6 +612,15 @@ fn connect_error(addr: &str, tls: bool, e: &fred::error::Error) -> TransportErro
              client certificate (Config::tls_client_cert_pem) or one from another CA?"
         ));
     }
+    if tls && text.contains("Failed to connect to all sentinel nodes") {
+        // fred drops the reason of each sentinel's failure, a refused handshake included.
+        return tls_error(format!(
+            "no sentinel could be reached over TLS ({text}); fred does not say why: a refused \
+             certificate looks like this too, so check the CA (Config::tls_ca_pem / \
+             tls_ca_file), that the sentinels' certificates name the addresses in the URL, \
+             and that the sentinels are up and serve TLS there"
+        ));
+    }
     if tls && matches!(e.kind(), fred::error::ErrorKind::Timeout) {
         // A plaintext Redis takes a TLS hello for the start of a command and waits.
         return tls_error(format!(
