@@ -77,26 +77,6 @@ pub(crate) fn cluster_seed_name<'a>(hosts: impl IntoIterator<Item = &'a str>) ->
         .find(|host| host.trim_matches(['[', ']']).parse::<IpAddr>().is_err())
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_seed_name_is_the_first_dns_name() {
-        assert_eq!(cluster_seed_name(["127.0.0.1", "::1", "[::1]"]), None);
-        assert_eq!(
-            cluster_seed_name(["10.0.0.1", "redis.example.com", "b.example.com"]),
-            Some("redis.example.com")
-        );
-        let mapping = SeedName("redis.example.com".into());
-        let ip: IpAddr = "10.0.0.2".parse().expect("ip");
-        assert_eq!(
-            mapping.map(&ip, "10.0.0.1").as_deref(),
-            Some("redis.example.com")
-        );
-    }
-}
-
 /// The system trust store, as `rustls-native-certs` finds it (`SSL_CERT_FILE` and
 /// `SSL_CERT_DIR` first). Unreadable entries are skipped as long as some certificate loads.
 fn system_roots() -> Result<RootCertStore, String> {
@@ -148,4 +128,24 @@ fn private_key(pem: &Pem) -> Result<PrivateKeyDer<'static>, String> {
         };
         format!("the client key {pem:?} is not usable: {kind}")
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_seed_name_is_the_first_dns_name() {
+        assert_eq!(cluster_seed_name(["127.0.0.1", "::1", "[::1]"]), None);
+        assert_eq!(
+            cluster_seed_name(["10.0.0.1", "redis.example.com", "b.example.com"]),
+            Some("redis.example.com")
+        );
+        let mapping = SeedName("redis.example.com".into());
+        let ip: IpAddr = "10.0.0.2".parse().expect("ip");
+        assert_eq!(
+            mapping.map(&ip, "10.0.0.1").as_deref(),
+            Some("redis.example.com")
+        );
+    }
 }
