@@ -261,7 +261,8 @@ impl Endpoint {
         self.config.server.is_sentinel()
     }
 
-    /// Whether connections use TLS (the URL was `rediss://` or `rediss-cluster://`).
+    /// Whether connections use TLS (the URL was `rediss://`, `rediss-cluster://` or
+    /// `rediss-sentinel://`).
     ///
     /// ```
     /// assert!(!clouds_redis::Endpoint::parse("redis://127.0.0.1").unwrap().is_tls());

@@ -66,10 +66,24 @@ pub struct RedisServer {
     /// Serves TLS only (`--port 0 --tls-port <port>`): the helpers' connections use this
     /// client configuration (the server's CA, and its certificate as the client's when
     /// clients must show one).
-    tls: Option<Arc<rustls::ClientConfig>>,
-    /// The name the helpers check a TLS server's certificate against (`None`: its IP address).
-    tls_server_name: Option<String>,
+    tls: Option<TlsClient>,
     child: Option<ChildProcess>,
+}
+
+/// How the helpers speak TLS to a TLS-only server.
+struct TlsClient {
+    config: Arc<rustls::ClientConfig>,
+    /// The name to check the server's certificate against (`None`: its IP address).
+    server_name: Option<String>,
+}
+
+// By hand: rustls' configuration would list the client certificate's signing key.
+impl std::fmt::Debug for TlsClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TlsClient")
+            .field("server_name", &self.server_name)
+            .finish_non_exhaustive()
+    }
 }
 
 /// The PEM files of a TLS server ([`RedisServer::start_tls`]).
@@ -87,7 +101,9 @@ pub struct TlsFiles {
     /// The server certificate's private key.
     pub key: PathBuf,
     /// The CA certificate(s) that client certificates are checked against (Redis requires
-    /// one even when clients are not asked for certificates).
+    /// one even when clients are not asked for certificates); also what the testkit's own
+    /// connections, and the nodes of a TLS cluster or Sentinel deployment between themselves,
+    /// check the server certificate against.
     pub ca: PathBuf,
     /// Whether clients must show a certificate signed by `ca` (`--tls-auth-clients yes`;
     /// `no` otherwise).
@@ -243,8 +259,10 @@ impl RedisServer {
         all.extend(args.iter().map(|a| (*a).to_owned()));
         let all: Vec<&str> = all.iter().map(String::as_str).collect();
         let mut server = RedisServer::unstarted(&all)?;
-        server.tls = Some(client_config(files)?);
-        server.tls_server_name.clone_from(&files.server_name);
+        server.tls = Some(TlsClient {
+            config: client_config(files)?,
+            server_name: files.server_name.clone(),
+        });
         Ok(server)
     }
 
@@ -432,7 +450,6 @@ impl RedisServer {
             password: find_password(args),
             config_file: None,
             tls: None,
-            tls_server_name: None,
             child: None,
         })
     }
@@ -594,7 +611,7 @@ impl RedisServer {
     fn tls_settings(&self) -> Option<(&Arc<rustls::ClientConfig>, Option<&str>)> {
         self.tls
             .as_ref()
-            .map(|config| (config, self.tls_server_name.as_deref()))
+            .map(|tls| (&tls.config, tls.server_name.as_deref()))
     }
 
     /// Opens an (authenticated) connection to the server.
