@@ -563,9 +563,10 @@ fn has_db3_keys(deployment: &RedisSentinel, port: u16) -> bool {
 }
 
 /// Certificates made for a DNS name only, as is common: the nodes announce IP addresses,
-/// which those certificates do not list. With a seed named by that DNS name, every node is
-/// checked against it and calls work; with the seed's IP address, the first handshake says
-/// the certificate does not name it.
+/// which those certificates do not list. With a seed named by that DNS name, a certificate
+/// naming it is good at the nodes' IP addresses too and calls work (without that, the first
+/// connection to a node found from the slot map failed with `NotValidForName`); with the
+/// seed's IP address, the first handshake says the certificate does not name it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cluster_whose_certificates_name_a_dns_name_only() {
     let pki = Pki::with_names(&["localhost"]);
@@ -585,7 +586,7 @@ async fn a_cluster_whose_certificates_name_a_dns_name_only() {
     };
     let server = Server::start(config(&by_name))
         .await
-        .expect("server, nodes checked against the seed's name");
+        .expect("server, nodes' certificates naming the seed");
     server.serve(EchoServer::new(Echoer)).await.expect("serve");
     let client = Client::connect(config(&by_name)).await.expect("client");
     let echo = EchoClient::new(&client);

@@ -595,8 +595,8 @@ fn connect_error(addr: &str, tls: bool, e: &fred::error::Error) -> TransportErro
             "the server's certificate does not name the address connected to ({text}); on a \
              Redis Cluster that is the address a node announces (CLUSTER SLOTS), usually an \
              IP address: name the seed nodes by the DNS name the certificates were made for \
-             (nodes announced by IP address are then checked against it), or put the \
-             addresses in the certificates"
+             (a node's certificate may then name that instead of the node's IP address), or \
+             put the addresses in the certificates"
         ));
     }
     if let Some(what) = between(&text, "InvalidCertificate(", ")") {
