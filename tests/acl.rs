@@ -1,13 +1,15 @@
 //! Tenants confined by `Config::acl_rule`: two deployments share one Redis, each as its own
 //! ACL user with a password that needs percent-encoding in the URL. Each runs normally with
 //! nothing denied, and neither can read, subscribe to, publish on or change the other's names.
+//! The cluster form of the rule on a Redis Cluster, and the Sentinel form (with `+role`) on a
+//! Sentinel deployment, through a failover.
 
 mod common;
 
 use std::time::Duration;
 
 use clouds::{Client, Config, Monitor, Server};
-use clouds_testkit::{RedisCluster, RespValue};
+use clouds_testkit::{RedisCluster, RedisSentinel, RespValue};
 use common::{RedisServer, eventually, redis};
 
 /// What each tenant serves.
@@ -362,4 +364,128 @@ async fn confined_tenants_on_a_cluster() {
     a.close().await;
     b.close().await;
     log_is_empty();
+}
+
+/// The Sentinel form of the rule (with `+role`: fred checks that the node the sentinels name
+/// is a primary), created on the primary and on the replica (ACL users are not replicated, and
+/// the replica is the primary after a failover). A tenant connects through
+/// `redis-sentinel://` as the user, runs with nothing denied, is confined, and goes on as the
+/// same user on the promoted replica when the primary is killed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_confined_tenant_through_sentinel_and_a_failover() {
+    let mut deployment = tokio::task::spawn_blocking(RedisSentinel::start)
+        .await
+        .expect("join")
+        .expect("start a Sentinel deployment");
+    let user = "s@team:1";
+    let url = deployment.url_with_db(3).replacen(
+        "redis-sentinel://",
+        &format!("redis-sentinel://{}:{}@", encode(user), encode(PASSWORD)),
+        1,
+    );
+    let config = Config::from_url(&url)
+        .expect("valid url")
+        .namespace("alpha")
+        .heartbeat(Duration::from_millis(300))
+        .timeout(Duration::from_secs(1))
+        .command_timeout(Duration::from_secs(1));
+    let rule = config.acl_rule(user, PASSWORD).expect("rule");
+    assert!(rule.split(' ').any(|word| word == "+role"), "{rule}");
+    let args: Vec<&str> = rule.split(' ').collect();
+    // On both data nodes: a user created on the primary only is missing after the failover
+    // (calls never resume; checked by hand).
+    for port in deployment.data_ports() {
+        let reply = deployment.command_on(port, &args).expect("ACL SETUSER");
+        assert!(!reply.is_error(), "{rule} on :{port}: {reply:?}");
+    }
+    let log_is_empty = |deployment: &RedisSentinel, port: u16| {
+        let log = log_entries(
+            deployment
+                .command_on(port, &["ACL", "LOG"])
+                .expect("ACL LOG"),
+        );
+        assert_eq!(log, [], "clouds ran into a denial on :{port}");
+    };
+    let users_on = |deployment: &RedisSentinel, port: u16| {
+        let clients = deployment
+            .command_on(port, &["CLIENT", "LIST"])
+            .expect("client list");
+        let clients = clients.as_text().expect("text");
+        let ours = clients
+            .lines()
+            .filter(|l| l.split(' ').any(|f| f == format!("user={user}")))
+            .count();
+        (ours, clients)
+    };
+    let old = deployment.primary_port().expect("primary");
+
+    let a = start(config, "alpha").await;
+    a.check("alpha").await;
+    // Not a synchronisation: time has to pass for heartbeats to run.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    a.check("alpha").await;
+    // The nodes' connections to the primary are the tenant's (the replica's and the
+    // sentinels' are the default user's).
+    let (ours, clients) = users_on(&deployment, old);
+    assert!(ours >= 4, "{clients}");
+    log_is_empty(&deployment, old);
+    for probe in [
+        &["KEYS", "*"][..],
+        &["GET", "plain"],
+        &["SELECT", "0"],
+        &["HGETALL", "{beta:3}:node:x"],
+        &["PUBLISH", "beta:3:events", "forged"],
+    ] {
+        let reply = deployment
+            .command_as_on(old, user, PASSWORD, probe)
+            .expect("reply");
+        assert!(denied(&reply), "{probe:?} as {user}: {reply:?}");
+    }
+
+    // The primary dies; the replica, which has the user too, takes over.
+    assert_eq!(deployment.kill_primary().expect("kill"), old);
+    let (deployment, new) = tokio::task::spawn_blocking(move || {
+        let new = deployment.wait_failover(old, Duration::from_secs(30));
+        (deployment, new)
+    })
+    .await
+    .expect("join");
+    let new = new.expect("failover");
+    eventually(
+        "calls after the failover",
+        Duration::from_secs(20),
+        || async { matches!(a.echo.echo("back").await.as_deref(), Ok("alpha: back")) },
+    )
+    .await;
+    eventually(
+        "the server registered on the new primary",
+        Duration::from_secs(10),
+        || async {
+            a.monitor.snapshot().await.is_ok_and(|snapshot| {
+                snapshot.methods.get("acl.echo").map(Vec::as_slice)
+                    == Some(std::slice::from_ref(a.server.id()))
+            })
+        },
+    )
+    .await;
+    a.check("alpha").await;
+    let (ours, clients) = users_on(&deployment, new);
+    assert!(ours >= 4, "{clients}");
+    log_is_empty(&deployment, new);
+    let reply = deployment
+        .command_as_on(new, user, PASSWORD, &["KEYS", "*"])
+        .expect("reply");
+    assert!(
+        denied(&reply),
+        "KEYS as {user} on the new primary: {reply:?}"
+    );
+    assert!(
+        !deployment
+            .command_on(new, &["ACL", "LOG", "RESET"])
+            .expect("reset")
+            .is_error()
+    );
+    a.check("alpha").await;
+    a.close().await;
+    log_is_empty(&deployment, new);
 }

@@ -85,7 +85,6 @@ impl Endpoint {
     /// `redis-sentinel://[user:password@]host:port[/db]?sentinelServiceName=NAME[&node=host:port...]`
     /// (the primary of service `NAME`, found through any of the sentinels at `host:port` and
     /// the `node`s; `sentinelUsername` and `sentinelPassword` in the query, when the sentinels
-    /// want other credentials than the data nodes).
     /// want other credentials than the data nodes). `rediss://`, `rediss-cluster://` and
     /// `rediss-sentinel://` are the same over TLS, the server verified against the system trust
     /// store (`SSL_CERT_FILE` and `SSL_CERT_DIR` are honoured) unless a CA is set with
@@ -261,7 +260,8 @@ impl Endpoint {
         self.config.server.is_sentinel()
     }
 
-    /// Whether connections use TLS (the URL was `rediss://` or `rediss-cluster://`).
+    /// Whether connections use TLS (the URL was `rediss://`, `rediss-cluster://` or
+    /// `rediss-sentinel://`).
     ///
     /// ```
     /// assert!(!clouds_redis::Endpoint::parse("redis://127.0.0.1").unwrap().is_tls());

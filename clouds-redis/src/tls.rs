@@ -1,17 +1,30 @@
 //! The rustls client configuration of a `rediss://` endpoint: the trusted CAs (the system
-//! trust store, or the CA given) and the optional client certificate, with the ring provider.
+//! trust store, or the CA given) and the optional client certificate, with the ring provider;
+//! and, on a Redis Cluster, the name each node's certificate is checked against.
 
+use std::net::IpAddr;
 use std::sync::Arc;
 
 use fred::types::config::{TlsConfig, TlsConnector, TlsHostMapping};
-use rustls::RootCertStore;
+use rustls::client::WebPkiServerVerifier;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::{CertificateError, DigitallySignedStruct, RootCertStore, SignatureScheme};
 
 use crate::endpoint::{Pem, Tls};
 
 /// fred's TLS settings for `tls`, or why they cannot be made (a message without key material).
-pub(crate) fn fred_config(tls: &Tls) -> Result<TlsConfig, String> {
+///
+/// `cluster_seed_name` is, for a Redis Cluster found from a seed node named by a DNS name,
+/// that name: the nodes are reached at the addresses `CLUSTER SLOTS` announces, usually IP
+/// addresses, which certificates made for a DNS name do not list. A certificate shown at an
+/// IP address that does not name that address is then also accepted if it names the seed
+/// (signed by a trusted CA all the same: what the seed itself showed). A certificate that names
+/// the node's address passes as before, so per-node certificates with IP addresses keep
+/// working; nodes announced by a hostname, and every node of a cluster whose seed is an IP
+/// address, are checked against their own address only.
+pub(crate) fn fred_config(tls: &Tls, cluster_seed_name: Option<&str>) -> Result<TlsConfig, String> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let roots = match &tls.ca {
         Some(ca) => {
@@ -25,10 +38,21 @@ pub(crate) fn fred_config(tls: &Tls) -> Result<TlsConfig, String> {
         }
         None => system_roots()?,
     };
-    let builder = rustls::ClientConfig::builder_with_provider(provider)
+    let seed = cluster_seed_name.and_then(|name| ServerName::try_from(name.to_string()).ok());
+    let versions = rustls::ClientConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
-        .map_err(|e| format!("TLS setup failed: {e}"))?
-        .with_root_certificates(roots);
+        .map_err(|e| format!("TLS setup failed: {e}"))?;
+    let builder = match seed {
+        Some(seed @ ServerName::DnsName(_)) => {
+            let webpki = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider)
+                .build()
+                .map_err(|e| format!("TLS setup failed: {e}"))?;
+            versions
+                .dangerous()
+                .with_custom_certificate_verifier(Arc::new(OrSeedName { webpki, seed }))
+        }
+        _ => versions.with_root_certificates(roots),
+    };
     let config = match &tls.client {
         Some((cert, key)) => {
             let chain = certificates(cert, "client certificate")?;
@@ -43,6 +67,67 @@ pub(crate) fn fred_config(tls: &Tls) -> Result<TlsConfig, String> {
         connector: TlsConnector::from(config),
         hostnames: TlsHostMapping::None,
     })
+}
+
+/// The standard (webpki) check, where a certificate shown at an IP address that does not
+/// name it may name the cluster's seed instead. Everything else (chain, CA, validity, the
+/// handshake signatures) is the standard check's.
+#[derive(Debug)]
+struct OrSeedName {
+    webpki: Arc<WebPkiServerVerifier>,
+    /// The seed's DNS name.
+    seed: ServerName<'static>,
+}
+
+impl ServerCertVerifier for OrSeedName {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let verify = |name: &ServerName<'_>| {
+            self.webpki
+                .verify_server_cert(end_entity, intermediates, name, ocsp_response, now)
+        };
+        match verify(server_name) {
+            Err(rustls::Error::InvalidCertificate(
+                CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
+            )) if matches!(server_name, ServerName::IpAddress(_)) => verify(&self.seed),
+            other => other,
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.webpki.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.webpki.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.webpki.supported_verify_schemes()
+    }
+}
+
+/// The first seed host of a cluster that is a DNS name rather than an IP address.
+pub(crate) fn cluster_seed_name<'a>(hosts: impl IntoIterator<Item = &'a str>) -> Option<&'a str> {
+    hosts
+        .into_iter()
+        .find(|host| host.trim_matches(['[', ']']).parse::<IpAddr>().is_err())
 }
 
 /// The system trust store, as `rustls-native-certs` finds it (`SSL_CERT_FILE` and
@@ -96,4 +181,90 @@ fn private_key(pem: &Pem) -> Result<PrivateKeyDer<'static>, String> {
         };
         format!("the client key {pem:?} is not usable: {kind}")
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    use rcgen::{
+        BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, Issuer, KeyPair,
+    };
+
+    fn ca(name: &str) -> CertifiedIssuer<'static, KeyPair> {
+        let mut params = CertificateParams::new(Vec::<String>::new()).expect("params");
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.distinguished_name.push(DnType::CommonName, name);
+        CertifiedIssuer::self_signed(params, KeyPair::generate().expect("key")).expect("CA")
+    }
+
+    fn leaf(names: &[&str], ca: &Issuer<'_, KeyPair>) -> CertificateDer<'static> {
+        let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+        let params = CertificateParams::new(names).expect("params");
+        let key = KeyPair::generate().expect("key");
+        params.signed_by(&key, ca).expect("cert").der().clone()
+    }
+
+    /// The check of `cert` at `at` by the verifier of a cluster seeded by `seed`.
+    fn check(
+        ca: &CertifiedIssuer<'static, KeyPair>,
+        seed: Option<&str>,
+        cert: &CertificateDer<'static>,
+        at: &str,
+    ) -> Result<(), String> {
+        let tls = Tls {
+            ca: Some(Pem::Bytes(ca.pem().into_bytes().into())),
+            client: None,
+        };
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut roots = RootCertStore::empty();
+        roots.add(ca.der().clone()).expect("root");
+        let webpki = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider)
+            .build()
+            .expect("verifier");
+        // What fred_config builds (it must accept these settings)...
+        fred_config(&tls, seed).expect("config");
+        let name = ServerName::try_from(at.to_string()).expect("name");
+        let now = UnixTime::now();
+        let result = match seed.and_then(|s| ServerName::try_from(s.to_string()).ok()) {
+            // ...and the verifier it installs for a seed named by DNS.
+            Some(seed @ ServerName::DnsName(_)) => {
+                OrSeedName { webpki, seed }.verify_server_cert(cert, &[], &name, &[], now)
+            }
+            _ => webpki.verify_server_cert(cert, &[], &name, &[], now),
+        };
+        result.map(|_| ()).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn a_node_certificate_names_its_address_or_the_dns_named_seed() {
+        let trusted = ca("trusted");
+        let seed = Some("redis.example.com");
+        // A shared certificate for the cluster's DNS name, shown at a node's IP address.
+        let shared = leaf(&["redis.example.com"], &trusted);
+        assert_eq!(check(&trusted, seed, &shared, "10.0.0.2"), Ok(()));
+        // Not without a DNS-named seed, and not for another DNS name.
+        assert!(check(&trusted, None, &shared, "10.0.0.2").is_err());
+        assert!(check(&trusted, Some("10.0.0.1"), &shared, "10.0.0.2").is_err());
+        assert!(check(&trusted, seed, &shared, "other.example.com").is_err());
+        // Per-node certificates naming the node's address pass as before.
+        let own = leaf(&["node2.example.com", "10.0.0.2"], &trusted);
+        assert_eq!(check(&trusted, seed, &own, "10.0.0.2"), Ok(()));
+        // A certificate naming neither fails, as does one from another CA with the right name.
+        let neither = leaf(&["elsewhere.example.com"], &trusted);
+        let err = check(&trusted, seed, &neither, "10.0.0.2").expect_err("neither name");
+        assert!(err.contains("not valid for name"), "{err}");
+        let foreign = leaf(&["redis.example.com", "10.0.0.2"], &ca("other"));
+        let err = check(&trusted, seed, &foreign, "10.0.0.2").expect_err("another CA");
+        assert!(err.contains("UnknownIssuer"), "{err}");
+    }
+
+    #[test]
+    fn the_seed_name_is_the_first_dns_name() {
+        assert_eq!(cluster_seed_name(["127.0.0.1", "::1", "[::1]"]), None);
+        assert_eq!(
+            cluster_seed_name(["10.0.0.1", "redis.example.com", "b.example.com"]),
+            Some("redis.example.com")
+        );
+    }
 }

@@ -101,13 +101,17 @@ impl Transport {
         // Never plaintext for a TLS URL: without the `tls` feature `Endpoint::parse` refused it.
         #[cfg(feature = "tls")]
         if let Some(tls) = &endpoint.tls {
-            config.tls =
-                Some(
-                    crate::tls::fred_config(tls).map_err(|reason| TransportError::Tls {
-                        addr: addr.clone(),
-                        reason,
-                    })?,
-                );
+            let hosts = endpoint.config.server.hosts();
+            let seed_name = match sharded {
+                true => crate::tls::cluster_seed_name(hosts.iter().map(|h| &*h.host)),
+                false => None,
+            };
+            config.tls = Some(crate::tls::fred_config(tls, seed_name).map_err(|reason| {
+                TransportError::Tls {
+                    addr: addr.clone(),
+                    reason,
+                }
+            })?);
         }
         let mut builder = Builder::from_config(config);
         builder.with_connection_config(|c| {
@@ -586,6 +590,15 @@ fn connect_error(addr: &str, tls: bool, e: &fred::error::Error) -> TransportErro
     };
     // fred passes rustls' errors on as text: `InvalidCertificate(UnknownIssuer)`,
     // `AlertReceived(CertificateRequired)`, ...
+    if text.contains("InvalidCertificate(NotValidForName") {
+        return tls_error(format!(
+            "the server's certificate does not name the address connected to ({text}); on a \
+             Redis Cluster that is the address a node announces (CLUSTER SLOTS), usually an \
+             IP address: name the seed nodes by the DNS name the certificates were made for \
+             (a node's certificate may then name that instead of the node's IP address), or \
+             put the addresses in the certificates"
+        ));
+    }
     if let Some(what) = between(&text, "InvalidCertificate(", ")") {
         return tls_error(format!(
             "the server's certificate was refused ({what}); check the CA \
@@ -597,6 +610,15 @@ fn connect_error(addr: &str, tls: bool, e: &fred::error::Error) -> TransportErro
         return tls_error(format!(
             "the server ended the handshake with the alert {alert}; does it require a \
              client certificate (Config::tls_client_cert_pem) or one from another CA?"
+        ));
+    }
+    if tls && text.contains("Failed to connect to all sentinel nodes") {
+        // fred drops the reason of each sentinel's failure, a refused handshake included.
+        return tls_error(format!(
+            "no sentinel could be reached over TLS ({text}); fred does not say why: a refused \
+             certificate looks like this too, so check the CA (Config::tls_ca_pem / \
+             tls_ca_file), that the sentinels' certificates name the addresses in the URL, \
+             and that the sentinels are up and serve TLS there"
         ));
     }
     if tls && matches!(e.kind(), fred::error::ErrorKind::Timeout) {

@@ -30,7 +30,7 @@ use std::time::{Duration, Instant};
 use crate::TestkitError;
 use crate::process::output_of;
 use crate::resp::RespValue;
-use crate::server::{RedisServer, is_executable, port_taken, redis_server_path};
+use crate::server::{RedisServer, TlsFiles, is_executable, port_taken, redis_server_path};
 
 /// How many hash slots a Redis Cluster has.
 const SLOTS: u16 = 16384;
@@ -94,6 +94,8 @@ pub struct RedisCluster {
     primaries: usize,
     replicas_per_primary: usize,
     startup: StartupTimings,
+    /// Every node serves TLS only, with these files ([`RedisCluster::start_tls`]).
+    tls: Option<TlsFiles>,
 }
 
 /// One node: its server process and its cluster node id (kept across restarts, as its
@@ -287,6 +289,63 @@ impl RedisCluster {
         primaries: usize,
         replicas_per_primary: usize,
     ) -> Result<RedisCluster, TestkitError> {
+        RedisCluster::launch(primaries, replicas_per_primary, None)
+    }
+
+    /// Starts a cluster of 3 primaries with one replica each serving TLS only, with the
+    /// certificate, key and CA of `files` (see [`RedisCluster::start_tls_with`]).
+    ///
+    /// ```no_run
+    /// use clouds_testkit::{RedisCluster, TlsFiles};
+    ///
+    /// let cluster = RedisCluster::start_tls(&TlsFiles::new("server.pem", "server.key", "ca.pem"))?;
+    /// assert!(cluster.seed_url().starts_with("rediss-cluster://127.0.0.1:"));
+    /// # Ok::<(), clouds_testkit::TestkitError>(())
+    /// ```
+    pub fn start_tls(files: &TlsFiles) -> Result<RedisCluster, TestkitError> {
+        RedisCluster::start_tls_with(3, 1, files)
+    }
+
+    /// Like [`RedisCluster::start_with`], every node serving TLS only: `--port 0 --tls-port
+    /// P --tls-cluster yes --tls-replication yes` with the certificate, key and CA of `files`
+    /// (the cluster bus, on P + 10000, and replication speak TLS too). The cluster is created
+    /// with `redis-cli --tls --cacert <files.ca>`.
+    ///
+    /// The server certificate is also each node's client certificate towards the others, and
+    /// the cluster bus always asks for one (whatever [`TlsFiles::require_client_certs`] says):
+    /// it must allow client authentication too (extended key usage `clientAuth` besides
+    /// `serverAuth`, or none), or the nodes never join and this fails after a minute.
+    ///
+    /// Clients must trust `files.ca` and check the certificate against the address the
+    /// nodes announce, 127.0.0.1: the server certificate needs that IP address among its
+    /// names. The helpers ([`RedisCluster::command_on`] and the others) speak TLS (see
+    /// [`RedisServer::start_tls`](crate::RedisServer::start_tls)); [`RedisCluster::urls`]
+    /// are `rediss://` and [`RedisCluster::seed_url`] is `rediss-cluster://`.
+    ///
+    /// ```no_run
+    /// use clouds_testkit::{RedisCluster, TlsFiles};
+    ///
+    /// let files = TlsFiles::new("server.pem", "server.key", "ca.pem");
+    /// let cluster = RedisCluster::start_tls_with(3, 0, &files)?;
+    /// let port = cluster.ports()[0];
+    /// let info = cluster.command_on(port, &["CLUSTER", "INFO"])?;
+    /// assert!(info.as_text().unwrap_or_default().contains("cluster_state:ok"));
+    /// # Ok::<(), clouds_testkit::TestkitError>(())
+    /// ```
+    pub fn start_tls_with(
+        primaries: usize,
+        replicas_per_primary: usize,
+        files: &TlsFiles,
+    ) -> Result<RedisCluster, TestkitError> {
+        RedisCluster::launch(primaries, replicas_per_primary, Some(files))
+    }
+
+    /// Starts and creates the cluster, over TLS with `tls`.
+    fn launch(
+        primaries: usize,
+        replicas_per_primary: usize,
+        tls: Option<&TlsFiles>,
+    ) -> Result<RedisCluster, TestkitError> {
         if primaries < 3 {
             return Err(cluster_error(
                 format!(
@@ -311,6 +370,7 @@ impl RedisCluster {
             primaries,
             replicas_per_primary,
             startup: StartupTimings::default(),
+            tls: tls.cloned(),
         };
 
         // Launch: all ports (and bus ports) reserved at once, so no two nodes collide; the
@@ -324,7 +384,7 @@ impl RedisCluster {
         };
         for port in ports {
             // Pushed at once: from here on, dropping `cluster` stops the node.
-            cluster.nodes.push(launch_node(port)?);
+            cluster.nodes.push(launch_node(port, tls)?);
         }
         cluster.startup.launch = started.elapsed();
 
@@ -340,7 +400,26 @@ impl RedisCluster {
         );
         command.args(["--cluster-replicas", &replicas_per_primary.to_string()]);
         command.arg("--cluster-yes");
-        let output = output_of(&mut command, CREATE_TIMEOUT)?;
+        if let Some(files) = tls {
+            command.arg("--tls").arg("--cacert").arg(&files.ca);
+            if files.require_client_certs {
+                command.arg("--cert").arg(&files.cert);
+                command.arg("--key").arg(&files.key);
+            }
+        }
+        let output = output_of(&mut command, CREATE_TIMEOUT).map_err(|e| match tls {
+            // What keeps a TLS cluster from joining is not in its logs at the default level.
+            Some(_) => cluster_error(
+                format!(
+                    "redis-cli --cluster create failed: {e}\n(over TLS the nodes authenticate \
+                     each other on the cluster bus with their certificate, whatever \
+                     --tls-auth-clients says: it must allow client authentication too, \
+                     extendedKeyUsage clientAuth)"
+                ),
+                cluster.logs(),
+            ),
+            None => e.into(),
+        })?;
         let transcript = strip_ansi(&format!(
             "--- redis-cli stdout ---\n{}--- redis-cli stderr ---\n{}",
             String::from_utf8_lossy(&output.stdout),
@@ -397,7 +476,8 @@ impl RedisCluster {
         self.nodes.iter().map(Node::port).collect()
     }
 
-    /// `redis://127.0.0.1:PORT` for every node, in the order of [`RedisCluster::ports`].
+    /// `redis://127.0.0.1:PORT` (`rediss://` for a [TLS cluster](RedisCluster::start_tls))
+    /// for every node, in the order of [`RedisCluster::ports`].
     ///
     /// ```no_run
     /// let cluster = clouds_testkit::RedisCluster::start()?;
@@ -408,14 +488,15 @@ impl RedisCluster {
     pub fn urls(&self) -> Vec<String> {
         self.nodes
             .iter()
-            .map(|n| format!("redis://127.0.0.1:{}", n.port()))
+            .map(|n| format!("{}://127.0.0.1:{}", self.scheme("redis"), n.port()))
             .collect()
     }
 
     /// A cluster client's seed URL naming every node:
     /// `redis-cluster://127.0.0.1:P1?node=127.0.0.1:P2&node=127.0.0.1:P3...` (the form
-    /// fred's `Config::from_url` reads). Any node can serve as a seed, so a client still
-    /// finds the cluster with a node down.
+    /// fred's `Config::from_url` reads; `rediss-cluster://` for a
+    /// [TLS cluster](RedisCluster::start_tls)). Any node can serve as a seed, so a client
+    /// still finds the cluster with a node down.
     ///
     /// ```no_run
     /// let cluster = clouds_testkit::RedisCluster::start()?;
@@ -425,7 +506,7 @@ impl RedisCluster {
     /// # Ok::<(), clouds_testkit::TestkitError>(())
     /// ```
     pub fn seed_url(&self) -> String {
-        let mut url = String::from("redis-cluster://");
+        let mut url = format!("{}://", self.scheme("redis-cluster"));
         for (i, node) in self.nodes.iter().enumerate() {
             let separator = match i {
                 0 => "",
@@ -435,6 +516,14 @@ impl RedisCluster {
             url.push_str(&format!("{separator}127.0.0.1:{}", node.port()));
         }
         url
+    }
+
+    /// `plain`, or its TLS form (`rediss...`) for a TLS cluster.
+    fn scheme(&self, plain: &str) -> String {
+        match self.tls {
+            Some(_) => plain.replacen("redis", "rediss", 1),
+            None => plain.to_owned(),
+        }
     }
 
     /// The process id of the node on `port`, or `None` if it is
@@ -1124,6 +1213,7 @@ impl fmt::Debug for RedisCluster {
             .field("replicas_per_primary", &self.replicas_per_primary)
             .field("nodes (port, pid)", &nodes)
             .field("startup", &format_args!("{}", self.startup))
+            .field("tls", &self.tls.is_some())
             .finish()
     }
 }
@@ -1131,17 +1221,26 @@ impl fmt::Debug for RedisCluster {
 // No Drop of its own: each node's `RedisServer` kills and reaps its process and removes its
 // directory when the cluster's fields are dropped (also while a test panics).
 
-/// Launches one cluster node on `port`, or on another free port if that one is taken.
-fn launch_node(port: u16) -> Result<Node, TestkitError> {
+/// Launches one cluster node on `port`, or on another free port if that one is taken;
+/// serving TLS only (client, cluster bus and replication) with `tls`.
+fn launch_node(port: u16, tls: Option<&TlsFiles>) -> Result<Node, TestkitError> {
     let node_timeout = NODE_TIMEOUT_MS.to_string();
-    let mut server = RedisServer::unstarted(&[
+    let args = [
         "--cluster-enabled",
         "yes",
         "--cluster-node-timeout",
         &node_timeout,
         "--repl-diskless-sync-delay",
         "0",
-    ])?;
+    ];
+    let mut server = match tls {
+        Some(files) => {
+            let mut server = RedisServer::unstarted_tls(files, &args)?;
+            server.push_args(["--tls-cluster", "yes", "--tls-replication", "yes"]);
+            server
+        }
+        None => RedisServer::unstarted(&args)?,
+    };
     let conf = server.dir().join(NODES_FILE);
     // Relative to --dir (Redis changes into it) should the path not be UTF-8.
     let conf = conf.to_str().unwrap_or(NODES_FILE).to_owned();

@@ -53,6 +53,9 @@ pub enum TestkitError {
     Protocol(String),
     /// The server rejected the password given with `--requirepass`.
     Auth(String),
+    /// The PEM files of a TLS server ([`TlsFiles`](crate::TlsFiles)) could not be read or
+    /// used for the testkit's own TLS connections; the message names the file, never a key.
+    Tls(String),
     /// Starting or watching a child process failed (for `redis-server`: it could not be
     /// spawned); see [`ChildError`].
     Child(ChildError),
@@ -96,6 +99,7 @@ impl fmt::Display for TestkitError {
             ),
             TestkitError::Protocol(msg) => write!(f, "RESP protocol error: {msg}"),
             TestkitError::Auth(msg) => write!(f, "Redis rejected AUTH: {msg}"),
+            TestkitError::Tls(msg) => write!(f, "TLS setup for redis-server failed: {msg}"),
             TestkitError::Child(e) => fmt::Display::fmt(e, f),
             TestkitError::Cluster { what, details } if details.is_empty() => {
                 write!(f, "Redis Cluster: {what}")

@@ -58,21 +58,28 @@
 //! A throwaway Sentinel deployment (a primary, its replica and three sentinels) is a
 //! [`RedisSentinel`], with the primary's kill and the wait for the failover.
 //!
-//! Only std is used; the raw RESP2 client behind [`RedisServer::command`] is
-//! deliberately minimal and meant for poking Redis from tests, not for
-//! production traffic.
+//! Each has a TLS-only form, with the certificate, key and CA of a [`TlsFiles`]:
+//! [`RedisServer::start_tls`], [`RedisCluster::start_tls`] (the cluster bus and replication
+//! over TLS too) and [`RedisSentinel::start_tls`] (sentinels and replication over TLS too).
+//! Their helpers ([`RedisServer::command`] and the like) then speak TLS (rustls).
+//!
+//! Only std is used, and rustls for the TLS forms; the raw RESP2 client behind
+//! [`RedisServer::command`] is deliberately minimal and meant for poking Redis from tests, not
+//! for production traffic.
 //!
 //! # Layout
 //!
 //! - `server.rs`: [`RedisServer`] (launching on a free port, readiness, stop, restart,
-//!   clean-up) and [`redis_server_path`].
+//!   clean-up), [`TlsFiles`] and [`redis_server_path`].
+//! - `sentinel.rs`: [`RedisSentinel`] (primary, replica and three sentinels; kill the
+//!   primary, wait for the failover).
 //! - `cluster.rs`: [`RedisCluster`] (nodes on free ports with free bus ports, creation
 //!   with `redis-cli`, waiting for the cluster to settle, kill, restart, failover, slot
 //!   migration), [`ClusterNode`], [`NodeRole`], [`StartupTimings`], and the slot function.
 //! - `process.rs`: [`ChildProcess`], the one harness for child processes (spawn, wait for a
 //!   line, signal, stop, kill on drop), [`output_of`], and its [`ChildError`].
-//! - `resp.rs`: the raw RESP2 client: [`RespValue`], the connection behind
-//!   [`RedisServer::command`], and [`ping`].
+//! - `resp.rs`: the raw RESP2 client: [`RespValue`], the connection (plaintext or TLS)
+//!   behind [`RedisServer::command`], and [`ping`].
 //! - `error.rs`: [`TestkitError`].
 
 mod cluster;

@@ -4,8 +4,9 @@
 //! Deliberately minimal, for poking Redis from tests, not for production traffic.
 
 use std::fmt;
-use std::io::{self, BufRead, BufReader, Write};
+use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::TestkitError;
@@ -194,17 +195,73 @@ pub fn ping(addr: &str, timeout: Duration) -> bool {
     false
 }
 
-/// A minimal blocking RESP2 connection.
+/// A minimal blocking RESP2 connection, in plaintext or over TLS.
 pub(crate) struct Connection {
-    stream: BufReader<TcpStream>,
+    stream: BufReader<Stream>,
+}
+
+/// The byte stream under a [`Connection`].
+enum Stream {
+    Plain(TcpStream),
+    /// rustls over TCP; the handshake runs on the first write or read, under the socket's
+    /// timeouts.
+    Tls(Box<rustls::StreamOwned<rustls::ClientConnection, TcpStream>>),
+}
+
+impl Read for Stream {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Stream::Plain(s) => s.read(buf),
+            Stream::Tls(s) => s.read(buf),
+        }
+    }
+}
+
+impl Write for Stream {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Stream::Plain(s) => s.write(buf),
+            Stream::Tls(s) => s.write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        match self {
+            Stream::Plain(s) => s.flush(),
+            Stream::Tls(s) => s.flush(),
+        }
+    }
 }
 
 impl Connection {
     pub(crate) fn open(addr: &SocketAddr, timeout: Duration) -> io::Result<Connection> {
+        Connection::open_with(addr, timeout, None)
+    }
+
+    /// A connection to `addr`, over TLS with `tls` when given: the client configuration and
+    /// the DNS name to check the server's certificate against (`None`: `addr`'s IP address).
+    pub(crate) fn open_with(
+        addr: &SocketAddr,
+        timeout: Duration,
+        tls: Option<(&Arc<rustls::ClientConfig>, Option<&str>)>,
+    ) -> io::Result<Connection> {
         let stream = TcpStream::connect_timeout(addr, timeout)?;
         stream.set_read_timeout(Some(timeout))?;
         stream.set_write_timeout(Some(timeout))?;
         stream.set_nodelay(true)?;
+        let stream = match tls {
+            None => Stream::Plain(stream),
+            Some((config, name)) => {
+                let name = match name {
+                    Some(name) => rustls::pki_types::ServerName::try_from(name.to_owned())
+                        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?,
+                    None => rustls::pki_types::ServerName::IpAddress(addr.ip().into()),
+                };
+                let conn = rustls::ClientConnection::new(config.clone(), name)
+                    .map_err(io::Error::other)?;
+                Stream::Tls(Box::new(rustls::StreamOwned::new(conn, stream)))
+            }
+        };
         Ok(Connection {
             stream: BufReader::new(stream),
         })

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use crate::error::TestkitError;
 use crate::resp::RespValue;
-use crate::server::{RedisServer, free_port, port_taken};
+use crate::server::{RedisServer, TlsFiles, free_port, port_taken};
 
 /// How long the primary may be silent before a sentinel thinks it down.
 const DOWN_AFTER_MS: u64 = 1000;
@@ -44,6 +44,8 @@ pub struct RedisSentinel {
     /// The primary and the replica (whichever is which now).
     data: Vec<RedisServer>,
     sentinels: Vec<RedisServer>,
+    /// Every process serves TLS only ([`RedisSentinel::start_tls`]).
+    tls: bool,
 }
 
 impl RedisSentinel {
@@ -59,22 +61,59 @@ impl RedisSentinel {
     /// # Ok::<(), clouds_testkit::TestkitError>(())
     /// ```
     pub fn start() -> Result<RedisSentinel, TestkitError> {
-        let primary = RedisServer::start()?;
+        RedisSentinel::launch(None)
+    }
+
+    /// Like [`RedisSentinel::start`], every process serving TLS only (`--port 0 --tls-port
+    /// P`) with the certificate, key and CA of `files`, and `--tls-replication yes`
+    /// everywhere: the replica replicates over TLS and the sentinels speak TLS to the data
+    /// nodes and to each other (announcing their TLS ports). [`RedisSentinel::url`] is then
+    /// `rediss-sentinel://`: a client speaks TLS to the sentinels and to the primary they
+    /// name, and must trust `files.ca` for the address 127.0.0.1 (the server certificate
+    /// needs that IP address among its names). The helpers speak TLS too (see
+    /// [`RedisServer::start_tls`]).
+    ///
+    /// ```no_run
+    /// use clouds_testkit::{RedisSentinel, TlsFiles};
+    ///
+    /// let files = TlsFiles::new("server.pem", "server.key", "ca.pem");
+    /// let deployment = RedisSentinel::start_tls(&files)?;
+    /// assert!(deployment.url().starts_with("rediss-sentinel://127.0.0.1:"));
+    /// assert_eq!(deployment.role_of(deployment.primary_port()?)?, "master");
+    /// # Ok::<(), clouds_testkit::TestkitError>(())
+    /// ```
+    pub fn start_tls(files: &TlsFiles) -> Result<RedisSentinel, TestkitError> {
+        RedisSentinel::launch(Some(files))
+    }
+
+    /// Starts the deployment, over TLS with `tls`.
+    fn launch(tls: Option<&TlsFiles>) -> Result<RedisSentinel, TestkitError> {
+        let data_node = |args: &[&str]| match tls {
+            Some(files) => {
+                let mut all = vec!["--tls-replication", "yes"];
+                all.extend_from_slice(args);
+                RedisServer::unstarted_tls(files, &all)?.start_on_free_port()
+            }
+            None => RedisServer::start_with(args),
+        };
+        let primary = data_node(&[])?;
         let primary_port = primary.port().to_string();
-        let replica = RedisServer::start_with(&["--replicaof", "127.0.0.1", &primary_port])?;
+        let replica = data_node(&["--replicaof", "127.0.0.1", &primary_port])?;
         let mut sentinels = Vec::with_capacity(3);
         for _ in 0..3 {
-            sentinels.push(start_sentinel(primary.port())?);
+            sentinels.push(start_sentinel(primary.port(), tls)?);
         }
         let deployment = RedisSentinel {
             data: vec![primary, replica],
             sentinels,
+            tls: tls.is_some(),
         };
         deployment.wait_settled(SETTLE_TIMEOUT)?;
         Ok(deployment)
     }
 
-    /// The URL clouds connects with: the three sentinels and the service name.
+    /// The URL clouds connects with: the three sentinels and the service name
+    /// (`rediss-sentinel://` for a [TLS deployment](RedisSentinel::start_tls)).
     ///
     /// ```no_run
     /// let deployment = clouds_testkit::RedisSentinel::start()?;
@@ -94,7 +133,12 @@ impl RedisSentinel {
     /// # Ok::<(), clouds_testkit::TestkitError>(())
     /// ```
     pub fn url_with_db(&self, db: u8) -> String {
-        let mut url = format!("redis-sentinel://127.0.0.1:{}", self.sentinels[0].port());
+        let scheme = if self.tls {
+            "rediss-sentinel"
+        } else {
+            "redis-sentinel"
+        };
+        let mut url = format!("{scheme}://127.0.0.1:{}", self.sentinels[0].port());
         if db != 0 {
             url.push_str(&format!("/{db}"));
         }
@@ -114,6 +158,21 @@ impl RedisSentinel {
     /// ```
     pub fn sentinel_ports(&self) -> Vec<u16> {
         self.sentinels.iter().map(RedisServer::port).collect()
+    }
+
+    /// The ports of the two data nodes, the one started as the primary first (roles change
+    /// with a failover: see [`RedisSentinel::primary_port`]). For what must be done on every
+    /// data node, like creating an ACL user (users are not replicated).
+    ///
+    /// ```no_run
+    /// let deployment = clouds_testkit::RedisSentinel::start()?;
+    /// for port in deployment.data_ports() {
+    ///     deployment.command_on(port, &["ACL", "SETUSER", "app", "on", ">pw", "+@all", "~*"])?;
+    /// }
+    /// # Ok::<(), clouds_testkit::TestkitError>(())
+    /// ```
+    pub fn data_ports(&self) -> Vec<u16> {
+        self.data.iter().map(RedisServer::port).collect()
     }
 
     /// The port of the primary as the first sentinel that answers names it.
@@ -153,6 +212,29 @@ impl RedisSentinel {
     /// ```
     pub fn command_on(&self, port: u16, args: &[&str]) -> Result<RespValue, TestkitError> {
         self.data(port)?.command(args)
+    }
+
+    /// Like [`RedisSentinel::command_on`], as the ACL user `user` (see
+    /// [`RedisServer::command_as`]); users are not replicated, so create them on every data
+    /// node ([`RedisSentinel::data_ports`]) first.
+    ///
+    /// ```no_run
+    /// let deployment = clouds_testkit::RedisSentinel::start()?;
+    /// for port in deployment.data_ports() {
+    ///     deployment.command_on(port, &["ACL", "SETUSER", "pinger", "on", ">pw", "+ping"])?;
+    /// }
+    /// let port = deployment.primary_port()?;
+    /// assert!(!deployment.command_as_on(port, "pinger", "pw", &["PING"])?.is_error());
+    /// # Ok::<(), clouds_testkit::TestkitError>(())
+    /// ```
+    pub fn command_as_on(
+        &self,
+        port: u16,
+        user: &str,
+        password: &str,
+        args: &[&str],
+    ) -> Result<RespValue, TestkitError> {
+        self.data(port)?.command_as(user, password, args)
     }
 
     /// `master` or `slave`, as the data node on `port` says of itself (`INFO replication`).
@@ -289,10 +371,15 @@ impl RedisSentinel {
     }
 }
 
-/// Starts one sentinel watching the primary on `primary_port`.
-fn start_sentinel(primary_port: u16) -> Result<RedisServer, TestkitError> {
+/// Starts one sentinel watching the primary on `primary_port`, over TLS with `tls`.
+fn start_sentinel(primary_port: u16, tls: Option<&TlsFiles>) -> Result<RedisServer, TestkitError> {
     let service = RedisSentinel::SERVICE;
-    let mut sentinel = RedisServer::unstarted(&["--sentinel"])?;
+    let mut sentinel = match tls {
+        Some(files) => {
+            RedisServer::unstarted_tls(files, &["--sentinel", "--tls-replication", "yes"])?
+        }
+        None => RedisServer::unstarted(&["--sentinel"])?,
+    };
     let conf = sentinel.dir().join("sentinel.conf");
     fs::write(
         &conf,

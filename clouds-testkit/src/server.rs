@@ -7,6 +7,7 @@ use std::io;
 use std::net::{Ipv4Addr, SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::thread;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -62,9 +63,27 @@ pub struct RedisServer {
     /// A configuration file given before every other argument (Sentinel needs one it can
     /// rewrite).
     config_file: Option<PathBuf>,
-    /// Serves TLS only (`--port 0 --tls-port <port>`): probed by its log, not by a command.
-    tls: bool,
+    /// Serves TLS only (`--port 0 --tls-port <port>`): the helpers' connections use this
+    /// client configuration (the server's CA, and its certificate as the client's when
+    /// clients must show one).
+    tls: Option<TlsClient>,
     child: Option<ChildProcess>,
+}
+
+/// How the helpers speak TLS to a TLS-only server.
+struct TlsClient {
+    config: Arc<rustls::ClientConfig>,
+    /// The name to check the server's certificate against (`None`: its IP address).
+    server_name: Option<String>,
+}
+
+// By hand: rustls' configuration would list the client certificate's signing key.
+impl std::fmt::Debug for TlsClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TlsClient")
+            .field("server_name", &self.server_name)
+            .finish_non_exhaustive()
+    }
 }
 
 /// The PEM files of a TLS server ([`RedisServer::start_tls`]).
@@ -82,11 +101,16 @@ pub struct TlsFiles {
     /// The server certificate's private key.
     pub key: PathBuf,
     /// The CA certificate(s) that client certificates are checked against (Redis requires
-    /// one even when clients are not asked for certificates).
+    /// one even when clients are not asked for certificates); also what the testkit's own
+    /// connections, and the nodes of a TLS cluster or Sentinel deployment between themselves,
+    /// check the server certificate against.
     pub ca: PathBuf,
     /// Whether clients must show a certificate signed by `ca` (`--tls-auth-clients yes`;
     /// `no` otherwise).
     pub require_client_certs: bool,
+    /// The name the testkit's own connections check the server certificate against; `None`
+    /// (the default) checks it against the IP address 127.0.0.1.
+    pub server_name: Option<String>,
 }
 
 impl TlsFiles {
@@ -102,7 +126,20 @@ impl TlsFiles {
             key: key.into(),
             ca: ca.into(),
             require_client_certs: false,
+            server_name: None,
         }
+    }
+
+    /// Sets the DNS name the testkit's own connections check the server certificate against,
+    /// for a certificate that does not name 127.0.0.1.
+    ///
+    /// ```
+    /// let files = clouds_testkit::TlsFiles::new("s.pem", "s.key", "ca.pem").server_name("localhost");
+    /// assert_eq!(files.server_name.as_deref(), Some("localhost"));
+    /// ```
+    pub fn server_name(mut self, name: impl Into<String>) -> Self {
+        self.server_name = Some(name.into());
+        self
     }
 
     /// Sets whether clients must show a certificate (mutual TLS).
@@ -165,7 +202,7 @@ impl RedisServer {
     }
 
     /// Launches the (unstarted) server on a free port, trying another one if it was taken.
-    fn start_on_free_port(mut self) -> Result<RedisServer, TestkitError> {
+    pub(crate) fn start_on_free_port(mut self) -> Result<RedisServer, TestkitError> {
         let mut last_log = String::new();
         for _ in 0..PORT_ATTEMPTS {
             self.port = free_port()?;
@@ -187,39 +224,46 @@ impl RedisServer {
     }
 
     /// Starts `redis-server` serving TLS only (`--port 0 --tls-port <free port>`) with the
-    /// certificate, key and CA of `files`, and waits (up to ~10 s) until its log says it is
-    /// ready and the port accepts connections. [`RedisServer::url`] is then a `rediss://`
-    /// URL. The plaintext helpers ([`RedisServer::command`]) cannot reach such a server;
-    /// stopping it kills it (there is no plaintext `SHUTDOWN`).
+    /// certificate, key and CA of `files`, and waits (up to ~10 s) until it answers `INFO`
+    /// over TLS (or, when clients must show a certificate the helpers cannot show, until its
+    /// log says it is ready and the port accepts connections). [`RedisServer::url`] is then a
+    /// `rediss://` URL.
+    ///
+    /// The helpers ([`RedisServer::command`], [`RedisServer::command_as`]) speak TLS to it,
+    /// trusting `files.ca` and checking the certificate for 127.0.0.1 (so the server
+    /// certificate needs that IP address among its names, unless
+    /// [another name is set](TlsFiles::server_name)), and, when
+    /// [client certificates are required](TlsFiles::require_client_certs), showing the server's
+    /// own certificate (which must then allow client authentication too). Stopping it kills
+    /// it (no `SHUTDOWN`).
     ///
     /// ```no_run
     /// use clouds_testkit::{RedisServer, TlsFiles};
     ///
     /// let server = RedisServer::start_tls(&TlsFiles::new("server.pem", "server.key", "ca.pem"))?;
     /// assert!(server.url().starts_with("rediss://127.0.0.1:"));
+    /// assert_eq!(server.command(&["PING"])?.as_text().as_deref(), Some("PONG"));
     /// # Ok::<(), clouds_testkit::TestkitError>(())
     /// ```
     pub fn start_tls(files: &TlsFiles) -> Result<RedisServer, TestkitError> {
-        let path = |p: &Path| p.to_string_lossy().into_owned();
-        let (cert, key, ca) = (path(&files.cert), path(&files.key), path(&files.ca));
-        let auth = if files.require_client_certs {
-            "yes"
-        } else {
-            "no"
-        };
-        let args = [
-            "--tls-cert-file",
-            cert.as_str(),
-            "--tls-key-file",
-            key.as_str(),
-            "--tls-ca-cert-file",
-            ca.as_str(),
-            "--tls-auth-clients",
-            auth,
-        ];
-        let mut server = RedisServer::unstarted(&args)?;
-        server.tls = true;
-        server.start_on_free_port()
+        RedisServer::unstarted_tls(files, &[])?.start_on_free_port()
+    }
+
+    /// Like [`RedisServer::unstarted`], serving TLS only with `files`; `args` come after the
+    /// TLS ones.
+    pub(crate) fn unstarted_tls(
+        files: &TlsFiles,
+        args: &[&str],
+    ) -> Result<RedisServer, TestkitError> {
+        let mut all: Vec<String> = tls_args(files);
+        all.extend(args.iter().map(|a| (*a).to_owned()));
+        let all: Vec<&str> = all.iter().map(String::as_str).collect();
+        let mut server = RedisServer::unstarted(&all)?;
+        server.tls = Some(TlsClient {
+            config: client_config(files)?,
+            server_name: files.server_name.clone(),
+        });
+        Ok(server)
     }
 
     /// The TCP port the server listens on (kept across [`RedisServer::stop`] and
@@ -243,7 +287,11 @@ impl RedisServer {
     /// # Ok::<(), clouds_testkit::TestkitError>(())
     /// ```
     pub fn url(&self) -> String {
-        let scheme = if self.tls { "rediss" } else { "redis" };
+        let scheme = if self.tls.is_some() {
+            "rediss"
+        } else {
+            "redis"
+        };
         format!("{scheme}://127.0.0.1:{}", self.port)
     }
 
@@ -290,7 +338,7 @@ impl RedisServer {
         let Some(mut child) = self.child.take() else {
             return;
         };
-        if !self.tls && matches!(child.try_wait(), Ok(None)) {
+        if self.tls.is_none() && matches!(child.try_wait(), Ok(None)) {
             // A successful SHUTDOWN closes the connection without a reply, so the
             // result is irrelevant: we only look at whether the process exits.
             let _ = self
@@ -366,7 +414,7 @@ impl RedisServer {
         args: &[&str],
     ) -> Result<RespValue, TestkitError> {
         let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, self.port));
-        let mut conn = Connection::open(&addr, COMMAND_TIMEOUT)?;
+        let mut conn = Connection::open_with(&addr, COMMAND_TIMEOUT, self.tls_settings())?;
         if let RespValue::Error(e) = conn.call(&[b"AUTH", user.as_bytes(), password.as_bytes()])? {
             return Err(TestkitError::Auth(e));
         }
@@ -401,7 +449,7 @@ impl RedisServer {
             extra_args: args.iter().map(|a| (*a).to_owned()).collect(),
             password: find_password(args),
             config_file: None,
-            tls: false,
+            tls: None,
             child: None,
         })
     }
@@ -454,7 +502,7 @@ impl RedisServer {
         if let Some(config_file) = &self.config_file {
             command.arg(config_file);
         }
-        if self.tls {
+        if self.tls.is_some() {
             command.args(["--port", "0", "--tls-port"]);
         } else {
             command.arg("--port");
@@ -521,13 +569,17 @@ impl RedisServer {
 
     /// True once *our* process (not whoever else might hold the port) answers.
     fn probe(&self, pid: u32) -> bool {
-        if self.tls {
-            // No plaintext port to ask: our process (alive, checked by the caller) says it is
-            // ready in its own log, and the port takes connections.
+        if self.tls.is_some() {
+            // Our process (alive, checked by the caller) says it is ready in its own log and
+            // the port takes connections: enough when the helpers cannot get through the
+            // handshake (a client certificate they cannot show). Sentinel logs no such line.
             let log = fs::read(self.dir.join(LOG_FILE)).unwrap_or_default();
             let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, self.port));
-            return String::from_utf8_lossy(&log).contains("Ready to accept connections")
-                && std::net::TcpStream::connect_timeout(&addr, PROBE_TIMEOUT).is_ok();
+            if String::from_utf8_lossy(&log).contains("Ready to accept connections")
+                && std::net::TcpStream::connect_timeout(&addr, PROBE_TIMEOUT).is_ok()
+            {
+                return true;
+            }
         }
         let Ok(mut conn) = self.connect(PROBE_TIMEOUT) else {
             return false;
@@ -555,10 +607,17 @@ impl RedisServer {
             .collect()
     }
 
+    /// The helpers' TLS settings: the client configuration and the name to check.
+    fn tls_settings(&self) -> Option<(&Arc<rustls::ClientConfig>, Option<&str>)> {
+        self.tls
+            .as_ref()
+            .map(|tls| (&tls.config, tls.server_name.as_deref()))
+    }
+
     /// Opens an (authenticated) connection to the server.
     fn connect(&self, timeout: Duration) -> Result<Connection, TestkitError> {
         let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, self.port));
-        let mut conn = Connection::open(&addr, timeout)?;
+        let mut conn = Connection::open_with(&addr, timeout, self.tls_settings())?;
         if let Some(password) = &self.password
             && let RespValue::Error(e) = conn.call(&[b"AUTH", password.as_bytes()])?
         {
@@ -663,6 +722,71 @@ pub(crate) fn is_executable(path: &Path) -> bool {
 #[cfg(not(unix))]
 pub(crate) fn is_executable(path: &Path) -> bool {
     path.is_file()
+}
+
+/// The `redis-server` arguments serving TLS with `files` (the port arguments aside).
+pub(crate) fn tls_args(files: &TlsFiles) -> Vec<String> {
+    let path = |p: &Path| p.to_string_lossy().into_owned();
+    let auth = if files.require_client_certs {
+        "yes"
+    } else {
+        "no"
+    };
+    [
+        "--tls-cert-file".to_owned(),
+        path(&files.cert),
+        "--tls-key-file".to_owned(),
+        path(&files.key),
+        "--tls-ca-cert-file".to_owned(),
+        path(&files.ca),
+        "--tls-auth-clients".to_owned(),
+        auth.to_owned(),
+    ]
+    .into()
+}
+
+/// The helpers' TLS client configuration for a server started with `files`: trusting
+/// `files.ca`, and showing `files.cert` when client certificates are required.
+fn client_config(files: &TlsFiles) -> Result<Arc<rustls::ClientConfig>, TestkitError> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+
+    let bad = |what: &str, path: &Path, e: &dyn std::fmt::Display| {
+        TestkitError::Tls(format!("{what} {}: {e}", path.display()))
+    };
+    let certs = |path: &Path, what: &str| -> Result<Vec<CertificateDer<'static>>, TestkitError> {
+        let certs = CertificateDer::pem_file_iter(path)
+            .map_err(|e| bad(what, path, &e))?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| bad(what, path, &e))?;
+        if certs.is_empty() {
+            return Err(bad(what, path, &"no PEM CERTIFICATE block"));
+        }
+        Ok(certs)
+    };
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in certs(&files.ca, "the CA certificate file")? {
+        roots
+            .add(cert)
+            .map_err(|e| bad("the CA certificate file", &files.ca, &e))?;
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| TestkitError::Tls(e.to_string()))?
+        .with_root_certificates(roots);
+    let config = if files.require_client_certs {
+        let chain = certs(&files.cert, "the certificate file")?;
+        // The key's bytes never go into an error: only its path and what was wrong.
+        let key = PrivateKeyDer::from_pem_file(&files.key)
+            .map_err(|_| bad("the key file", &files.key, &"no usable PEM private key"))?;
+        builder
+            .with_client_auth_cert(chain, key)
+            .map_err(|e| bad("the certificate file", &files.cert, &e))?
+    } else {
+        builder.with_no_client_auth()
+    };
+    Ok(Arc::new(config))
 }
 
 /// The value following the last `--requirepass` argument.
