@@ -300,6 +300,7 @@ fn case(name: &str) -> Option<Case> {
                 id: 7,
                 status: Status::Ok,
                 body: value("Hello Glen, hi"),
+                claim: None,
             }),
             check_body: |frame| {
                 let Frame::Reply(reply) = frame else {
@@ -334,6 +335,7 @@ fn case(name: &str) -> Option<Case> {
                 id: 8,
                 status: Status::AppError,
                 body: value("DivisionByZero"),
+                claim: None,
             }),
             check_body: |frame| {
                 let Frame::Reply(reply) = frame else {
@@ -350,6 +352,7 @@ fn case(name: &str) -> Option<Case> {
                 id: 8,
                 status: Status::AppError,
                 body: Bytes::from_static(&[0x90]),
+                claim: None,
             }),
             check_body: |frame| {
                 let Frame::Reply(reply) = frame else {
@@ -375,6 +378,7 @@ fn case(name: &str) -> Option<Case> {
                 id: 8,
                 status: Status::AppError,
                 body: value("division by zero"),
+                claim: None,
             }),
             check_body: |frame| {
                 let Frame::Reply(reply) = frame else {
@@ -411,6 +415,7 @@ fn case(name: &str) -> Option<Case> {
                 id: 7,
                 status: Status::Overloaded,
                 body: Bytes::from_static(codec::NIL),
+                claim: None,
             }),
             check_body: |frame| {
                 let Frame::Reply(reply) = frame else {

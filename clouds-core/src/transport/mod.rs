@@ -122,6 +122,23 @@ pub(crate) trait Transport: Send + Sync + Sized {
     fn servers(&self)
     -> impl Future<Output = Result<Vec<(NodeId, Fields)>, TransportError>> + Send;
 
+    /// Stores `value` at `key` for `ttl` (`SET key value PX ttl`). Untimed: the caller
+    /// bounds the wait. (Claims, `claim.rs`.)
+    fn put(
+        &self,
+        key: &str,
+        value: Bytes,
+        ttl: Duration,
+    ) -> impl Future<Output = Result<(), TransportError>> + Send;
+
+    /// Reads and deletes `key` in one step (`GETDEL`): its value, `None` if it has none (never
+    /// set, expired, or taken already). Untimed, like [`Transport::put`].
+    fn take(&self, key: &str)
+    -> impl Future<Output = Result<Option<Bytes>, TransportError>> + Send;
+
+    /// Deletes `key` (`DEL`), bounded by the command timeout.
+    fn delete(&self, key: &str) -> impl Future<Output = Result<(), TransportError>> + Send;
+
     /// Closes the connection: pending commands finish first, then [`Inbound`] ends.
     fn close(&self) -> impl Future<Output = ()> + Send;
 }
@@ -358,6 +375,18 @@ impl Transport for Wire {
 
     async fn servers(&self) -> Result<Vec<(NodeId, Fields)>, TransportError> {
         each!(self, t => t.servers().await)
+    }
+
+    async fn put(&self, key: &str, value: Bytes, ttl: Duration) -> Result<(), TransportError> {
+        each!(self, t => t.put(key, value, ttl).await)
+    }
+
+    async fn take(&self, key: &str) -> Result<Option<Bytes>, TransportError> {
+        each!(self, t => t.take(key).await)
+    }
+
+    async fn delete(&self, key: &str) -> Result<(), TransportError> {
+        each!(self, t => t.delete(key).await)
     }
 
     async fn close(&self) {
