@@ -82,6 +82,7 @@ async fn many_clients_sending_large_calls_never_knock_the_provider_off_redis() {
     assert_eq!(before.len(), 1, "{before:?}");
 
     let data = Arc::new("x".repeat(PAYLOAD));
+    let started = std::time::Instant::now();
     let mut clients = Vec::new();
     for _ in 0..CLIENTS {
         clients.push(Client::connect(cfg.clone()).await.expect("client"));
@@ -109,6 +110,12 @@ async fn many_clients_sending_large_calls_never_knock_the_provider_off_redis() {
         failed.len(),
         CLIENTS * CALLS_EACH,
         failed.first()
+    );
+    eprintln!(
+        "FIGURES claims: {} calls of {} MiB from {CLIENTS} clients to one provider in {:?}, 0 failed",
+        CLIENTS * CALLS_EACH,
+        PAYLOAD >> 20,
+        started.elapsed()
     );
     let after = subscribers(&redis, 3);
     assert_eq!(

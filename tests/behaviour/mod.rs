@@ -353,7 +353,7 @@ pub async fn large_payloads_travel_as_claims(b: impl Backend) {
         .map(|i| {
             let suite = suite.clone();
             let name = format!("{i}{name}");
-            tokio::spawn(async move { suite.hello(name, "hi".into()).await })
+            tokio::spawn(async move { suite.hello(name, "hi").await })
         })
         .collect();
     for (i, call) in concurrent.into_iter().enumerate() {
