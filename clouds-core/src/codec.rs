@@ -452,6 +452,7 @@ pub(crate) fn body_start(frame: &Bytes) -> Option<usize> {
 pub(crate) fn encode_claimed(frame: &[u8], body_start: usize, claim: &ClaimRef) -> Vec<u8> {
     let mut buf = Vec::with_capacity(body_start + 64);
     buf.extend_from_slice(&frame[..body_start]);
+    debug_assert!(matches!(Marker::from_u8(buf[1]), Marker::FixArray(_)) && buf[2] < CLAIMED);
     // [version, fixarray, kind as a positive fixint, ...]: the kind is byte 2.
     buf[2] += CLAIMED;
     put_array_len(&mut buf, 3);

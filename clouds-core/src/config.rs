@@ -474,14 +474,15 @@ impl Config {
         self
     }
 
-    /// Most bytes of call frames a client keeps in flight (default 16 MiB): sent and not
-    /// answered yet. Past it, new calls wait for room, within their timeout.
+    /// Most bytes of calls a client keeps in flight (default 16 MiB): sent (inline, or stored
+    /// as claims) and not answered yet. Past it, new calls wait for room, within their
+    /// timeout. A call larger than the whole budget still goes, alone.
     ///
-    /// Redis drops a subscriber whose unread pub/sub output passes its limit (32 MB hard by
-    /// default, `client-output-buffer-limit pubsub`), and every call queued for it is lost. A
-    /// burst of large calls to one provider could get there (1,000 calls of 64 KiB is 64 MB);
-    /// this keeps one client's share under the limit. A frame larger than the whole budget
-    /// still goes, alone.
+    /// This bounds what one client's bursts put into Redis at once: inline frames queued for
+    /// a provider's subscriber connection (Redis drops one whose unread pub/sub output passes
+    /// `client-output-buffer-limit pubsub`, 32 MB by default), and claimed bodies waiting in
+    /// Redis's memory. Frames over [`Config::claim_threshold`] travel as claims, so the
+    /// subscribers themselves only carry small frames whatever the sum over all clients.
     ///
     /// ```
     /// let config = clouds_core::Config::default().max_bytes_in_flight(4 << 20);

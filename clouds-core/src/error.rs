@@ -87,8 +87,8 @@ pub enum Error {
         /// What did not fit (wrong count or type).
         reason: String,
     },
-    /// The provider failed to produce a reply (it could not encode the result, or it was larger
-    /// than its `max_frame_size`).
+    /// The provider failed to produce a reply (it could not encode the result, the result or
+    /// the call was larger than its `max_body_size`, or a large result could not be stored).
     #[error("{node} failed to reply to {method}: {reason}")]
     Server {
         /// The method called.

@@ -456,8 +456,42 @@ fn case(name: &str) -> Option<Case> {
             check_body: |_| {},
             answers: None,
         },
+        "claimed-call" => Case {
+            encoded: {
+                let call = Bytes::from(
+                    codec::encode_call(7, "test.hello", "client-a", 2000, &("Glen", "hi"))
+                        .expect("encodable"),
+                );
+                let start = codec::body_start(&call).expect("a call");
+                codec::encode_claimed(&call, start, &claimed_args())
+            },
+            frame: Frame::Claim {
+                frame: Box::new(Frame::Call(Call {
+                    id: 7,
+                    method: wire("test.hello"),
+                    reply_to: wire("client-a"),
+                    deadline_ms: 2000,
+                    args: Bytes::new(),
+                })),
+                claim: claimed_args(),
+            },
+            check_body: |_| {},
+            answers: None,
+        },
         _ => return None,
     })
+}
+
+/// The claim of the `claimed-call` example: the arguments of `call-hello` under the token
+/// 0, 1, ... 15.
+fn claimed_args() -> crate::envelope::ClaimRef {
+    use sha2::Digest;
+    let args = args(&("Glen", "hi"));
+    crate::envelope::ClaimRef {
+        token: std::array::from_fn(|i| i as u8),
+        len: args.len() as u64,
+        digest: sha2::Sha256::digest(&args).into(),
+    }
 }
 
 /// Every example this module knows; §12 must hold exactly these.
@@ -473,6 +507,7 @@ const KNOWN: &[&str] = &[
     "message-hi",
     "join",
     "leave",
+    "claimed-call",
 ];
 
 fn by_name() -> BTreeMap<String, Example> {

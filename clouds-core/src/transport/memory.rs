@@ -13,7 +13,9 @@
 //! - a heartbeat that adds a provider publishes its join frame, a deregistration its leave
 //!   frame, under the same lock as the change (so nobody sees one without the other), to the
 //!   events channel's subscribers exactly as a publish would reach them;
-//! - pub/sub ignores the registry's scope (namespace and db), as Redis's does.
+//! - pub/sub ignores the registry's scope (namespace and db), as Redis's does;
+//! - plain keys (claims of large bodies) are set with an expiry on tokio's clock, taken with
+//!   `GETDEL` semantics (read and deleted in one step, `None` once expired) and deleted.
 //!
 //! Faults are addressed by node id and apply to every connection of that node.
 
@@ -892,6 +894,8 @@ impl Transport for MemoryWire {
         let mut state = lock(&self.broker.state);
         state.admit(self.conn, &self.node, "SET")?;
         let now = Instant::now();
+        // Expired keys go on every write, so keys nobody takes cannot pile up.
+        state.keys.retain(|_, (_, expiry)| *expiry > now);
         let expiry = now.checked_add(ttl).unwrap_or(now + FAR_FUTURE);
         state.keys.insert(key.to_string(), (value, expiry));
         Ok(())

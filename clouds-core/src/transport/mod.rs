@@ -8,7 +8,9 @@
 //! - the registry: write a server's entry with its TTL ([`Entry`]), remove it, read the live
 //!   providers of methods and the live servers with their info, purging the expired on the way.
 //!   Each method's providers have a generation that every change moves on, so a caller that
-//!   holds the current one is told so ([`Lookup::Unchanged`]) without the list being read.
+//!   holds the current one is told so ([`Lookup::Unchanged`]) without the list being read;
+//! - claims: store a large body under a key with an expiry ([`Transport::put`]), take it in
+//!   one step ([`Transport::take`], `GETDEL`), delete one nobody will take.
 //!
 //! Join and leave announcements are ordinary frames on the events channel, published by the
 //! registry operations themselves, in the same step as the change they announce: a beat that
