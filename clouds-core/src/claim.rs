@@ -10,9 +10,12 @@
 //! to use it, so there is exactly one reader and nothing is left behind, and checks its
 //! length and digest.
 //!
-//! Fetching is a pull: a node holds at most `Config::claim_fetch_bytes` of claimed bodies at
-//! once ([`Claims::room`]); the others wait in Redis, within their deadline, not in the
-//! node's memory, and its subscriber connection only ever carries small frames.
+//! Fetching is a pull: a server holds at most `Config::claim_fetch_bytes` of claimed call
+//! arguments at once, from the fetch until the reply is sent ([`Budget::Calls`]); the others
+//! wait in Redis, within their deadline, not in the server's memory, and its subscriber
+//! connection only ever carries small frames. Results and messages have a budget of the same
+//! size of their own ([`Budget::Results`]), held only while they are fetched: a handler that
+//! holds call budget and waits for a large result of its own can never wait on itself.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -35,8 +38,10 @@ pub(crate) struct Claims {
     inline_limit: usize,
     /// `Config::max_body_size`.
     max_body: usize,
-    /// Room for claimed bodies fetched and not yet handed over, in bytes.
-    budget: Arc<Semaphore>,
+    /// Room for claimed call arguments fetched and not yet answered, in bytes.
+    calls: Arc<Semaphore>,
+    /// Room for claimed results and messages being fetched, in bytes.
+    results: Arc<Semaphore>,
     /// Its size, in permits.
     budget_size: u32,
     /// Added to a claim's deadline for its expiry: the fetch itself may take a moment.
@@ -49,7 +54,8 @@ impl Claims {
         Claims {
             inline_limit: config.claim_threshold.min(config.max_frame_size),
             max_body: config.max_body_size,
-            budget: Arc::new(Semaphore::new(budget_size as usize)),
+            calls: Arc::new(Semaphore::new(budget_size as usize)),
+            results: Arc::new(Semaphore::new(budget_size as usize)),
             budget_size,
             grace: config.transport.command_timeout,
         }
@@ -70,18 +76,32 @@ impl Claims {
         deadline.saturating_add(self.grace)
     }
 
-    /// Waits for room to fetch and hold a body of `len` bytes: at least 1, at most the whole
-    /// budget (a body larger than the budget is still fetched, alone). Held until dropped.
-    pub(crate) async fn room(&self, len: u64) -> OwnedSemaphorePermit {
+    /// Waits for room in `budget` to fetch and hold a body of `len` bytes: at least 1, at most
+    /// the whole budget (a body larger than the budget is still fetched, alone). Held until
+    /// dropped.
+    pub(crate) async fn room(&self, budget: Budget, len: u64) -> OwnedSemaphorePermit {
         let need = u32::try_from(len)
             .unwrap_or(u32::MAX)
             .clamp(1, self.budget_size);
-        match self.budget.clone().acquire_many_owned(need).await {
+        let budget = match budget {
+            Budget::Calls => &self.calls,
+            Budget::Results => &self.results,
+        };
+        match budget.clone().acquire_many_owned(need).await {
             Ok(permit) => permit,
             // The semaphore is never closed.
             Err(_) => unreachable!("the claim budget is never closed"),
         }
     }
+}
+
+/// Which of a node's two fetch budgets a body takes room in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Budget {
+    /// The arguments of calls this server runs, held until the reply is sent.
+    Calls,
+    /// Results of this node's calls and messages to it, held while they are fetched.
+    Results,
 }
 
 /// A body stored in Redis, and the claim frame that points at it.
@@ -201,20 +221,24 @@ mod tests {
     #[tokio::test]
     async fn the_budget_bounds_bytes_held_and_a_large_body_takes_it_all() {
         let claims = Claims::new(&Config::default().claim_fetch_bytes(100));
-        let held = claims.room(60).await;
-        let waiting = claims.room(60);
+        let held = claims.room(Budget::Calls, 60).await;
+        let waiting = claims.room(Budget::Calls, 60);
         tokio::pin!(waiting);
         assert!(
             futures_util::poll!(waiting.as_mut()).is_pending(),
             "only 40 bytes left"
         );
+        // The other budget is not taken by this one, and does not free it.
+        let result = claims.room(Budget::Results, 100).await;
+        assert!(futures_util::poll!(waiting.as_mut()).is_pending());
+        drop(result);
         drop(held);
         let second = waiting.await;
         drop(second);
-        let whole = claims.room(1 << 30).await;
-        assert_eq!(claims.budget.available_permits(), 0);
+        let whole = claims.room(Budget::Calls, 1 << 30).await;
+        assert_eq!(claims.calls.available_permits(), 0);
         drop(whole);
-        assert_eq!(claims.budget.available_permits(), 100);
+        assert_eq!(claims.calls.available_permits(), 100);
     }
 
     #[test]

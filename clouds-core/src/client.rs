@@ -368,14 +368,18 @@ impl Client {
                     let Some(result) = reply.claim else {
                         return Ok(Attempt::Replied(reply));
                     };
-                    Ok(match Box::pin(node.fetch_claim(&result)).await {
-                        Ok((body, _room)) => Attempt::Replied(crate::envelope::Reply {
-                            body,
-                            claim: None,
-                            ..reply
-                        }),
-                        Err(unfetched) => Attempt::ResultLost(unfetched.to_string()),
-                    })
+                    Ok(
+                        match Box::pin(node.fetch_claim(crate::claim::Budget::Results, &result))
+                            .await
+                        {
+                            Ok((body, _room)) => Attempt::Replied(crate::envelope::Reply {
+                                body,
+                                claim: None,
+                                ..reply
+                            }),
+                            Err(unfetched) => Attempt::ResultLost(unfetched.to_string()),
+                        },
+                    )
                 };
                 let outcome = tokio::time::timeout(timeout, attempt).await;
                 if let Ok(Ok(Attempt::Replied(_) | Attempt::ResultLost(_))) = outcome {

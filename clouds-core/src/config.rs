@@ -528,11 +528,13 @@ impl Config {
         self
     }
 
-    /// Most bytes of claimed bodies a node fetches and holds at once (default 32 MiB): a
-    /// server working through many large calls takes their bodies from Redis at this pace,
-    /// and the rest wait in Redis (within their deadline), not in the server's memory. The
-    /// budget is held from the fetch until the call's reply is sent, or a reply or message
-    /// is handed over. A body larger than the whole budget is still fetched, alone.
+    /// Most bytes of claimed call arguments a server fetches and holds at once (default
+    /// 32 MiB): a server working through many large calls takes their bodies from Redis at
+    /// this pace, and the rest wait in Redis (within their deadline), not in the server's
+    /// memory. The budget is held from the fetch until the call's reply is sent. Large
+    /// results and messages a node fetches have a budget of the same size of their own, held
+    /// while each is fetched (so a handler holding call budget can still fetch the large
+    /// result of a call it makes). A body larger than a whole budget is still fetched, alone.
     ///
     /// ```
     /// let config = clouds_core::Config::default().claim_fetch_bytes(64 << 20);

@@ -13,7 +13,7 @@ use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
 
 use crate::caller::Caller;
-use crate::claim::{self, Claims};
+use crate::claim::{self, Budget, Claims};
 use crate::codec::{self, ReplyBody};
 use crate::config::Config;
 use crate::dispatch::{Dispatched, Dispatcher, ReadyReply};
@@ -223,6 +223,7 @@ impl Node {
     /// holds, or why it could not be had.
     pub(crate) async fn fetch_claim(
         &self,
+        budget: Budget,
         claim: &ClaimRef,
     ) -> Result<(Bytes, tokio::sync::OwnedSemaphorePermit), Unfetched> {
         if claim.len > self.claims.max_body() as u64 {
@@ -234,7 +235,7 @@ impl Node {
                 self.claims.max_body()
             )));
         }
-        let room = self.claims.room(claim.len).await;
+        let room = self.claims.room(budget, claim.len).await;
         match claim::fetch(&self.wire, &self.names, claim).await {
             Ok(Ok(body)) => Ok((body, room)),
             Ok(Err(reason)) => Err(Unfetched::Lost(reason)),
@@ -574,7 +575,7 @@ impl Node {
                 let node = self.clone();
                 let within = self.config.timeout + self.config.transport.command_timeout;
                 self.life.spawn(async move {
-                    let fetched = tokio::time::timeout(within, node.fetch_claim(&claim)).await;
+                    let fetched = tokio::time::timeout(within, node.fetch_claim(Budget::Results, &claim)).await;
                     let body = match fetched {
                         Ok(Ok((body, _room))) => body,
                         Ok(Err(Unfetched::TooLarge(reason))) => {
@@ -610,7 +611,9 @@ impl Node {
     /// dispatches it as any call. The budget is held until its reply is sent.
     async fn claimed_call(self: Arc<Self>, call: Call, claim: ClaimRef) {
         let deadline = tokio::time::Instant::now() + Duration::from_millis(call.deadline_ms);
-        let args = match tokio::time::timeout_at(deadline, self.fetch_claim(&claim)).await {
+        let args = match tokio::time::timeout_at(deadline, self.fetch_claim(Budget::Calls, &claim))
+            .await
+        {
             Ok(Ok(fetched)) => fetched,
             Ok(Err(unfetched)) => {
                 let status = match unfetched {

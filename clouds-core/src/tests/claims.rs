@@ -317,3 +317,35 @@ async fn a_body_over_max_body_size_fails_at_the_sender_before_anything_is_stored
     assert!(broker.claims().is_empty());
     small.shutdown().await.expect("shutdown");
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_handler_holding_the_call_budget_can_fetch_a_large_result_of_its_own() {
+    let broker = Broker::new();
+    let inner = server(claiming(&broker)).await;
+    echo(&inner).await;
+    // The outer call's 60 KB of arguments take all of this server's call budget until it
+    // answers, and its handler waits for a 60 KB result meanwhile.
+    let outer = server(claiming(&broker).claim_fetch_bytes(50_000)).await;
+    let own = outer.client();
+    outer
+        .register("outer.relay", move |(s,): (String,)| {
+            let own = own.clone();
+            async move {
+                let made = own.call::<_, String>("echo.make", (s.len(),)).await?;
+                Ok::<_, Error>(made.len())
+            }
+        })
+        .await
+        .expect("register");
+    let caller = client(claiming(&broker)).await;
+    assert_eq!(
+        caller
+            .call::<_, usize>("outer.relay", ("o".repeat(60_000),))
+            .await
+            .expect("relayed"),
+        60_000
+    );
+    assert!(broker.claims().is_empty());
+    outer.shutdown().await.expect("shutdown");
+    inner.shutdown().await.expect("shutdown");
+}
