@@ -110,8 +110,9 @@ pub(crate) struct Reply {
     pub(crate) status: Status,
     /// Status-specific body, MessagePack (empty while `claim` holds it).
     pub(crate) body: Bytes,
-    /// Set when the body waits in Redis: the caller fetches it (`claim.rs`).
-    pub(crate) claim: Option<ClaimRef>,
+    /// Set when the body waits in Redis: the caller fetches it (`claim.rs`). Boxed: every
+    /// call's future holds a `Reply`, and claimed ones are rare.
+    pub(crate) claim: Option<Box<ClaimRef>>,
 }
 
 /// Reply statuses and their wire codes.

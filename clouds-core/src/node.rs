@@ -565,7 +565,7 @@ impl Node {
                 dispatcher.track(async move { node.claimed_call(call, claim).await });
             }
             Frame::Reply(mut reply) if channel == self.inbox => {
-                reply.claim = Some(claim);
+                reply.claim = Some(Box::new(claim));
                 if !self.caller.pending().complete(reply) {
                     self.counters.bump(Count::LateReplies);
                     self.discard_claim(key());
