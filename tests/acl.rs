@@ -115,11 +115,17 @@ async fn start(config: Config, name: &'static str) -> Nodes {
 }
 
 impl Nodes {
-    /// A call goes through and the monitor sees the server.
+    /// A call goes through, a large one too (both ways through claims), and the monitor
+    /// sees the server.
     async fn check(&self, name: &str) {
         assert_eq!(
             self.echo.echo("hi").await.expect("call"),
             format!("{name}: hi")
+        );
+        let large = "L".repeat(200 << 10);
+        assert_eq!(
+            self.echo.echo(&large).await.expect("a large call"),
+            format!("{name}: {large}")
         );
         let snapshot = self.monitor.snapshot().await.expect("snapshot");
         assert_eq!(
@@ -234,6 +240,10 @@ async fn confined_tenants_run_and_cannot_reach_each_other() {
         &["SELECT", "0"],
         &["FLUSHDB"],
         &["GET", "plain"],
+        // Nor B's claims, nor other commands on its own.
+        &["SET", "beta:3:claim:00", "forged"],
+        &["GETDEL", "beta:3:claim:00"],
+        &["GET", "alpha:3:claim:00"],
     ] {
         let reply = as_a(probe);
         assert!(denied(&reply), "{probe:?} as {alpha}: {reply:?}");
@@ -242,6 +252,7 @@ async fn confined_tenants_run_and_cannot_reach_each_other() {
     let node_a = format!("{{alpha:3}}:node:{}", a.server.id());
     assert!(!as_a(&["HGETALL", &node_a]).is_error());
     assert_eq!(as_a(&["PUBLISH", "alpha:3:nobody", "x"]).as_int(), Some(0));
+    assert!(as_a(&["GETDEL", "alpha:3:claim:00"]).is_nil());
     assert!(!as_a(&["INFO", "server"]).is_error());
 
     // B was not disturbed, and clouds itself still runs into no denial, shutdown included.
@@ -346,6 +357,7 @@ async fn confined_tenants_on_a_cluster() {
         &["PUBSUB", "CHANNELS"],
         &["CLUSTER", "NODES"],
         &["KEYS", "*"],
+        &["GETDEL", "beta:0:claim:00"],
     ] {
         let reply = cluster
             .command_as_on(port, alpha, PASSWORD, probe)

@@ -40,6 +40,49 @@ impl behaviour::Backend for Cluster {
             .expect("EVAL");
         assert!(!reply.is_error(), "{reply:?}");
     }
+
+    fn claim_keys(&self) -> Vec<String> {
+        let pattern = format!("{}:0:claim:*", self.namespace);
+        let mut keys = Vec::new();
+        for port in self.primaries() {
+            let reply = self
+                .cluster
+                .command_on(port, &["KEYS", &pattern])
+                .expect("KEYS");
+            keys.extend(reply.as_str_vec().unwrap_or_default());
+        }
+        keys
+    }
+
+    fn primaries_that_served_claims(&self) -> Option<usize> {
+        let served = self
+            .primaries()
+            .into_iter()
+            .filter(|&port| {
+                let info = self
+                    .cluster
+                    .command_on(port, &["INFO", "commandstats"])
+                    .expect("INFO");
+                info.as_text()
+                    .unwrap_or_default()
+                    .contains("cmdstat_getdel:")
+            })
+            .count();
+        Some(served)
+    }
+}
+
+impl Cluster {
+    /// The ports of the cluster's primaries now.
+    fn primaries(&self) -> Vec<u16> {
+        self.cluster
+            .nodes()
+            .expect("CLUSTER NODES")
+            .into_iter()
+            .filter(|node| node.role == clouds_testkit::NodeRole::Primary)
+            .map(|node| node.port)
+            .collect()
+    }
 }
 
 fn cluster() -> Arc<RedisCluster> {

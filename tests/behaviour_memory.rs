@@ -19,6 +19,10 @@ impl behaviour::Backend for Memory {
         self.0
             .stale_entry(&self.config(), method, node, Duration::from_secs(60));
     }
+
+    fn claim_keys(&self) -> Vec<String> {
+        self.0.claims()
+    }
 }
 
 fn memory() -> Memory {

@@ -31,6 +31,10 @@ impl behaviour::Backend for Redis {
             .expect("EVAL");
         assert!(!reply.is_error(), "{reply:?}");
     }
+
+    fn claim_keys(&self) -> Vec<String> {
+        common::claim_keys(&self.0, 3)
+    }
 }
 
 fn redis() -> Redis {

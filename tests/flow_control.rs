@@ -27,7 +27,11 @@ async fn a_burst_of_large_calls_stays_within_the_redis_buffer() {
             "pubsub 4mb 4mb 0",
         ])
         .expect("config set");
-    let cfg = config(&redis).timeout(Duration::from_secs(10));
+    // Inline frames only: what is tested here is the cap on inline frames in flight (with the
+    // default claim threshold these 64 KiB calls would travel as claims, tests/claims.rs).
+    let cfg = config(&redis)
+        .timeout(Duration::from_secs(10))
+        .claim_threshold(usize::MAX);
 
     // The provider runs on one thread of its own, which its handlers block for a moment
     // each: meanwhile nothing reads its subscriber connection, so Redis buffers for it.

@@ -433,7 +433,7 @@ async fn an_overloaded_provider_refuses_and_the_caller_moves_on() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn oversized_payloads_fail_at_the_sender() {
     let redis = redis();
-    let cfg = config(&redis).max_frame_size(64 * 1024);
+    let cfg = config(&redis).max_body_size(64 * 1024);
     let (server, calls) = serve(cfg.clone(), "a").await;
     let client = Client::connect(cfg).await.expect("client");
     let hello = HelloClient::new(&client);
@@ -452,16 +452,16 @@ async fn oversized_payloads_fail_at_the_sender() {
     );
     // A reply over the server's limit becomes a clear error, not a hang.
     match hello.blob(100 * 1024).await {
-        Err(Error::Server { reason, .. }) => assert!(reason.contains("max_frame_size"), "{reason}"),
+        Err(Error::Server { reason, .. }) => assert!(reason.contains("max_body_size"), "{reason}"),
         other => panic!("expected a server error, got {other:?}"),
     }
     assert_eq!(hello.blob(10).await.expect("small blob"), vec![7; 10]);
     // A caller with a larger limit than the server: the server refuses the call with a reason.
-    let generous = Client::connect(config(&redis).max_frame_size(1 << 20))
+    let generous = Client::connect(config(&redis).max_body_size(1 << 20))
         .await
         .expect("client");
     match HelloClient::new(&generous).hello(&big, "hi").await {
-        Err(Error::Server { reason, .. }) => assert!(reason.contains("max_frame_size"), "{reason}"),
+        Err(Error::Server { reason, .. }) => assert!(reason.contains("max_body_size"), "{reason}"),
         other => panic!("expected the server to refuse, got {other:?}"),
     }
     assert_eq!(server.stats().oversized_frames, 1);
@@ -470,6 +470,8 @@ async fn oversized_payloads_fail_at_the_sender() {
         0,
         "the oversized call never ran"
     );
+    // The refused claim was deleted unread: nothing is left behind.
+    assert_eq!(common::claim_keys(&redis, 3), Vec::<String>::new());
     server.shutdown().await.expect("shutdown");
 }
 

@@ -5,6 +5,7 @@
 //! cargo run --release -p clouds-bench -- --quick # a smoke test of every row (seconds)
 //! cargo run --release -p clouds-bench -- --cluster # and rows on a Redis Cluster
 //! cargo run --release -p clouds-bench -- registry  # registry CPU at 1,000 servers and callers
+//! cargo run --release -p clouds-bench -- claims    # large payloads inline against claims
 //! ```
 //!
 //! Starts its own `redis-server` on a free loopback port and measures, against it, an echo
@@ -20,6 +21,7 @@
 //!   RSS client processes), the rows and the table.
 //! - `raw.rs`: the baseline, fred alone (`SPUBLISH`/`SSUBSCRIBE` on a cluster).
 //! - `clouds_rows.rs`: the `Bench` service, its provider and the caller.
+//! - `claims.rs`: `claims`, the echo call inline and through claims from 100 B to 4 MiB.
 //! - `cluster.rs`: the rows on a Redis Cluster (`--cluster`).
 //! - `registry_sim.rs`: `registry`, the registry's Redis CPU with 1,000 servers beating and
 //!   1,000 callers refreshing, full lookups against generation lookups.
@@ -43,6 +45,7 @@ const ALLOCATOR_NAME: &str = if cfg!(feature = "mimalloc") {
     "the system's (glibc malloc)"
 };
 
+mod claims;
 mod clouds_rows;
 mod cluster;
 mod load;
@@ -280,6 +283,10 @@ fn main() -> ExitCode {
     // `registry`: the registry simulation (registry_sim.rs), a program of its own.
     if args.first().is_some_and(|a| a == "registry") {
         return registry_sim::main(&args[1..]);
+    }
+    // `claims`: large payloads inline and through claims (claims.rs).
+    if args.first().is_some_and(|a| a == "claims") {
+        return claims::main(&args[1..]);
     }
     let role = match parse_args(&args) {
         Ok(role) => role,

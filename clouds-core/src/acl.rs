@@ -2,9 +2,10 @@
 //!
 //! Redis applies a user's ACL to the commands its scripts run too, so the rule allows every
 //! command of `docs/protocol.md` §2.1 (§2.2 on a cluster), the ones the registry scripts run
-//! included, and nothing else. Keys are confined to the registry's hash tag, channels to the
-//! scope; [`Config::validate`] refuses namespaces with glob characters, so no pattern of one
-//! deployment can match another's names.
+//! included, and nothing else. Keys are confined to the registry's hash tag and to the
+//! scope's claims (`namespace:db:claim:*`, with no tag so that they spread over a cluster's
+//! slots), channels to the scope; [`Config::validate`] refuses namespaces with glob
+//! characters, so no pattern of one deployment can match another's names.
 
 use crate::config::Config;
 use crate::error::Error;
@@ -13,7 +14,8 @@ use crate::error::Error;
 /// `info|server` are what fred 10.1 sends on every new connection (it caches the connection
 /// id and the server version, and would go on without them, but a denial would land in
 /// `ACL LOG` at every connect); `info|server` is a first-argument rule, so the other `INFO`
-/// sections (clients, keyspace, ...) stay denied.
+/// sections (clients, keyspace, ...) stay denied. `SET` (with `PX`) and `GETDEL` store and
+/// take claims; `DEL`, which also deletes them, is among the scripts' commands below.
 const COMMON: &[&str] = &[
     "+auth",
     "+ping",
@@ -23,6 +25,8 @@ const COMMON: &[&str] = &[
     "+script|load",
     "+hgetall",
     "+quit",
+    "+set",
+    "+getdel",
 ];
 
 /// Classic pub/sub on one server; `select|<db>` is added with the db.
@@ -83,6 +87,7 @@ pub(crate) fn rule(config: &Config, user: &str, password: &str) -> Result<String
         format!(">{password}"),
         "resetkeys".to_string(),
         format!("~{{{scope}}}:*"),
+        format!("~{scope}:claim:*"),
         "resetchannels".to_string(),
         format!("&{scope}:*"),
     ];
@@ -157,6 +162,8 @@ mod tests {
         let words: Vec<&str> = rule.split(' ').collect();
         assert_eq!(&words[..5], ["ACL", "SETUSER", "u", "on", ">p@:%"]);
         assert!(words.contains(&"~{orders:5}:*"));
+        assert!(words.contains(&"~orders:5:claim:*"));
+        assert!(words.contains(&"+set") && words.contains(&"+getdel"));
         assert!(words.contains(&"&orders:5:*"));
         assert!(words.contains(&"+select|5"));
         for denied in [

@@ -57,6 +57,8 @@ enum Attempt {
     NotDelivered,
     /// The node shut down while waiting.
     Closed,
+    /// The reply's body travelled as a claim that could not be fetched (the reason).
+    ResultLost(String),
 }
 
 impl Client {
@@ -179,8 +181,12 @@ impl Client {
         })?;
         let frame = codec::encode_message(node.id().as_str(), &body);
         let frame = node.sized(frame, || format!("message to {to}"))?;
-        let receivers = node.wire().publish(node.names().inbox(to), frame).await?;
-        if receivers == 0 {
+        let (frame, claim) = node.claim_if_large(frame, self.timeout).await?;
+        let receivers = node.wire().publish(node.names().inbox(to), frame).await;
+        if let (Some(key), Ok(0) | Err(_)) = (claim, &receivers) {
+            node.discard_claim(key);
+        }
+        if receivers? == 0 {
             return Err(Error::Unreachable { node: to.into() });
         }
         Ok(())
@@ -336,23 +342,51 @@ impl Client {
                         room
                     }
                 };
-                // Untimed: the attempt's timeout below bounds the PUBLISH too.
-                let publish = node
-                    .wire()
-                    .publish_untimed(node.peers().calls(provider.as_str()), frame);
+                // A large call's arguments go to Redis first, the claim frame after them.
+                let mut claim = None;
                 let attempt = async {
-                    let receivers = publish.await?;
+                    let frame = if node.claims().claims(frame.len()) {
+                        let (frame, key) = Box::pin(node.claim_if_large(frame, timeout)).await?;
+                        claim = key;
+                        frame
+                    } else {
+                        frame
+                    };
+                    // Untimed: the attempt's timeout below bounds the PUBLISH too.
+                    let receivers = node
+                        .wire()
+                        .publish_untimed(node.peers().calls(provider.as_str()), frame)
+                        .await?;
                     if receivers == 0 {
                         return Ok::<_, Error>(Attempt::NotDelivered);
                     }
-                    Ok(match reply.await {
-                        Ok(reply) => Attempt::Replied(reply),
-                        Err(_) => Attempt::Closed,
-                    })
+                    let reply = match reply.await {
+                        Ok(reply) => reply,
+                        Err(_) => return Ok(Attempt::Closed),
+                    };
+                    // A large result waits in Redis: fetched now, within the attempt's time.
+                    let Some(result) = reply.claim else {
+                        return Ok(Attempt::Replied(reply));
+                    };
+                    Ok(
+                        match Box::pin(node.fetch_claim(crate::claim::Budget::Results, &result))
+                            .await
+                        {
+                            Ok((body, _room)) => Attempt::Replied(crate::envelope::Reply {
+                                body,
+                                claim: None,
+                                ..reply
+                            }),
+                            Err(unfetched) => Attempt::ResultLost(unfetched.to_string()),
+                        },
+                    )
                 };
                 let outcome = tokio::time::timeout(timeout, attempt).await;
-                if let Ok(Ok(Attempt::Replied(_))) = outcome {
+                if let Ok(Ok(Attempt::Replied(_) | Attempt::ResultLost(_))) = outcome {
                     slot.answered();
+                } else if let Some(key) = claim {
+                    // Not answered: the provider may never take the arguments.
+                    node.discard_claim(key);
                 }
                 outcome
             };
@@ -368,6 +402,14 @@ impl Client {
                         return Ok((provider, reply));
                     }
                 },
+                Ok(Ok(Attempt::ResultLost(reason))) => {
+                    return Err(Error::ClaimLost {
+                        method: method.to_string(),
+                        node: provider,
+                        what: "result",
+                        reason,
+                    });
+                }
                 Ok(Ok(Attempt::NotDelivered)) => Outcome::NotDelivered,
                 Ok(Ok(Attempt::Closed)) => return Err(Error::Shutdown),
                 Ok(Err(e)) => Outcome::Failed(e),
@@ -453,6 +495,12 @@ pub(crate) fn decode_reply<T: DeserializeOwned>(
         Status::ServerError => Err(Error::Server {
             method: method_s(),
             node,
+            reason: text(&reply.body),
+        }),
+        Status::ClaimLost => Err(Error::ClaimLost {
+            method: method_s(),
+            node,
+            what: "arguments",
             reason: text(&reply.body),
         }),
         Status::Unrecognized => Err(Error::Protocol(format!(

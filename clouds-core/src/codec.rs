@@ -12,7 +12,7 @@ use rmp::Marker;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use crate::envelope::{Call, Frame, Reply, Status, WireStr};
+use crate::envelope::{Call, ClaimRef, Frame, Reply, Status, WireStr};
 use crate::node_id::{MAX_NODE_ID_LEN, NodeId};
 
 /// The protocol version this build speaks; the first byte of every frame.
@@ -23,6 +23,8 @@ const KIND_REPLY: u8 = 1;
 const KIND_MESSAGE: u8 = 2;
 const KIND_JOIN: u8 = 3;
 const KIND_LEAVE: u8 = 4;
+/// Kinds 5, 6 and 7: a Call, Reply or Message whose body is a claim reference (`claim.rs`).
+const CLAIMED: u8 = 5;
 
 /// Longest method name accepted from the wire.
 const MAX_METHOD_LEN: usize = 256;
@@ -310,7 +312,25 @@ pub(crate) fn decode(frame: &Bytes) -> Result<Frame, DecodeError> {
     let len =
         rmp::decode::read_array_len(&mut r.rest).map_err(|e| malformed(format!("frame: {e}")))?;
     let kind = r.uint("frame kind")?;
-    match kind {
+    // A claimed frame has its plain kind's elements, with a claim reference for the body.
+    let claimed = (u64::from(CLAIMED)..u64::from(CLAIMED + 3)).contains(&kind);
+    let kind = if claimed {
+        kind - u64::from(CLAIMED)
+    } else {
+        kind
+    };
+    let mut claim = None;
+    let mut body = |r: Reader<'_>, what: &str| -> Result<Bytes, DecodeError> {
+        if claimed {
+            let mut rest = r.rest;
+            claim = Some(read_claim(&mut rest)?);
+            trailing(rest)?;
+            Ok(Bytes::new())
+        } else {
+            r.body(what)
+        }
+    };
+    let frame = match kind {
         k if k == u64::from(KIND_CALL) => {
             Reader::expect_len(len, 6, "call")?;
             let id = r.uint("call id")?;
@@ -320,8 +340,8 @@ pub(crate) fn decode(frame: &Bytes) -> Result<Frame, DecodeError> {
                 return Err(malformed("reply_to is empty"));
             }
             let deadline_ms = r.uint("deadline")?;
-            let args = r.body("arguments")?;
-            if !is_array_marker(args[0]) {
+            let args = body(r, "arguments")?;
+            if !claimed && !is_array_marker(args[0]) {
                 return Err(malformed("arguments are not a MessagePack array"));
             }
             Ok(Frame::Call(Call {
@@ -336,11 +356,17 @@ pub(crate) fn decode(frame: &Bytes) -> Result<Frame, DecodeError> {
             Reader::expect_len(len, 4, "reply")?;
             let id = r.uint("reply id")?;
             let code = r.uint("status")?;
-            let body = r.body("reply body")?;
+            let body = body(r, "reply body")?;
             Ok(Frame::Reply(match Status::from_code(code) {
-                Some(status) => Reply { id, status, body },
+                Some(status) => Reply {
+                    id,
+                    status,
+                    body,
+                    claim: None,
+                },
                 None => Reply {
                     id,
+                    claim: None,
                     status: Status::Unrecognized,
                     body: Bytes::from(
                         encode_value(&format!("status code {code}")).unwrap_or_default(),
@@ -351,7 +377,7 @@ pub(crate) fn decode(frame: &Bytes) -> Result<Frame, DecodeError> {
         k if k == u64::from(KIND_MESSAGE) => {
             Reader::expect_len(len, 3, "message")?;
             let from = r.node("sender")?;
-            let body = r.body("message body")?;
+            let body = body(r, "message body")?;
             Ok(Frame::Message { from, body })
         }
         k if k == u64::from(KIND_JOIN) => {
@@ -376,7 +402,64 @@ pub(crate) fn decode(frame: &Bytes) -> Result<Frame, DecodeError> {
             Ok(Frame::Leave { node })
         }
         other => Err(DecodeError::Kind(other)),
+    }?;
+    Ok(match claim {
+        Some(claim) => Frame::Claim {
+            frame: Box::new(frame),
+            claim,
+        },
+        None => frame,
+    })
+}
+
+/// Reads a claim reference: `[token: bin 16, len: uint, digest: bin 32]`.
+fn read_claim(rest: &mut &[u8]) -> Result<ClaimRef, DecodeError> {
+    let count = rmp::decode::read_array_len(rest).map_err(|e| malformed(format!("claim: {e}")))?;
+    if count != 3 {
+        return Err(malformed(format!("claim has {count} elements, expected 3")));
     }
+    fn bin<const N: usize>(rest: &mut &[u8], what: &str) -> Result<[u8; N], DecodeError> {
+        let len = rmp::decode::read_bin_len(rest).map_err(|e| malformed(format!("{what}: {e}")))?;
+        if len as usize != N {
+            return Err(malformed(format!("{what} is {len} bytes, expected {N}")));
+        }
+        let bytes = rest
+            .get(..N)
+            .ok_or_else(|| malformed(format!("{what} is truncated")))?;
+        *rest = &rest[N..];
+        Ok(bytes.try_into().unwrap_or([0; N]))
+    }
+    let token = bin::<16>(rest, "claim token")?;
+    let len = rmp::decode::read_int(rest).map_err(|e| malformed(format!("claim length: {e}")))?;
+    let digest = bin::<32>(rest, "claim digest")?;
+    Ok(ClaimRef { token, len, digest })
+}
+
+/// Where the body of an encoded Call, Reply or Message frame starts (`None` for other
+/// frames, or bytes that are not a frame).
+pub(crate) fn body_start(frame: &Bytes) -> Option<usize> {
+    let body_len = match decode(frame).ok()? {
+        Frame::Call(call) => call.args.len(),
+        Frame::Reply(reply) => reply.body.len(),
+        Frame::Message { body, .. } => body.len(),
+        _ => return None,
+    };
+    Some(frame.len() - body_len)
+}
+
+/// The claim frame of an encoded Call, Reply or Message whose body starts at `body_start`:
+/// the same header under the claimed kind, and the claim reference in place of the body.
+pub(crate) fn encode_claimed(frame: &[u8], body_start: usize, claim: &ClaimRef) -> Vec<u8> {
+    let mut buf = Vec::with_capacity(body_start + 64);
+    buf.extend_from_slice(&frame[..body_start]);
+    debug_assert!(matches!(Marker::from_u8(buf[1]), Marker::FixArray(_)) && buf[2] < CLAIMED);
+    // [version, fixarray, kind as a positive fixint, ...]: the kind is byte 2.
+    buf[2] += CLAIMED;
+    put_array_len(&mut buf, 3);
+    let _ = rmp::encode::write_bin(&mut buf, &claim.token);
+    put_uint(&mut buf, claim.len);
+    let _ = rmp::encode::write_bin(&mut buf, &claim.digest);
+    buf
 }
 
 fn trailing(rest: &[u8]) -> Result<(), DecodeError> {
@@ -550,7 +633,8 @@ mod tests {
             Ok(Frame::Reply(Reply {
                 id: 9,
                 status: Status::AppError,
-                body: Bytes::from(body.clone())
+                body: Bytes::from(body.clone()),
+                claim: None,
             }))
         );
         let msg = Bytes::from(encode_message("n1", &body));
@@ -762,7 +846,7 @@ mod tests {
         use proptest::prelude::*;
 
         fn any_status() -> impl Strategy<Value = Status> {
-            (0u64..8).prop_map(|c| Status::from_code(c).expect("0..8 are codes"))
+            (0u64..9).prop_map(|c| Status::from_code(c).expect("0..9 are codes"))
         }
 
         proptest! {

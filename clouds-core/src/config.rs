@@ -6,6 +6,13 @@ use clouds_redis::{Endpoint, TransportOptions};
 
 use crate::error::Error;
 
+/// Frames longer than this travel as claims by default (see [`Config::claim_threshold`]).
+const DEFAULT_CLAIM_THRESHOLD: usize = 64 << 10;
+
+/// Redis's largest string (`proto-max-bulk-len`'s default, 512 MB): the most
+/// [`Config::max_body_size`] may be.
+pub(crate) const MAX_BODY_SIZE_LIMIT: usize = 512 << 20;
+
 /// How calls are spread over the live providers of a method.
 ///
 /// ```
@@ -50,6 +57,9 @@ pub struct Config {
     pub(crate) shutdown_timeout: Duration,
     pub(crate) message_buffer: usize,
     pub(crate) max_bytes_in_flight: usize,
+    pub(crate) claim_threshold: usize,
+    pub(crate) max_body_size: usize,
+    pub(crate) claim_fetch_bytes: usize,
     pub(crate) transport: TransportOptions,
     /// Set when the nodes talk through an in-memory broker instead of Redis.
     #[cfg(any(test, feature = "testing"))]
@@ -74,6 +84,9 @@ impl Default for Config {
             shutdown_timeout: Duration::from_secs(30),
             message_buffer: 1024,
             max_bytes_in_flight: 16 << 20,
+            claim_threshold: DEFAULT_CLAIM_THRESHOLD,
+            max_body_size: 128 << 20,
+            claim_fetch_bytes: 32 << 20,
             transport: TransportOptions::default(),
             #[cfg(any(test, feature = "testing"))]
             broker: None,
@@ -373,10 +386,11 @@ impl Config {
         self
     }
 
-    /// Largest frame sent or accepted, in bytes (default 4 MiB). Larger calls, replies and
-    /// messages fail at the sender, before they reach Redis; a receiver with a smaller limit
-    /// refuses a larger call with an error reply and drops other frames. Give every node of a
-    /// deployment the same limit.
+    /// Largest frame sent or accepted inline on pub/sub, in bytes (default 4 MiB, at least
+    /// 1024). Calls, replies and messages longer than this, or than
+    /// [`Config::claim_threshold`], travel as claims instead (their body waits in a Redis
+    /// key). A receiver drops an inline frame over its limit (a call is refused with an
+    /// error reply). Give every node of a deployment the same limit.
     ///
     /// ```
     /// let config = clouds_core::Config::default().max_frame_size(16 << 20);
@@ -460,20 +474,73 @@ impl Config {
         self
     }
 
-    /// Most bytes of call frames a client keeps in flight (default 16 MiB): sent and not
-    /// answered yet. Past it, new calls wait for room, within their timeout.
+    /// Most bytes of calls a client keeps in flight (default 16 MiB): sent (inline, or stored
+    /// as claims) and not answered yet. Past it, new calls wait for room, within their
+    /// timeout. A call larger than the whole budget still goes, alone.
     ///
-    /// Redis drops a subscriber whose unread pub/sub output passes its limit (32 MB hard by
-    /// default, `client-output-buffer-limit pubsub`), and every call queued for it is lost. A
-    /// burst of large calls to one provider could get there (1,000 calls of 64 KiB is 64 MB);
-    /// this keeps one client's share under the limit. A frame larger than the whole budget
-    /// still goes, alone.
+    /// This bounds what one client's bursts put into Redis at once: inline frames queued for
+    /// a provider's subscriber connection (Redis drops one whose unread pub/sub output passes
+    /// `client-output-buffer-limit pubsub`, 32 MB by default), and claimed bodies waiting in
+    /// Redis's memory. Frames over [`Config::claim_threshold`] travel as claims, so the
+    /// subscribers themselves only carry small frames whatever the sum over all clients.
     ///
     /// ```
     /// let config = clouds_core::Config::default().max_bytes_in_flight(4 << 20);
     /// ```
     pub fn max_bytes_in_flight(mut self, bytes: usize) -> Self {
         self.max_bytes_in_flight = bytes;
+        self
+    }
+
+    /// Calls, replies and messages whose frame is longer than this many bytes (default
+    /// 64 KiB) travel as a *claim*: the body is stored in a Redis key that expires with the
+    /// call's deadline, and the pub/sub frame carries only a reference to it, which the
+    /// receiver fetches (and deletes) when it is about to use the body. A subscriber
+    /// connection then only ever carries small frames, however large the payloads, so Redis
+    /// never drops it for its output buffer (`client-output-buffer-limit pubsub`).
+    ///
+    /// Below the threshold a frame goes inline, as one `PUBLISH`: a claim costs a `SET`
+    /// and a `GETDEL` more, which only pays off for large bodies (see BENCHMARKS.md,
+    /// "Claims"). Inline frames are also limited by [`Config::max_frame_size`]; the smaller
+    /// of the two applies. `usize::MAX` sends everything up to `max_frame_size` inline.
+    ///
+    /// ```
+    /// let config = clouds_core::Config::default().claim_threshold(256 << 10);
+    /// ```
+    pub fn claim_threshold(mut self, bytes: usize) -> Self {
+        self.claim_threshold = bytes;
+        self
+    }
+
+    /// Largest call, reply or message body, in bytes, inline or claimed (default 128 MiB; at
+    /// most 512 MiB, Redis's largest string). A call or message over it fails at the sender
+    /// with [`Error::TooLarge`] before anything is written to Redis; a reply over it becomes
+    /// an [`Error::Server`] for the caller. A receiver with a smaller limit refuses a larger
+    /// claimed call with an error reply, without fetching it.
+    ///
+    /// ```
+    /// let config = clouds_core::Config::default().max_body_size(512 << 20);
+    /// assert!(config.validate().is_ok());
+    /// assert!(clouds_core::Config::default().max_body_size(1 << 30).validate().is_err());
+    /// ```
+    pub fn max_body_size(mut self, bytes: usize) -> Self {
+        self.max_body_size = bytes;
+        self
+    }
+
+    /// Most bytes of claimed call arguments a server fetches and holds at once (default
+    /// 32 MiB): a server working through many large calls takes their bodies from Redis at
+    /// this pace, and the rest wait in Redis (within their deadline), not in the server's
+    /// memory. The budget is held from the fetch until the call's reply is sent. Large
+    /// results and messages a node fetches have a budget of the same size of their own, held
+    /// while each is fetched (so a handler holding call budget can still fetch the large
+    /// result of a call it makes). A body larger than a whole budget is still fetched, alone.
+    ///
+    /// ```
+    /// let config = clouds_core::Config::default().claim_fetch_bytes(64 << 20);
+    /// ```
+    pub fn claim_fetch_bytes(mut self, bytes: usize) -> Self {
+        self.claim_fetch_bytes = bytes;
         self
     }
 
@@ -524,7 +591,8 @@ impl Config {
 
     /// The `ACL SETUSER` command (for `redis-cli`, or after `user` in an ACL file) that
     /// creates `user` with `password`, confined to this deployment: keys under the
-    /// registry's hash tag `{namespace:db}`, channels under `namespace:db:` (and, on a
+    /// registry's hash tag `{namespace:db}` and the claims `namespace:db:claim:*` (large
+    /// bodies, see [`Config::claim_threshold`]), channels under `namespace:db:` (and, on a
     /// Redis Cluster, `{namespace:db}:events`), and only the commands clouds sends
     /// (`docs/protocol.md` §2.1, §2.2 for a cluster). Nodes then connect with
     /// `redis://user:password@host/db`, percent-encoding the user and password if needed.
@@ -539,7 +607,7 @@ impl Config {
     /// let config = clouds_core::Config::from_url("redis://127.0.0.1:6379/3")?.namespace("shop");
     /// let rule = config.acl_rule("shop", "s3cret")?;
     /// assert!(rule.starts_with("ACL SETUSER shop on >s3cret resetkeys ~{shop:3}:* \
-    ///                           resetchannels &shop:3:* nocommands "));
+    ///                           ~shop:3:claim:* resetchannels &shop:3:* nocommands "));
     /// assert!(!rule.contains("+keys") && !rule.contains("+config"));
     /// # Ok::<(), clouds_core::Error>(())
     /// ```
@@ -643,6 +711,15 @@ impl Config {
         if self.max_bytes_in_flight == 0 {
             return fail("max_bytes_in_flight must be at least 1".into());
         }
+        if self.max_body_size == 0 || self.max_body_size > MAX_BODY_SIZE_LIMIT {
+            return fail(format!(
+                "max_body_size {} must be 1 to {MAX_BODY_SIZE_LIMIT} bytes (Redis's largest string)",
+                self.max_body_size
+            ));
+        }
+        if self.claim_fetch_bytes == 0 {
+            return fail("claim_fetch_bytes must be at least 1".into());
+        }
         Ok(())
     }
 }
@@ -678,6 +755,20 @@ mod tests {
         );
         assert!(Config::from_url("nope://x").is_err());
         assert!(Config::default().inbound_buffer(0).validate().is_err());
+        assert!(Config::default().max_body_size(0).validate().is_err());
+        assert!(
+            Config::default()
+                .max_body_size(MAX_BODY_SIZE_LIMIT)
+                .validate()
+                .is_ok()
+        );
+        assert!(
+            Config::default()
+                .max_body_size(MAX_BODY_SIZE_LIMIT + 1)
+                .validate()
+                .is_err()
+        );
+        assert!(Config::default().claim_fetch_bytes(0).validate().is_err());
         let (short, long) = (Duration::from_millis(10), Duration::from_secs(1));
         assert!(
             Config::default()

@@ -30,6 +30,25 @@ pub(crate) enum Frame {
         /// The server.
         node: NodeId,
     },
+    /// A call, reply or message whose body waits in Redis (`claim.rs`): `frame` has an empty
+    /// body until the receiver fetches it.
+    Claim {
+        /// The frame, with its body left empty.
+        frame: Box<Frame>,
+        /// Where the body is, and what it is.
+        claim: ClaimRef,
+    },
+}
+
+/// The reference a claim frame carries instead of its body (`docs/protocol.md` §3.10).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct ClaimRef {
+    /// The random part of the key's name: `<scope>:claim:<token in hex>`.
+    pub(crate) token: [u8; 16],
+    /// The body's length in bytes.
+    pub(crate) len: u64,
+    /// SHA-256 of the body.
+    pub(crate) digest: [u8; 32],
 }
 
 /// A call request.
@@ -89,8 +108,11 @@ pub(crate) struct Reply {
     pub(crate) id: u64,
     /// What happened.
     pub(crate) status: Status,
-    /// Status-specific body, MessagePack.
+    /// Status-specific body, MessagePack (empty while `claim` holds it).
     pub(crate) body: Bytes,
+    /// Set when the body waits in Redis: the caller fetches it (`claim.rs`). Boxed: every
+    /// call's future holds a `Reply`, and claimed ones are rare.
+    pub(crate) claim: Option<Box<ClaimRef>>,
 }
 
 /// Reply statuses and their wire codes.
@@ -112,6 +134,10 @@ pub(crate) enum Status {
     ShuttingDown = 6,
     /// The server could not produce a reply; body: reason string.
     ServerError = 7,
+    /// The call's arguments travelled as a claim that was gone (expired, or taken) when the
+    /// server fetched it, or did not match their digest; body: reason string. The handler
+    /// did not run. (A caller whose reply's claim is gone gets the same status locally.)
+    ClaimLost = 8,
     /// Not a code of this version (a newer peer); never sent. The decoder replaces the body
     /// with a text naming the code, so the waiting call fails with a clear error instead of
     /// timing out.
@@ -129,6 +155,7 @@ impl Status {
             5 => Status::Overloaded,
             6 => Status::ShuttingDown,
             7 => Status::ServerError,
+            8 => Status::ClaimLost,
             _ => return None,
         })
     }

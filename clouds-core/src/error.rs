@@ -87,8 +87,8 @@ pub enum Error {
         /// What did not fit (wrong count or type).
         reason: String,
     },
-    /// The provider failed to produce a reply (it could not encode the result, or it was larger
-    /// than its `max_frame_size`).
+    /// The provider failed to produce a reply (it could not encode the result, the result or
+    /// the call was larger than its `max_body_size`, or a large result could not be stored).
     #[error("{node} failed to reply to {method}: {reason}")]
     Server {
         /// The method called.
@@ -96,6 +96,22 @@ pub enum Error {
         /// The provider that answered.
         node: NodeId,
         /// What went wrong there.
+        reason: String,
+    },
+    /// A large body that travelled as a claim (stored in Redis, see
+    /// [`Config::claim_threshold`](crate::Config::claim_threshold)) was gone when its
+    /// receiver fetched it (it expired: the receiver took longer than the deadline to get to
+    /// it, or Redis lost it), or did not match its digest. For the arguments of a call, the
+    /// handler did not run; for its result, it did.
+    #[error("the {what} of {method} (via {node}) could not be fetched from Redis: {reason}")]
+    ClaimLost {
+        /// The method called.
+        method: String,
+        /// The provider.
+        node: NodeId,
+        /// "arguments" or "result".
+        what: &'static str,
+        /// What happened to it.
         reason: String,
     },
     /// Nobody listens on that node's inbox: it is gone, or never existed.
@@ -112,9 +128,10 @@ pub enum Error {
         /// The serializer's complaint.
         reason: String,
     },
-    /// A frame would exceed the configured maximum frame size; nothing was sent.
+    /// A call or message would exceed the largest body allowed
+    /// ([`Config::max_body_size`](crate::Config::max_body_size)); nothing was sent.
     #[error(
-        "{what} is {size} bytes, over the max_frame_size of {max} bytes; nothing was sent (raise Config::max_frame_size or send less)"
+        "{what} is {size} bytes, over the max_body_size of {max} bytes; nothing was sent (raise Config::max_body_size, at most 512 MiB, or send less)"
     )]
     TooLarge {
         /// What was too large.

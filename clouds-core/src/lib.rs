@@ -21,7 +21,9 @@
 //! - `transport`: the seam to the broker (`Transport`, statically dispatched through `Wire`),
 //!   with `transport::redis` (standalone Redis, the registry's Lua scripts) and
 //!   `transport::memory` (the in-memory broker).
-//! - `envelope` (the frames) and `codec` (frames and values to bytes and back).
+//! - `envelope` (the frames) and `codec` (frames and values to bytes and back); `claim`:
+//!   large bodies stored in Redis keys while a small claim frame points at them, fetched by
+//!   the receiver within its fetch budget.
 //! - `namespace`: key and channel names (and the peers' channel names, built once each);
 //!   `registry`: what a registry entry says and the join/leave announcements; `acl`: the
 //!   Redis ACL rule that confines a user to those names ([`Config::acl_rule`]).
@@ -41,6 +43,7 @@ mod acl;
 mod attempt;
 mod balance;
 mod caller;
+mod claim;
 pub mod client;
 mod codec;
 #[doc(hidden)]

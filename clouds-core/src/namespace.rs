@@ -58,6 +58,20 @@ impl Names {
         }
     }
 
+    /// The key of a claim (a large body waiting for its receiver, `claim.rs`):
+    /// `namespace:db:claim:<token in hex>`. No hash tag, so in a Redis Cluster claims spread
+    /// over the slots, and so over the shards.
+    pub(crate) fn claim(&self, token: &[u8]) -> String {
+        use std::fmt::Write;
+        let mut name = String::with_capacity(self.scope.len() + 7 + 2 * token.len());
+        name.push_str(&self.scope);
+        name.push_str(":claim:");
+        for byte in token {
+            let _ = write!(name, "{byte:02x}");
+        }
+        name
+    }
+
     /// `scope` + `infix` + `node` in one allocation of the exact size: this runs for every
     /// call and every reply, and fred takes the buffer over as it is.
     fn channel(&self, infix: &str, node: &str) -> Channel {
@@ -147,6 +161,11 @@ mod tests {
         assert_eq!(names.inbox("n1").as_str(), "app:3:inbox:n1");
         assert_eq!(names.calls("n1").as_str(), "app:3:calls:n1");
         assert_eq!(names.events().as_str(), "app:3:events");
+        assert_eq!(
+            names.claim(&[0, 0xab, 0x10]),
+            "app:3:claim:00ab10",
+            "no hash tag: claims spread over a cluster's slots"
+        );
         assert!(validate_method("test.hello").is_ok());
         let peers = PeerChannels::new(names.clone());
         assert_eq!(peers.calls("n1"), names.calls("n1"));

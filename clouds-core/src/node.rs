@@ -13,10 +13,11 @@ use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
 
 use crate::caller::Caller;
+use crate::claim::{self, Budget, Claims};
 use crate::codec::{self, ReplyBody};
 use crate::config::Config;
 use crate::dispatch::{Dispatched, Dispatcher, ReadyReply};
-use crate::envelope::{Frame, Status};
+use crate::envelope::{Call, ClaimRef, Frame, Status};
 use crate::error::Error;
 use crate::message::{Message, MessageQueue};
 use crate::namespace::{Names, PeerChannels};
@@ -37,6 +38,8 @@ pub(crate) struct Node {
     wire: Wire,
     /// The caller side: pending calls, provider cache, byte budget (`caller.rs`).
     caller: Caller,
+    /// Large bodies sent and fetched through Redis keys (`claim.rs`).
+    claims: Claims,
     messages: MessageQueue,
     /// Set once, when the node starts serving (`dispatch.rs`).
     dispatcher: OnceLock<Arc<Dispatcher>>,
@@ -71,6 +74,7 @@ impl Node {
             registry: Registry::new(config.effective_ttl()),
             peers: PeerChannels::new(names.clone()),
             caller: Caller::new(&config),
+            claims: Claims::new(&config),
             messages: MessageQueue::new(config.message_buffer),
             dispatcher: OnceLock::new(),
             counters: Counters::default(),
@@ -134,6 +138,11 @@ impl Node {
         &self.messages
     }
 
+    /// Its claim settings and fetch budget.
+    pub(crate) fn claims(&self) -> &Claims {
+        &self.claims
+    }
+
     /// Its counters of bad input and load.
     pub(crate) fn counters(&self) -> &Counters {
         &self.counters
@@ -168,25 +177,77 @@ impl Node {
         &self.calls
     }
 
-    /// A frame ready to publish, if it is within `max_frame_size`.
+    /// A frame ready to send (inline or as a claim), if it is within `max_body_size`.
     pub(crate) fn sized(
         &self,
         frame: Vec<u8>,
         what: impl FnOnce() -> String,
     ) -> Result<Bytes, Error> {
-        if frame.len() > self.config.max_frame_size {
+        if frame.len() > self.claims.max_body() {
             return Err(Error::TooLarge {
                 what: what(),
                 size: frame.len(),
-                max: self.config.max_frame_size,
+                max: self.claims.max_body(),
             });
         }
         Ok(Bytes::from(frame))
     }
 
+    /// `frame` as it goes on the wire: itself, or if it is large a claim frame whose body has
+    /// been stored for `deadline` (plus a grace), with the claim's key.
+    pub(crate) async fn claim_if_large(
+        &self,
+        frame: Bytes,
+        deadline: Duration,
+    ) -> Result<(Bytes, Option<String>), Error> {
+        if !self.claims.claims(frame.len()) {
+            return Ok((frame, None));
+        }
+        let ttl = self.claims.ttl(deadline);
+        let stored = claim::store(&self.wire, &self.names, frame, ttl).await?;
+        Ok((stored.frame, Some(stored.key)))
+    }
+
+    /// Deletes the claim at `key` in the background, if the receiver has not taken it (it
+    /// would expire anyway; this frees Redis's memory sooner).
+    pub(crate) fn discard_claim(self: &Arc<Self>, key: String) {
+        let node = self.clone();
+        self.life.spawn(async move {
+            if let Err(e) = node.wire.delete(&key).await {
+                tracing::debug!(node = %node.id, %key, error = %e, "could not delete a claim; it expires on its own");
+            }
+        });
+    }
+
+    /// Takes a claimed body from Redis within the fetch budget: the body and the budget it
+    /// holds, or why it could not be had.
+    pub(crate) async fn fetch_claim(
+        &self,
+        budget: Budget,
+        claim: &ClaimRef,
+    ) -> Result<(Bytes, tokio::sync::OwnedSemaphorePermit), Unfetched> {
+        if claim.len > self.claims.max_body() as u64 {
+            self.counters.bump(Count::Oversized);
+            let _ = self.wire.delete(&self.names.claim(&claim.token)).await;
+            return Err(Unfetched::TooLarge(format!(
+                "the body is {} bytes, over this node's max_body_size of {} bytes",
+                claim.len,
+                self.claims.max_body()
+            )));
+        }
+        let room = self.claims.room(budget, claim.len).await;
+        match claim::fetch(&self.wire, &self.names, claim).await {
+            Ok(Ok(body)) => Ok((body, room)),
+            Ok(Err(reason)) => Err(Unfetched::Lost(reason)),
+            Err(e) => Err(Unfetched::Lost(format!(
+                "Redis failed to hand the claim over: {e}"
+            ))),
+        }
+    }
+
     /// Sends a reply to `caller`'s inbox; failures are logged (the caller will time out).
     pub(crate) async fn reply(&self, caller: &str, id: u64, status: Status, body: ReplyBody) {
-        let frame = self.reply_frame(caller, id, status, body);
+        let frame = self.reply_frame(caller, id, status, body).await;
         let sent = self.wire.publish(self.peers.inbox(caller), frame).await;
         self.log_reply(caller, sent);
     }
@@ -202,7 +263,9 @@ impl Node {
     /// replies it sends all together (see `receive_loop`).
     async fn reply_unbounded(&self, reply: ReadyReply) {
         let caller = reply.caller.as_str();
-        let frame = self.reply_frame(caller, reply.id, reply.status, reply.body);
+        let frame = self
+            .reply_frame(caller, reply.id, reply.status, reply.body)
+            .await;
         let sent = self
             .wire
             .publish_untimed(self.peers.inbox(caller), frame)
@@ -211,18 +274,33 @@ impl Node {
         drop(reply.slot);
     }
 
-    /// The frame of a reply; a body over `max_frame_size` becomes an error reply instead.
-    fn reply_frame(&self, caller: &str, id: u64, status: Status, body: ReplyBody) -> Bytes {
-        if body.frame_len() > self.config.max_frame_size {
-            let reason = format!(
-                "the reply is {} bytes, over the server's max_frame_size of {} bytes",
-                body.frame_len(),
-                self.config.max_frame_size
-            );
-            tracing::warn!(node = %self.id, %caller, %reason, "reply too large");
+    /// The frame of a reply: inline, or a claim frame once its body is stored (for the
+    /// caller's timeout plus a grace, within one command timeout). A body over
+    /// `max_body_size`, or one that could not be stored, becomes an error reply instead.
+    async fn reply_frame(&self, caller: &str, id: u64, status: Status, body: ReplyBody) -> Bytes {
+        let error = |reason: String| {
+            tracing::warn!(node = %self.id, %caller, %reason, "could not send a reply");
             ReplyBody::text(&reason).into_frame(id, Status::ServerError)
-        } else {
-            body.into_frame(id, status)
+        };
+        if body.frame_len() > self.claims.max_body() {
+            return error(format!(
+                "the reply is {} bytes, over the server's max_body_size of {} bytes",
+                body.frame_len(),
+                self.claims.max_body()
+            ));
+        }
+        if !self.claims.claims(body.frame_len()) {
+            return body.into_frame(id, status);
+        }
+        let frame = body.into_frame(id, status);
+        let store = self.claim_if_large(frame, self.config.timeout);
+        match tokio::time::timeout(self.config.transport.command_timeout, store).await {
+            Ok(Ok((frame, _))) => frame,
+            Ok(Err(e)) => error(format!("the reply is large and could not be stored: {e}")),
+            Err(_) => error(format!(
+                "the reply is large and Redis did not store it within {:?}",
+                self.config.transport.command_timeout
+            )),
         }
     }
 
@@ -371,9 +449,12 @@ impl Node {
                 return None;
             }
         };
-        if payload.len() > self.config.max_frame_size {
+        // An inline frame may be neither longer than the frames this node accepts inline nor
+        // than the bodies it accepts at all.
+        let limit = self.config.max_frame_size.min(self.claims.max_body());
+        if payload.len() > limit {
             if let Some(seen) = self.counters.bump_and_sample(Count::Oversized) {
-                tracing::warn!(node = %self.id, %channel, len = payload.len(), max = self.config.max_frame_size, seen, "dropped an oversized frame");
+                tracing::warn!(node = %self.id, %channel, len = payload.len(), max = limit, seen, "dropped an oversized frame");
             }
             // Only a call on this server's call channel that someone still waits for is
             // answered; anything else oversized is just dropped.
@@ -383,9 +464,11 @@ impl Node {
             {
                 let node = self.clone();
                 let reason = format!(
-                    "the call is {} bytes, over this server's max_frame_size of {} bytes",
+                    "the call is {} bytes, over this server's limit of {limit} bytes \
+                     (max_frame_size {} inline, max_body_size {})",
                     payload.len(),
-                    self.config.max_frame_size
+                    self.config.max_frame_size,
+                    self.claims.max_body(),
                 );
                 self.life.spawn(async move {
                     let body = ReplyBody::text(&reason);
@@ -428,6 +511,7 @@ impl Node {
                 self.caller.balancer().join(&node, &methods);
             }
             Frame::Leave { node } if channel == self.events => self.caller.balancer().remove(&node),
+            Frame::Claim { frame, claim } => self.claimed(channel, *frame, claim),
             other => {
                 if let Some(seen) = self.counters.bump_and_sample(Count::Misrouted) {
                     tracing::warn!(node = %self.id, %channel, frame = ?kind(&other), seen, "dropped a frame that does not belong on this channel");
@@ -438,6 +522,141 @@ impl Node {
     }
 }
 
+/// Why a claimed body was not fetched.
+#[derive(Debug)]
+pub(crate) enum Unfetched {
+    /// It is over this node's `max_body_size` (it was deleted unread).
+    TooLarge(String),
+    /// It was gone, did not match its reference, or Redis failed.
+    Lost(String),
+}
+
+impl std::fmt::Display for Unfetched {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Unfetched::TooLarge(reason) | Unfetched::Lost(reason) => f.write_str(reason),
+        }
+    }
+}
+
+impl Node {
+    /// Routes a claim frame: a call is fetched and run in a task of its own (bounded by the
+    /// fetch budget and its deadline), a reply goes to its waiting call, which fetches the
+    /// body itself (`Client::invoke`), a message is fetched and queued. A claim nobody will
+    /// take is deleted.
+    fn claimed(
+        self: &Arc<Self>,
+        channel: crate::transport::Channel,
+        frame: Frame,
+        claim: ClaimRef,
+    ) {
+        let key = || self.names.claim(&claim.token);
+        match frame {
+            Frame::Call(call) if channel == self.calls => {
+                let Some(dispatcher) = self.dispatcher.get() else {
+                    self.counters.bump(Count::Misrouted);
+                    return self.discard_claim(key());
+                };
+                if call.deadline_ms == 0 {
+                    self.counters.bump(Count::ExpiredCalls);
+                    return self.discard_claim(key());
+                }
+                let node = self.clone();
+                dispatcher.track(async move { node.claimed_call(call, claim).await });
+            }
+            Frame::Reply(mut reply) if channel == self.inbox => {
+                reply.claim = Some(Box::new(claim));
+                if !self.caller.pending().complete(reply) {
+                    self.counters.bump(Count::LateReplies);
+                    self.discard_claim(key());
+                }
+            }
+            Frame::Message { from, .. } if channel == self.inbox => {
+                let node = self.clone();
+                let within = self.config.timeout + self.config.transport.command_timeout;
+                self.life.spawn(async move {
+                    let fetched = tokio::time::timeout(within, node.fetch_claim(Budget::Results, &claim)).await;
+                    let body = match fetched {
+                        Ok(Ok((body, _room))) => body,
+                        Ok(Err(Unfetched::TooLarge(reason))) => {
+                            tracing::warn!(node = %node.id, %from, %reason, "dropped an oversized message");
+                            return;
+                        }
+                        Ok(Err(Unfetched::Lost(reason))) => {
+                            node.counters.bump(Count::DroppedMessages);
+                            tracing::warn!(node = %node.id, %from, %reason, "a large message could not be fetched; dropped");
+                            return;
+                        }
+                        Err(_) => {
+                            node.counters.bump(Count::DroppedMessages);
+                            tracing::warn!(node = %node.id, %from, "a large message was not fetched in time; dropped");
+                            return node.discard_claim(node.names.claim(&claim.token));
+                        }
+                    };
+                    if !node.messages.push(Message { from, body }) {
+                        node.counters.bump(Count::DroppedMessages);
+                    }
+                });
+            }
+            other => {
+                if let Some(seen) = self.counters.bump_and_sample(Count::Misrouted) {
+                    tracing::warn!(node = %self.id, %channel, frame = ?kind(&other), seen, "dropped a claim that does not belong on this channel");
+                }
+                self.discard_claim(key());
+            }
+        }
+    }
+
+    /// Fetches a claimed call's arguments, within its deadline and the fetch budget, then
+    /// dispatches it as any call. The budget is held until its reply is sent.
+    async fn claimed_call(self: Arc<Self>, call: Call, claim: ClaimRef) {
+        let deadline = tokio::time::Instant::now() + Duration::from_millis(call.deadline_ms);
+        let args = match tokio::time::timeout_at(deadline, self.fetch_claim(Budget::Calls, &claim))
+            .await
+        {
+            Ok(Ok(fetched)) => fetched,
+            Ok(Err(unfetched)) => {
+                let status = match unfetched {
+                    Unfetched::TooLarge(_) => Status::ServerError,
+                    Unfetched::Lost(_) => Status::ClaimLost,
+                };
+                let reason = format!("the arguments could not be had: {unfetched}");
+                tracing::warn!(node = %self.id, method = %call.method, %reason, "claimed call refused");
+                let body = ReplyBody::text(&reason);
+                return self
+                    .reply(call.reply_to.as_str(), call.id, status, body)
+                    .await;
+            }
+            Err(_) => {
+                // The caller has given up: nothing to answer, and its claim may still be there.
+                self.counters.bump(Count::ExpiredCalls);
+                let key = self.names.claim(&claim.token);
+                let _ = self.wire.delete(&key).await;
+                return;
+            }
+        };
+        let (args, _room) = args;
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let deadline_ms = u64::try_from(left.as_millis()).unwrap_or(u64::MAX);
+        let Some(dispatcher) = self.dispatcher.get() else {
+            return;
+        };
+        let call = Call {
+            args,
+            deadline_ms,
+            ..call
+        };
+        match dispatcher.dispatch(call) {
+            Dispatched::Ready(reply) => self.send_reply(reply).await,
+            Dispatched::Expired => self.counters.bump(Count::ExpiredCalls),
+            Dispatched::Running(running) => match running.run().await {
+                Some(reply) => self.send_reply(reply).await,
+                None => self.counters.bump(Count::ExpiredCalls),
+            },
+        }
+    }
+}
+
 fn kind(frame: &Frame) -> &'static str {
     match frame {
         Frame::Call(_) => "call",
@@ -445,6 +664,7 @@ fn kind(frame: &Frame) -> &'static str {
         Frame::Message { .. } => "message",
         Frame::Join { .. } => "join",
         Frame::Leave { .. } => "leave",
+        Frame::Claim { .. } => "claim",
     }
 }
 

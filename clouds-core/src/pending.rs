@@ -90,6 +90,7 @@ mod tests {
             id,
             status: Status::Ok,
             body: bytes::Bytes::from_static(&[0xc0]),
+            claim: None,
         }
     }
 

@@ -300,6 +300,7 @@ fn case(name: &str) -> Option<Case> {
                 id: 7,
                 status: Status::Ok,
                 body: value("Hello Glen, hi"),
+                claim: None,
             }),
             check_body: |frame| {
                 let Frame::Reply(reply) = frame else {
@@ -334,6 +335,7 @@ fn case(name: &str) -> Option<Case> {
                 id: 8,
                 status: Status::AppError,
                 body: value("DivisionByZero"),
+                claim: None,
             }),
             check_body: |frame| {
                 let Frame::Reply(reply) = frame else {
@@ -350,6 +352,7 @@ fn case(name: &str) -> Option<Case> {
                 id: 8,
                 status: Status::AppError,
                 body: Bytes::from_static(&[0x90]),
+                claim: None,
             }),
             check_body: |frame| {
                 let Frame::Reply(reply) = frame else {
@@ -375,6 +378,7 @@ fn case(name: &str) -> Option<Case> {
                 id: 8,
                 status: Status::AppError,
                 body: value("division by zero"),
+                claim: None,
             }),
             check_body: |frame| {
                 let Frame::Reply(reply) = frame else {
@@ -411,6 +415,7 @@ fn case(name: &str) -> Option<Case> {
                 id: 7,
                 status: Status::Overloaded,
                 body: Bytes::from_static(codec::NIL),
+                claim: None,
             }),
             check_body: |frame| {
                 let Frame::Reply(reply) = frame else {
@@ -451,8 +456,42 @@ fn case(name: &str) -> Option<Case> {
             check_body: |_| {},
             answers: None,
         },
+        "claimed-call" => Case {
+            encoded: {
+                let call = Bytes::from(
+                    codec::encode_call(7, "test.hello", "client-a", 2000, &("Glen", "hi"))
+                        .expect("encodable"),
+                );
+                let start = codec::body_start(&call).expect("a call");
+                codec::encode_claimed(&call, start, &claimed_args())
+            },
+            frame: Frame::Claim {
+                frame: Box::new(Frame::Call(Call {
+                    id: 7,
+                    method: wire("test.hello"),
+                    reply_to: wire("client-a"),
+                    deadline_ms: 2000,
+                    args: Bytes::new(),
+                })),
+                claim: claimed_args(),
+            },
+            check_body: |_| {},
+            answers: None,
+        },
         _ => return None,
     })
+}
+
+/// The claim of the `claimed-call` example: the arguments of `call-hello` under the token
+/// 0, 1, ... 15.
+fn claimed_args() -> crate::envelope::ClaimRef {
+    use sha2::Digest;
+    let args = args(&("Glen", "hi"));
+    crate::envelope::ClaimRef {
+        token: std::array::from_fn(|i| i as u8),
+        len: args.len() as u64,
+        digest: sha2::Sha256::digest(&args).into(),
+    }
 }
 
 /// Every example this module knows; §12 must hold exactly these.
@@ -468,6 +507,7 @@ const KNOWN: &[&str] = &[
     "message-hi",
     "join",
     "leave",
+    "claimed-call",
 ];
 
 fn by_name() -> BTreeMap<String, Example> {

@@ -18,7 +18,8 @@ pub struct Stats {
     pub malformed_frames: u64,
     /// Frames that decoded but arrived on a channel where they do not belong.
     pub misrouted_frames: u64,
-    /// Frames over this node's `max_frame_size` (a call gets an error reply, others are dropped).
+    /// Frames over this node's `max_frame_size` (inline) or `max_body_size` (inline or
+    /// claimed): a call gets an error reply, others are dropped.
     pub oversized_frames: u64,
     /// Frames lost because the receive loop fell behind the subscriber connection.
     pub lagged_frames: u64,

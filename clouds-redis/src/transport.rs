@@ -32,11 +32,11 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use fred::interfaces::{
-    ClientLike, ClusterInterface, EventInterface, HashesInterface, PubsubInterface,
+    ClientLike, ClusterInterface, EventInterface, HashesInterface, KeysInterface, PubsubInterface,
 };
 use fred::types::cluster::ClusterRouting;
 use fred::types::config::ReconnectPolicy;
-use fred::types::{Builder, Value};
+use fred::types::{Builder, Expiration, Value};
 use futures_util::future::Either;
 use tokio::sync::{Semaphore, broadcast};
 
@@ -487,6 +487,61 @@ impl Transport {
             }
         };
         Ok(pairs)
+    }
+
+    /// Stores `value` at `key` for `ttl` (`SET key value PX ttl`), replacing what was there.
+    /// Untimed: the caller bounds the wait (a large value takes a while to write). In a
+    /// cluster the command goes to whichever primary owns the key's slot.
+    ///
+    /// ```no_run
+    /// # async fn demo(transport: clouds_redis::Transport) -> Result<(), clouds_redis::TransportError> {
+    /// use std::time::Duration;
+    /// transport.set_px("app:0:claim:ab12", "body".into(), Duration::from_secs(5)).await?;
+    /// assert_eq!(transport.getdel("app:0:claim:ab12").await?.as_deref(), Some(&b"body"[..]));
+    /// # Ok(()) }
+    /// ```
+    pub async fn set_px(
+        &self,
+        key: &str,
+        value: Bytes,
+        ttl: Duration,
+    ) -> Result<(), TransportError> {
+        let ttl = i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX).max(1);
+        let set = self.commands.set::<Value, _, _>(
+            key,
+            Value::Bytes(value),
+            Some(Expiration::PX(ttl)),
+            None,
+            false,
+        );
+        Box::pin(set).await.map_err(|e| self.error("SET", e))?;
+        Ok(())
+    }
+
+    /// Reads and deletes `key` in one step (`GETDEL`, Redis 6.2+): its value, or `None` if
+    /// there was none. Untimed, like [`Transport::set_px`].
+    pub async fn getdel(&self, key: &str) -> Result<Option<Bytes>, TransportError> {
+        let value: Value = Box::pin(self.commands.getdel::<Value, _>(key))
+            .await
+            .map_err(|e| self.error("GETDEL", e))?;
+        match value {
+            Value::Null => Ok(None),
+            value @ (Value::Bytes(_) | Value::String(_)) => Ok(value.into_bytes()),
+            other => Err(TransportError::Reply {
+                command: "GETDEL",
+                reason: format!("expected a string or nil, got {:?}", other.kind()),
+            }),
+        }
+    }
+
+    /// Deletes `key` (`DEL`), bounded by the command timeout; no error if it was not there.
+    pub async fn del(&self, key: &str) -> Result<(), TransportError> {
+        let del = Box::pin(self.commands.del::<Value, _>(key));
+        tokio::time::timeout(self.options.command_timeout, del)
+            .await
+            .map_err(|_| self.timed_out("DEL"))?
+            .map_err(|e| self.error("DEL", e))?;
+        Ok(())
     }
 
     /// Whether both connections are up right now.

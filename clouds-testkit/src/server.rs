@@ -626,6 +626,19 @@ impl RedisServer {
         Ok(conn)
     }
 
+    /// Everything in Redis' log file since the server was last (re)started: a test can look
+    /// for what Redis did on its own, such as closing a client over its output buffer limit.
+    ///
+    /// ```
+    /// let server = clouds_testkit::RedisServer::start()?;
+    /// assert!(server.log().contains("Ready to accept connections"));
+    /// # Ok::<(), clouds_testkit::TestkitError>(())
+    /// ```
+    pub fn log(&self) -> String {
+        let log = fs::read(self.dir.join(LOG_FILE)).unwrap_or_default();
+        String::from_utf8_lossy(&log).into_owned()
+    }
+
     /// The last lines of the running child's output and of Redis' log file.
     pub(crate) fn log_tail(&self) -> String {
         match &self.child {

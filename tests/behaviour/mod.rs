@@ -23,6 +23,15 @@ pub trait Backend {
     /// Lists `node` as a provider of `method` in the registry for a minute, as a stale entry
     /// would, whether it serves `method` or not.
     fn stale_entry(&self, method: &str, node: &clouds::NodeId);
+
+    /// The claim keys (large bodies waiting for their receiver) of this deployment now.
+    fn claim_keys(&self) -> Vec<String>;
+
+    /// On a cluster, how many primaries have served a `GETDEL` (claims go wherever the slot
+    /// map puts their key); `None` elsewhere.
+    fn primaries_that_served_claims(&self) -> Option<usize> {
+        None
+    }
 }
 
 /// The service every case serves.
@@ -333,6 +342,45 @@ pub async fn messages_between_nodes(b: impl Backend) {
     server.shutdown().await.expect("shutdown");
 }
 
+/// Calls, results and messages over the claim threshold (64 KiB by default) travel as claims:
+/// they arrive whole, and no claim is left behind.
+pub async fn large_payloads_travel_as_claims(b: impl Backend) {
+    let (server, calls) = serve(b.config(), "a").await;
+    let client = client(b.config()).await;
+    let suite = SuiteClient::new(&client);
+    let name = "n".repeat(200 << 10);
+    let concurrent: Vec<_> = (0..16)
+        .map(|i| {
+            let suite = suite.clone();
+            let name = format!("{i}{name}");
+            tokio::spawn(async move { suite.hello(name, "hi").await })
+        })
+        .collect();
+    for (i, call) in concurrent.into_iter().enumerate() {
+        let greeting = call.await.expect("join").expect("a claimed call");
+        assert_eq!(
+            greeting.len(),
+            "Hello , hi".len() + (200 << 10) + i.to_string().len()
+        );
+        assert!(greeting.starts_with(&format!("Hello {i}nnn")));
+    }
+    assert_eq!(calls.load(Ordering::SeqCst), 16);
+    client.send(server.id(), &name).await.expect("send");
+    let message = server.messages().next().await.expect("a message");
+    assert_eq!(message.decode::<String>().expect("decode"), name);
+    eventually("no claim is left", Duration::from_secs(2), || async {
+        b.claim_keys().is_empty()
+    })
+    .await;
+    if let Some(primaries) = b.primaries_that_served_claims() {
+        assert!(
+            primaries > 1,
+            "claims spread over the primaries ({primaries})"
+        );
+    }
+    server.shutdown().await.expect("shutdown");
+}
+
 pub async fn monitor_lists_who_serves_what(b: impl Backend) {
     let (server, _) = serve(b.config(), "a").await;
     let monitor = Monitor::connect(b.config()).await.expect("monitor");
@@ -444,6 +492,7 @@ macro_rules! behaviour_suite {
             overloaded_provider_refuses
             round_robin_and_least_in_flight
             messages_between_nodes
+            large_payloads_travel_as_claims
             monitor_lists_who_serves_what
             graceful_shutdown_under_load
             a_crashed_server_answers_nothing_more

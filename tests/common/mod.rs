@@ -65,3 +65,15 @@ where
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// The claim keys (large bodies waiting for their receiver) of namespace `clouds` in `db` of
+/// `redis` now: empty once every call, reply and message has been taken or cleaned up.
+pub fn claim_keys(redis: &RedisServer, db: u8) -> Vec<String> {
+    let db = db.to_string();
+    let pattern = format!("clouds:{db}:claim:*");
+    let script = "redis.call('SELECT', ARGV[1]) return redis.call('KEYS', ARGV[2])";
+    let reply = redis
+        .command(&["EVAL", script, "0", &db, &pattern])
+        .expect("KEYS");
+    reply.as_str_vec().unwrap_or_else(|| panic!("{reply:?}"))
+}

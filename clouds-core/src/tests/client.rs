@@ -515,7 +515,7 @@ async fn invalid_method_names_fail_before_anything_is_sent() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn a_call_over_max_frame_size_fails_without_being_sent() {
+async fn a_call_over_max_body_size_fails_without_being_sent() {
     let broker = Broker::new();
     let provider = server(config(&broker)).await;
     let calls = Counter::default();
@@ -527,7 +527,7 @@ async fn a_call_over_max_frame_size_fails_without_being_sent() {
         })
         .await
         .expect("register");
-    let caller = client(config(&broker).max_frame_size(1024))
+    let caller = client(config(&broker).max_body_size(1024))
         .await
         .with_retries(3);
     assert_eq!(

@@ -178,7 +178,7 @@ async fn a_node_can_message_itself_and_structured_bodies_round_trip() {
 #[tokio::test(start_paused = true)]
 async fn a_message_over_the_limit_fails_at_the_sender_or_is_dropped_by_the_receiver() {
     let broker = Broker::new();
-    let small = client(config(&broker).max_frame_size(1024)).await;
+    let small = client(config(&broker).max_body_size(1024)).await;
     let large = client(config(&broker)).await;
     let big = "q".repeat(2_000);
     match small.send(large.id(), &big).await {

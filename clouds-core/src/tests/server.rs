@@ -553,9 +553,9 @@ async fn a_call_over_the_servers_max_frame_size_is_answered_with_a_server_error(
 }
 
 #[tokio::test(start_paused = true)]
-async fn a_reply_over_the_servers_max_frame_size_becomes_a_server_error() {
+async fn a_reply_over_the_servers_max_body_size_becomes_a_server_error() {
     let broker = Broker::new();
-    let provider = server(config(&broker).max_frame_size(1024)).await;
+    let provider = server(config(&broker).max_body_size(1024)).await;
     provider
         .register("o.make", |(n,): (usize,)| async move {
             Ok::<_, Infallible>("z".repeat(n))
@@ -572,7 +572,7 @@ async fn a_reply_over_the_servers_max_frame_size_becomes_a_server_error() {
         900
     );
     match caller.call::<_, String>("o.make", (2_000usize,)).await {
-        Err(Error::Server { reason, .. }) => assert!(reason.contains("max_frame_size"), "{reason}"),
+        Err(Error::Server { reason, .. }) => assert!(reason.contains("max_body_size"), "{reason}"),
         other => panic!("expected Server, got {other:?}"),
     }
     provider.shutdown().await.expect("shutdown");

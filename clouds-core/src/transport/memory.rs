@@ -13,7 +13,9 @@
 //! - a heartbeat that adds a provider publishes its join frame, a deregistration its leave
 //!   frame, under the same lock as the change (so nobody sees one without the other), to the
 //!   events channel's subscribers exactly as a publish would reach them;
-//! - pub/sub ignores the registry's scope (namespace and db), as Redis's does.
+//! - pub/sub ignores the registry's scope (namespace and db), as Redis's does;
+//! - plain keys (claims of large bodies) are set with an expiry on tokio's clock, taken with
+//!   `GETDEL` semantics (read and deleted in one step, `None` once expired) and deleted.
 //!
 //! Faults are addressed by node id and apply to every connection of that node.
 
@@ -112,6 +114,9 @@ struct State {
     frozen: BTreeSet<String>,
     /// Node id → delays of its next registry commands, in order.
     slow: HashMap<String, VecDeque<Duration>>,
+    /// Plain keys (the claims of large bodies) → value and expiry. Key names carry the
+    /// scope, as over Redis, so one map serves every deployment.
+    keys: HashMap<String, (Bytes, Instant)>,
 }
 
 struct Conn {
@@ -487,6 +492,43 @@ impl Broker {
         registry.provide(method, node.as_ref(), expiry);
     }
 
+    /// The keys holding claims (large bodies waiting for their receiver) now, expired ones
+    /// left out: a test that all its calls ended can check that none is left behind.
+    ///
+    /// ```
+    /// let broker = clouds_core::testing::Broker::new();
+    /// assert!(broker.claims().is_empty());
+    /// ```
+    pub fn claims(&self) -> Vec<String> {
+        let now = Instant::now();
+        let mut state = lock(&self.state);
+        state.keys.retain(|_, (_, expiry)| *expiry > now);
+        let mut keys: Vec<String> = state
+            .keys
+            .keys()
+            .filter(|key| key.contains(":claim:"))
+            .cloned()
+            .collect();
+        keys.sort();
+        keys
+    }
+
+    /// Deletes every claim now, as if each had expired before its receiver fetched it.
+    ///
+    /// ```
+    /// # fn demo(broker: clouds_core::testing::Broker, server: clouds_core::Server) {
+    /// broker.freeze(server.id());
+    /// // ... a large call is sent: its body waits in a claim ...
+    /// broker.lose_claims();
+    /// broker.thaw(server.id()); // the call fails with `Error::ClaimLost`
+    /// # }
+    /// ```
+    pub fn lose_claims(&self) {
+        lock(&self.state)
+            .keys
+            .retain(|key, _| !key.contains(":claim:"));
+    }
+
     /// How many connections are subscribed to `channel` right now.
     ///
     /// ```
@@ -846,6 +888,33 @@ impl Transport for MemoryWire {
                 .collect()
         })
         .await
+    }
+
+    async fn put(&self, key: &str, value: Bytes, ttl: Duration) -> Result<(), TransportError> {
+        let mut state = lock(&self.broker.state);
+        state.admit(self.conn, &self.node, "SET")?;
+        let now = Instant::now();
+        // Expired keys go on every write, so keys nobody takes cannot pile up.
+        state.keys.retain(|_, (_, expiry)| *expiry > now);
+        let expiry = now.checked_add(ttl).unwrap_or(now + FAR_FUTURE);
+        state.keys.insert(key.to_string(), (value, expiry));
+        Ok(())
+    }
+
+    async fn take(&self, key: &str) -> Result<Option<Bytes>, TransportError> {
+        let mut state = lock(&self.broker.state);
+        state.admit(self.conn, &self.node, "GETDEL")?;
+        Ok(match state.keys.remove(key) {
+            Some((value, expiry)) if expiry > Instant::now() => Some(value),
+            _ => None,
+        })
+    }
+
+    async fn delete(&self, key: &str) -> Result<(), TransportError> {
+        let mut state = lock(&self.broker.state);
+        state.admit(self.conn, &self.node, "DEL")?;
+        state.keys.remove(key);
+        Ok(())
     }
 
     async fn close(&self) {

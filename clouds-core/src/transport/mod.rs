@@ -8,7 +8,9 @@
 //! - the registry: write a server's entry with its TTL ([`Entry`]), remove it, read the live
 //!   providers of methods and the live servers with their info, purging the expired on the way.
 //!   Each method's providers have a generation that every change moves on, so a caller that
-//!   holds the current one is told so ([`Lookup::Unchanged`]) without the list being read.
+//!   holds the current one is told so ([`Lookup::Unchanged`]) without the list being read;
+//! - claims: store a large body under a key with an expiry ([`Transport::put`]), take it in
+//!   one step ([`Transport::take`], `GETDEL`), delete one nobody will take.
 //!
 //! Join and leave announcements are ordinary frames on the events channel, published by the
 //! registry operations themselves, in the same step as the change they announce: a beat that
@@ -121,6 +123,23 @@ pub(crate) trait Transport: Send + Sync + Sized {
     /// Every live server with the info fields of its last heartbeat; purges expired ones.
     fn servers(&self)
     -> impl Future<Output = Result<Vec<(NodeId, Fields)>, TransportError>> + Send;
+
+    /// Stores `value` at `key` for `ttl` (`SET key value PX ttl`). Untimed: the caller
+    /// bounds the wait. (Claims, `claim.rs`.)
+    fn put(
+        &self,
+        key: &str,
+        value: Bytes,
+        ttl: Duration,
+    ) -> impl Future<Output = Result<(), TransportError>> + Send;
+
+    /// Reads and deletes `key` in one step (`GETDEL`): its value, `None` if it has none (never
+    /// set, expired, or taken already). Untimed, like [`Transport::put`].
+    fn take(&self, key: &str)
+    -> impl Future<Output = Result<Option<Bytes>, TransportError>> + Send;
+
+    /// Deletes `key` (`DEL`), bounded by the command timeout.
+    fn delete(&self, key: &str) -> impl Future<Output = Result<(), TransportError>> + Send;
 
     /// Closes the connection: pending commands finish first, then [`Inbound`] ends.
     fn close(&self) -> impl Future<Output = ()> + Send;
@@ -358,6 +377,18 @@ impl Transport for Wire {
 
     async fn servers(&self) -> Result<Vec<(NodeId, Fields)>, TransportError> {
         each!(self, t => t.servers().await)
+    }
+
+    async fn put(&self, key: &str, value: Bytes, ttl: Duration) -> Result<(), TransportError> {
+        each!(self, t => t.put(key, value, ttl).await)
+    }
+
+    async fn take(&self, key: &str) -> Result<Option<Bytes>, TransportError> {
+        each!(self, t => t.take(key).await)
+    }
+
+    async fn delete(&self, key: &str) -> Result<(), TransportError> {
+        each!(self, t => t.delete(key).await)
     }
 
     async fn close(&self) {

@@ -170,6 +170,32 @@ impl Transport for RedisWire {
             .collect())
     }
 
+    async fn put(
+        &self,
+        key: &str,
+        value: Bytes,
+        ttl: std::time::Duration,
+    ) -> Result<(), TransportError> {
+        self.redis
+            .set_px(key, value, ttl)
+            .await
+            .map_err(TransportError::from_redis)
+    }
+
+    async fn take(&self, key: &str) -> Result<Option<Bytes>, TransportError> {
+        self.redis
+            .getdel(key)
+            .await
+            .map_err(TransportError::from_redis)
+    }
+
+    async fn delete(&self, key: &str) -> Result<(), TransportError> {
+        self.redis
+            .del(key)
+            .await
+            .map_err(TransportError::from_redis)
+    }
+
     async fn close(&self) {
         self.redis.close().await;
     }
