@@ -179,7 +179,9 @@ impl Client {
         })?;
         let frame = codec::encode_message(node.id().as_str(), &body);
         let frame = node.sized(frame, || format!("message to {to}"))?;
-        let receivers = node.wire().publish(node.names().inbox(to), frame).await?;
+        let inbox = node.names().inbox(to);
+        let frame = node.seal(&inbox, frame);
+        let receivers = node.wire().publish(inbox, frame).await?;
         if receivers == 0 {
             return Err(Error::Unreachable { node: to.into() });
         }
@@ -337,9 +339,9 @@ impl Client {
                     }
                 };
                 // Untimed: the attempt's timeout below bounds the PUBLISH too.
-                let publish = node
-                    .wire()
-                    .publish_untimed(node.peers().calls(provider.as_str()), frame);
+                let calls = node.peers().calls(provider.as_str());
+                let frame = node.seal(&calls, frame);
+                let publish = node.wire().publish_untimed(calls, frame);
                 let attempt = async {
                     let receivers = publish.await?;
                     if receivers == 0 {
