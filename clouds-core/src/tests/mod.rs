@@ -15,6 +15,7 @@ mod messages;
 mod node;
 mod registry;
 mod server;
+mod signing;
 
 use std::convert::Infallible;
 use std::sync::Arc;
