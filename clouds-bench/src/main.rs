@@ -25,6 +25,7 @@
 //!   1,000 callers refreshing, full lookups against generation lookups.
 //! - `load.rs`: the bounded load generator both are driven by.
 //! - `rss.rs`: client memory per call in flight, in a child process.
+//! - `signing_row.rs`: signed frames on against off, at 64 in flight.
 //! - `wire.rs`: Redis commands and bytes per call, from `INFO`.
 //! - `report.rs`: the table, the ratios and the targets.
 //! - `procs.rs`: the children's protocol (wait for `ready`, stop by closing stdin) on top of
@@ -51,6 +52,7 @@ mod raw;
 mod registry_sim;
 mod report;
 mod rss;
+mod signing_row;
 mod stats;
 mod wire;
 
@@ -91,6 +93,8 @@ struct Plan {
     run_limit: Duration,
     /// Also measure the 3-process rows on a Redis Cluster (`--cluster`).
     cluster: bool,
+    /// Only the signing row (`--signing`).
+    signing_only: bool,
 }
 
 impl Plan {
@@ -105,6 +109,7 @@ impl Plan {
             rss_in_flight: 10_000,
             run_limit: Duration::from_secs(120),
             cluster: false,
+            signing_only: false,
         }
     }
 
@@ -119,6 +124,7 @@ impl Plan {
             rss_in_flight: 2_000,
             run_limit: Duration::from_secs(30),
             cluster: false,
+            signing_only: false,
         }
     }
 }
@@ -165,7 +171,7 @@ enum Role {
 }
 
 const USAGE: &str = "\
-usage: clouds-bench [--quick] [--reps N] [--cluster]
+usage: clouds-bench [--quick] [--reps N] [--cluster] [--signing]
        clouds-bench --profile raw|clouds [--calls N] [--in-flight N] [--payload BYTES]
                     [--redis URL]
 
@@ -176,6 +182,8 @@ usage: clouds-bench [--quick] [--reps N] [--cluster]
   --cluster    then start a Redis Cluster (3 primaries + 3 replicas) and measure 100 B at
                64 and 1,000 in flight on it with 3 provider processes (raw: SPUBLISH); a
                clouds that cannot run on it is reported as skipped, with the reason
+  --signing    only the signing row: signed frames off and on, 100 B at 64 in flight
+               (the full table ends with it too)
   --profile    one in-process scenario once, for callgrind: starts Redis, warms up 200
                calls, then makes --calls calls (default 2000) --in-flight at a time (default 1)
                with --payload bytes (default 100), against --redis URL if given (watch it
@@ -254,11 +262,13 @@ fn parse_args(args: &[String]) -> Result<Role, String> {
             let mut plan = Plan::full();
             let mut reps = None;
             let mut cluster = false;
+            let mut signing_only = false;
             let mut i = 0;
             while i < args.len() {
                 match args[i].as_str() {
                     "--quick" => plan = Plan::quick(),
                     "--cluster" => cluster = true,
+                    "--signing" => signing_only = true,
                     "--reps" => {
                         reps = Some(num(args.get(i + 1), "--reps")?.max(1));
                         i += 1;
@@ -270,6 +280,7 @@ fn parse_args(args: &[String]) -> Result<Role, String> {
             }
             plan.reps = reps.unwrap_or(plan.reps);
             plan.cluster = cluster;
+            plan.signing_only = signing_only;
             Ok(Role::Bench(plan))
         }
     }
@@ -379,7 +390,27 @@ fn bench(runtime: &tokio::runtime::Runtime, plan: &Plan) -> Result<(), String> {
         .cloned()
         .unwrap_or_default();
     eprintln!("redis-server {version} on port {}", redis.port());
+    if plan.signing_only {
+        let cost = runtime.block_on(signing_row::measure(plan, &redis.url()))?;
+        let mut out = String::new();
+        let _ = writeln!(
+            out,
+            "clouds-bench --signing, {} mode, {} runs per figure (median shown); redis-server {version} on loopback",
+            plan.name, plan.reps
+        );
+        let _ = writeln!(out, "start: {at_start}; allocator: {ALLOCATOR_NAME}");
+        out.push_str(&signing_row::notes(&cost));
+        let _ = writeln!(
+            out,
+            "\nend: loadavg {}; took {:.0?}",
+            loadavg(),
+            started.elapsed()
+        );
+        print!("{out}");
+        return Ok(());
+    }
     let (mut rows, wire, memory, scaling) = runtime.block_on(measure_all(plan, &redis))?;
+    let signing = runtime.block_on(signing_row::measure(plan, &redis.url()));
     let mut cluster = plan.cluster.then(|| measure_cluster(runtime, plan));
     let mut out = String::new();
     let _ = writeln!(
@@ -404,6 +435,12 @@ fn bench(runtime: &tokio::runtime::Runtime, plan: &Plan) -> Result<(), String> {
             let _ = writeln!(out, "\nCluster rows (`--cluster`): not measured: {e}");
         }
         None => {}
+    }
+    match &signing {
+        Ok(cost) => out.push_str(&signing_row::notes(cost)),
+        Err(e) => {
+            let _ = writeln!(out, "\nSigning row: not measured: {e}");
+        }
     }
     out.push_str(&targets(&rows, memory.as_ref(), scaling));
     let _ = writeln!(

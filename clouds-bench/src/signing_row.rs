@@ -1,0 +1,143 @@
+//! Signed frames on against off (`Config::signing_key`): the same in-process echo at 64 in
+//! flight through two otherwise identical deployments, one signing every frame, side by side
+//! in back-to-back pairs.
+
+use std::fmt::Write as _;
+
+use clouds::Client;
+
+use crate::Plan;
+use crate::clouds_rows::{self, CloudsCaller, InProcess, start_provider};
+use crate::load::{self, payload};
+use crate::report::{Ratios, fmt_d};
+use crate::stats::{Figures, median_figures};
+
+/// Calls in flight in the signing row.
+const IN_FLIGHT: usize = 64;
+/// Payload bytes of the signing row.
+const PAYLOAD: usize = 100;
+/// The target: signing costs under 10 % of the calls per second.
+const TARGET: f64 = 0.90;
+/// The bench's signing key (any 32 bytes; it protects nothing here).
+const KEY: [u8; 32] = *b"clouds-bench signing key 32 byte";
+
+/// The signing row's figures.
+#[derive(Debug, Clone)]
+pub(crate) struct SigningCost {
+    calls: usize,
+    off: Figures,
+    on: Figures,
+    /// on ÷ off, the median over back-to-back pairs.
+    ratios: Ratios,
+}
+
+/// Starts a provider and a client in `namespace`, signing with [`KEY`] if `signed`.
+async fn deployment(url: &str, namespace: &str, signed: bool) -> Result<InProcess, String> {
+    let mut config = clouds_rows::config(url, namespace, crate::CALL_TIMEOUT)?;
+    if signed {
+        config = config.signing_key(1, KEY);
+    }
+    let server = start_provider(config.clone()).await?;
+    let client = Client::connect(config).await.map_err(|e| e.to_string())?;
+    Ok(InProcess { server, client })
+}
+
+/// Measures 100 B echo calls at 64 in flight with signing off and on.
+pub(crate) async fn measure(plan: &Plan, url: &str) -> Result<SigningCost, String> {
+    let off = deployment(url, "bench-sign-off", false).await?;
+    let on = deployment(url, "bench-sign-on", true).await?;
+    let callers = [
+        CloudsCaller::new(&off.client),
+        CloudsCaller::new(&on.client),
+    ];
+    let payload = payload(PAYLOAD);
+    let calls = plan.flight_calls;
+    let warm = (calls / 10).clamp(100, 2_000);
+    for caller in &callers {
+        let _ = load::run(caller, &payload, warm, IN_FLIGHT, plan.run_limit).await;
+    }
+    let mut runs: [Vec<Figures>; 2] = [Vec::new(), Vec::new()];
+    let mut pairs = Vec::new();
+    for rep in 0..plan.reps {
+        let order = if rep % 2 == 0 { [0, 1] } else { [1, 0] };
+        for side in order {
+            let run = load::run(&callers[side], &payload, calls, IN_FLIGHT, plan.run_limit).await;
+            if let Some(e) = &run.first_error {
+                eprintln!(
+                    "  signing {}: {} errors, first: {e}",
+                    ["off", "on"][side],
+                    run.errors
+                );
+            }
+            let f = run.figures();
+            eprintln!(
+                "signing {} run {}: {:.0} calls/s p50 {} p99 {}",
+                ["off", "on"][side],
+                rep + 1,
+                f.calls_per_sec,
+                fmt_d(f.p50),
+                fmt_d(f.p99)
+            );
+            runs[side].push(f);
+        }
+        if let (Some(off), Some(on)) = (runs[0].last(), runs[1].last()) {
+            pairs.push(Ratios::of(on, off));
+        }
+    }
+    let stats = on.server.stats();
+    if stats.unauthenticated_frames + stats.replayed_frames > 0 {
+        eprintln!("signing: the signed provider refused frames: {stats:?}");
+    }
+    off.stop().await;
+    on.stop().await;
+    Ok(SigningCost {
+        calls,
+        off: median_figures(&runs[0]),
+        on: median_figures(&runs[1]),
+        ratios: Ratios::median(&pairs),
+    })
+}
+
+/// The signing table and its target.
+pub(crate) fn notes(cost: &SigningCost) -> String {
+    let mut t = String::new();
+    let _ = writeln!(
+        t,
+        "\nSigned frames (`Config::signing_key`, HMAC-SHA256 on every frame), {PAYLOAD} B x{} \
+         at {IN_FLIGHT} in flight, 1 provider in-process; off and on in back-to-back pairs:\n",
+        cost.calls
+    );
+    let _ = writeln!(t, "| | signing off | signing on | on ÷ off (median pair) |");
+    let _ = writeln!(t, "|---|--:|--:|--:|");
+    let _ = writeln!(
+        t,
+        "| calls/s | {:.0} | {:.0} | {:.3} |",
+        cost.off.calls_per_sec, cost.on.calls_per_sec, cost.ratios.calls_per_sec
+    );
+    let _ = writeln!(
+        t,
+        "| p50 | {} | {} | {:.3} |",
+        fmt_d(cost.off.p50),
+        fmt_d(cost.on.p50),
+        cost.ratios.p50
+    );
+    let _ = writeln!(
+        t,
+        "| p99 | {} | {} | {:.3} |",
+        fmt_d(cost.off.p99),
+        fmt_d(cost.on.p99),
+        cost.ratios.p99
+    );
+    let errors = cost.off.errors + cost.on.errors;
+    let met = if cost.ratios.calls_per_sec >= TARGET {
+        "met"
+    } else {
+        "NOT met"
+    };
+    let _ = writeln!(
+        t,
+        "\nTarget: signing costs under 10 % (on ÷ off calls/s ≥ {TARGET:.2}): {met} ({:.3}); {errors} errors.",
+        cost.ratios.calls_per_sec
+    );
+    t
+}
