@@ -95,7 +95,7 @@ impl Sniffer {
                         bytes.truncate(len);
                         bytes
                     }
-                    _ => head[1..].as_bytes().to_vec(),
+                    _ => head.as_bytes()[1..].to_vec(),
                 }
             })
             .collect()
