@@ -34,6 +34,8 @@ fn sign(key_id: u32, secret: &[u8], channel: &str, seq: u64, frame: &[u8]) -> Ve
     let mut mac = Hmac::<sha2::Sha256>::new_from_slice(secret).expect("any key length");
     mac.update(&(channel.len() as u32).to_be_bytes());
     mac.update(channel.as_bytes());
+    // Zero bytes up to a multiple of 64 (SHA-256's block).
+    mac.update(&vec![0u8; (64 - (4 + channel.len()) % 64) % 64]);
     mac.update(&out);
     mac.update(frame);
     out.extend_from_slice(&mac.finalize().into_bytes());

@@ -391,7 +391,7 @@ fn bench(runtime: &tokio::runtime::Runtime, plan: &Plan) -> Result<(), String> {
         .unwrap_or_default();
     eprintln!("redis-server {version} on port {}", redis.port());
     if plan.signing_only {
-        let cost = runtime.block_on(signing_row::measure(plan, &redis.url()))?;
+        let cost = runtime.block_on(signing_row::measure(plan, &redis))?;
         let mut out = String::new();
         let _ = writeln!(
             out,
@@ -410,7 +410,7 @@ fn bench(runtime: &tokio::runtime::Runtime, plan: &Plan) -> Result<(), String> {
         return Ok(());
     }
     let (mut rows, wire, memory, scaling) = runtime.block_on(measure_all(plan, &redis))?;
-    let signing = runtime.block_on(signing_row::measure(plan, &redis.url()));
+    let signing = runtime.block_on(signing_row::measure(plan, &redis));
     let mut cluster = plan.cluster.then(|| measure_cluster(runtime, plan));
     let mut out = String::new();
     let _ = writeln!(

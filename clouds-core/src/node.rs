@@ -70,12 +70,21 @@ impl Node {
         // Take the receiver before subscribing so nothing delivered is missed.
         let inbound = wire.inbound();
         let sealer = Sealer::new(&config.signing).map(Arc::new);
+        let (inbox, calls, events) = (
+            names.inbox(id.as_str()),
+            names.calls(id.as_str()),
+            names.events(),
+        );
+        let opener = Opener::new(
+            &config.signing,
+            &[inbox.as_str(), calls.as_str(), events.as_str()],
+        );
         let node = Arc::new(Node {
-            inbox: names.inbox(id.as_str()),
-            calls: names.calls(id.as_str()),
-            events: names.events(),
+            inbox,
+            calls,
+            events,
             registry: Registry::new(config.effective_ttl()).signed(sealer.clone(), names.events()),
-            opener: Opener::new(&config.signing),
+            opener,
             sealer,
             peers: PeerChannels::new(names.clone()),
             caller: Caller::new(&config),

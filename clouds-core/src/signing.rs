@@ -181,15 +181,31 @@ fn keyed(secret: &Secret) -> HmacSha256 {
     <HmacSha256 as Mac>::new_from_slice(&secret.0).expect("HMAC takes keys of any length")
 }
 
-/// The tag of a frame: over the channel, the signed header and the wrapped frame.
-fn tag(key: &HmacSha256, channel: &[u8], header: &[u8], frame: &[u8]) -> HmacSha256 {
+/// The MAC after the channel part of its input: `len(channel)` (u32), the channel, and zero
+/// bytes up to a multiple of 64 bytes (SHA-256's block). Whole blocks, so a node keeps this
+/// state for the channels it uses most and saves hashing them for every frame.
+fn prefix(key: &HmacSha256, channel: &str) -> HmacSha256 {
+    const ZEROS: [u8; 64] = [0; 64];
     let mut mac = key.clone();
     mac.update(&(channel.len() as u32).to_be_bytes());
-    mac.update(channel);
+    mac.update(channel.as_bytes());
+    let used = (4 + channel.len()) % 64;
+    if used != 0 {
+        mac.update(&ZEROS[used..]);
+    }
+    mac
+}
+
+/// The tag of a frame: the channel part (`prefix`), then the signed header and the frame.
+fn tag(prefix: &HmacSha256, header: &[u8], frame: &[u8]) -> HmacSha256 {
+    let mut mac = prefix.clone();
     mac.update(header);
     mac.update(frame);
     mac
 }
+
+/// Most channels a sealer keeps the channel part of (it starts over when full).
+const MAX_PREPARED: usize = 4096;
 
 /// Signs the frames a node sends.
 pub(crate) struct Sealer {
@@ -197,6 +213,8 @@ pub(crate) struct Sealer {
     key: HmacSha256,
     sender: u64,
     seq: AtomicU64,
+    /// The channel part of the MAC ([`prefix`]) for the channels sent on lately.
+    prepared: std::sync::Mutex<HashMap<Box<str>, HmacSha256, foldhash::fast::RandomState>>,
 }
 
 impl std::fmt::Debug for Sealer {
@@ -214,7 +232,22 @@ impl Sealer {
             key: keyed(secret),
             sender: random_sender(),
             seq: AtomicU64::new(1),
+            prepared: Default::default(),
         })
+    }
+
+    /// The channel part of the MAC for `channel`, kept for the next frame on it.
+    fn prefix(&self, channel: &str) -> HmacSha256 {
+        let mut prepared = locks::lock(&self.prepared);
+        if let Some(mac) = prepared.get(channel) {
+            return mac.clone();
+        }
+        if prepared.len() >= MAX_PREPARED {
+            prepared.clear();
+        }
+        let mac = prefix(&self.key, channel);
+        prepared.insert(channel.into(), mac.clone());
+        mac
     }
 
     /// `frame`, signed for `channel`, sent now.
@@ -238,7 +271,7 @@ impl Sealer {
         out.extend_from_slice(&sender.to_be_bytes());
         out.extend_from_slice(&seq.to_be_bytes());
         out.extend_from_slice(&sent_ms.to_be_bytes());
-        let tag = tag(&self.key, channel.as_bytes(), &out, frame).finalize();
+        let tag = tag(&self.prefix(channel), &out, frame).finalize();
         out.extend_from_slice(&tag.into_bytes());
         out.extend_from_slice(frame);
         Bytes::from(out)
@@ -296,7 +329,7 @@ pub(crate) struct Opened {
 /// Checks the frames a node receives: tags, then the replay rule.
 pub(crate) struct Opener {
     /// Keys accepted, by id (a handful: a linear search).
-    keys: Vec<(u32, HmacSha256)>,
+    keys: Vec<Accepted>,
     window_ms: u64,
     guard: std::sync::Mutex<ReplayGuard>,
 }
@@ -306,20 +339,43 @@ impl std::fmt::Debug for Opener {
         f.debug_struct("Opener")
             .field(
                 "accepts",
-                &self.keys.iter().map(|(id, _)| *id).collect::<Vec<_>>(),
+                &self.keys.iter().map(|k| k.id).collect::<Vec<_>>(),
             )
             .finish()
     }
 }
 
+/// A key a node accepts, with the channel part of the MAC for each of its own channels.
+struct Accepted {
+    id: u32,
+    key: HmacSha256,
+    own: Vec<(Box<str>, HmacSha256)>,
+}
+
+impl Accepted {
+    /// The channel part of the MAC for `channel`.
+    fn prefix(&self, channel: &str) -> std::borrow::Cow<'_, HmacSha256> {
+        match self.own.iter().find(|(name, _)| &**name == channel) {
+            Some((_, mac)) => std::borrow::Cow::Borrowed(mac),
+            None => std::borrow::Cow::Owned(prefix(&self.key, channel)),
+        }
+    }
+}
+
 impl Opener {
-    /// The opener of `keys`, if they sign (a node without keys refuses signed frames).
-    pub(crate) fn new(keys: &Keys) -> Option<Opener> {
+    /// The opener of `keys`, if they sign (a node without keys refuses signed frames), for a
+    /// node that receives mostly on the channels `own`.
+    pub(crate) fn new(keys: &Keys, own: &[&str]) -> Option<Opener> {
         keys.sign.as_ref()?;
-        let mut ids = Vec::new();
+        let mut ids: Vec<Accepted> = Vec::new();
         for (id, secret) in keys.sign.iter().chain(&keys.accept) {
-            if !ids.iter().any(|(known, _)| known == id) {
-                ids.push((*id, keyed(secret)));
+            if !ids.iter().any(|known| known.id == *id) {
+                let key = keyed(secret);
+                let own = own
+                    .iter()
+                    .map(|channel| ((*channel).into(), prefix(&key, channel)))
+                    .collect();
+                ids.push(Accepted { id: *id, key, own });
             }
         }
         Some(Opener {
@@ -349,12 +405,11 @@ impl Opener {
         let key = self
             .keys
             .iter()
-            .find(|(known, _)| *known == id)
-            .map(|(_, key)| key)
+            .find(|known| known.id == id)
             .ok_or(Refused::UnknownKey(id))?;
         let header = &payload[..SIGNED_PART];
         let frame = &payload[OVERHEAD..];
-        tag(key, channel.as_bytes(), header, frame)
+        tag(&key.prefix(channel), header, frame)
             .verify_slice(&payload[SIGNED_PART..OVERHEAD])
             .map_err(|_| Refused::BadTag(id))?;
         Ok(Opened {
@@ -522,7 +577,7 @@ mod tests {
         let keys = keys(sign, accept);
         (
             Sealer::new(&keys).expect("signs"),
-            Opener::new(&keys).expect("checks"),
+            Opener::new(&keys, &["own:inbox", "c"]).expect("checks"),
         )
     }
 
@@ -542,11 +597,24 @@ mod tests {
             opener.verify("ns:inbox:b", &sealed),
             Err(Refused::BadTag(1))
         );
+        // Channels of every length around SHA-256's block (the channel part is padded to
+        // it), through the opener's own channels and others alike.
+        for len in [0, 59, 60, 61, 124, 200] {
+            let channel = "x".repeat(len);
+            let own = Opener::new(&keys((1, SECRET_1), &[]), &[channel.as_str()]).expect("checks");
+            let sealed = sealer.seal(&channel, FRAME);
+            assert!(
+                own.verify(&channel, &sealed).is_ok(),
+                "own channel of {len}"
+            );
+            assert!(opener.verify(&channel, &sealed).is_ok(), "channel of {len}");
+            assert!(opener.verify(&format!("{channel}y"), &sealed).is_err());
+        }
         // The next frame has the next sequence number.
         let next = opener
             .verify("c", &sealer.seal("c", FRAME))
             .expect("authentic");
-        assert_eq!(next.seq, 2);
+        assert_eq!(next.seq, 8);
     }
 
     #[test]
@@ -704,7 +772,9 @@ mod tests {
     #[test]
     fn settings_are_checked_and_never_printed() {
         assert_eq!(Keys::default().check(), Ok(()));
-        assert!(Sealer::new(&Keys::default()).is_none() && Opener::new(&Keys::default()).is_none());
+        assert!(
+            Sealer::new(&Keys::default()).is_none() && Opener::new(&Keys::default(), &[]).is_none()
+        );
         let good = keys((2, SECRET_2), &[(1, SECRET_1)]);
         assert_eq!(good.check(), Ok(()));
         assert_eq!(good.accepted_ids(), vec![2, 1]);
@@ -717,7 +787,11 @@ mod tests {
         assert!(accept_only.check().is_err());
         let clash = keys((1, SECRET_1), &[(1, SECRET_2)]);
         assert!(clash.check().is_err());
-        let printed = format!("{good:?} {:?} {:?}", Sealer::new(&good), Opener::new(&good));
+        let printed = format!(
+            "{good:?} {:?} {:?}",
+            Sealer::new(&good),
+            Opener::new(&good, &["c"])
+        );
         assert!(printed.contains("signs_with: Some(2)"), "{printed}");
         for secret in [SECRET_1, SECRET_2] {
             let text = String::from_utf8_lossy(secret);
