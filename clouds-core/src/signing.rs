@@ -182,8 +182,8 @@ fn keyed(secret: &Secret) -> HmacSha256 {
 }
 
 /// The MAC after the channel part of its input: `len(channel)` (u32), the channel, and zero
-/// bytes up to a multiple of 64 bytes (SHA-256's block). Whole blocks, so a node keeps this
-/// state for the channels it uses most and saves hashing them for every frame.
+/// bytes up to a multiple of 64 bytes (SHA-256's block). Whole blocks, so a receiver keeps
+/// this state for its own channels and saves hashing them for every frame.
 fn prefix(key: &HmacSha256, channel: &str) -> HmacSha256 {
     const ZEROS: [u8; 64] = [0; 64];
     let mut mac = key.clone();
@@ -204,17 +204,12 @@ fn tag(prefix: &HmacSha256, header: &[u8], frame: &[u8]) -> HmacSha256 {
     mac
 }
 
-/// Most channels a sealer keeps the channel part of (it starts over when full).
-const MAX_PREPARED: usize = 4096;
-
 /// Signs the frames a node sends.
 pub(crate) struct Sealer {
     id: u32,
     key: HmacSha256,
     sender: u64,
     seq: AtomicU64,
-    /// The channel part of the MAC ([`prefix`]) for the channels sent on lately.
-    prepared: std::sync::Mutex<HashMap<Box<str>, HmacSha256, foldhash::fast::RandomState>>,
 }
 
 impl std::fmt::Debug for Sealer {
@@ -232,22 +227,7 @@ impl Sealer {
             key: keyed(secret),
             sender: random_sender(),
             seq: AtomicU64::new(1),
-            prepared: Default::default(),
         })
-    }
-
-    /// The channel part of the MAC for `channel`, kept for the next frame on it.
-    fn prefix(&self, channel: &str) -> HmacSha256 {
-        let mut prepared = locks::lock(&self.prepared);
-        if let Some(mac) = prepared.get(channel) {
-            return mac.clone();
-        }
-        if prepared.len() >= MAX_PREPARED {
-            prepared.clear();
-        }
-        let mac = prefix(&self.key, channel);
-        prepared.insert(channel.into(), mac.clone());
-        mac
     }
 
     /// `frame`, signed for `channel`, sent now.
@@ -271,7 +251,9 @@ impl Sealer {
         out.extend_from_slice(&sender.to_be_bytes());
         out.extend_from_slice(&seq.to_be_bytes());
         out.extend_from_slice(&sent_ms.to_be_bytes());
-        let tag = tag(&self.prefix(channel), &out, frame).finalize();
+        // (Senders hash the channel part every time: a cache of it per channel would need a
+        // lock shared by every task that sends, for one SHA-256 block.)
+        let tag = tag(&prefix(&self.key, channel), &out, frame).finalize();
         out.extend_from_slice(&tag.into_bytes());
         out.extend_from_slice(frame);
         Bytes::from(out)
