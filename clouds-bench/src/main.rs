@@ -136,6 +136,8 @@ enum Role {
     /// One scenario, once, for a profiler.
     Profile {
         clouds: bool,
+        /// With signed frames (`--signed`, clouds only).
+        signed: bool,
         calls: usize,
         in_flight: usize,
         payload: usize,
@@ -173,7 +175,7 @@ enum Role {
 const USAGE: &str = "\
 usage: clouds-bench [--quick] [--reps N] [--cluster] [--signing]
        clouds-bench --profile raw|clouds [--calls N] [--in-flight N] [--payload BYTES]
-                    [--redis URL]
+                    [--redis URL] [--signed]
 
   (no flags)   the full table: ~100 B and 64 KiB payloads, sequential, 64 and 1,000 in
                flight, 1 provider in-process and 3 provider processes, RSS per call in flight
@@ -187,7 +189,7 @@ usage: clouds-bench [--quick] [--reps N] [--cluster] [--signing]
   --profile    one in-process scenario once, for callgrind: starts Redis, warms up 200
                calls, then makes --calls calls (default 2000) --in-flight at a time (default 1)
                with --payload bytes (default 100), against --redis URL if given (watch it
-               with `redis-cli -p PORT monitor`)
+               with `redis-cli -p PORT monitor`); --signed: clouds with signed frames
 
 Internal roles (the bench starts them itself): --provider URL NS, --raw-server URL REQ REPLY,
 --rss clouds burst|ramped URL NS ROUND IN_FLIGHT ID...,
@@ -238,10 +240,16 @@ fn parse_args(args: &[String]) -> Result<Role, String> {
             };
             let (mut calls, mut in_flight, mut payload) = (2_000, 1, 100);
             let mut redis = None;
+            let mut signed = false;
             let mut i = 2;
             while i < args.len() {
                 let value = args.get(i + 1);
                 match args[i].as_str() {
+                    "--signed" => {
+                        signed = true;
+                        i += 1;
+                        continue;
+                    }
                     "--calls" => calls = num(value, "--calls")?,
                     "--in-flight" => in_flight = num(value, "--in-flight")?,
                     "--payload" => payload = num(value, "--payload")?,
@@ -252,6 +260,7 @@ fn parse_args(args: &[String]) -> Result<Role, String> {
             }
             Ok(Role::Profile {
                 clouds,
+                signed,
                 calls,
                 in_flight,
                 payload,
@@ -307,11 +316,12 @@ fn main() -> ExitCode {
         Role::Bench(plan) => bench(&runtime, &plan),
         Role::Profile {
             clouds,
+            signed,
             calls,
             in_flight,
             payload,
             redis,
-        } => profile(&runtime, clouds, calls, in_flight, payload, redis),
+        } => profile(&runtime, (clouds, signed), calls, in_flight, payload, redis),
         Role::Provider { url, namespace } => {
             runtime.block_on(clouds_rows::serve_until_parent_gone(&url, &namespace))
         }
@@ -745,7 +755,7 @@ async fn measure_row(
 /// `--profile`: one scenario once, in-process, for callgrind.
 fn profile(
     runtime: &tokio::runtime::Runtime,
-    clouds: bool,
+    (clouds, signed): (bool, bool),
     calls: usize,
     in_flight: usize,
     size: usize,
@@ -763,7 +773,11 @@ fn profile(
         let payload = payload(size);
         let limit = Duration::from_secs(600);
         let run = if clouds {
-            let in_process = InProcess::start(&url, NS_IN_PROCESS, CALL_TIMEOUT).await?;
+            let in_process = if signed {
+                signing_row::deployment(&url, NS_IN_PROCESS, true).await?
+            } else {
+                InProcess::start(&url, NS_IN_PROCESS, CALL_TIMEOUT).await?
+            };
             let caller = CloudsCaller::new(&in_process.client);
             let _ = load::run(&caller, &payload, 200, in_flight, limit).await;
             let run = load::run(&caller, &payload, calls, in_flight, limit).await;

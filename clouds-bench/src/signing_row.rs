@@ -67,7 +67,11 @@ fn cpu_seconds(redis: &RedisServer) -> f64 {
 }
 
 /// Starts a provider and a client in `namespace`, signing with [`KEY`] if `signed`.
-async fn deployment(url: &str, namespace: &str, signed: bool) -> Result<InProcess, String> {
+pub(crate) async fn deployment(
+    url: &str,
+    namespace: &str,
+    signed: bool,
+) -> Result<InProcess, String> {
     let mut config = clouds_rows::config(url, namespace, crate::CALL_TIMEOUT)?;
     if signed {
         config = config.signing_key(1, KEY);
