@@ -45,7 +45,7 @@ async fn hostile_frames_on_every_channel() {
     let frames: Vec<(&str, Vec<u8>)> = vec![
         ("empty", vec![]),
         ("text", b"hello".to_vec()),
-        ("future version", vec![2, 0x92, 4, 0xa1, b'x']),
+        ("future version", vec![3, 0x92, 4, 0xa1, b'x']),
         ("truncated call", vec![1, 0x96, 0, 1]),
         ("unknown kind", vec![1, 0x92, 9, 0]),
         ("array length lie", vec![1, 0xdd, 0xff, 0xff, 0xff, 0xff]),

@@ -27,6 +27,7 @@
 //!   1,000 callers refreshing, full lookups against generation lookups.
 //! - `load.rs`: the bounded load generator both are driven by.
 //! - `rss.rs`: client memory per call in flight, in a child process.
+//! - `signing_row.rs`: signed frames on against off, at 64 in flight.
 //! - `wire.rs`: Redis commands and bytes per call, from `INFO`.
 //! - `report.rs`: the table, the ratios and the targets.
 //! - `procs.rs`: the children's protocol (wait for `ready`, stop by closing stdin) on top of
@@ -54,6 +55,7 @@ mod raw;
 mod registry_sim;
 mod report;
 mod rss;
+mod signing_row;
 mod stats;
 mod wire;
 
@@ -94,6 +96,8 @@ struct Plan {
     run_limit: Duration,
     /// Also measure the 3-process rows on a Redis Cluster (`--cluster`).
     cluster: bool,
+    /// Only the signing row (`--signing`).
+    signing_only: bool,
 }
 
 impl Plan {
@@ -108,6 +112,7 @@ impl Plan {
             rss_in_flight: 10_000,
             run_limit: Duration::from_secs(120),
             cluster: false,
+            signing_only: false,
         }
     }
 
@@ -122,6 +127,7 @@ impl Plan {
             rss_in_flight: 2_000,
             run_limit: Duration::from_secs(30),
             cluster: false,
+            signing_only: false,
         }
     }
 }
@@ -133,6 +139,8 @@ enum Role {
     /// One scenario, once, for a profiler.
     Profile {
         clouds: bool,
+        /// With signed frames (`--signed`, clouds only).
+        signed: bool,
         calls: usize,
         in_flight: usize,
         payload: usize,
@@ -168,9 +176,9 @@ enum Role {
 }
 
 const USAGE: &str = "\
-usage: clouds-bench [--quick] [--reps N] [--cluster]
+usage: clouds-bench [--quick] [--reps N] [--cluster] [--signing]
        clouds-bench --profile raw|clouds [--calls N] [--in-flight N] [--payload BYTES]
-                    [--redis URL]
+                    [--redis URL] [--signed]
 
   (no flags)   the full table: ~100 B and 64 KiB payloads, sequential, 64 and 1,000 in
                flight, 1 provider in-process and 3 provider processes, RSS per call in flight
@@ -179,10 +187,12 @@ usage: clouds-bench [--quick] [--reps N] [--cluster]
   --cluster    then start a Redis Cluster (3 primaries + 3 replicas) and measure 100 B at
                64 and 1,000 in flight on it with 3 provider processes (raw: SPUBLISH); a
                clouds that cannot run on it is reported as skipped, with the reason
+  --signing    only the signing row: signed frames off and on, 100 B at 64 in flight
+               (the full table ends with it too)
   --profile    one in-process scenario once, for callgrind: starts Redis, warms up 200
                calls, then makes --calls calls (default 2000) --in-flight at a time (default 1)
                with --payload bytes (default 100), against --redis URL if given (watch it
-               with `redis-cli -p PORT monitor`)
+               with `redis-cli -p PORT monitor`); --signed: clouds with signed frames
 
 Internal roles (the bench starts them itself): --provider URL NS, --raw-server URL REQ REPLY,
 --rss clouds burst|ramped URL NS ROUND IN_FLIGHT ID...,
@@ -233,10 +243,16 @@ fn parse_args(args: &[String]) -> Result<Role, String> {
             };
             let (mut calls, mut in_flight, mut payload) = (2_000, 1, 100);
             let mut redis = None;
+            let mut signed = false;
             let mut i = 2;
             while i < args.len() {
                 let value = args.get(i + 1);
                 match args[i].as_str() {
+                    "--signed" => {
+                        signed = true;
+                        i += 1;
+                        continue;
+                    }
                     "--calls" => calls = num(value, "--calls")?,
                     "--in-flight" => in_flight = num(value, "--in-flight")?,
                     "--payload" => payload = num(value, "--payload")?,
@@ -247,6 +263,7 @@ fn parse_args(args: &[String]) -> Result<Role, String> {
             }
             Ok(Role::Profile {
                 clouds,
+                signed,
                 calls,
                 in_flight,
                 payload,
@@ -257,11 +274,13 @@ fn parse_args(args: &[String]) -> Result<Role, String> {
             let mut plan = Plan::full();
             let mut reps = None;
             let mut cluster = false;
+            let mut signing_only = false;
             let mut i = 0;
             while i < args.len() {
                 match args[i].as_str() {
                     "--quick" => plan = Plan::quick(),
                     "--cluster" => cluster = true,
+                    "--signing" => signing_only = true,
                     "--reps" => {
                         reps = Some(num(args.get(i + 1), "--reps")?.max(1));
                         i += 1;
@@ -273,6 +292,7 @@ fn parse_args(args: &[String]) -> Result<Role, String> {
             }
             plan.reps = reps.unwrap_or(plan.reps);
             plan.cluster = cluster;
+            plan.signing_only = signing_only;
             Ok(Role::Bench(plan))
         }
     }
@@ -303,11 +323,12 @@ fn main() -> ExitCode {
         Role::Bench(plan) => bench(&runtime, &plan),
         Role::Profile {
             clouds,
+            signed,
             calls,
             in_flight,
             payload,
             redis,
-        } => profile(&runtime, clouds, calls, in_flight, payload, redis),
+        } => profile(&runtime, (clouds, signed), calls, in_flight, payload, redis),
         Role::Provider { url, namespace } => {
             runtime.block_on(clouds_rows::serve_until_parent_gone(&url, &namespace))
         }
@@ -386,7 +407,27 @@ fn bench(runtime: &tokio::runtime::Runtime, plan: &Plan) -> Result<(), String> {
         .cloned()
         .unwrap_or_default();
     eprintln!("redis-server {version} on port {}", redis.port());
+    if plan.signing_only {
+        let cost = runtime.block_on(signing_row::measure(plan, &redis))?;
+        let mut out = String::new();
+        let _ = writeln!(
+            out,
+            "clouds-bench --signing, {} mode, {} runs per figure (median shown); redis-server {version} on loopback",
+            plan.name, plan.reps
+        );
+        let _ = writeln!(out, "start: {at_start}; allocator: {ALLOCATOR_NAME}");
+        out.push_str(&signing_row::notes(&cost));
+        let _ = writeln!(
+            out,
+            "\nend: loadavg {}; took {:.0?}",
+            loadavg(),
+            started.elapsed()
+        );
+        print!("{out}");
+        return Ok(());
+    }
     let (mut rows, wire, memory, scaling) = runtime.block_on(measure_all(plan, &redis))?;
+    let signing = runtime.block_on(signing_row::measure(plan, &redis));
     let mut cluster = plan.cluster.then(|| measure_cluster(runtime, plan));
     let mut out = String::new();
     let _ = writeln!(
@@ -411,6 +452,12 @@ fn bench(runtime: &tokio::runtime::Runtime, plan: &Plan) -> Result<(), String> {
             let _ = writeln!(out, "\nCluster rows (`--cluster`): not measured: {e}");
         }
         None => {}
+    }
+    match &signing {
+        Ok(cost) => out.push_str(&signing_row::notes(cost)),
+        Err(e) => {
+            let _ = writeln!(out, "\nSigning row: not measured: {e}");
+        }
     }
     out.push_str(&targets(&rows, memory.as_ref(), scaling));
     let _ = writeln!(
@@ -715,7 +762,7 @@ async fn measure_row(
 /// `--profile`: one scenario once, in-process, for callgrind.
 fn profile(
     runtime: &tokio::runtime::Runtime,
-    clouds: bool,
+    (clouds, signed): (bool, bool),
     calls: usize,
     in_flight: usize,
     size: usize,
@@ -733,7 +780,11 @@ fn profile(
         let payload = payload(size);
         let limit = Duration::from_secs(600);
         let run = if clouds {
-            let in_process = InProcess::start(&url, NS_IN_PROCESS, CALL_TIMEOUT).await?;
+            let in_process = if signed {
+                signing_row::deployment(&url, NS_IN_PROCESS, true).await?
+            } else {
+                InProcess::start(&url, NS_IN_PROCESS, CALL_TIMEOUT).await?
+            };
             let caller = CloudsCaller::new(&in_process.client);
             let _ = load::run(&caller, &payload, 200, in_flight, limit).await;
             let run = load::run(&caller, &payload, calls, in_flight, limit).await;

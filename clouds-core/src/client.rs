@@ -182,7 +182,9 @@ impl Client {
         let frame = codec::encode_message(node.id().as_str(), &body);
         let frame = node.sized(frame, || format!("message to {to}"))?;
         let (frame, claim) = node.claim_if_large(frame, self.timeout).await?;
-        let receivers = node.wire().publish(node.names().inbox(to), frame).await;
+        let inbox = node.names().inbox(to);
+        let frame = node.seal(&inbox, frame);
+        let receivers = node.wire().publish(inbox, frame).await;
         if let (Some(key), Ok(0) | Err(_)) = (claim, &receivers) {
             node.discard_claim(key);
         }
@@ -352,11 +354,11 @@ impl Client {
                     } else {
                         frame
                     };
-                    // Untimed: the attempt's timeout below bounds the PUBLISH too.
-                    let receivers = node
-                        .wire()
-                        .publish_untimed(node.peers().calls(provider.as_str()), frame)
-                        .await?;
+                    // Untimed: the attempt's timeout below bounds the PUBLISH too. Sealed
+                    // after claiming, so a signature covers a claimed body's digest.
+                    let calls = node.peers().calls(provider.as_str());
+                    let frame = node.seal(&calls, frame);
+                    let receivers = node.wire().publish_untimed(calls, frame).await?;
                     if receivers == 0 {
                         return Ok::<_, Error>(Attempt::NotDelivered);
                     }

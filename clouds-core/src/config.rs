@@ -61,6 +61,9 @@ pub struct Config {
     pub(crate) max_body_size: usize,
     pub(crate) claim_fetch_bytes: usize,
     pub(crate) transport: TransportOptions,
+    /// Signed frames: the keys and the replay window (`signing.rs`). Its `Debug` shows key
+    /// ids, never secrets.
+    pub(crate) signing: crate::signing::Keys,
     /// Set when the nodes talk through an in-memory broker instead of Redis.
     #[cfg(any(test, feature = "testing"))]
     pub(crate) broker: Option<crate::transport::memory::Broker>,
@@ -88,6 +91,7 @@ impl Default for Config {
             max_body_size: 128 << 20,
             claim_fetch_bytes: 32 << 20,
             transport: TransportOptions::default(),
+            signing: crate::signing::Keys::default(),
             #[cfg(any(test, feature = "testing"))]
             broker: None,
         }
@@ -410,6 +414,67 @@ impl Config {
         self
     }
 
+    /// Signs every frame this node sends with the shared secret `secret` under the key id
+    /// `id`, and accepts only frames signed with a key it knows (this one and those of
+    /// [`Config::accept_key`]). Off by default.
+    ///
+    /// Each frame then carries an HMAC-SHA256 tag bound to the channel it was published on;
+    /// a frame without a valid tag, or a replay of one (see [`Config::replay_window`]), is
+    /// dropped and counted in [`Stats`](crate::Stats), never dispatched. Give every node of a
+    /// deployment the same key: a node with keys refuses unsigned frames, and a node without
+    /// them refuses signed ones. The secret must be at least 32 bytes (random bytes, not a
+    /// password); a shorter one fails [`Config::validate`] with [`Error::Config`]. It never
+    /// appears in `Debug` output or logs; only the id does.
+    ///
+    /// ```
+    /// let secret = [7u8; 32]; // in practice: 32 random bytes from your secret store
+    /// let config = clouds_core::Config::default().signing_key(1, secret);
+    /// assert!(config.validate().is_ok());
+    /// assert!(!format!("{config:?}").contains("7, 7, 7"));
+    /// let short = clouds_core::Config::default().signing_key(1, b"too short");
+    /// assert!(matches!(short.validate(), Err(clouds_core::Error::Config(_))));
+    /// ```
+    pub fn signing_key(mut self, id: u32, secret: impl AsRef<[u8]>) -> Self {
+        self.signing.set_signing(id, secret.as_ref());
+        self
+    }
+
+    /// Also accepts frames signed with key `id` (for a key rotation), besides the
+    /// [`Config::signing_key`], which is needed too. Rotating from key 1 to key 2 without
+    /// downtime: first every node signs with 1 and accepts 2; then every node signs with 2 and
+    /// accepts 1; then the `accept_key(1)` goes. The same id with another secret is refused.
+    ///
+    /// ```
+    /// let (old, new) = ([1u8; 32], [2u8; 32]);
+    /// // The middle step: send with the new key, still accept the old one.
+    /// let config = clouds_core::Config::default().signing_key(2, new).accept_key(1, old);
+    /// assert!(config.validate().is_ok());
+    /// // Accepting keys without signing is refused: nobody could read what this node sends.
+    /// let lopsided = clouds_core::Config::default().accept_key(1, old);
+    /// assert!(lopsided.validate().is_err());
+    /// ```
+    pub fn accept_key(mut self, id: u32, secret: impl AsRef<[u8]>) -> Self {
+        self.signing.add_accepted(id, secret.as_ref());
+        self
+    }
+
+    /// How far a signed frame's send time may be from the receiver's clock (default 30 s,
+    /// between 1 s and a day). A signed frame stamped further before or after is refused as a
+    /// replay, and so is one received before; the window must cover the clock skew between
+    /// nodes plus the time a frame spends in Redis. Only used with a [`Config::signing_key`].
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// let config = clouds_core::Config::default()
+    ///     .signing_key(1, [9u8; 32])
+    ///     .replay_window(Duration::from_secs(10));
+    /// assert!(config.validate().is_ok());
+    /// ```
+    pub fn replay_window(mut self, window: Duration) -> Self {
+        self.signing.window = window;
+        self
+    }
+
     /// How long `Server::shutdown` waits for calls in flight before closing anyway (default 30 s).
     ///
     /// ```
@@ -720,6 +785,7 @@ impl Config {
         if self.claim_fetch_bytes == 0 {
             return fail("claim_fetch_bytes must be at least 1".into());
         }
+        self.signing.check().map_err(Error::Config)?;
         Ok(())
     }
 }

@@ -33,6 +33,9 @@
 //! - `dispatch`: the server side of a call, without I/O (handlers start on the receive loop
 //!   and move to a task of their own only if they wait); `heartbeat`: keeping the registry
 //!   entry alive; `shutdown`: a node's background tasks and closing it once, completely.
+//! - `signing`: signed frames (opt-in, [`Config::signing_key`]): the HMAC-SHA256 tag bound to
+//!   the channel, key ids for rotation, and the replay guard; it wraps the frames `codec`
+//!   makes and unwraps them before `codec` reads them.
 //! - `stats`: counters of bad input and load; `locks`: poison-tolerant locking.
 //! - `codegen`: what the macro's expansion calls (hidden: not a stable API).
 //!
@@ -64,6 +67,7 @@ mod registry;
 pub mod server;
 pub mod service;
 mod shutdown;
+mod signing;
 #[cfg(test)]
 mod spec_tests;
 mod stats;

@@ -24,6 +24,7 @@ use crate::namespace::{Names, PeerChannels};
 use crate::node_id::NodeId;
 use crate::registry::Registry;
 use crate::shutdown::Lifecycle;
+use crate::signing::{Opener, Refused, SIGNED_VERSION, Sealer};
 use crate::stats::{Count, Counters, Stats};
 use crate::transport::{Channel, Delivery, Inbound, Transport, TransportError, Wire};
 
@@ -49,6 +50,10 @@ pub(crate) struct Node {
     inbox: Channel,
     calls: Channel,
     events: Channel,
+    /// Signs what this node sends and checks what it receives, when frames are signed
+    /// (`signing.rs`); the registry signs the announcements with the same sealer.
+    sealer: Option<Arc<Sealer>>,
+    opener: Option<Opener>,
 }
 
 impl std::fmt::Debug for Node {
@@ -67,11 +72,23 @@ impl Node {
         let wire = Wire::connect(&config, &config.transport, &names, &id).await?;
         // Take the receiver before subscribing so nothing delivered is missed.
         let inbound = wire.inbound();
+        let sealer = Sealer::new(&config.signing).map(Arc::new);
+        let (inbox, calls, events) = (
+            names.inbox(id.as_str()),
+            names.calls(id.as_str()),
+            names.events(),
+        );
+        let opener = Opener::new(
+            &config.signing,
+            &[inbox.as_str(), calls.as_str(), events.as_str()],
+        );
         let node = Arc::new(Node {
-            inbox: names.inbox(id.as_str()),
-            calls: names.calls(id.as_str()),
-            events: names.events(),
-            registry: Registry::new(config.effective_ttl()),
+            inbox,
+            calls,
+            events,
+            registry: Registry::new(config.effective_ttl()).signed(sealer.clone(), names.events()),
+            opener,
+            sealer,
             peers: PeerChannels::new(names.clone()),
             caller: Caller::new(&config),
             claims: Claims::new(&config),
@@ -177,6 +194,54 @@ impl Node {
         &self.calls
     }
 
+    /// `frame` as published on `channel`: signed for it when frames are signed (call this
+    /// right before publishing, so sequence numbers go out in about the order they were
+    /// taken), else as it is.
+    pub(crate) fn seal(&self, channel: &Channel, frame: Bytes) -> Bytes {
+        match &self.sealer {
+            Some(sealer) => sealer.seal(channel.as_str(), &frame),
+            None => frame,
+        }
+    }
+
+    /// The frame inside a delivery: checked and unwrapped when frames are signed. A frame
+    /// refused for its signature or as a replay is counted, logged (sampled) and dropped.
+    fn open(&self, channel: &Channel, payload: Bytes) -> Option<Bytes> {
+        let refused = match &self.opener {
+            None if payload.first() != Some(&SIGNED_VERSION) => return Some(payload),
+            None => Refused::NoKeys,
+            Some(opener) => {
+                // Each channel is its own stream of sequence numbers (a cluster delivers
+                // different channels from different shards, so not in one order).
+                let slot = if *channel == self.inbox {
+                    0
+                } else if *channel == self.calls {
+                    1
+                } else if *channel == self.events {
+                    2
+                } else {
+                    3
+                };
+                match opener.open(channel.as_str(), slot, &payload) {
+                    Ok(frame) => return Some(frame),
+                    Err(refused) => refused,
+                }
+            }
+        };
+        let (count, what) = if refused.is_replay() {
+            (Count::Replayed, "dropped a replayed signed frame")
+        } else {
+            (
+                Count::Unauthenticated,
+                "dropped a frame without a valid signature",
+            )
+        };
+        if let Some(seen) = self.counters.bump_and_sample(count) {
+            tracing::warn!(node = %self.id, %channel, len = payload.len(), error = %refused, seen, "{what}");
+        }
+        None
+    }
+
     /// A frame ready to send (inline or as a claim), if it is within `max_body_size`.
     pub(crate) fn sized(
         &self,
@@ -248,7 +313,9 @@ impl Node {
     /// Sends a reply to `caller`'s inbox; failures are logged (the caller will time out).
     pub(crate) async fn reply(&self, caller: &str, id: u64, status: Status, body: ReplyBody) {
         let frame = self.reply_frame(caller, id, status, body).await;
-        let sent = self.wire.publish(self.peers.inbox(caller), frame).await;
+        let inbox = self.peers.inbox(caller);
+        let frame = self.seal(&inbox, frame);
+        let sent = self.wire.publish(inbox, frame).await;
         self.log_reply(caller, sent);
     }
 
@@ -266,10 +333,9 @@ impl Node {
         let frame = self
             .reply_frame(caller, reply.id, reply.status, reply.body)
             .await;
-        let sent = self
-            .wire
-            .publish_untimed(self.peers.inbox(caller), frame)
-            .await;
+        let inbox = self.peers.inbox(caller);
+        let frame = self.seal(&inbox, frame);
+        let sent = self.wire.publish_untimed(inbox, frame).await;
         self.log_reply(caller, sent);
         drop(reply.slot);
     }
@@ -319,6 +385,7 @@ impl Node {
     pub(crate) async fn flush_inbound(&self) -> Result<(), Error> {
         let (slot, rx) = self.caller.pending().open();
         let frame = codec::encode_reply(slot.id, Status::Ok, codec::NIL);
+        let frame = self.seal(&self.inbox, frame);
         self.wire.publish(self.inbox.clone(), frame).await?;
         match tokio::time::timeout(self.config.transport.command_timeout, rx).await {
             Ok(Ok(_)) => Ok(()),
@@ -394,6 +461,8 @@ impl Node {
             expired_calls: get(Count::ExpiredCalls),
             rerouted_calls: get(Count::Rerouted),
             overloaded_replies: get(Count::Overloaded),
+            unauthenticated_frames: get(Count::Unauthenticated),
+            replayed_frames: get(Count::Replayed),
             tasks: self.life.tasks() + self.dispatcher.get().map_or(0, |d| d.tasks()),
             pending_calls: self.caller.pending().len(),
             in_flight: self.in_flight(),
@@ -440,6 +509,7 @@ impl Node {
                 return None;
             }
         };
+        let payload = self.open(&channel, payload)?;
         let frame = match codec::decode(&payload) {
             Ok(frame) => frame,
             Err(e) => {

@@ -8,7 +8,8 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use crate::transport::{Entry, Lookup, Transport, Wire};
+use crate::signing::Sealer;
+use crate::transport::{Channel, Entry, Lookup, Transport, Wire};
 
 use crate::error::Error;
 use crate::node_id::NodeId;
@@ -34,6 +35,9 @@ pub(crate) struct Registry {
     ttl: Duration,
     /// This machine's host name, read once: every heartbeat writes it.
     host: String,
+    /// Signs the join and leave frames for the events channel, when frames are signed: the
+    /// transport's scripts publish them there as they are.
+    sealer: Option<(std::sync::Arc<Sealer>, Channel)>,
 }
 
 impl Registry {
@@ -42,7 +46,29 @@ impl Registry {
     /// changed for Redis Cluster; the parameter goes once that has landed.)
     pub(crate) fn new(ttl: Duration) -> Self {
         let host = gethostname::gethostname().to_string_lossy().into_owned();
-        Registry { ttl, host }
+        Registry {
+            ttl,
+            host,
+            sealer: None,
+        }
+    }
+
+    /// Signs the announcements with `sealer`, for `events`, the channel they go out on.
+    pub(crate) fn signed(
+        mut self,
+        sealer: Option<std::sync::Arc<Sealer>>,
+        events: Channel,
+    ) -> Self {
+        self.sealer = sealer.map(|sealer| (sealer, events));
+        self
+    }
+
+    /// An announcement as published: signed for the events channel when frames are signed.
+    fn announcement(&self, frame: Vec<u8>) -> bytes::Bytes {
+        match &self.sealer {
+            Some((sealer, events)) => sealer.seal(events.as_str(), &frame),
+            None => frame.into(),
+        }
     }
 
     /// Writes or renews a server's entry. The transport publishes a join (all its methods)
@@ -63,7 +89,7 @@ impl Registry {
                 ("methods", me.methods.join("\n")),
                 ("generation", me.generation.to_string()),
             ],
-            join: crate::codec::encode_join(me.id.as_str(), me.methods).into(),
+            join: self.announcement(crate::codec::encode_join(me.id.as_str(), me.methods)),
             force_join: me.announce,
         };
         wire.heartbeat(&entry).await?;
@@ -78,8 +104,8 @@ impl Registry {
         id: &NodeId,
         methods: &[String],
     ) -> Result<(), Error> {
-        let leave = crate::codec::encode_leave(id.as_str());
-        wire.deregister(id, methods, leave.into()).await?;
+        let leave = self.announcement(crate::codec::encode_leave(id.as_str()));
+        wire.deregister(id, methods, leave).await?;
         Ok(())
     }
 

@@ -34,6 +34,13 @@ pub struct Stats {
     pub rerouted_calls: u64,
     /// Overloaded answers this node received as a caller.
     pub overloaded_replies: u64,
+    /// Frames refused for their signature (see `Config::signing_key`): unsigned frames at a
+    /// node with keys, signed frames at a node without, a key id this node does not accept,
+    /// or a tag that does not verify (a wrong key, signed for another channel, altered).
+    pub unauthenticated_frames: u64,
+    /// Signed frames refused as replays: sent more than `Config::replay_window` away from
+    /// this node's clock, or already received.
+    pub replayed_frames: u64,
     /// Background tasks of this node alive right now (receive and refresh loops, and handlers
     /// that had to wait and so run in a task of their own); returns to its idle value when
     /// nothing is in flight.
@@ -55,6 +62,8 @@ pub(crate) enum Count {
     DroppedMessages,
     ExpiredCalls,
     Rerouted,
+    Unauthenticated,
+    Replayed,
     Overloaded,
 }
 

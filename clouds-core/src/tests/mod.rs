@@ -16,6 +16,7 @@ mod messages;
 mod node;
 mod registry;
 mod server;
+mod signing;
 
 use std::convert::Infallible;
 use std::sync::Arc;
