@@ -300,3 +300,97 @@ async fn a_node_without_keys_refuses_signed_frames() {
     assert_eq!(sum, 3);
     server.shutdown().await.expect("shutdown");
 }
+
+/// A claimed call is signed like any other frame, and its reference carries the body's
+/// SHA-256: a body replaced in Redis (by anyone who can write the namespace's keys) fails the
+/// call with `ClaimLost`, and the handler never sees it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_signature_covers_a_claimed_body() {
+    let redis = redis();
+    let big = 200_000;
+    // Room for one claimed body at a time, so a second waits in Redis while the first runs.
+    let cfg = config(&redis)
+        .signing_key(1, KEY_1)
+        .timeout(Duration::from_secs(10))
+        .claim_fetch_bytes(big + big / 2);
+    let server = Server::start(cfg.clone()).await.expect("server");
+    let release = Arc::new(tokio::sync::Notify::new());
+    let (held, seen) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    {
+        let (release, held) = (release.clone(), held.clone());
+        server
+            .register("sig.hold", move |(s,): (String,)| {
+                let (release, held) = (release.clone(), held.clone());
+                async move {
+                    held.fetch_add(1, Ordering::SeqCst);
+                    release.notified().await;
+                    Ok::<_, std::convert::Infallible>(s.len())
+                }
+            })
+            .await
+            .expect("register");
+        let seen = seen.clone();
+        server
+            .register("sig.len", move |(s,): (String,)| {
+                seen.fetch_add(1, Ordering::SeqCst);
+                async move { Ok::<_, std::convert::Infallible>(s.len()) }
+            })
+            .await
+            .expect("register");
+    }
+    let client = Client::connect(cfg).await.expect("client");
+    // A signed claimed call works.
+    let len: usize = client
+        .call("sig.len", ("a".repeat(big),))
+        .await
+        .expect("a signed claimed call");
+    assert_eq!(len, big);
+    let first = tokio::spawn({
+        let client = client.clone();
+        async move {
+            client
+                .call::<_, usize>("sig.hold", ("h".repeat(big),))
+                .await
+        }
+    });
+    eventually(
+        "the first call holds the budget",
+        Duration::from_secs(5),
+        || async { held.load(Ordering::SeqCst) == 1 },
+    )
+    .await;
+    let second = tokio::spawn({
+        let client = client.clone();
+        async move { client.call::<_, usize>("sig.len", ("b".repeat(big),)).await }
+    });
+    eventually(
+        "the second body waits in Redis",
+        Duration::from_secs(5),
+        || async { common::claim_keys(&redis, 3).len() == 1 },
+    )
+    .await;
+    // Replace the waiting body with another of the same length (every `b` made a `c`).
+    let key = common::claim_keys(&redis, 3).remove(0);
+    let script = "redis.call('SELECT', 3) local v = redis.call('GET', KEYS[1]) \
+                  redis.call('SET', KEYS[1], string.gsub(v, 'b', 'c'), 'KEEPTTL') return #v";
+    let stored = redis
+        .command(&["EVAL", script, "1", &key])
+        .expect("overwrite the claim");
+    assert!(stored.as_int() > Some(i64::try_from(big).expect("len")));
+    release.notify_one();
+    assert_eq!(first.await.expect("task").expect("the first call"), big);
+    match second.await.expect("task") {
+        Err(Error::ClaimLost { what, reason, .. }) => {
+            assert_eq!(what, "arguments");
+            assert!(reason.contains("digest"), "{reason}");
+        }
+        other => panic!("expected ClaimLost, got {other:?}"),
+    }
+    assert_eq!(
+        seen.load(Ordering::SeqCst),
+        1,
+        "the replaced body never ran"
+    );
+    assert!(common::claim_keys(&redis, 3).is_empty());
+    server.shutdown().await.expect("shutdown");
+}
