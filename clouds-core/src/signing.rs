@@ -30,8 +30,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
-use hmac::{Hmac, Mac};
-use sha2::Sha256;
+use sha2::digest::generic_array::GenericArray;
+use subtle::ConstantTimeEq;
 
 use crate::locks;
 
@@ -53,8 +53,6 @@ const SEQ_WINDOW: u64 = 4096;
 /// Most (sender, channel) pairs remembered at once; beyond that, frames from new senders are
 /// refused until old ones expire (they cannot be told from replays otherwise).
 const MAX_SENDERS: usize = 16_384;
-
-type HmacSha256 = Hmac<Sha256>;
 
 /// A secret, never printed.
 #[derive(Clone, PartialEq, Eq)]
@@ -176,40 +174,181 @@ fn random_sender() -> u64 {
     hasher.finish()
 }
 
-fn keyed(secret: &Secret) -> HmacSha256 {
-    // HMAC takes keys of any length; the length was checked by `Keys::check`.
-    <HmacSha256 as Mac>::new_from_slice(&secret.0).expect("HMAC takes keys of any length")
+/// SHA-256's block, in bytes.
+const BLOCK: usize = 64;
+/// SHA-256's initial state (FIPS 180-4, §5.3.3).
+const H0: [u32; 8] = [
+    0x6a09_e667,
+    0xbb67_ae85,
+    0x3c6e_f372,
+    0xa54f_f53a,
+    0x510e_527f,
+    0x9b05_688c,
+    0x1f83_d9ab,
+    0x5be0_cd19,
+];
+
+/// One SHA-256 compression of the 64 bytes of `block` into `state` (sha2's own, with SHA-NI
+/// where the CPU has it).
+fn compress(state: &mut [u32; 8], block: &[u8]) {
+    debug_assert_eq!(block.len(), BLOCK);
+    sha2::compress256(state, std::slice::from_ref(GenericArray::from_slice(block)));
 }
 
-/// The MAC after the channel part of its input: `len(channel)` (u32), the channel, and zero
-/// bytes up to a multiple of 64 bytes (SHA-256's block). Whole blocks, so a receiver keeps
-/// this state for its own channels and saves hashing them for every frame.
-fn prefix(key: &HmacSha256, channel: &str) -> HmacSha256 {
-    const ZEROS: [u8; 64] = [0; 64];
-    let mut mac = key.clone();
-    mac.update(&(channel.len() as u32).to_be_bytes());
-    mac.update(channel.as_bytes());
-    let used = (4 + channel.len()) % 64;
-    if used != 0 {
-        mac.update(&ZEROS[used..]);
+/// SHA-256 part way through a message: the state after the whole blocks so far, the bytes
+/// of the block not yet full, and the length so far.
+///
+/// HMAC-SHA256 (RFC 2104) is written here on sha2's compression function rather than with
+/// the `hmac` crate so that every state a tag starts from (the key's, and the key's with a
+/// channel) is 40 bytes to copy, whole blocks of a frame are compressed where they lie, and
+/// no block buffer is shuffled: the bookkeeping around the compressions was as many
+/// instructions as the compressions themselves with SHA-NI (BENCHMARKS.md, "Signed frames").
+/// The tests check it against the `hmac` crate and RFC 4231's vectors.
+#[derive(Clone, Copy)]
+struct Sha256Part {
+    state: [u32; 8],
+    /// Bytes hashed so far (whole blocks and the ones in `buf`).
+    len: u64,
+    buf: [u8; BLOCK],
+    /// How many bytes of `buf` are used (always fewer than [`BLOCK`]).
+    used: usize,
+}
+
+impl Sha256Part {
+    /// After the one block `block` (a key XOR a pad).
+    fn after_block(block: &[u8; BLOCK]) -> Sha256Part {
+        let mut state = H0;
+        compress(&mut state, block);
+        Sha256Part {
+            state,
+            len: BLOCK as u64,
+            buf: [0; BLOCK],
+            used: 0,
+        }
     }
-    mac
+
+    fn update(&mut self, mut data: &[u8]) {
+        self.len += data.len() as u64;
+        if self.used > 0 {
+            let take = (BLOCK - self.used).min(data.len());
+            self.buf[self.used..self.used + take].copy_from_slice(&data[..take]);
+            self.used += take;
+            data = &data[take..];
+            if self.used < BLOCK {
+                return;
+            }
+            compress(&mut self.state, &self.buf);
+            self.used = 0;
+        }
+        let mut blocks = data.chunks_exact(BLOCK);
+        for block in &mut blocks {
+            compress(&mut self.state, block);
+        }
+        let rest = blocks.remainder();
+        self.buf[..rest.len()].copy_from_slice(rest);
+        self.used = rest.len();
+    }
+
+    /// The hash: the padding (0x80, zeros, the length in bits) and the state's bytes.
+    fn finish(mut self) -> [u8; 32] {
+        let bits = self.len.wrapping_mul(8);
+        self.buf[self.used] = 0x80;
+        self.buf[self.used + 1..].fill(0);
+        if self.used + 1 > BLOCK - 8 {
+            compress(&mut self.state, &self.buf);
+            self.buf.fill(0);
+        }
+        self.buf[BLOCK - 8..].copy_from_slice(&bits.to_be_bytes());
+        compress(&mut self.state, &self.buf);
+        let mut out = [0u8; 32];
+        for (bytes, word) in out.chunks_exact_mut(4).zip(self.state) {
+            bytes.copy_from_slice(&word.to_be_bytes());
+        }
+        out
+    }
 }
 
-/// The tag of a frame: the channel part (`prefix`), then the signed header and the frame.
-fn tag(prefix: &HmacSha256, header: &[u8], frame: &[u8]) -> HmacSha256 {
-    let mut mac = prefix.clone();
-    mac.update(header);
-    mac.update(frame);
-    mac
+/// An HMAC-SHA256 key, keyed once: the hash states after its inner and outer pad blocks.
+#[derive(Clone, Copy)]
+struct MacKey {
+    inner: Sha256Part,
+    outer: Sha256Part,
+}
+
+impl MacKey {
+    fn new(secret: &Secret) -> MacKey {
+        // RFC 2104: a key longer than the block is hashed first, then padded with zeros.
+        let mut key = [0u8; BLOCK];
+        if secret.0.len() > BLOCK {
+            use sha2::Digest;
+            key[..32].copy_from_slice(&sha2::Sha256::digest(&secret.0));
+        } else {
+            key[..secret.0.len()].copy_from_slice(&secret.0);
+        }
+        let pad = |byte: u8| {
+            let mut block = key;
+            for b in &mut block {
+                *b ^= byte;
+            }
+            Sha256Part::after_block(&block)
+        };
+        MacKey {
+            inner: pad(0x36),
+            outer: pad(0x5c),
+        }
+    }
+
+    /// The MAC after the channel part of its input: `len(channel)` (u32), the channel, and
+    /// zero bytes up to a multiple of 64 bytes (SHA-256's block). Whole blocks, so a node
+    /// keeps this state per channel and saves hashing the channel for every frame.
+    fn prefix(&self, channel: &str) -> Sha256Part {
+        const ZEROS: [u8; BLOCK] = [0; BLOCK];
+        let mut mac = self.inner;
+        mac.update(&(channel.len() as u32).to_be_bytes());
+        mac.update(channel.as_bytes());
+        if mac.used != 0 {
+            let fill = BLOCK - mac.used;
+            mac.update(&ZEROS[..fill]);
+        }
+        mac
+    }
+
+    /// The tag of a frame from the channel part (`prefix` of this key): the signed header,
+    /// then the frame, then the outer hash.
+    fn tag(&self, prefix: &Sha256Part, header: &[u8], frame: &[u8]) -> [u8; 32] {
+        let mut inner = *prefix;
+        inner.update(header);
+        inner.update(frame);
+        let mut outer = self.outer;
+        outer.update(&inner.finish());
+        outer.finish()
+    }
+}
+
+/// The sending side's channel parts ([`MacKey::prefix`]), per thread, so no lock is shared by
+/// the tasks that send: by sealer, then by channel. Bounded: a sealer's map is emptied when
+/// it reaches [`SEND_CACHE_CHANNELS`], and the oldest sealer's is dropped beyond
+/// [`SEND_CACHE_SEALERS`] (sealers are never reused: each has an id of its own).
+struct SendCache {
+    sealers: Vec<(u64, HashMap<Box<str>, Sha256Part, foldhash::fast::RandomState>)>,
+}
+
+const SEND_CACHE_CHANNELS: usize = 512;
+const SEND_CACHE_SEALERS: usize = 8;
+
+thread_local! {
+    static SEND_CACHE: std::cell::RefCell<SendCache> =
+        const { std::cell::RefCell::new(SendCache { sealers: Vec::new() }) };
 }
 
 /// Signs the frames a node sends.
 pub(crate) struct Sealer {
     id: u32,
-    key: HmacSha256,
+    key: MacKey,
     sender: u64,
     seq: AtomicU64,
+    /// This sealer's entry in the per-thread [`SendCache`].
+    cache_id: u64,
 }
 
 impl std::fmt::Debug for Sealer {
@@ -222,11 +361,13 @@ impl Sealer {
     /// The sealer of `keys`, if they sign.
     pub(crate) fn new(keys: &Keys) -> Option<Sealer> {
         let (id, secret) = keys.sign.as_ref()?;
+        static CACHE_IDS: AtomicU64 = AtomicU64::new(0);
         Some(Sealer {
             id: *id,
-            key: keyed(secret),
+            key: MacKey::new(secret),
             sender: random_sender(),
             seq: AtomicU64::new(1),
+            cache_id: CACHE_IDS.fetch_add(1, Ordering::Relaxed),
         })
     }
 
@@ -245,18 +386,59 @@ impl Sealer {
         seq: u64,
         sent_ms: u64,
     ) -> Bytes {
+        let mut header = [0u8; SIGNED_PART];
+        header[0] = SIGNED_VERSION;
+        header[1..5].copy_from_slice(&self.id.to_be_bytes());
+        header[5..13].copy_from_slice(&sender.to_be_bytes());
+        header[13..21].copy_from_slice(&seq.to_be_bytes());
+        header[21..29].copy_from_slice(&sent_ms.to_be_bytes());
+        let prefix = self.prefix(channel);
+        let tag = self.key.tag(&prefix, &header, frame);
         let mut out = Vec::with_capacity(OVERHEAD + frame.len());
-        out.push(SIGNED_VERSION);
-        out.extend_from_slice(&self.id.to_be_bytes());
-        out.extend_from_slice(&sender.to_be_bytes());
-        out.extend_from_slice(&seq.to_be_bytes());
-        out.extend_from_slice(&sent_ms.to_be_bytes());
-        // (Senders hash the channel part every time: a cache of it per channel would need a
-        // lock shared by every task that sends, for one SHA-256 block.)
-        let tag = tag(&prefix(&self.key, channel), &out, frame).finalize();
-        out.extend_from_slice(&tag.into_bytes());
+        out.extend_from_slice(&header);
+        out.extend_from_slice(&tag);
         out.extend_from_slice(frame);
         Bytes::from(out)
+    }
+
+    /// The channel part of the MAC for `channel`, from this thread's [`SendCache`].
+    fn prefix(&self, channel: &str) -> Sha256Part {
+        let cached = SEND_CACHE.try_with(|cache| {
+            let mut cache = cache.borrow_mut();
+            let at = match cache.sealers.iter().position(|(id, _)| *id == self.cache_id) {
+                Some(at) => at,
+                None => {
+                    if cache.sealers.len() >= SEND_CACHE_SEALERS {
+                        cache.sealers.remove(0);
+                    }
+                    cache.sealers.push((self.cache_id, HashMap::default()));
+                    cache.sealers.len() - 1
+                }
+            };
+            let channels = &mut cache.sealers[at].1;
+            if let Some(prefix) = channels.get(channel) {
+                return *prefix;
+            }
+            if channels.len() >= SEND_CACHE_CHANNELS {
+                channels.clear();
+            }
+            let prefix = self.key.prefix(channel);
+            channels.insert(channel.into(), prefix);
+            prefix
+        });
+        // (No cache while the thread is being torn down.)
+        cached.unwrap_or_else(|_| self.key.prefix(channel))
+    }
+}
+
+impl Drop for Sealer {
+    fn drop(&mut self) {
+        // Other threads' entries go when they are evicted.
+        let _ = SEND_CACHE.try_with(|cache| {
+            if let Ok(mut cache) = cache.try_borrow_mut() {
+                cache.sealers.retain(|(id, _)| *id != self.cache_id);
+            }
+        });
     }
 }
 
@@ -330,16 +512,17 @@ impl std::fmt::Debug for Opener {
 /// A key a node accepts, with the channel part of the MAC for each of its own channels.
 struct Accepted {
     id: u32,
-    key: HmacSha256,
-    own: Vec<(Box<str>, HmacSha256)>,
+    key: MacKey,
+    /// By the node's channel number (`slot` of [`Opener::open`]).
+    own: Vec<(Box<str>, Sha256Part)>,
 }
 
 impl Accepted {
-    /// The channel part of the MAC for `channel`.
-    fn prefix(&self, channel: &str) -> std::borrow::Cow<'_, HmacSha256> {
-        match self.own.iter().find(|(name, _)| &**name == channel) {
-            Some((_, mac)) => std::borrow::Cow::Borrowed(mac),
-            None => std::borrow::Cow::Owned(prefix(&self.key, channel)),
+    /// The channel part of the MAC for `channel`, numbered `slot` among the node's own.
+    fn prefix(&self, channel: &str, slot: u8) -> Sha256Part {
+        match self.own.get(usize::from(slot)) {
+            Some((name, prefix)) if **name == *channel => *prefix,
+            _ => self.key.prefix(channel),
         }
     }
 }
@@ -352,10 +535,10 @@ impl Opener {
         let mut ids: Vec<Accepted> = Vec::new();
         for (id, secret) in keys.sign.iter().chain(&keys.accept) {
             if !ids.iter().any(|known| known.id == *id) {
-                let key = keyed(secret);
+                let key = MacKey::new(secret);
                 let own = own
                     .iter()
-                    .map(|channel| ((*channel).into(), prefix(&key, channel)))
+                    .map(|channel| ((*channel).into(), key.prefix(channel)))
                     .collect();
                 ids.push(Accepted { id: *id, key, own });
             }
@@ -368,7 +551,14 @@ impl Opener {
     }
 
     /// Checks the tag of `payload`, received on `channel`.
+    #[cfg(test)]
     pub(crate) fn verify(&self, channel: &str, payload: &Bytes) -> Result<Opened, Refused> {
+        self.verify_on(channel, u8::MAX, payload)
+    }
+
+    /// [`Opener::verify`] for the node's channel numbered `slot` (its precomputed channel
+    /// part is used when `channel` is that one).
+    fn verify_on(&self, channel: &str, slot: u8, payload: &Bytes) -> Result<Opened, Refused> {
         match payload.first() {
             Some(&SIGNED_VERSION) => {}
             _ => return Err(Refused::Unsigned),
@@ -391,9 +581,11 @@ impl Opener {
             .ok_or(Refused::UnknownKey(id))?;
         let header = &payload[..SIGNED_PART];
         let frame = &payload[OVERHEAD..];
-        tag(&key.prefix(channel), header, frame)
-            .verify_slice(&payload[SIGNED_PART..OVERHEAD])
-            .map_err(|_| Refused::BadTag(id))?;
+        let expected = key.key.tag(&key.prefix(channel, slot), header, frame);
+        // In constant time: how much of a forged tag is right must not show in the timing.
+        if !bool::from(expected.ct_eq(&payload[SIGNED_PART..OVERHEAD])) {
+            return Err(Refused::BadTag(id));
+        }
         Ok(Opened {
             sender: field(5),
             seq: field(13),
@@ -416,7 +608,7 @@ impl Opener {
 
     /// [`Opener::verify`], then [`Opener::admit`] by this machine's clock: the wrapped frame.
     pub(crate) fn open(&self, channel: &str, slot: u8, payload: &Bytes) -> Result<Bytes, Refused> {
-        let opened = self.verify(channel, payload)?;
+        let opened = self.verify_on(channel, slot, payload)?;
         self.admit(slot, &opened, wall_clock_ms())?;
         Ok(opened.frame)
     }
@@ -601,6 +793,121 @@ mod tests {
             .verify("c", &sealer.seal("c", FRAME))
             .expect("authentic");
         assert_eq!(next.seq, 8);
+    }
+
+    /// HMAC-SHA256 of `data` by [`MacKey`] alone (no channel part).
+    fn mac(key: &MacKey, data: &[u8]) -> [u8; 32] {
+        let mut inner = key.inner;
+        inner.update(data);
+        let mut outer = key.outer;
+        outer.update(&inner.finish());
+        outer.finish()
+    }
+
+    fn reference(secret: &[u8], parts: &[&[u8]]) -> [u8; 32] {
+        use hmac::Mac;
+        let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(secret).expect("any length");
+        for part in parts {
+            mac.update(part);
+        }
+        mac.finalize().into_bytes().into()
+    }
+
+    fn hex(bytes: &[u8]) -> String {
+        bytes.iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    #[test]
+    fn the_mac_is_hmac_sha256() {
+        // RFC 4231, test cases 2 (a short key) and 6 (a key longer than the block).
+        let jefe = MacKey::new(&Secret(b"Jefe"[..].into()));
+        assert_eq!(
+            hex(&mac(&jefe, b"what do ya want for nothing?")),
+            "5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843"
+        );
+        let long = MacKey::new(&Secret(vec![0xaa; 131].into()));
+        assert_eq!(
+            hex(&mac(
+                &long,
+                b"Test Using Larger Than Block-Size Key - Hash Key First"
+            )),
+            "60e431591ee0b67f0d8a26aacbf5b77f8e0bc6213728c5140546040f0ee37f54"
+        );
+        // Against the `hmac` crate: every length around the block and the padding's edge,
+        // in one piece and split, keys of 32, 64 and 65 bytes, and the channel part.
+        let data: Vec<u8> = (0..400u32).map(|i| (i * 7 + 3) as u8).collect();
+        for secret in [SECRET_1.to_vec(), vec![7u8; 64], vec![9u8; 65]] {
+            let key = MacKey::new(&Secret(secret.as_slice().into()));
+            for len in (0..200).chain([255, 256, 257, 400]) {
+                let data = &data[..len];
+                assert_eq!(mac(&key, data), reference(&secret, &[data]), "len {len}");
+                let mut split = key.inner;
+                let (a, b) = data.split_at(len / 3);
+                split.update(a);
+                split.update(b);
+                let mut outer = key.outer;
+                outer.update(&split.finish());
+                assert_eq!(outer.finish(), reference(&secret, &[data]), "split {len}");
+            }
+            for channel_len in [0, 1, 59, 60, 61, 64, 124, 200] {
+                let channel = "c".repeat(channel_len);
+                let prefix = key.prefix(&channel);
+                let pad = vec![0u8; (64 - (4 + channel_len) % 64) % 64];
+                for len in [0, 34, 35, 36, 99, 100, 150, 300] {
+                    let frame = &data[..len];
+                    let header = &data[300..329];
+                    assert_eq!(
+                        key.tag(&prefix, header, frame),
+                        reference(
+                            &secret,
+                            &[
+                                &(channel_len as u32).to_be_bytes(),
+                                channel.as_bytes(),
+                                &pad,
+                                header,
+                                frame
+                            ]
+                        ),
+                        "channel {channel_len}, frame {len}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn the_send_cache_keeps_sealers_and_channels_apart() {
+        // Two sealers with different secrets on one thread, many channels (past the cache's
+        // bound): each frame verifies with its own key only, on its own channel only.
+        let (a, a_open) = pair((1, SECRET_1), &[]);
+        let (b, b_open) = pair((1, SECRET_2), &[]);
+        for round in 0..2 {
+            for i in 0..(SEND_CACHE_CHANNELS + 10) {
+                let channel = format!("ns:inbox:{i}");
+                let sealed = a.seal(&channel, FRAME);
+                assert!(a_open.verify(&channel, &sealed).is_ok(), "{round} {i}");
+                assert!(b_open.verify(&channel, &sealed).is_err(), "{round} {i}");
+                assert!(a_open.verify("other", &sealed).is_err());
+                let sealed = b.seal(&channel, FRAME);
+                assert!(b_open.verify(&channel, &sealed).is_ok());
+                assert!(a_open.verify(&channel, &sealed).is_err());
+            }
+        }
+        // More sealers than the cache keeps: the oldest are evicted and still sign right.
+        let many: Vec<(Sealer, Opener)> = (0..SEND_CACHE_SEALERS + 3)
+            .map(|i| pair((i as u32 + 1, SECRET_1), &[]))
+            .collect();
+        for _ in 0..2 {
+            for (sealer, opener) in &many {
+                assert!(opener.verify("c", &sealer.seal("c", FRAME)).is_ok());
+            }
+        }
+        // The node's own channels by number: a wrong number falls back to the channel's name.
+        let sealed = a.seal("own:inbox", FRAME);
+        for slot in [0, 1, 2, 3, u8::MAX] {
+            assert!(a_open.verify_on("own:inbox", slot, &sealed).is_ok(), "{slot}");
+            assert!(a_open.verify_on("c", slot, &sealed).is_err(), "{slot}");
+        }
     }
 
     #[test]
