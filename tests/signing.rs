@@ -687,7 +687,10 @@ async fn signed_calls_before_and_after_a_sentinel_failover() {
         .signing_key(1, KEY_1);
     let server = Server::start(cfg.clone()).await.expect("server");
     let runs = adder(&server).await;
-    let client = Client::connect(cfg).await.expect("client").with_retries(2);
+    let client = Client::connect(cfg.clone())
+        .await
+        .expect("client")
+        .with_retries(2);
     let calls = format!("sigsent:3:calls:{}", server.id());
     let primary = deployment.primary_port().expect("the primary");
 
@@ -709,7 +712,18 @@ async fn signed_calls_before_and_after_a_sentinel_failover() {
     .expect("join");
     let new = new.expect("the sentinels promote the replica");
     // Calls come back once the server has subscribed and registered again on the new primary
-    // (calls during the failover may fail: that is tests/sentinel.rs's subject, not this one's).
+    // (the registry may not have replicated; calls during the failover may fail: that is
+    // tests/sentinel.rs's subject, not this one's).
+    let status = cfg.clone();
+    eventually(
+        "the server is listed on the new primary",
+        Duration::from_secs(30),
+        || {
+            let status = status.clone();
+            async move { common::status(status).await.servers.len() == 1 }
+        },
+    )
+    .await;
     eventually(
         "a signed call succeeds after the failover",
         Duration::from_secs(30),
