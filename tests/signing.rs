@@ -445,22 +445,31 @@ async fn forged_calls_replies_and_messages_are_refused_while_signed_calls_flow()
 
     // Signed traffic: CALLERS loops of calls until told to stop (and MIN_CALLS each at least).
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let done = Arc::new(AtomicUsize::new(0));
     let mut callers = Vec::new();
     for caller in 0..CALLERS as i64 {
-        let (client, stop) = (client.clone(), stop.clone());
+        let (client, stop, done) = (client.clone(), stop.clone(), done.clone());
         callers.push(tokio::spawn(async move {
             let (mut ok, mut failed) = (0usize, Vec::new());
             let mut i = 0i64;
             while ok + failed.len() < MIN_CALLS || !stop.load(Ordering::Relaxed) {
-                match client.call::<_, i64>("sig.add", (caller * 1_000_000, i)).await {
+                match client
+                    .call::<_, i64>("sig.add", (caller * 1_000_000, i))
+                    .await
+                {
                     Ok(sum) if sum == caller * 1_000_000 + i => ok += 1,
                     other => failed.push(format!("{other:?}")),
                 }
+                done.fetch_add(1, Ordering::Relaxed);
                 i += 1;
             }
             (ok, failed)
         }));
     }
+    eventually("signed calls flowing", Duration::from_secs(10), || async {
+        done.load(Ordering::Relaxed) >= 2 * CALLERS
+    })
+    .await;
 
     // The held call, and its id from the signed call frame as the holder's channel carried it.
     let mut sniffer = Sniffer::subscribe(&redis, &holder_calls);
@@ -475,7 +484,10 @@ async fn forged_calls_replies_and_messages_are_refused_while_signed_calls_flow()
     let frame = &captured[61..];
     assert_eq!(&frame[..3], &[1, 0x96, 0], "a call frame");
     let held_id = read_uint(&frame[3..]);
-    entered.recv().await.expect("the held call reached its handler");
+    entered
+        .recv()
+        .await
+        .expect("the held call reached its handler");
 
     // Forged replies to the held call, on the caller's inbox.
     let reply = reply_frame(held_id, 666);
@@ -524,7 +536,11 @@ async fn forged_calls_replies_and_messages_are_refused_while_signed_calls_flow()
     // The message control, signed right: the first (and only) message the server reads.
     let control = message_frame(client.id().as_str(), "control, signed right");
     assert_eq!(
-        publish(&redis, &adds_inbox, &sign(1, &KEY_1, &adds_inbox, 7, &control)),
+        publish(
+            &redis,
+            &adds_inbox,
+            &sign(1, &KEY_1, &adds_inbox, 7, &control)
+        ),
         1
     );
     let first = adds.messages().next().await.expect("a message");
@@ -545,11 +561,15 @@ async fn forged_calls_replies_and_messages_are_refused_while_signed_calls_flow()
     )
     .await;
     // The held call is still waiting: no forged reply completed it.
-    assert!(!held.is_finished(), "a forged reply completed the held call");
+    assert!(
+        !held.is_finished(),
+        "a forged reply completed the held call"
+    );
     release.notify_one();
     let result = held.await.expect("join").expect("the held call");
     assert_eq!(result, 42, "the held call gets its real result");
 
+    let during = done.load(Ordering::Relaxed);
     stop.store(true, Ordering::Relaxed);
     let mut legit = 0;
     for caller in callers {
@@ -567,7 +587,11 @@ async fn forged_calls_replies_and_messages_are_refused_while_signed_calls_flow()
     // its answer already, so it is counted as late.
     let late = client.stats().late_replies;
     assert_eq!(
-        publish(&redis, &client_inbox, &sign(1, &KEY_1, &client_inbox, 8, &reply)),
+        publish(
+            &redis,
+            &client_inbox,
+            &sign(1, &KEY_1, &client_inbox, 8, &reply)
+        ),
         1
     );
     eventually(
@@ -584,7 +608,8 @@ async fn forged_calls_replies_and_messages_are_refused_while_signed_calls_flow()
     assert_eq!(adds.stats().unauthenticated_frames, 5);
     assert_eq!(holder.stats().unauthenticated_frames, 0);
     eprintln!(
-        "FIGURES signing forged: {legit} legitimate calls ok while forging; client {:?}; adds {:?}",
+        "FIGURES signing forged: {legit} legitimate calls ok ({during} ended before the held call \
+         did); client {:?}; adds {:?}",
         client.stats(),
         adds.stats()
     );
@@ -742,10 +767,17 @@ async fn signed_calls_before_and_after_a_sentinel_failover() {
     .await;
     let ran = runs.load(Ordering::SeqCst);
     assert_eq!(
-        client.call::<_, i64>("sig.add", (2, 2)).await.expect("call"),
+        client
+            .call::<_, i64>("sig.add", (2, 2))
+            .await
+            .expect("call"),
         4
     );
-    assert_eq!(runs.load(Ordering::SeqCst), ran + 1, "the replayed call did not run");
+    assert_eq!(
+        runs.load(Ordering::SeqCst),
+        ran + 1,
+        "the replayed call did not run"
+    );
     for stats in [server.stats(), client.stats()] {
         assert_eq!(stats.unauthenticated_frames, 0, "{stats:?}");
         assert_eq!(stats.malformed_frames, 0, "{stats:?}");

@@ -29,7 +29,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use bytes::Bytes;
+use bytes::{Buf, Bytes};
 use sha2::digest::generic_array::GenericArray;
 use subtle::ConstantTimeEq;
 
@@ -346,8 +346,11 @@ impl MacKey {
 /// it reaches [`SEND_CACHE_CHANNELS`], and the oldest sealer's is dropped beyond
 /// [`SEND_CACHE_SEALERS`] (sealers are never reused: each has an id of its own).
 struct SendCache {
-    sealers: Vec<(u64, HashMap<Box<str>, Sha256Part, foldhash::fast::RandomState>)>,
+    sealers: Vec<(u64, ChannelParts)>,
 }
+
+/// One sealer's channel parts, by channel.
+type ChannelParts = HashMap<Box<str>, Sha256Part, foldhash::fast::RandomState>;
 
 const SEND_CACHE_CHANNELS: usize = 512;
 const SEND_CACHE_SEALERS: usize = 8;
@@ -393,6 +396,35 @@ impl Sealer {
         self.seal_as(channel, frame, self.sender, seq, wall_clock_ms())
     }
 
+    /// [`Sealer::seal`], in `frame`'s own buffer when it has room for the envelope in front
+    /// (the codec leaves [`SEAL_ROOM`](crate::codec::SEAL_ROOM) bytes there): no second
+    /// buffer, one move of the frame. Otherwise, or when the buffer is shared, as `seal`.
+    pub(crate) fn seal_owned(&self, channel: &str, frame: Bytes) -> Bytes {
+        /// Spare bytes beyond the envelope's that a buffer may have and still be used: a
+        /// large buffer with much spare capacity is not worth keeping whole.
+        const MAX_SPARE: usize = 256;
+        let seq = self.seq.fetch_add(1, Ordering::Relaxed);
+        let (header, tag) = self.envelope(channel, &frame, self.sender, seq, wall_clock_ms());
+        let len = frame.len();
+        // A buffer this frame alone holds comes back whole, the frame moved to its start (no
+        // allocation); a shared one is copied.
+        let mut buf = Vec::from(frame);
+        let room = buf.capacity() - len;
+        if !(OVERHEAD..=OVERHEAD + MAX_SPARE).contains(&room) {
+            return assemble(&header, &tag, &buf);
+        }
+        // The frame back to the end of the buffer, the envelope right in front of it.
+        buf.resize(len + room, 0);
+        buf.copy_within(..len, room);
+        let start = room - OVERHEAD;
+        buf[start..start + SIGNED_PART].copy_from_slice(&header);
+        buf[start + SIGNED_PART..room].copy_from_slice(&tag);
+        // Length equal to capacity, so `Bytes` takes the buffer over without an allocation.
+        let mut sealed = Bytes::from(buf);
+        sealed.advance(start);
+        sealed
+    }
+
     /// [`Sealer::seal`] with every field given (tests make stale and replayed frames with it).
     pub(crate) fn seal_as(
         &self,
@@ -402,6 +434,19 @@ impl Sealer {
         seq: u64,
         sent_ms: u64,
     ) -> Bytes {
+        let (header, tag) = self.envelope(channel, frame, sender, seq, sent_ms);
+        assemble(&header, &tag, frame)
+    }
+
+    /// The signed part of the envelope of `frame`, and its tag.
+    fn envelope(
+        &self,
+        channel: &str,
+        frame: &[u8],
+        sender: u64,
+        seq: u64,
+        sent_ms: u64,
+    ) -> ([u8; SIGNED_PART], [u8; TAG_LEN]) {
         let mut header = [0u8; SIGNED_PART];
         header[0] = SIGNED_VERSION;
         header[1..5].copy_from_slice(&self.id.to_be_bytes());
@@ -410,18 +455,18 @@ impl Sealer {
         header[21..29].copy_from_slice(&sent_ms.to_be_bytes());
         let prefix = self.prefix(channel);
         let tag = self.key.tag(&prefix, &header, frame);
-        let mut out = Vec::with_capacity(OVERHEAD + frame.len());
-        out.extend_from_slice(&header);
-        out.extend_from_slice(&tag);
-        out.extend_from_slice(frame);
-        Bytes::from(out)
+        (header, tag)
     }
 
     /// The channel part of the MAC for `channel`, from this thread's [`SendCache`].
     fn prefix(&self, channel: &str) -> Sha256Part {
         let cached = SEND_CACHE.try_with(|cache| {
             let mut cache = cache.borrow_mut();
-            let at = match cache.sealers.iter().position(|(id, _)| *id == self.cache_id) {
+            let at = match cache
+                .sealers
+                .iter()
+                .position(|(id, _)| *id == self.cache_id)
+            {
                 Some(at) => at,
                 None => {
                     if cache.sealers.len() >= SEND_CACHE_SEALERS {
@@ -456,6 +501,15 @@ impl Drop for Sealer {
             }
         });
     }
+}
+
+/// A signed frame in a new buffer: the envelope, then `frame`.
+fn assemble(header: &[u8; SIGNED_PART], tag: &[u8; TAG_LEN], frame: &[u8]) -> Bytes {
+    let mut out = Vec::with_capacity(OVERHEAD + frame.len());
+    out.extend_from_slice(header);
+    out.extend_from_slice(tag);
+    out.extend_from_slice(frame);
+    Bytes::from(out)
 }
 
 /// Why a received frame was refused.
@@ -893,6 +947,50 @@ mod tests {
     }
 
     #[test]
+    fn frames_with_room_are_sealed_where_they_lie() {
+        let (sealer, opener) = pair((1, SECRET_1), &[]);
+        let call =
+            crate::codec::encode_call_framed(7, "t.m", "caller-1", 1500, &("x", 3)).expect("call");
+        let reply = crate::codec::ReplyBody::encode(&("ok", 5))
+            .expect("reply")
+            .into_frame(u64::MAX, crate::envelope::Status::Ok);
+        let big = crate::codec::encode_call_framed(8, "t.m", "c", 1, &("y".repeat(20_000),))
+            .expect("big call");
+        let other = crate::codec::ReplyBody::encode("other")
+            .expect("reply")
+            .into_frame(3, crate::envelope::Status::Ok);
+        // Held twice: sealed in a buffer of its own, the other holder's bytes untouched.
+        let shared = other.clone();
+        for (what, frame) in [
+            ("call", call),
+            ("reply", reply),
+            ("large call", big),
+            ("shared", shared),
+            ("static", Bytes::from_static(FRAME)),
+            ("exact", Bytes::from(FRAME.to_vec())),
+        ] {
+            let expected = frame.to_vec();
+            let at = frame.as_ptr() as usize;
+            let sealed = sealer.seal_owned("c", frame);
+            let opened = opener.verify("c", &sealed).expect(what);
+            assert_eq!(&opened.frame[..], &expected[..], "{what}");
+            assert_eq!(sealed.len(), OVERHEAD + expected.len(), "{what}");
+            if what == "call" || what == "reply" {
+                // The envelope went into the room in front: the frame did not move.
+                assert_eq!(sealed.as_ptr() as usize + OVERHEAD, at, "{what}");
+            }
+        }
+        assert_eq!(
+            &other[..],
+            &crate::codec::encode_reply(
+                3,
+                crate::envelope::Status::Ok,
+                &crate::codec::encode_value("other").expect("v")
+            )[..]
+        );
+    }
+
+    #[test]
     fn tags_are_equal_only_when_every_byte_is() {
         let tag: [u8; TAG_LEN] = std::array::from_fn(|i| i as u8 * 7);
         assert!(tags_equal(&tag, &tag));
@@ -935,7 +1033,10 @@ mod tests {
         // The node's own channels by number: a wrong number falls back to the channel's name.
         let sealed = a.seal("own:inbox", FRAME);
         for slot in [0, 1, 2, 3, u8::MAX] {
-            assert!(a_open.verify_on("own:inbox", slot, &sealed).is_ok(), "{slot}");
+            assert!(
+                a_open.verify_on("own:inbox", slot, &sealed).is_ok(),
+                "{slot}"
+            );
             assert!(a_open.verify_on("c", slot, &sealed).is_err(), "{slot}");
         }
     }
