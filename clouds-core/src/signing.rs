@@ -195,6 +195,15 @@ fn compress(state: &mut [u32; 8], block: &[u8]) {
     sha2::compress256(state, std::slice::from_ref(GenericArray::from_slice(block)));
 }
 
+/// SHA-256 after whole blocks only: what a tag starts from (the key's pad block, or that and a
+/// channel part). 40 bytes to copy.
+#[derive(Clone, Copy)]
+struct Prefix {
+    state: [u32; 8],
+    /// Bytes hashed so far, a multiple of [`BLOCK`].
+    len: u64,
+}
+
 /// SHA-256 part way through a message: the state after the whole blocks so far, the bytes
 /// of the block not yet full, and the length so far.
 ///
@@ -215,13 +224,11 @@ struct Sha256Part {
 }
 
 impl Sha256Part {
-    /// After the one block `block` (a key XOR a pad).
-    fn after_block(block: &[u8; BLOCK]) -> Sha256Part {
-        let mut state = H0;
-        compress(&mut state, block);
+    /// Going on from `prefix`.
+    fn from(prefix: &Prefix) -> Sha256Part {
         Sha256Part {
-            state,
-            len: BLOCK as u64,
+            state: prefix.state,
+            len: prefix.len,
             buf: [0; BLOCK],
             used: 0,
         }
@@ -287,8 +294,8 @@ fn tags_equal(a: &[u8; TAG_LEN], b: &[u8; TAG_LEN]) -> bool {
 /// An HMAC-SHA256 key, keyed once: the hash states after its inner and outer pad blocks.
 #[derive(Clone, Copy)]
 struct MacKey {
-    inner: Sha256Part,
-    outer: Sha256Part,
+    inner: Prefix,
+    outer: Prefix,
 }
 
 impl MacKey {
@@ -306,7 +313,12 @@ impl MacKey {
             for b in &mut block {
                 *b ^= byte;
             }
-            Sha256Part::after_block(&block)
+            let mut state = H0;
+            compress(&mut state, &block);
+            Prefix {
+                state,
+                len: BLOCK as u64,
+            }
         };
         MacKey {
             inner: pad(0x36),
@@ -317,25 +329,28 @@ impl MacKey {
     /// The MAC after the channel part of its input: `len(channel)` (u32), the channel, and
     /// zero bytes up to a multiple of 64 bytes (SHA-256's block). Whole blocks, so a node
     /// keeps this state per channel and saves hashing the channel for every frame.
-    fn prefix(&self, channel: &str) -> Sha256Part {
+    fn prefix(&self, channel: &str) -> Prefix {
         const ZEROS: [u8; BLOCK] = [0; BLOCK];
-        let mut mac = self.inner;
+        let mut mac = Sha256Part::from(&self.inner);
         mac.update(&(channel.len() as u32).to_be_bytes());
         mac.update(channel.as_bytes());
         if mac.used != 0 {
             let fill = BLOCK - mac.used;
             mac.update(&ZEROS[..fill]);
         }
-        mac
+        Prefix {
+            state: mac.state,
+            len: mac.len,
+        }
     }
 
     /// The tag of a frame from the channel part (`prefix` of this key): the signed header,
-    /// then the frame, then the outer hash.
-    fn tag(&self, prefix: &Sha256Part, header: &[u8], frame: &[u8]) -> [u8; 32] {
-        let mut inner = *prefix;
+    /// then the frame, then the outer hash (one block: the inner hash and its padding).
+    fn tag(&self, prefix: &Prefix, header: &[u8], frame: &[u8]) -> [u8; 32] {
+        let mut inner = Sha256Part::from(prefix);
         inner.update(header);
         inner.update(frame);
-        let mut outer = self.outer;
+        let mut outer = Sha256Part::from(&self.outer);
         outer.update(&inner.finish());
         outer.finish()
     }
@@ -350,7 +365,7 @@ struct SendCache {
 }
 
 /// One sealer's channel parts, by channel.
-type ChannelParts = HashMap<Box<str>, Sha256Part, foldhash::fast::RandomState>;
+type ChannelParts = HashMap<Box<str>, Prefix, foldhash::fast::RandomState>;
 
 const SEND_CACHE_CHANNELS: usize = 512;
 const SEND_CACHE_SEALERS: usize = 8;
@@ -459,7 +474,7 @@ impl Sealer {
     }
 
     /// The channel part of the MAC for `channel`, from this thread's [`SendCache`].
-    fn prefix(&self, channel: &str) -> Sha256Part {
+    fn prefix(&self, channel: &str) -> Prefix {
         let cached = SEND_CACHE.try_with(|cache| {
             let mut cache = cache.borrow_mut();
             let at = match cache
@@ -584,12 +599,12 @@ struct Accepted {
     id: u32,
     key: MacKey,
     /// By the node's channel number (`slot` of [`Opener::open`]).
-    own: Vec<(Box<str>, Sha256Part)>,
+    own: Vec<(Box<str>, Prefix)>,
 }
 
 impl Accepted {
     /// The channel part of the MAC for `channel`, numbered `slot` among the node's own.
-    fn prefix(&self, channel: &str, slot: u8) -> Sha256Part {
+    fn prefix(&self, channel: &str, slot: u8) -> Prefix {
         match self.own.get(usize::from(slot)) {
             Some((name, prefix)) if **name == *channel => *prefix,
             _ => self.key.prefix(channel),
@@ -868,9 +883,9 @@ mod tests {
 
     /// HMAC-SHA256 of `data` by [`MacKey`] alone (no channel part).
     fn mac(key: &MacKey, data: &[u8]) -> [u8; 32] {
-        let mut inner = key.inner;
+        let mut inner = Sha256Part::from(&key.inner);
         inner.update(data);
-        let mut outer = key.outer;
+        let mut outer = Sha256Part::from(&key.outer);
         outer.update(&inner.finish());
         outer.finish()
     }
@@ -912,11 +927,11 @@ mod tests {
             for len in (0..200).chain([255, 256, 257, 400]) {
                 let data = &data[..len];
                 assert_eq!(mac(&key, data), reference(&secret, &[data]), "len {len}");
-                let mut split = key.inner;
+                let mut split = Sha256Part::from(&key.inner);
                 let (a, b) = data.split_at(len / 3);
                 split.update(a);
                 split.update(b);
-                let mut outer = key.outer;
+                let mut outer = Sha256Part::from(&key.outer);
                 outer.update(&split.finish());
                 assert_eq!(outer.finish(), reference(&secret, &[data]), "split {len}");
             }
