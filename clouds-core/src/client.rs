@@ -303,12 +303,17 @@ impl Client {
                 let (slot, reply) = node.caller().pending().open();
                 let _load = node.caller().balancer().start_call(&provider);
                 let encode = |deadline_ms: u64| {
-                    let frame =
-                        codec::encode_call(slot.id, method, node.id().as_str(), deadline_ms, args)
-                            .map_err(|reason| Error::Codec {
-                                action: format!("encode the arguments of {method}"),
-                                reason,
-                            })?;
+                    let frame = codec::encode_call_framed(
+                        slot.id,
+                        method,
+                        node.id().as_str(),
+                        deadline_ms,
+                        args,
+                    )
+                    .map_err(|reason| Error::Codec {
+                        action: format!("encode the arguments of {method}"),
+                        reason,
+                    })?;
                     node.sized(frame, || format!("the call to {method}"))
                 };
                 let mut frame = encode(deadline_ms)?;

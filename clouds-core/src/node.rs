@@ -199,7 +199,7 @@ impl Node {
     /// taken), else as it is.
     pub(crate) fn seal(&self, channel: &Channel, frame: Bytes) -> Bytes {
         match &self.sealer {
-            Some(sealer) => sealer.seal(channel.as_str(), &frame),
+            Some(sealer) => sealer.seal_owned(channel.as_str(), frame),
             None => frame,
         }
     }
@@ -245,9 +245,10 @@ impl Node {
     /// A frame ready to send (inline or as a claim), if it is within `max_body_size`.
     pub(crate) fn sized(
         &self,
-        frame: Vec<u8>,
+        frame: impl Into<Bytes>,
         what: impl FnOnce() -> String,
     ) -> Result<Bytes, Error> {
+        let frame = frame.into();
         if frame.len() > self.claims.max_body() {
             return Err(Error::TooLarge {
                 what: what(),
@@ -255,7 +256,7 @@ impl Node {
                 max: self.claims.max_body(),
             });
         }
-        Ok(Bytes::from(frame))
+        Ok(frame)
     }
 
     /// `frame` as it goes on the wire: itself, or if it is large a claim frame whose body has

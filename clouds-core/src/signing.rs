@@ -29,9 +29,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use bytes::Bytes;
-use hmac::{Hmac, Mac};
+use bytes::{Buf, Bytes};
+use hmac::{Hmac, Mac, digest::KeyInit};
 use sha2::Sha256;
+use subtle::ConstantTimeEq;
 
 use crate::locks;
 
@@ -53,8 +54,6 @@ const SEQ_WINDOW: u64 = 4096;
 /// Most (sender, channel) pairs remembered at once; beyond that, frames from new senders are
 /// refused until old ones expire (they cannot be told from replays otherwise).
 const MAX_SENDERS: usize = 16_384;
-
-type HmacSha256 = Hmac<Sha256>;
 
 /// A secret, never printed.
 #[derive(Clone, PartialEq, Eq)]
@@ -176,40 +175,95 @@ fn random_sender() -> u64 {
     hasher.finish()
 }
 
-fn keyed(secret: &Secret) -> HmacSha256 {
-    // HMAC takes keys of any length; the length was checked by `Keys::check`.
-    <HmacSha256 as Mac>::new_from_slice(&secret.0).expect("HMAC takes keys of any length")
+/// SHA-256's block, in bytes.
+const BLOCK: usize = 64;
+
+type HmacSha256 = Hmac<Sha256>;
+
+/// An HMAC state part way through a tag's input (after the key, or the key and a channel
+/// part): cloned for every frame, so the key's pad blocks and the channel are hashed once.
+type Prefix = HmacSha256;
+
+/// Whether two tags are equal, in constant time: how much of a forged tag is right must not
+/// show in the timing. subtle's comparison, by 64-bit words (4 of them) rather than by bytes:
+/// a byte-wise `ct_eq` of 32 bytes was ~350 instructions per received frame.
+fn tags_equal(a: &[u8; TAG_LEN], b: &[u8; TAG_LEN]) -> bool {
+    let word = |tag: &[u8; TAG_LEN], i: usize| {
+        let mut w = [0u8; 8];
+        w.copy_from_slice(&tag[i * 8..i * 8 + 8]);
+        u64::from_ne_bytes(w)
+    };
+    let equal = word(a, 0).ct_eq(&word(b, 0))
+        & word(a, 1).ct_eq(&word(b, 1))
+        & word(a, 2).ct_eq(&word(b, 2))
+        & word(a, 3).ct_eq(&word(b, 3));
+    bool::from(equal)
 }
 
-/// The MAC after the channel part of its input: `len(channel)` (u32), the channel, and zero
-/// bytes up to a multiple of 64 bytes (SHA-256's block). Whole blocks, so a receiver keeps
-/// this state for its own channels and saves hashing them for every frame.
-fn prefix(key: &HmacSha256, channel: &str) -> HmacSha256 {
-    const ZEROS: [u8; 64] = [0; 64];
-    let mut mac = key.clone();
-    mac.update(&(channel.len() as u32).to_be_bytes());
-    mac.update(channel.as_bytes());
-    let used = (4 + channel.len()) % 64;
-    if used != 0 {
-        mac.update(&ZEROS[used..]);
+/// An HMAC-SHA256 key, keyed once (the `hmac` crate keeps the hash states after the inner and
+/// outer pad blocks, so a clone starts a tag without hashing the key again).
+#[derive(Clone)]
+struct MacKey(HmacSha256);
+
+impl MacKey {
+    fn new(secret: &Secret) -> MacKey {
+        // HMAC accepts keys of any length (RFC 2104: a long one is hashed first).
+        MacKey(
+            <HmacSha256 as KeyInit>::new_from_slice(&secret.0)
+                .expect("HMAC takes keys of any length"),
+        )
     }
-    mac
+
+    /// The MAC after the channel part of its input: `len(channel)` (u32), the channel, and
+    /// zero bytes up to a multiple of 64 bytes (SHA-256's block). Whole blocks, so a node
+    /// keeps this state per channel and saves hashing the channel for every frame.
+    fn prefix(&self, channel: &str) -> Prefix {
+        const ZEROS: [u8; BLOCK] = [0; BLOCK];
+        let mut mac = self.0.clone();
+        let len = u32::try_from(channel.len()).unwrap_or(u32::MAX);
+        mac.update(&len.to_be_bytes());
+        mac.update(channel.as_bytes());
+        mac.update(&ZEROS[..(BLOCK - (4 + channel.len()) % BLOCK) % BLOCK]);
+        mac
+    }
+
+    /// The tag of a frame from the channel part (`prefix` of this key): the signed header,
+    /// then the frame.
+    fn tag(&self, prefix: &Prefix, header: &[u8], frame: &[u8]) -> [u8; TAG_LEN] {
+        let mut mac = prefix.clone();
+        mac.update(header);
+        mac.update(frame);
+        mac.finalize().into_bytes().into()
+    }
 }
 
-/// The tag of a frame: the channel part (`prefix`), then the signed header and the frame.
-fn tag(prefix: &HmacSha256, header: &[u8], frame: &[u8]) -> HmacSha256 {
-    let mut mac = prefix.clone();
-    mac.update(header);
-    mac.update(frame);
-    mac
+/// The sending side's channel parts ([`MacKey::prefix`]), per thread, so no lock is shared by
+/// the tasks that send: by sealer, then by channel. Bounded: a sealer's map is emptied when
+/// it reaches [`SEND_CACHE_CHANNELS`], and the oldest sealer's is dropped beyond
+/// [`SEND_CACHE_SEALERS`] (sealers are never reused: each has an id of its own).
+struct SendCache {
+    sealers: Vec<(u64, ChannelParts)>,
+}
+
+/// One sealer's channel parts, by channel.
+type ChannelParts = HashMap<Box<str>, Prefix, foldhash::fast::RandomState>;
+
+const SEND_CACHE_CHANNELS: usize = 512;
+const SEND_CACHE_SEALERS: usize = 8;
+
+thread_local! {
+    static SEND_CACHE: std::cell::RefCell<SendCache> =
+        const { std::cell::RefCell::new(SendCache { sealers: Vec::new() }) };
 }
 
 /// Signs the frames a node sends.
 pub(crate) struct Sealer {
     id: u32,
-    key: HmacSha256,
+    key: MacKey,
     sender: u64,
     seq: AtomicU64,
+    /// This sealer's entry in the per-thread [`SendCache`].
+    cache_id: u64,
 }
 
 impl std::fmt::Debug for Sealer {
@@ -222,11 +276,13 @@ impl Sealer {
     /// The sealer of `keys`, if they sign.
     pub(crate) fn new(keys: &Keys) -> Option<Sealer> {
         let (id, secret) = keys.sign.as_ref()?;
+        static CACHE_IDS: AtomicU64 = AtomicU64::new(0);
         Some(Sealer {
             id: *id,
-            key: keyed(secret),
+            key: MacKey::new(secret),
             sender: random_sender(),
             seq: AtomicU64::new(1),
+            cache_id: CACHE_IDS.fetch_add(1, Ordering::Relaxed),
         })
     }
 
@@ -234,6 +290,35 @@ impl Sealer {
     pub(crate) fn seal(&self, channel: &str, frame: &[u8]) -> Bytes {
         let seq = self.seq.fetch_add(1, Ordering::Relaxed);
         self.seal_as(channel, frame, self.sender, seq, wall_clock_ms())
+    }
+
+    /// [`Sealer::seal`], in `frame`'s own buffer when it has room for the envelope in front
+    /// (the codec leaves [`SEAL_ROOM`](crate::codec::SEAL_ROOM) bytes there): no second
+    /// buffer, one move of the frame. Otherwise, or when the buffer is shared, as `seal`.
+    pub(crate) fn seal_owned(&self, channel: &str, frame: Bytes) -> Bytes {
+        /// Spare bytes beyond the envelope's that a buffer may have and still be used: a
+        /// large buffer with much spare capacity is not worth keeping whole.
+        const MAX_SPARE: usize = 256;
+        let seq = self.seq.fetch_add(1, Ordering::Relaxed);
+        let (header, tag) = self.envelope(channel, &frame, self.sender, seq, wall_clock_ms());
+        let len = frame.len();
+        // A buffer this frame alone holds comes back whole, the frame moved to its start (no
+        // allocation); a shared one is copied.
+        let mut buf = Vec::from(frame);
+        let room = buf.capacity() - len;
+        if !(OVERHEAD..=OVERHEAD + MAX_SPARE).contains(&room) {
+            return assemble(&header, &tag, &buf);
+        }
+        // The frame back to the end of the buffer, the envelope right in front of it.
+        buf.resize(len + room, 0);
+        buf.copy_within(..len, room);
+        let start = room - OVERHEAD;
+        buf[start..start + SIGNED_PART].copy_from_slice(&header);
+        buf[start + SIGNED_PART..room].copy_from_slice(&tag);
+        // Length equal to capacity, so `Bytes` takes the buffer over without an allocation.
+        let mut sealed = Bytes::from(buf);
+        sealed.advance(start);
+        sealed
     }
 
     /// [`Sealer::seal`] with every field given (tests make stale and replayed frames with it).
@@ -245,19 +330,82 @@ impl Sealer {
         seq: u64,
         sent_ms: u64,
     ) -> Bytes {
-        let mut out = Vec::with_capacity(OVERHEAD + frame.len());
-        out.push(SIGNED_VERSION);
-        out.extend_from_slice(&self.id.to_be_bytes());
-        out.extend_from_slice(&sender.to_be_bytes());
-        out.extend_from_slice(&seq.to_be_bytes());
-        out.extend_from_slice(&sent_ms.to_be_bytes());
-        // (Senders hash the channel part every time: a cache of it per channel would need a
-        // lock shared by every task that sends, for one SHA-256 block.)
-        let tag = tag(&prefix(&self.key, channel), &out, frame).finalize();
-        out.extend_from_slice(&tag.into_bytes());
-        out.extend_from_slice(frame);
-        Bytes::from(out)
+        let (header, tag) = self.envelope(channel, frame, sender, seq, sent_ms);
+        assemble(&header, &tag, frame)
     }
+
+    /// The signed part of the envelope of `frame`, and its tag.
+    fn envelope(
+        &self,
+        channel: &str,
+        frame: &[u8],
+        sender: u64,
+        seq: u64,
+        sent_ms: u64,
+    ) -> ([u8; SIGNED_PART], [u8; TAG_LEN]) {
+        let mut header = [0u8; SIGNED_PART];
+        header[0] = SIGNED_VERSION;
+        header[1..5].copy_from_slice(&self.id.to_be_bytes());
+        header[5..13].copy_from_slice(&sender.to_be_bytes());
+        header[13..21].copy_from_slice(&seq.to_be_bytes());
+        header[21..29].copy_from_slice(&sent_ms.to_be_bytes());
+        let prefix = self.prefix(channel);
+        let tag = self.key.tag(&prefix, &header, frame);
+        (header, tag)
+    }
+
+    /// The channel part of the MAC for `channel`, from this thread's [`SendCache`].
+    fn prefix(&self, channel: &str) -> Prefix {
+        let cached = SEND_CACHE.try_with(|cache| {
+            let mut cache = cache.borrow_mut();
+            let at = match cache
+                .sealers
+                .iter()
+                .position(|(id, _)| *id == self.cache_id)
+            {
+                Some(at) => at,
+                None => {
+                    if cache.sealers.len() >= SEND_CACHE_SEALERS {
+                        cache.sealers.remove(0);
+                    }
+                    cache.sealers.push((self.cache_id, HashMap::default()));
+                    cache.sealers.len() - 1
+                }
+            };
+            let channels = &mut cache.sealers[at].1;
+            if let Some(prefix) = channels.get(channel) {
+                return prefix.clone();
+            }
+            if channels.len() >= SEND_CACHE_CHANNELS {
+                channels.clear();
+            }
+            let prefix = self.key.prefix(channel);
+            channels.insert(channel.into(), prefix.clone());
+            prefix
+        });
+        // (No cache while the thread is being torn down.)
+        cached.unwrap_or_else(|_| self.key.prefix(channel))
+    }
+}
+
+impl Drop for Sealer {
+    fn drop(&mut self) {
+        // Other threads' entries go when they are evicted.
+        let _ = SEND_CACHE.try_with(|cache| {
+            if let Ok(mut cache) = cache.try_borrow_mut() {
+                cache.sealers.retain(|(id, _)| *id != self.cache_id);
+            }
+        });
+    }
+}
+
+/// A signed frame in a new buffer: the envelope, then `frame`.
+fn assemble(header: &[u8; SIGNED_PART], tag: &[u8; TAG_LEN], frame: &[u8]) -> Bytes {
+    let mut out = Vec::with_capacity(OVERHEAD + frame.len());
+    out.extend_from_slice(header);
+    out.extend_from_slice(tag);
+    out.extend_from_slice(frame);
+    Bytes::from(out)
 }
 
 /// Why a received frame was refused.
@@ -330,16 +478,17 @@ impl std::fmt::Debug for Opener {
 /// A key a node accepts, with the channel part of the MAC for each of its own channels.
 struct Accepted {
     id: u32,
-    key: HmacSha256,
-    own: Vec<(Box<str>, HmacSha256)>,
+    key: MacKey,
+    /// By the node's channel number (`slot` of [`Opener::open`]).
+    own: Vec<(Box<str>, Prefix)>,
 }
 
 impl Accepted {
-    /// The channel part of the MAC for `channel`.
-    fn prefix(&self, channel: &str) -> std::borrow::Cow<'_, HmacSha256> {
-        match self.own.iter().find(|(name, _)| &**name == channel) {
-            Some((_, mac)) => std::borrow::Cow::Borrowed(mac),
-            None => std::borrow::Cow::Owned(prefix(&self.key, channel)),
+    /// The channel part of the MAC for `channel`, numbered `slot` among the node's own.
+    fn prefix(&self, channel: &str, slot: u8) -> Prefix {
+        match self.own.get(usize::from(slot)) {
+            Some((name, prefix)) if **name == *channel => prefix.clone(),
+            _ => self.key.prefix(channel),
         }
     }
 }
@@ -352,10 +501,10 @@ impl Opener {
         let mut ids: Vec<Accepted> = Vec::new();
         for (id, secret) in keys.sign.iter().chain(&keys.accept) {
             if !ids.iter().any(|known| known.id == *id) {
-                let key = keyed(secret);
+                let key = MacKey::new(secret);
                 let own = own
                     .iter()
-                    .map(|channel| ((*channel).into(), prefix(&key, channel)))
+                    .map(|channel| ((*channel).into(), key.prefix(channel)))
                     .collect();
                 ids.push(Accepted { id: *id, key, own });
             }
@@ -368,7 +517,14 @@ impl Opener {
     }
 
     /// Checks the tag of `payload`, received on `channel`.
+    #[cfg(test)]
     pub(crate) fn verify(&self, channel: &str, payload: &Bytes) -> Result<Opened, Refused> {
+        self.verify_on(channel, u8::MAX, payload)
+    }
+
+    /// [`Opener::verify`] for the node's channel numbered `slot` (its precomputed channel
+    /// part is used when `channel` is that one).
+    fn verify_on(&self, channel: &str, slot: u8, payload: &Bytes) -> Result<Opened, Refused> {
         match payload.first() {
             Some(&SIGNED_VERSION) => {}
             _ => return Err(Refused::Unsigned),
@@ -391,9 +547,12 @@ impl Opener {
             .ok_or(Refused::UnknownKey(id))?;
         let header = &payload[..SIGNED_PART];
         let frame = &payload[OVERHEAD..];
-        tag(&key.prefix(channel), header, frame)
-            .verify_slice(&payload[SIGNED_PART..OVERHEAD])
-            .map_err(|_| Refused::BadTag(id))?;
+        let expected = key.key.tag(&key.prefix(channel, slot), header, frame);
+        let mut received = [0u8; TAG_LEN];
+        received.copy_from_slice(&payload[SIGNED_PART..OVERHEAD]);
+        if !tags_equal(&expected, &received) {
+            return Err(Refused::BadTag(id));
+        }
         Ok(Opened {
             sender: field(5),
             seq: field(13),
@@ -416,7 +575,7 @@ impl Opener {
 
     /// [`Opener::verify`], then [`Opener::admit`] by this machine's clock: the wrapped frame.
     pub(crate) fn open(&self, channel: &str, slot: u8, payload: &Bytes) -> Result<Bytes, Refused> {
-        let opened = self.verify(channel, payload)?;
+        let opened = self.verify_on(channel, slot, payload)?;
         self.admit(slot, &opened, wall_clock_ms())?;
         Ok(opened.frame)
     }
@@ -601,6 +760,142 @@ mod tests {
             .verify("c", &sealer.seal("c", FRAME))
             .expect("authentic");
         assert_eq!(next.seq, 8);
+    }
+
+    fn reference(secret: &[u8], parts: &[&[u8]]) -> [u8; 32] {
+        let mut mac = <HmacSha256 as KeyInit>::new_from_slice(secret).expect("any length");
+        for part in parts {
+            mac.update(part);
+        }
+        mac.finalize().into_bytes().into()
+    }
+
+    #[test]
+    fn the_tag_is_hmac_sha256_of_the_channel_part_header_and_frame() {
+        // Against a one-shot HMAC of the documented input: keys of 32, 64 and 65 bytes,
+        // channel lengths around the block's edge, frames of several lengths.
+        let data: Vec<u8> = (0..400u32).map(|i| (i * 7 + 3) as u8).collect();
+        for secret in [SECRET_1.to_vec(), vec![7u8; 64], vec![9u8; 65]] {
+            let key = MacKey::new(&Secret(secret.as_slice().into()));
+            for channel_len in [0, 1, 59, 60, 61, 64, 124, 200] {
+                let channel = "c".repeat(channel_len);
+                let prefix = key.prefix(&channel);
+                let pad = vec![0u8; (64 - (4 + channel_len) % 64) % 64];
+                for len in [0, 34, 35, 36, 99, 100, 150, 300] {
+                    let frame = &data[..len];
+                    let header = &data[300..329];
+                    assert_eq!(
+                        key.tag(&prefix, header, frame),
+                        reference(
+                            &secret,
+                            &[
+                                &(channel_len as u32).to_be_bytes(),
+                                channel.as_bytes(),
+                                &pad,
+                                header,
+                                frame
+                            ]
+                        ),
+                        "channel {channel_len}, frame {len}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn frames_with_room_are_sealed_where_they_lie() {
+        let (sealer, opener) = pair((1, SECRET_1), &[]);
+        let call =
+            crate::codec::encode_call_framed(7, "t.m", "caller-1", 1500, &("x", 3)).expect("call");
+        let reply = crate::codec::ReplyBody::encode(&("ok", 5))
+            .expect("reply")
+            .into_frame(u64::MAX, crate::envelope::Status::Ok);
+        let big = crate::codec::encode_call_framed(8, "t.m", "c", 1, &("y".repeat(20_000),))
+            .expect("big call");
+        let other = crate::codec::ReplyBody::encode("other")
+            .expect("reply")
+            .into_frame(3, crate::envelope::Status::Ok);
+        // Held twice: sealed in a buffer of its own, the other holder's bytes untouched.
+        let shared = other.clone();
+        for (what, frame) in [
+            ("call", call),
+            ("reply", reply),
+            ("large call", big),
+            ("shared", shared),
+            ("static", Bytes::from_static(FRAME)),
+            ("exact", Bytes::from(FRAME.to_vec())),
+        ] {
+            let expected = frame.to_vec();
+            let at = frame.as_ptr() as usize;
+            let sealed = sealer.seal_owned("c", frame);
+            let opened = opener.verify("c", &sealed).expect(what);
+            assert_eq!(&opened.frame[..], &expected[..], "{what}");
+            assert_eq!(sealed.len(), OVERHEAD + expected.len(), "{what}");
+            if what == "call" || what == "reply" {
+                // The envelope went into the room in front: the frame did not move.
+                assert_eq!(sealed.as_ptr() as usize + OVERHEAD, at, "{what}");
+            }
+        }
+        assert_eq!(
+            &other[..],
+            &crate::codec::encode_reply(
+                3,
+                crate::envelope::Status::Ok,
+                &crate::codec::encode_value("other").expect("v")
+            )[..]
+        );
+    }
+
+    #[test]
+    fn tags_are_equal_only_when_every_byte_is() {
+        let tag: [u8; TAG_LEN] = std::array::from_fn(|i| i as u8 * 7);
+        assert!(tags_equal(&tag, &tag));
+        for at in 0..TAG_LEN {
+            for bit in 0..8 {
+                let mut other = tag;
+                other[at] ^= 1 << bit;
+                assert!(!tags_equal(&tag, &other), "byte {at} bit {bit}");
+            }
+        }
+    }
+
+    #[test]
+    fn the_send_cache_keeps_sealers_and_channels_apart() {
+        // Two sealers with different secrets on one thread, many channels (past the cache's
+        // bound): each frame verifies with its own key only, on its own channel only.
+        let (a, a_open) = pair((1, SECRET_1), &[]);
+        let (b, b_open) = pair((1, SECRET_2), &[]);
+        for round in 0..2 {
+            for i in 0..(SEND_CACHE_CHANNELS + 10) {
+                let channel = format!("ns:inbox:{i}");
+                let sealed = a.seal(&channel, FRAME);
+                assert!(a_open.verify(&channel, &sealed).is_ok(), "{round} {i}");
+                assert!(b_open.verify(&channel, &sealed).is_err(), "{round} {i}");
+                assert!(a_open.verify("other", &sealed).is_err());
+                let sealed = b.seal(&channel, FRAME);
+                assert!(b_open.verify(&channel, &sealed).is_ok());
+                assert!(a_open.verify(&channel, &sealed).is_err());
+            }
+        }
+        // More sealers than the cache keeps: the oldest are evicted and still sign right.
+        let many: Vec<(Sealer, Opener)> = (0..SEND_CACHE_SEALERS + 3)
+            .map(|i| pair((i as u32 + 1, SECRET_1), &[]))
+            .collect();
+        for _ in 0..2 {
+            for (sealer, opener) in &many {
+                assert!(opener.verify("c", &sealer.seal("c", FRAME)).is_ok());
+            }
+        }
+        // The node's own channels by number: a wrong number falls back to the channel's name.
+        let sealed = a.seal("own:inbox", FRAME);
+        for slot in [0, 1, 2, 3, u8::MAX] {
+            assert!(
+                a_open.verify_on("own:inbox", slot, &sealed).is_ok(),
+                "{slot}"
+            );
+            assert!(a_open.verify_on("c", slot, &sealed).is_err(), "{slot}");
+        }
     }
 
     #[test]
