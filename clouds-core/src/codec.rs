@@ -676,6 +676,73 @@ pub(crate) fn decode_args<A: DeserializeOwned>(bytes: &[u8]) -> Result<A, String
 mod tests {
     use super::*;
 
+    #[test]
+    fn a_batch_is_laid_out_as_documented() {
+        // docs/protocol.md §3.12: two Replies for one inbox.
+        let hi = encode_reply(1, Status::Ok, &encode_value("hi").expect("str"));
+        let yo = encode_reply(2, Status::Ok, &encode_value("yo").expect("str"));
+        let batch = encode_batch([&hi[..], &yo[..]].into_iter());
+        let expected: &[u8] = &[
+            0x01, 0x93, 0x08, 0xc4, 0x08, 0x01, 0x94, 0x01, 0x01, 0x00, 0xa2, b'h', b'i', 0xc4,
+            0x08, 0x01, 0x94, 0x01, 0x02, 0x00, 0xa2, b'y', b'o',
+        ];
+        assert_eq!(&batch[..], expected);
+        let entries = split_batch(&batch).expect("a batch").expect("well-formed");
+        assert_eq!(entries, vec![hi.clone(), yo]);
+        assert!(split_batch(&hi).is_none(), "a reply is not a batch");
+        assert!(
+            matches!(decode(&batch), Err(DecodeError::Kind(8))),
+            "a batch is not a frame of its own: an entry that is one is malformed"
+        );
+    }
+
+    #[test]
+    fn batch_entry_lengths_match_the_encoding() {
+        for len in [0usize, 1, 255, 256, 65_535, 65_536, 70_000] {
+            let frame = vec![7u8; len];
+            let batch = encode_batch([&frame[..]].into_iter());
+            // Version, a one-byte array header and the kind, then the entry.
+            assert_eq!(batch.len(), 3 + batch_entry_len(len));
+            assert!(batch.len() <= BATCH_HEADER + batch_entry_len(len));
+        }
+    }
+
+    #[test]
+    fn malformed_batches_are_errors_never_panics() {
+        let bad: &[&[u8]] = &[
+            &[0x01, 0x91, 0x08],
+            &[0x01, 0x92, 0x08, 0xc4, 5, 1, 2],
+            &[0x01, 0x92, 0x08, 0x07],
+            &[0x01, 0x92, 0x08, 0xc4, 0, 0],
+            &[0x01, 0xdd, 0xff, 0xff, 0xff, 0xff, 0x08],
+            &[0x01, 0x93, 0x08, 0xc4, 0],
+        ];
+        for frame in bad {
+            let frame = Bytes::copy_from_slice(frame);
+            assert!(
+                matches!(split_batch(&frame), Some(Err(_))),
+                "{frame:?} is a malformed batch"
+            );
+        }
+        // Every prefix and every one-byte change of a good batch: an answer, never a panic.
+        let one = encode_reply(1, Status::Ok, NIL);
+        let good = encode_batch([&one[..], &one[..]].into_iter());
+        for cut in 0..good.len() {
+            let _ = split_batch(&good.slice(..cut));
+        }
+        for i in 0..good.len() {
+            for v in [0u8, 0x7f, 0xc4, 0xc5, 0xc6, 0xff] {
+                let mut changed = good.to_vec();
+                changed[i] = v;
+                if let Some(Ok(entries)) = split_batch(&Bytes::from(changed)) {
+                    for entry in entries {
+                        let _ = decode(&entry);
+                    }
+                }
+            }
+        }
+    }
+
     fn call_frame() -> Bytes {
         Bytes::from(
             encode_call(7, "test.hello", "client-a", 2000, &("Glen", 42u32)).expect("encodable"),
