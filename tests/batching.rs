@@ -29,9 +29,10 @@ fn publishes(redis: &RedisServer) -> u64 {
 async fn echo_server(cfg: clouds::Config) -> Server {
     let server = Server::start(cfg).await.expect("server");
     server
-        .register("b.echo", |(s,): (String,)| async move {
-            Ok::<_, Infallible>(s)
-        })
+        .register(
+            "b.echo",
+            |(s,): (String,)| async move { Ok::<_, Infallible>(s) },
+        )
         .await
         .expect("register");
     server
@@ -129,7 +130,10 @@ async fn nodes_with_and_without_batching_understand_each_other() {
     let server = echo_server(cfg.clone()).await;
     let client = Client::connect(cfg.batching(false)).await.expect("client");
     let published = calls_at_once(&redis, &client, 200, 0).await;
-    assert!(published < 200 + 200, "the replies were batched: {published}");
+    assert!(
+        published < 200 + 200,
+        "the replies were batched: {published}"
+    );
     client.close().await;
     server.shutdown().await.expect("shutdown");
 }

@@ -97,7 +97,11 @@ pub(crate) async fn interleaved<A: Caller, B: Caller>(
             };
             let took = t.elapsed();
             errors += usize::from(outcome.is_err());
-            if first_a { la.push(took) } else { lb.push(took) }
+            if first_a {
+                la.push(took)
+            } else {
+                lb.push(took)
+            }
         }
     }
     la.sort_unstable();

@@ -69,9 +69,9 @@ use crate::clouds_rows::{CloudsCaller, InProcess};
 use crate::load::{Caller, payload};
 use crate::procs::Proc;
 use crate::raw::{Channels, RawClient, RawServer};
+use crate::report::Interleaved;
 use crate::report::{Memory, Ratios, Row, Setup, cluster_notes, fmt_d, table, targets, wire_notes};
 use crate::stats::{Figures, median_figures};
-use crate::report::Interleaved;
 use crate::wire::{Wire, first_calls, info, wire_cost, wire_cost_at};
 
 /// How long one call waits for its reply, raw and clouds alike.
@@ -439,7 +439,11 @@ fn bench(runtime: &tokio::runtime::Runtime, plan: &Plan) -> Result<(), String> {
     let _ = writeln!(
         out,
         "start: {at_start}; allocator: {ALLOCATOR_NAME}; clouds batching {}",
-        if clouds_rows::batching() { "on" } else { "off (CLOUDS_BENCH_BATCHING=off)" }
+        if clouds_rows::batching() {
+            "on"
+        } else {
+            "off (CLOUDS_BENCH_BATCHING=off)"
+        }
     );
     if let Some(Ok(run)) = &mut cluster {
         rows.append(&mut run.rows);

@@ -357,7 +357,9 @@ impl Client {
                     // body's digest. The frame may go in a batch with other calls to this
                     // provider: its PUBLISH's outcome is this call's (`outbox.rs`).
                     let calls = node.peers().calls(provider.as_str());
-                    let receivers = node.send_frame(&calls, frame, false).await?;
+                    // Boxed: the outbox's state and the PUBLISH would otherwise weigh on
+                    // every call's future for its whole life (memory per call in flight).
+                    let receivers = Box::pin(node.send_frame(&calls, frame, false)).await?;
                     if receivers == 0 {
                         return Ok::<_, Error>(Attempt::NotDelivered);
                     }

@@ -256,10 +256,17 @@ pub(crate) fn batch_entry_len(frame: usize) -> usize {
 /// Encodes a batch frame of `frames` (each one complete frame of today's kinds, for the same
 /// channel): `[version, [8, bin frame, bin frame, ...]]`.
 pub(crate) fn encode_batch<'a>(frames: impl ExactSizeIterator<Item = &'a [u8]> + Clone) -> Bytes {
-    let len = BATCH_HEADER + frames.clone().map(|f| batch_entry_len(f.len())).sum::<usize>();
+    let len = BATCH_HEADER
+        + frames
+            .clone()
+            .map(|f| batch_entry_len(f.len()))
+            .sum::<usize>();
     let mut buf = Vec::with_capacity(len);
     buf.push(VERSION);
-    put_array_len(&mut buf, u32::try_from(frames.len() + 1).unwrap_or(u32::MAX));
+    put_array_len(
+        &mut buf,
+        u32::try_from(frames.len() + 1).unwrap_or(u32::MAX),
+    );
     put_uint(&mut buf, KIND_BATCH.into());
     for frame in frames {
         let _ = rmp::encode::write_bin(&mut buf, frame);

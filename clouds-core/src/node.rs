@@ -349,14 +349,14 @@ impl Node {
 
     /// [`Node::reply`] with no timer of its own, for the receive loop, which bounds the
     /// replies it sends all together (see `receive_loop`).
-    async fn reply_unbounded(self: &Arc<Self>, reply: ReadyReply) {
+    async fn reply_unbounded(self: &Arc<Self>, reply: ReadyReply, gather: bool) {
         let caller = reply.caller.as_str();
         let frame = self
             .reply_frame(caller, reply.id, reply.status, reply.body)
             .await;
         let inbox = self.peers.inbox(caller);
-        // Gathered: the replies made in the same pass of the receive loop join this one.
-        let sent = outbox::send(self, &inbox, frame, false, true).await;
+        // Gathered: the other replies made in the same pass of the receive loop join this one.
+        let sent = outbox::send(self, &inbox, frame, false, gather).await;
         self.log_reply(caller, sent);
         drop(reply.slot);
     }
@@ -837,7 +837,11 @@ async fn receive_loop(node: Arc<Node>, mut inbound: Inbound) {
     // Re-armed a full period after each rotation, so nothing is given up sooner than that.
     let tick = tokio::time::sleep(period);
     tokio::pin!(tick);
-    let send = |reply: ReadyReply| node.reply_unbounded(reply);
+    let send = |reply: ReadyReply, gather: bool| node.reply_unbounded(reply, gather);
+    // The replies made in one pass over the deliveries. Several are sent gathered: the first
+    // to an inbox whose turn is free waits one yield for the others (`outbox.rs`); one alone
+    // goes at once.
+    let mut made = Vec::new();
     let cancelled = node.life.stopped();
     tokio::pin!(cancelled);
     loop {
@@ -855,7 +859,7 @@ async fn receive_loop(node: Arc<Node>, mut inbound: Inbound) {
             delivery = inbound.recv() => delivery,
         };
         match delivery {
-            Some(delivery) => handle_guarded(&node, delivery, &mut |r| sending.push(send(r))),
+            Some(delivery) => handle_guarded(&node, delivery, &mut |r| made.push(r)),
             None => break,
         }
         // Take what else has arrived already without going round the `select!` for each
@@ -866,13 +870,16 @@ async fn receive_loop(node: Arc<Node>, mut inbound: Inbound) {
             let Some(delivery) = inbound.try_recv() else {
                 break;
             };
-            handle_guarded(&node, delivery, &mut |r| sending.push(send(r)));
+            handle_guarded(&node, delivery, &mut |r| made.push(r));
         }
+        let gather = made.len() > 1;
+        sending.extend(made.drain(..).map(|r| send(r, gather)));
     }
     // Hand over what was already delivered (replies to calls still being waited for).
     while let Some(delivery) = inbound.try_recv() {
-        handle_guarded(&node, delivery, &mut |r| sending.push(send(r)));
+        handle_guarded(&node, delivery, &mut |r| made.push(r));
     }
+    sending.extend(made.drain(..).map(|r| send(r, true)));
     // Finish sending the replies already made, for at most one command timeout.
     let mut both = futures_util::stream::select(sending, older);
     let drain = async { while both.next().await.is_some() {} };

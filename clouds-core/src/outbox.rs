@@ -348,7 +348,11 @@ mod tests {
         }
         fake.gate.add_permits(10);
         while let Some(sent) = tasks.join_next().await {
-            assert_eq!(sent.expect("no panic"), Ok(3), "each learns the batch's receivers");
+            assert_eq!(
+                sent.expect("no panic"),
+                Ok(3),
+                "each learns the batch's receivers"
+            );
         }
         let expected: Vec<Bytes> = (1..=5).map(|n| frame(n, 10)).collect();
         assert_eq!(fake.publishes(), vec![vec![frame(0, 10)], expected]);
