@@ -552,7 +552,17 @@ impl Node {
             }
         };
         for entry in entries {
-            out_some(self.route(channel.clone(), entry), out);
+            // Each entry on its own: a bug that panics on one costs that entry, not the rest.
+            let routed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                self.route(channel.clone(), entry)
+            }));
+            match routed {
+                Ok(reply) => out_some(reply, out),
+                Err(_) => {
+                    self.counters.bump(Count::Malformed);
+                    tracing::error!(node = %self.id, "routing a frame of a batch panicked; frame dropped");
+                }
+            }
         }
     }
 
