@@ -45,12 +45,21 @@ impl Bench for Provider {
 
 /// The configuration every node of the bench uses: calls wait up to `timeout`, providers take
 /// up to 20,000 calls at once (the RSS row holds 10,000 of them).
+///
+/// `CLOUDS_BENCH_BATCHING=off` in the environment (inherited by the provider and RSS child
+/// processes) turns batching off, to measure clouds without it.
 pub(crate) fn config(url: &str, namespace: &str, timeout: Duration) -> Result<Config, String> {
     Ok(Config::from_url(url)
         .map_err(|e| e.to_string())?
         .namespace(namespace)
         .timeout(timeout)
-        .max_in_flight(20_000))
+        .max_in_flight(20_000)
+        .batching(batching()))
+}
+
+/// Whether clouds batches in this run (see [`config`]).
+pub(crate) fn batching() -> bool {
+    std::env::var("CLOUDS_BENCH_BATCHING").map_or(true, |v| v != "off")
 }
 
 /// Starts a provider of [`Bench`]; round numbers it receives as messages release held calls.

@@ -76,6 +76,43 @@ pub(crate) async fn run<C: Caller>(
     run
 }
 
+/// p50 at 1 in flight of `a` and of `b`, measured by alternating the two call by call (which
+/// goes first alternates too), so both see the machine at the same moments: separate runs
+/// drift by more than the difference looked for. Returns the two p50s and the errors.
+pub(crate) async fn interleaved<A: Caller, B: Caller>(
+    a: &A,
+    b: &B,
+    payload: &[u8],
+    calls: usize,
+) -> (std::time::Duration, std::time::Duration, usize) {
+    let (mut la, mut lb) = (Vec::with_capacity(calls), Vec::with_capacity(calls));
+    let mut errors = 0;
+    for i in 0..calls {
+        for first_a in [i % 2 == 0, i % 2 != 0] {
+            let t = Instant::now();
+            let outcome = if first_a {
+                a.call(payload).await
+            } else {
+                b.call(payload).await
+            };
+            let took = t.elapsed();
+            errors += usize::from(outcome.is_err());
+            if first_a {
+                la.push(took)
+            } else {
+                lb.push(took)
+            }
+        }
+    }
+    la.sort_unstable();
+    lb.sort_unstable();
+    (
+        crate::stats::percentile(&la, 50.0),
+        crate::stats::percentile(&lb, 50.0),
+        errors,
+    )
+}
+
 /// A payload of `len` bytes.
 pub(crate) fn payload(len: usize) -> Arc<Vec<u8>> {
     Arc::new((0..len).map(|i| (i % 251) as u8).collect())

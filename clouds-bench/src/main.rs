@@ -69,9 +69,10 @@ use crate::clouds_rows::{CloudsCaller, InProcess};
 use crate::load::{Caller, payload};
 use crate::procs::Proc;
 use crate::raw::{Channels, RawClient, RawServer};
+use crate::report::Interleaved;
 use crate::report::{Memory, Ratios, Row, Setup, cluster_notes, fmt_d, table, targets, wire_notes};
 use crate::stats::{Figures, median_figures};
-use crate::wire::{Wire, first_calls, info, wire_cost};
+use crate::wire::{Wire, first_calls, info, wire_cost, wire_cost_at};
 
 /// How long one call waits for its reply, raw and clouds alike.
 const CALL_TIMEOUT: Duration = Duration::from_secs(10);
@@ -426,7 +427,7 @@ fn bench(runtime: &tokio::runtime::Runtime, plan: &Plan) -> Result<(), String> {
         print!("{out}");
         return Ok(());
     }
-    let (mut rows, wire, memory, scaling) = runtime.block_on(measure_all(plan, &redis))?;
+    let (mut rows, wire, memory, scaling, alone) = runtime.block_on(measure_all(plan, &redis))?;
     let signing = runtime.block_on(signing_row::measure(plan, &redis));
     let mut cluster = plan.cluster.then(|| measure_cluster(runtime, plan));
     let mut out = String::new();
@@ -435,7 +436,15 @@ fn bench(runtime: &tokio::runtime::Runtime, plan: &Plan) -> Result<(), String> {
         "clouds-bench, {} mode, {} runs per figure (median shown); redis-server {version} on loopback",
         plan.name, plan.reps
     );
-    let _ = writeln!(out, "start: {at_start}; allocator: {ALLOCATOR_NAME}");
+    let _ = writeln!(
+        out,
+        "start: {at_start}; allocator: {ALLOCATOR_NAME}; clouds batching {}",
+        if clouds_rows::batching() {
+            "on"
+        } else {
+            "off (CLOUDS_BENCH_BATCHING=off)"
+        }
+    );
     if let Some(Ok(run)) = &mut cluster {
         rows.append(&mut run.rows);
     }
@@ -459,7 +468,7 @@ fn bench(runtime: &tokio::runtime::Runtime, plan: &Plan) -> Result<(), String> {
             let _ = writeln!(out, "\nSigning row: not measured: {e}");
         }
     }
-    out.push_str(&targets(&rows, memory.as_ref(), scaling));
+    out.push_str(&targets(&rows, memory.as_ref(), scaling, &wire, &alone));
     let _ = writeln!(
         out,
         "\nend: loadavg {}; took {:.0?}",
@@ -495,7 +504,7 @@ fn measure_cluster(
 async fn measure_all(
     plan: &Plan,
     redis: &RedisServer,
-) -> Result<(Vec<Row>, Wire, Option<Memory>, f64), String> {
+) -> Result<(Vec<Row>, Wire, Option<Memory>, f64, Interleaved), String> {
     let url = redis.url();
     let mut rows = Vec::new();
 
@@ -511,8 +520,13 @@ async fn measure_all(
                 ("raw", wire_cost(redis, &raw, 2_000).await?),
                 ("clouds", wire_cost(redis, &clouds, 2_000).await?),
             ],
+            at_64: vec![
+                ("raw", wire_cost_at(redis, &raw, 20_000, 64).await?),
+                ("clouds", wire_cost_at(redis, &clouds, 20_000, 64).await?),
+            ],
             herd: first_calls(redis, &clouds, 1_000).await,
         };
+        let alone = interleaved_p50(plan, &raw, &clouds).await;
         let small = [
             (100, plan.seq_calls, 1),
             (100, plan.flight_calls, 64),
@@ -534,20 +548,50 @@ async fn measure_all(
             rows.push(measure_row(plan, row, &raw, Some(&clouds)).await);
         }
         let scaling = flight_scaling(plan, &clouds).await;
-        Ok::<_, String>((wire, scaling))
+        Ok::<_, String>((wire, scaling, alone))
     }
     .await;
     raw.close().await;
     raw_server.stop().await;
     in_process.stop().await;
-    let (wire, scaling) = result?;
+    let (wire, scaling, alone) = result?;
 
     // Three provider processes, three raw server processes.
     let mut procs = Vec::new();
     let result = processes_rows(plan, &url, &mut procs, &mut rows).await;
     procs::stop_all(procs).await;
     let memory = result?;
-    Ok((rows, wire, memory, scaling))
+    Ok((rows, wire, memory, scaling, alone))
+}
+
+/// 100 B at 1 in flight, raw and clouds interleaved call by call (`load::interleaved`),
+/// `plan.reps` times: the medians of the p50s and of their ratios.
+async fn interleaved_p50(plan: &Plan, raw: &impl Caller, clouds: &impl Caller) -> Interleaved {
+    let payload = payload(100);
+    let _ = load::interleaved(raw, clouds, &payload, 200).await;
+    let (mut raws, mut cloudss, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
+    let mut errors = 0;
+    for rep in 0..plan.reps {
+        let (r, c, e) = load::interleaved(raw, clouds, &payload, plan.seq_calls).await;
+        eprintln!(
+            "interleaved run {}: raw p50 {} clouds p50 {} ({:.3})",
+            rep + 1,
+            fmt_d(r),
+            fmt_d(c),
+            c.as_secs_f64() / r.as_secs_f64().max(1e-12)
+        );
+        raws.push(r);
+        cloudss.push(c);
+        ratios.push(c.as_secs_f64() / r.as_secs_f64().max(1e-12));
+        errors += e;
+    }
+    Interleaved {
+        calls: plan.seq_calls,
+        raw_p50: stats::median(&raws),
+        clouds_p50: stats::median(&cloudss),
+        ratio: stats::median(&ratios),
+        errors,
+    }
 }
 
 /// clouds at 1,000 in flight ÷ clouds at 64 in flight (100 B, in-process), the median over

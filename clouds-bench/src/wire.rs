@@ -63,11 +63,26 @@ pub(crate) struct WireCost {
     pub(crate) bytes_out: u64,
 }
 
+impl WireCost {
+    /// PUBLISH and SPUBLISH commands per call.
+    pub(crate) fn publishes_per_call(&self) -> f64 {
+        let n: u64 = self
+            .commands
+            .iter()
+            .filter(|(c, _)| c == "publish" || c == "spublish")
+            .map(|(_, n)| n)
+            .sum();
+        n as f64 / self.calls.max(1) as f64
+    }
+}
+
 /// What Redis did for calls.
 #[derive(Debug, Clone)]
 pub(crate) struct Wire {
     /// Steady sequential calls, raw and clouds.
     pub(crate) per_call: Vec<(&'static str, WireCost)>,
+    /// The same at 64 in flight (where batching shows).
+    pub(crate) at_64: Vec<(&'static str, WireCost)>,
     /// Concurrent first calls of a method nobody called before: (calls, errors, commands).
     pub(crate) herd: (usize, usize, Vec<(String, u64)>),
 }
@@ -175,10 +190,20 @@ pub(crate) async fn wire_cost(
     caller: &impl Caller,
     calls: usize,
 ) -> Result<WireCost, String> {
+    wire_cost_at(redis, caller, calls, 1).await
+}
+
+/// [`wire_cost`] with `in_flight` calls at a time.
+pub(crate) async fn wire_cost_at(
+    redis: &impl InfoSource,
+    caller: &impl Caller,
+    calls: usize,
+    in_flight: usize,
+) -> Result<WireCost, String> {
     let payload = payload(100);
-    let _ = load::run(caller, &payload, 100, 1, Duration::from_secs(30)).await;
+    let _ = load::run(caller, &payload, 100, in_flight, Duration::from_secs(30)).await;
     let (before, in0, out0) = counters(redis);
-    let run = load::run(caller, &payload, calls, 1, Duration::from_secs(60)).await;
+    let run = load::run(caller, &payload, calls, in_flight, Duration::from_secs(60)).await;
     let (after, in1, out1) = counters(redis);
     if run.errors > 0 {
         return Err(format!("wire cost run failed: {:?}", run.first_error));

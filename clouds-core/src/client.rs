@@ -16,7 +16,6 @@ use crate::message::Messages;
 use crate::node::{Node, Owner};
 use crate::node_id::NodeId;
 use crate::stats::{Count, Stats};
-use crate::transport::Transport;
 
 /// A connection to the services of one Redis deployment: calls methods, sends messages.
 ///
@@ -183,8 +182,7 @@ impl Client {
         let frame = node.sized(frame, || format!("message to {to}"))?;
         let (frame, claim) = node.claim_if_large(frame, self.timeout).await?;
         let inbox = node.names().inbox(to);
-        let frame = node.seal(&inbox, frame);
-        let receivers = node.wire().publish(inbox, frame).await;
+        let receivers = node.send_frame(&inbox, frame, true).await;
         if let (Some(key), Ok(0) | Err(_)) = (claim, &receivers) {
             node.discard_claim(key);
         }
@@ -360,10 +358,13 @@ impl Client {
                         frame
                     };
                     // Untimed: the attempt's timeout below bounds the PUBLISH too. Sealed
-                    // after claiming, so a signature covers a claimed body's digest.
+                    // after claiming (when published), so a signature covers a claimed
+                    // body's digest. The frame may go in a batch with other calls to this
+                    // provider: its PUBLISH's outcome is this call's (`outbox.rs`).
                     let calls = node.peers().calls(provider.as_str());
-                    let frame = node.seal(&calls, frame);
-                    let receivers = node.wire().publish_untimed(calls, frame).await?;
+                    // Boxed: the outbox's state and the PUBLISH would otherwise weigh on
+                    // every call's future for its whole life (memory per call in flight).
+                    let receivers = Box::pin(node.send_frame(&calls, frame, false)).await?;
                     if receivers == 0 {
                         return Ok::<_, Error>(Attempt::NotDelivered);
                     }

@@ -270,6 +270,84 @@ pub(crate) fn encode_leave(node: &str) -> Vec<u8> {
     buf
 }
 
+/// The kind of a batch frame: several frames for one channel in one (`docs/protocol.md` §3.12).
+const KIND_BATCH: u8 = 8;
+
+/// Longest batch frame a node builds or accepts, in bytes (before signing): 64 KiB. A frame
+/// that does not fit beside others goes alone, as itself.
+pub(crate) const BATCH_MAX: usize = 64 * 1024;
+
+/// Most bytes a batch frame's header takes: version, array length (up to 5), kind.
+pub(crate) const BATCH_HEADER: usize = 7;
+
+/// The bytes `frame` takes as an entry of a batch: its length prefix (a MessagePack bin
+/// header) and itself.
+pub(crate) fn batch_entry_len(frame: usize) -> usize {
+    frame
+        + match frame {
+            0..=0xff => 2,
+            0x100..=0xffff => 3,
+            _ => 5,
+        }
+}
+
+/// Encodes a batch frame of `frames` (each one complete frame of today's kinds, for the same
+/// channel): `[version, [8, bin frame, bin frame, ...]]`.
+pub(crate) fn encode_batch<'a>(frames: impl ExactSizeIterator<Item = &'a [u8]> + Clone) -> Bytes {
+    let len = BATCH_HEADER
+        + frames
+            .clone()
+            .map(|f| batch_entry_len(f.len()))
+            .sum::<usize>();
+    let mut buf = Vec::with_capacity(len);
+    buf.push(VERSION);
+    put_array_len(
+        &mut buf,
+        u32::try_from(frames.len() + 1).unwrap_or(u32::MAX),
+    );
+    put_uint(&mut buf, KIND_BATCH.into());
+    for frame in frames {
+        let _ = rmp::encode::write_bin(&mut buf, frame);
+    }
+    Bytes::from(buf)
+}
+
+/// The entries of a batch frame, each a slice of `frame`: `None` if `frame` is not a batch
+/// (decode it with [`decode`]), an error if it is a malformed one. Entries are not checked
+/// here: each is decoded as a frame of its own (so a batch inside a batch is refused there).
+pub(crate) fn split_batch(frame: &Bytes) -> Option<Result<Vec<Bytes>, DecodeError>> {
+    let (&version, mut rest) = frame.split_first()?;
+    if version != VERSION {
+        return None;
+    }
+    let len = rmp::decode::read_array_len(&mut rest).ok()?;
+    // The kind is a positive fixint in every frame this build writes; anything else is not
+    // a batch (and `decode` says what is wrong with it).
+    if rest.first() != Some(&KIND_BATCH) {
+        return None;
+    }
+    rest = &rest[1..];
+    Some((|| {
+        if len < 2 {
+            return Err(malformed("batch has no entries"));
+        }
+        // At most one entry per two bytes of the frame, whatever the header claims.
+        let mut entries = Vec::with_capacity((len as usize - 1).min(rest.len() / 2));
+        for _ in 1..len {
+            let n = rmp::decode::read_bin_len(&mut rest)
+                .map_err(|e| malformed(format!("batch entry: {e}")))? as usize;
+            if rest.len() < n {
+                return Err(malformed("batch entry is truncated"));
+            }
+            let start = frame.len() - rest.len();
+            entries.push(frame.slice(start..start + n));
+            rest = &rest[n..];
+        }
+        trailing(rest)?;
+        Ok(entries)
+    })())
+}
+
 /// A cursor over a frame that remembers the whole buffer, so the body can be handed out as a
 /// zero-copy slice.
 struct Reader<'a> {
@@ -642,6 +720,73 @@ pub(crate) fn decode_args<A: DeserializeOwned>(bytes: &[u8]) -> Result<A, String
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_batch_is_laid_out_as_documented() {
+        // docs/protocol.md §3.12: two Replies for one inbox.
+        let hi = encode_reply(1, Status::Ok, &encode_value("hi").expect("str"));
+        let yo = encode_reply(2, Status::Ok, &encode_value("yo").expect("str"));
+        let batch = encode_batch([&hi[..], &yo[..]].into_iter());
+        let expected: &[u8] = &[
+            0x01, 0x93, 0x08, 0xc4, 0x08, 0x01, 0x94, 0x01, 0x01, 0x00, 0xa2, b'h', b'i', 0xc4,
+            0x08, 0x01, 0x94, 0x01, 0x02, 0x00, 0xa2, b'y', b'o',
+        ];
+        assert_eq!(&batch[..], expected);
+        let entries = split_batch(&batch).expect("a batch").expect("well-formed");
+        assert_eq!(entries, vec![hi.clone(), yo]);
+        assert!(split_batch(&hi).is_none(), "a reply is not a batch");
+        assert!(
+            matches!(decode(&batch), Err(DecodeError::Kind(8))),
+            "a batch is not a frame of its own: an entry that is one is malformed"
+        );
+    }
+
+    #[test]
+    fn batch_entry_lengths_match_the_encoding() {
+        for len in [0usize, 1, 255, 256, 65_535, 65_536, 70_000] {
+            let frame = vec![7u8; len];
+            let batch = encode_batch([&frame[..]].into_iter());
+            // Version, a one-byte array header and the kind, then the entry.
+            assert_eq!(batch.len(), 3 + batch_entry_len(len));
+            assert!(batch.len() <= BATCH_HEADER + batch_entry_len(len));
+        }
+    }
+
+    #[test]
+    fn malformed_batches_are_errors_never_panics() {
+        let bad: &[&[u8]] = &[
+            &[0x01, 0x91, 0x08],
+            &[0x01, 0x92, 0x08, 0xc4, 5, 1, 2],
+            &[0x01, 0x92, 0x08, 0x07],
+            &[0x01, 0x92, 0x08, 0xc4, 0, 0],
+            &[0x01, 0xdd, 0xff, 0xff, 0xff, 0xff, 0x08],
+            &[0x01, 0x93, 0x08, 0xc4, 0],
+        ];
+        for frame in bad {
+            let frame = Bytes::copy_from_slice(frame);
+            assert!(
+                matches!(split_batch(&frame), Some(Err(_))),
+                "{frame:?} is a malformed batch"
+            );
+        }
+        // Every prefix and every one-byte change of a good batch: an answer, never a panic.
+        let one = encode_reply(1, Status::Ok, NIL);
+        let good = encode_batch([&one[..], &one[..]].into_iter());
+        for cut in 0..good.len() {
+            let _ = split_batch(&good.slice(..cut));
+        }
+        for i in 0..good.len() {
+            for v in [0u8, 0x7f, 0xc4, 0xc5, 0xc6, 0xff] {
+                let mut changed = good.to_vec();
+                changed[i] = v;
+                if let Some(Ok(entries)) = split_batch(&Bytes::from(changed)) {
+                    for entry in entries {
+                        let _ = decode(&entry);
+                    }
+                }
+            }
+        }
+    }
 
     fn call_frame() -> Bytes {
         Bytes::from(

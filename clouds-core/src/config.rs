@@ -60,6 +60,7 @@ pub struct Config {
     pub(crate) claim_threshold: usize,
     pub(crate) max_body_size: usize,
     pub(crate) claim_fetch_bytes: usize,
+    pub(crate) batching: bool,
     pub(crate) transport: TransportOptions,
     /// Signed frames: the keys and the replay window (`signing.rs`). Its `Debug` shows key
     /// ids, never secrets.
@@ -90,6 +91,7 @@ impl Default for Config {
             claim_threshold: DEFAULT_CLAIM_THRESHOLD,
             max_body_size: 128 << 20,
             claim_fetch_bytes: 32 << 20,
+            batching: true,
             transport: TransportOptions::default(),
             signing: crate::signing::Keys::default(),
             #[cfg(any(test, feature = "testing"))]
@@ -387,6 +389,24 @@ impl Config {
     /// ```
     pub fn spawn_handlers(mut self, spawn: bool) -> Self {
         self.spawn_handlers = spawn;
+        self
+    }
+
+    /// Whether calls, replies and messages for one destination are coalesced (default on):
+    /// a frame sent while no `PUBLISH` to its channel is outstanding goes out at once; frames
+    /// sent while one is wait, and go out together as one batch frame (at most 64 KiB) when
+    /// it is answered. No timers: a call alone is not delayed. Each frame's outcome is still
+    /// its own (a batch that reached nobody re-routes every call in it).
+    ///
+    /// Nodes of a release without batching drop batch frames (counted as malformed): turn
+    /// this off on every node until all of a deployment understand them
+    /// (`docs/protocol.md` §3.12). Every node accepts batches whatever this says.
+    ///
+    /// ```
+    /// let config = clouds_core::Config::default().batching(false);
+    /// ```
+    pub fn batching(mut self, on: bool) -> Self {
+        self.batching = on;
         self
     }
 

@@ -27,6 +27,8 @@
 //! - `namespace`: key and channel names (and the peers' channel names, built once each);
 //!   `registry`: what a registry entry says and the join/leave announcements; `acl`: the
 //!   Redis ACL rule that confines a user to those names ([`Config::acl_rule`]).
+//! - `outbox`: natural batching: frames for one destination coalesced into one `PUBLISH`
+//!   while one to it is outstanding (no timers); the receive loop splits batches it gets.
 //! - `caller`: the caller side of a node (pending calls, provider cache, byte budget);
 //!   `attempt`: one call's retry policy as a plain state machine; `balance`: the provider
 //!   cache and the choice of provider; `pending`: calls awaiting replies.
@@ -62,6 +64,7 @@ pub mod monitor;
 mod namespace;
 mod node;
 mod node_id;
+mod outbox;
 mod pending;
 mod registry;
 pub mod server;

@@ -22,6 +22,7 @@ use crate::error::Error;
 use crate::message::{Message, MessageQueue};
 use crate::namespace::{Names, PeerChannels};
 use crate::node_id::NodeId;
+use crate::outbox::{self, Outbox, Sink};
 use crate::registry::Registry;
 use crate::shutdown::Lifecycle;
 use crate::signing::{Opener, Refused, SIGNED_VERSION, Sealer};
@@ -54,6 +55,8 @@ pub(crate) struct Node {
     /// (`signing.rs`); the registry signs the announcements with the same sealer.
     sealer: Option<Arc<Sealer>>,
     opener: Option<Opener>,
+    /// Calls, replies and messages waiting for their destination's turn (`outbox.rs`).
+    outbox: Outbox,
 }
 
 impl std::fmt::Debug for Node {
@@ -89,6 +92,7 @@ impl Node {
             registry: Registry::new(config.effective_ttl()).signed(sealer.clone(), names.events()),
             opener,
             sealer,
+            outbox: Outbox::new(config.batching),
             peers: PeerChannels::new(names.clone()),
             caller: Caller::new(&config),
             claims: Claims::new(&config),
@@ -311,17 +315,34 @@ impl Node {
         }
     }
 
+    /// Publishes `frame` on `channel` through the outbox, which may carry it in a batch with
+    /// other frames for the same channel (`outbox.rs`); signed at publishing, when frames are
+    /// signed. `timed`: bounded by the command timeout (else the caller bounds the wait).
+    pub(crate) async fn send_frame(
+        self: &Arc<Self>,
+        channel: &Channel,
+        frame: Bytes,
+        timed: bool,
+    ) -> Result<u64, TransportError> {
+        outbox::send(self, channel, frame, timed, false).await
+    }
+
     /// Sends a reply to `caller`'s inbox; failures are logged (the caller will time out).
-    pub(crate) async fn reply(&self, caller: &str, id: u64, status: Status, body: ReplyBody) {
+    pub(crate) async fn reply(
+        self: &Arc<Self>,
+        caller: &str,
+        id: u64,
+        status: Status,
+        body: ReplyBody,
+    ) {
         let frame = self.reply_frame(caller, id, status, body).await;
         let inbox = self.peers.inbox(caller);
-        let frame = self.seal(&inbox, frame);
-        let sent = self.wire.publish(inbox, frame).await;
+        let sent = self.send_frame(&inbox, frame, true).await;
         self.log_reply(caller, sent);
     }
 
     /// Sends a handler's reply, bounded by the command timeout, then frees its in-flight slot.
-    async fn send_reply(&self, reply: ReadyReply) {
+    async fn send_reply(self: &Arc<Self>, reply: ReadyReply) {
         self.reply(reply.caller.as_str(), reply.id, reply.status, reply.body)
             .await;
         drop(reply.slot);
@@ -329,14 +350,14 @@ impl Node {
 
     /// [`Node::reply`] with no timer of its own, for the receive loop, which bounds the
     /// replies it sends all together (see `receive_loop`).
-    async fn reply_unbounded(&self, reply: ReadyReply) {
+    async fn reply_unbounded(self: &Arc<Self>, reply: ReadyReply, gather: bool) {
         let caller = reply.caller.as_str();
         let frame = self
             .reply_frame(caller, reply.id, reply.status, reply.body)
             .await;
         let inbox = self.peers.inbox(caller);
-        let frame = self.seal(&inbox, frame);
-        let sent = self.wire.publish_untimed(inbox, frame).await;
+        // Gathered: the other replies made in the same pass of the receive loop join this one.
+        let sent = outbox::send(self, &inbox, frame, false, gather).await;
         self.log_reply(caller, sent);
         drop(reply.slot);
     }
@@ -499,18 +520,55 @@ impl Node {
         tracing::debug!(node = %self.id, "node closed");
     }
 
-    /// Routes one delivery. Never fails: bad input is counted and logged. Returns the work
-    /// left for the receive loop to drive: sending the reply of a call handled right here.
-    fn handle(self: &Arc<Self>, delivery: Delivery) -> Option<ReadyReply> {
+    /// Routes one delivery (a frame, or each frame of a batch). Never fails: bad input is
+    /// counted and logged. Hands `out` the work left for the receive loop to drive: sending
+    /// the replies of calls handled right here.
+    fn handle(self: &Arc<Self>, delivery: Delivery, out: &mut dyn FnMut(ReadyReply)) {
         let (channel, payload) = match delivery {
             Delivery::Frame { channel, payload } => (channel, payload),
             Delivery::Lagged(n) => {
                 self.counters.add(Count::Lagged, n);
                 tracing::warn!(node = %self.id, lost = n, "receive loop fell behind; frames lost (calls will time out and retry)");
-                return None;
+                return;
             }
         };
-        let payload = self.open(&channel, payload)?;
+        // A signed batch is opened as one frame: its signature covers every entry.
+        let Some(payload) = self.open(&channel, payload) else {
+            return;
+        };
+        let entries = match codec::split_batch(&payload) {
+            None => return out_some(self.route(channel, payload), out),
+            Some(Ok(entries)) if payload.len() <= codec::BATCH_MAX => entries,
+            Some(Ok(_)) => {
+                if let Some(seen) = self.counters.bump_and_sample(Count::Oversized) {
+                    tracing::warn!(node = %self.id, %channel, len = payload.len(), max = codec::BATCH_MAX, seen, "dropped an oversized batch");
+                }
+                return;
+            }
+            Some(Err(e)) => {
+                if let Some(seen) = self.counters.bump_and_sample(Count::Malformed) {
+                    tracing::warn!(node = %self.id, %channel, len = payload.len(), error = %e, seen, "dropped a malformed batch");
+                }
+                return;
+            }
+        };
+        for entry in entries {
+            // Each entry on its own: a bug that panics on one costs that entry, not the rest.
+            let routed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                self.route(channel.clone(), entry)
+            }));
+            match routed {
+                Ok(reply) => out_some(reply, out),
+                Err(_) => {
+                    self.counters.bump(Count::Malformed);
+                    tracing::error!(node = %self.id, "routing a frame of a batch panicked; frame dropped");
+                }
+            }
+        }
+    }
+
+    /// Routes one frame (alone, or an entry of a batch) that arrived on `channel`.
+    fn route(self: &Arc<Self>, channel: Channel, payload: Bytes) -> Option<ReadyReply> {
         let frame = match codec::decode(&payload) {
             Ok(frame) => frame,
             Err(e) => {
@@ -590,6 +648,34 @@ impl Node {
             }
         }
         None
+    }
+}
+
+impl Sink for Node {
+    fn outbox(&self) -> &Outbox {
+        &self.outbox
+    }
+
+    fn publish(
+        &self,
+        channel: Channel,
+        frame: Bytes,
+        timed: bool,
+    ) -> impl std::future::Future<Output = Result<u64, TransportError>> + Send {
+        // Sealed right before publishing, so sequence numbers go out in about the order
+        // they were taken; a batch is sealed as one frame.
+        let frame = self.seal(&channel, frame);
+        async move {
+            if timed {
+                self.wire.publish(channel, frame).await
+            } else {
+                self.wire.publish_untimed(channel, frame).await
+            }
+        }
+    }
+
+    fn spawn(&self, work: impl std::future::Future<Output = ()> + Send + 'static) {
+        self.life.spawn_detached(work);
     }
 }
 
@@ -728,6 +814,12 @@ impl Node {
     }
 }
 
+fn out_some(reply: Option<ReadyReply>, out: &mut dyn FnMut(ReadyReply)) {
+    if let Some(reply) = reply {
+        out(reply);
+    }
+}
+
 fn kind(frame: &Frame) -> &'static str {
     match frame {
         Frame::Call(_) => "call",
@@ -756,7 +848,11 @@ async fn receive_loop(node: Arc<Node>, mut inbound: Inbound) {
     // Re-armed a full period after each rotation, so nothing is given up sooner than that.
     let tick = tokio::time::sleep(period);
     tokio::pin!(tick);
-    let send = |reply: ReadyReply| node.reply_unbounded(reply);
+    let send = |reply: ReadyReply, gather: bool| node.reply_unbounded(reply, gather);
+    // The replies made in one pass over the deliveries. Several are sent gathered: the first
+    // to an inbox whose turn is free waits one yield for the others (`outbox.rs`); one alone
+    // goes at once.
+    let mut made = Vec::new();
     let cancelled = node.life.stopped();
     tokio::pin!(cancelled);
     loop {
@@ -774,7 +870,7 @@ async fn receive_loop(node: Arc<Node>, mut inbound: Inbound) {
             delivery = inbound.recv() => delivery,
         };
         match delivery {
-            Some(delivery) => sending.extend(handle_guarded(&node, delivery).map(send)),
+            Some(delivery) => handle_guarded(&node, delivery, &mut |r| made.push(r)),
             None => break,
         }
         // Take what else has arrived already without going round the `select!` for each
@@ -785,13 +881,16 @@ async fn receive_loop(node: Arc<Node>, mut inbound: Inbound) {
             let Some(delivery) = inbound.try_recv() else {
                 break;
             };
-            sending.extend(handle_guarded(&node, delivery).map(send));
+            handle_guarded(&node, delivery, &mut |r| made.push(r));
         }
+        let gather = made.len() > 1;
+        sending.extend(made.drain(..).map(|r| send(r, gather)));
     }
     // Hand over what was already delivered (replies to calls still being waited for).
     while let Some(delivery) = inbound.try_recv() {
-        sending.extend(handle_guarded(&node, delivery).map(send));
+        handle_guarded(&node, delivery, &mut |r| made.push(r));
     }
+    sending.extend(made.drain(..).map(|r| send(r, true)));
     // Finish sending the replies already made, for at most one command timeout.
     let mut both = futures_util::stream::select(sending, older);
     let drain = async { while both.next().await.is_some() {} };
@@ -812,14 +911,12 @@ fn give_up(node: &Node, replies: usize, period: Duration) {
 const RECEIVE_BATCH: usize = 32;
 
 /// Routes one delivery; a bug that panics on some frame costs that frame, not the node.
-fn handle_guarded(node: &Arc<Node>, delivery: Delivery) -> Option<ReadyReply> {
-    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| node.handle(delivery))) {
-        Ok(work) => work,
-        Err(_) => {
-            node.counters.bump(Count::Malformed);
-            tracing::error!(node = %node.id, "routing a frame panicked; frame dropped");
-            None
-        }
+fn handle_guarded(node: &Arc<Node>, delivery: Delivery, out: &mut dyn FnMut(ReadyReply)) {
+    let handled =
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| node.handle(delivery, out)));
+    if handled.is_err() {
+        node.counters.bump(Count::Malformed);
+        tracing::error!(node = %node.id, "routing a frame panicked; frame dropped");
     }
 }
 

@@ -263,6 +263,28 @@ pub async fn reroute_when_nobody_received(b: impl Backend) {
     alive.shutdown().await.expect("shutdown");
 }
 
+/// Calls made together go to a provider in batches (`docs/protocol.md` §3.12): when the
+/// provider is gone, a batch that reached nobody re-routes every call in it, and each gets
+/// its own answer from the provider that is left.
+pub async fn batched_calls_reroute_together_when_nobody_received(b: impl Backend) {
+    let (gone, _) = serve(b.config(), "gone").await;
+    let (alive, alive_calls) = serve(b.config(), "alive").await;
+    let client = client(b.config()).await.with_retries(0);
+    let suite = SuiteClient::new(&client);
+    for _ in 0..2 {
+        suite.whoami().await.expect("whoami");
+    }
+    clouds::testing::crash(gone).await;
+    let before = alive_calls.load(Ordering::SeqCst);
+    let calls = (0..40).map(|_| suite.whoami());
+    for answer in futures_util::future::join_all(calls).await {
+        assert_eq!(answer.expect("re-routed, not failed"), "alive");
+    }
+    assert_eq!(alive_calls.load(Ordering::SeqCst) - before, 40);
+    assert!(client.stats().rerouted_calls >= 1);
+    alive.shutdown().await.expect("shutdown");
+}
+
 pub async fn overloaded_provider_refuses(b: impl Backend) {
     let (busy, _) = serve(b.config().max_in_flight(1), "busy").await;
     let client = client(b.config()).await;
@@ -489,6 +511,7 @@ macro_rules! behaviour_suite {
             no_provider_fails_fast
             timeout_then_retry_on_another_provider
             reroute_when_nobody_received
+            batched_calls_reroute_together_when_nobody_received
             overloaded_provider_refuses
             round_robin_and_least_in_flight
             messages_between_nodes

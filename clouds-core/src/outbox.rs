@@ -1,0 +1,564 @@
+//! Natural batching: frames for one destination channel coalesced while a `PUBLISH` to it is
+//! outstanding, with no timers.
+//!
+//! Each destination (a provider's call channel, a caller's inbox) has a *turn*. A frame sent
+//! while nobody holds the turn takes it and goes out at once, alone, as itself. A sender that
+//! makes several frames in one go (the receive loop, replying to the calls of one pass) asks
+//! to `gather`: it yields once first, so the frames made meanwhile join it. Frames sent while the turn is held wait in the
+//! destination's queue; when the outstanding `PUBLISH` is answered, the turn passes to a
+//! *flusher* task that publishes everything waiting as one batch frame (`codec::encode_batch`,
+//! at most `codec::BATCH_MAX` bytes; a frame too large to share goes alone), tells each
+//! frame's sender what its `PUBLISH` returned, and goes on until the queue is empty.
+//!
+//! So a batch's outcome is exactly each of its frames' outcome: a `PUBLISH` that reached
+//! nobody reached none of them, one that failed failed for each of them. Frames keep their
+//! order per destination. A sender dropped while its frame waits takes the frame out of the
+//! next batch; one dropped while holding the turn hands it on from its `Drop` (a flusher picks
+//! up what waits), so no destination's turn is ever stranded. Flushers are spawned tasks,
+//! never a caller's future, so a batch in flight cannot be cancelled by a caller giving up.
+//!
+//! What publishing means (sealing, the transport) is the [`Sink`]'s: the node in production,
+//! a recording fake in the tests below.
+
+use std::collections::{HashMap, VecDeque};
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use tokio::sync::oneshot;
+
+use crate::codec;
+use crate::locks::lock;
+use crate::transport::{Channel, TransportError};
+
+/// Where an outbox's frames go.
+pub(crate) trait Sink: Send + Sync + Sized + 'static {
+    /// The outbox of this sink.
+    fn outbox(&self) -> &Outbox;
+
+    /// Publishes `frame` (one frame, or a batch) on `channel` as it goes on the wire (signed
+    /// here, when frames are signed): how many subscribers received it. `timed`: bounded by
+    /// the command timeout (else the caller bounds the wait).
+    fn publish(
+        &self,
+        channel: Channel,
+        frame: Bytes,
+        timed: bool,
+    ) -> impl Future<Output = Result<u64, TransportError>> + Send;
+
+    /// Runs a flusher in the background (on the node's runtime; also called from `Drop`).
+    fn spawn(&self, work: impl Future<Output = ()> + Send + 'static);
+}
+
+/// The turns and queues of one node's destinations.
+#[derive(Debug)]
+pub(crate) struct Outbox {
+    /// Off: every frame is published alone, as before batching.
+    enabled: bool,
+    /// Largest batch frame built, in bytes.
+    cap: usize,
+    /// Destinations whose turn is held (present) with the frames waiting for it. A
+    /// destination leaves the map when its turn is given back with nothing waiting.
+    turns: Mutex<HashMap<Channel, VecDeque<Waiting>>>,
+}
+
+/// A frame waiting for its destination's turn, and who to tell what became of it.
+#[derive(Debug)]
+struct Waiting {
+    frame: Bytes,
+    done: oneshot::Sender<Result<u64, TransportError>>,
+}
+
+impl Outbox {
+    pub(crate) fn new(enabled: bool) -> Self {
+        Outbox::with_cap(enabled, codec::BATCH_MAX)
+    }
+
+    pub(crate) fn with_cap(enabled: bool, cap: usize) -> Self {
+        Outbox {
+            enabled,
+            cap,
+            turns: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Destinations whose turn is held now.
+    #[cfg(test)]
+    fn busy(&self) -> usize {
+        lock(&self.turns).len()
+    }
+
+    /// The next frames to publish for a held turn, at most `cap` bytes as a batch (a frame
+    /// over that goes alone), skipping those whose sender gave up; empty (and the turn given
+    /// back) if nothing waits.
+    fn next(&self, channel: &Channel) -> Vec<Waiting> {
+        let mut turns = lock(&self.turns);
+        let Some(queue) = turns.get_mut(channel) else {
+            return Vec::new();
+        };
+        let mut taken = Vec::new();
+        let mut size = codec::BATCH_HEADER;
+        while let Some(front) = queue.front() {
+            if front.done.is_closed() {
+                queue.pop_front();
+                continue;
+            }
+            let len = codec::batch_entry_len(front.frame.len());
+            if !taken.is_empty() && size + len > self.cap {
+                break;
+            }
+            size += len;
+            taken.extend(queue.pop_front());
+            if size > self.cap {
+                break;
+            }
+        }
+        if taken.is_empty() {
+            turns.remove(channel);
+        }
+        taken
+    }
+
+    /// Gives the turn back, or to a flusher if frames wait for it.
+    fn release<S: Sink>(sink: &Arc<S>, channel: &Channel) {
+        let waiting = {
+            let mut turns = lock(&sink.outbox().turns);
+            match turns.get(channel) {
+                Some(queue) if !queue.is_empty() => true,
+                _ => {
+                    turns.remove(channel);
+                    false
+                }
+            }
+        };
+        if waiting {
+            sink.spawn(flush(sink.clone(), channel.clone()));
+        }
+    }
+}
+
+/// Publishes `frame` on `channel` through the outbox (see the module docs): resolves to how
+/// many subscribers received the `PUBLISH` that carried it.
+pub(crate) async fn send<S: Sink>(
+    sink: &Arc<S>,
+    channel: &Channel,
+    frame: Bytes,
+    timed: bool,
+    gather: bool,
+) -> Result<u64, TransportError> {
+    let outbox = sink.outbox();
+    if !outbox.enabled {
+        return sink.publish(channel.clone(), frame, timed).await;
+    }
+    let waiting = {
+        let mut turns = lock(&outbox.turns);
+        match turns.get_mut(channel) {
+            Some(queue) => {
+                let (done, waiting) = oneshot::channel();
+                queue.push_back(Waiting { frame, done });
+                Err(waiting)
+            }
+            None => {
+                turns.insert(channel.clone(), VecDeque::new());
+                Ok(frame)
+            }
+        }
+    };
+    let frame = match waiting {
+        Ok(frame) => frame,
+        Err(waiting) => return outcome(waiting).await,
+    };
+    // This sender holds the turn; the guard hands it on however this future ends.
+    let turn = Turn { sink, channel };
+    if !gather {
+        let sent = sink.publish(channel.clone(), frame, timed).await;
+        drop(turn);
+        return sent;
+    }
+    tokio::task::yield_now().await;
+    let others = {
+        let mut turns = lock(&outbox.turns);
+        match turns.get_mut(channel) {
+            Some(queue) if !queue.is_empty() => {
+                // Others joined during the yield: this frame goes first, in a flusher's batch.
+                let (done, waiting) = oneshot::channel();
+                queue.push_front(Waiting { frame, done });
+                Err(waiting)
+            }
+            _ => Ok(frame),
+        }
+    };
+    match others {
+        Ok(frame) => {
+            let sent = sink.publish(channel.clone(), frame, timed).await;
+            drop(turn);
+            sent
+        }
+        Err(waiting) => {
+            drop(turn);
+            outcome(waiting).await
+        }
+    }
+}
+
+/// What became of a frame that waited for its turn.
+async fn outcome(
+    waiting: oneshot::Receiver<Result<u64, TransportError>>,
+) -> Result<u64, TransportError> {
+    waiting.await.unwrap_or_else(|_| {
+        Err(TransportError::Command {
+            command: "PUBLISH",
+            reason: "the node stopped before the frame was sent".into(),
+        })
+    })
+}
+
+/// A held turn: given back (or to a flusher) when dropped.
+struct Turn<'a, S: Sink> {
+    sink: &'a Arc<S>,
+    channel: &'a Channel,
+}
+
+impl<S: Sink> Drop for Turn<'_, S> {
+    fn drop(&mut self) {
+        Outbox::release(self.sink, self.channel);
+    }
+}
+
+/// Holds `channel`'s turn until nothing waits for it: publishes what waits, batch after batch,
+/// and tells each frame's sender how its `PUBLISH` went.
+async fn flush<S: Sink>(sink: Arc<S>, channel: Channel) {
+    loop {
+        let taken = sink.outbox().next(&channel);
+        let frame = match taken.as_slice() {
+            [] => return,
+            [one] => one.frame.clone(),
+            many => codec::encode_batch(many.iter().map(|w| &w.frame[..])),
+        };
+        let sent = sink.publish(channel.clone(), frame, true).await;
+        for waiting in taken {
+            let _ = waiting.done.send(sent.clone());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    /// Records what was published; publishes wait until `gate` opens, and fail while `fail`.
+    struct Fake {
+        outbox: Outbox,
+        published: Mutex<Vec<(Channel, Bytes)>>,
+        gate: tokio::sync::Semaphore,
+        fail: AtomicBool,
+        receivers: u64,
+    }
+
+    impl Fake {
+        fn new(cap: usize, receivers: u64) -> Arc<Fake> {
+            Arc::new(Fake {
+                outbox: Outbox::with_cap(true, cap),
+                published: Mutex::new(Vec::new()),
+                gate: tokio::sync::Semaphore::new(0),
+                fail: AtomicBool::new(false),
+                receivers,
+            })
+        }
+
+        /// The frames of each publish, a batch split into its entries.
+        fn publishes(&self) -> Vec<Vec<Bytes>> {
+            lock(&self.published)
+                .iter()
+                .map(|(_, frame)| match codec::split_batch(frame) {
+                    Some(entries) => entries.expect("a well-formed batch"),
+                    None => vec![frame.clone()],
+                })
+                .collect()
+        }
+    }
+
+    impl Sink for Fake {
+        fn outbox(&self) -> &Outbox {
+            &self.outbox
+        }
+
+        async fn publish(
+            &self,
+            channel: Channel,
+            frame: Bytes,
+            _timed: bool,
+        ) -> Result<u64, TransportError> {
+            self.gate.acquire().await.expect("open").forget();
+            lock(&self.published).push((channel, frame));
+            if self.fail.load(Ordering::SeqCst) {
+                return Err(TransportError::Command {
+                    command: "PUBLISH",
+                    reason: "injected".into(),
+                });
+            }
+            Ok(self.receivers)
+        }
+
+        fn spawn(&self, work: impl Future<Output = ()> + Send + 'static) {
+            tokio::spawn(work);
+        }
+    }
+
+    fn frame(n: u8, len: usize) -> Bytes {
+        Bytes::from(vec![n; len])
+    }
+
+    /// Lets spawned tasks and queued senders run until nothing moves.
+    async fn settle() {
+        for _ in 0..50 {
+            tokio::task::yield_now().await;
+        }
+    }
+
+    #[tokio::test]
+    async fn a_frame_alone_goes_as_itself() {
+        let fake = Fake::new(1024, 1);
+        fake.gate.add_permits(1);
+        let ch = Channel::from("a");
+        assert_eq!(send(&fake, &ch, frame(1, 10), false, false).await, Ok(1));
+        assert_eq!(fake.publishes(), vec![vec![frame(1, 10)]]);
+        assert_eq!(fake.outbox.busy(), 0, "the turn is given back");
+    }
+
+    #[tokio::test]
+    async fn frames_waiting_go_as_one_batch_in_order() {
+        let fake = Fake::new(1024, 3);
+        let ch = Channel::from("a");
+        let mut tasks = tokio::task::JoinSet::new();
+        // The first takes the turn and waits at the gate with its frame alone...
+        {
+            let fake = fake.clone();
+            let ch = ch.clone();
+            tasks.spawn(async move { send(&fake, &ch, frame(0, 10), false, false).await });
+        }
+        settle().await;
+        // ...so the next ones wait for it, in order.
+        for n in 1..=5u8 {
+            let fake = fake.clone();
+            let ch = ch.clone();
+            tasks.spawn(async move { send(&fake, &ch, frame(n, 10), false, false).await });
+            settle().await;
+        }
+        fake.gate.add_permits(10);
+        while let Some(sent) = tasks.join_next().await {
+            assert_eq!(
+                sent.expect("no panic"),
+                Ok(3),
+                "each learns the batch's receivers"
+            );
+        }
+        let expected: Vec<Bytes> = (1..=5).map(|n| frame(n, 10)).collect();
+        assert_eq!(fake.publishes(), vec![vec![frame(0, 10)], expected]);
+        assert_eq!(fake.outbox.busy(), 0);
+    }
+
+    #[tokio::test]
+    async fn destinations_do_not_wait_for_each_other() {
+        let fake = Fake::new(1024, 1);
+        let (a, b) = (Channel::from("a"), Channel::from("b"));
+        let first = {
+            let (fake, a) = (fake.clone(), a.clone());
+            tokio::spawn(async move { send(&fake, &a, frame(1, 4), false, false).await })
+        };
+        settle().await;
+        let other = {
+            let (fake, b) = (fake.clone(), b.clone());
+            tokio::spawn(async move { send(&fake, &b, frame(2, 4), false, false).await })
+        };
+        settle().await;
+        assert_eq!(fake.outbox.busy(), 2, "each destination holds its own turn");
+        fake.gate.add_permits(2);
+        assert_eq!(first.await.expect("ran"), Ok(1));
+        assert_eq!(other.await.expect("ran"), Ok(1));
+        assert_eq!(fake.publishes().len(), 2);
+    }
+
+    #[tokio::test]
+    async fn the_cap_is_respected_and_a_large_frame_goes_alone() {
+        let cap = 100;
+        let fake = Fake::new(cap, 1);
+        let ch = Channel::from("a");
+        let mut tasks = tokio::task::JoinSet::new();
+        let lens = [10usize, 30, 30, 30, 30, 500, 30, 30];
+        for (n, len) in lens.iter().enumerate() {
+            let (fake, ch) = (fake.clone(), ch.clone());
+            let f = frame(n as u8, *len);
+            tasks.spawn(async move { send(&fake, &ch, f, false, false).await });
+            settle().await;
+        }
+        fake.gate.add_permits(100);
+        while let Some(sent) = tasks.join_next().await {
+            assert_eq!(sent.expect("no panic"), Ok(1));
+        }
+        let published = lock(&fake.published).clone();
+        let mut seen = Vec::new();
+        for (_, frame) in &published {
+            assert!(
+                frame.len() <= cap || codec::split_batch(frame).is_none(),
+                "a batch over the cap: {} bytes",
+                frame.len()
+            );
+            match codec::split_batch(frame) {
+                Some(entries) => seen.extend(entries.expect("well-formed")),
+                None => seen.push(frame.clone()),
+            }
+        }
+        let expected: Vec<Bytes> = lens
+            .iter()
+            .enumerate()
+            .map(|(n, len)| frame(n as u8, *len))
+            .collect();
+        assert_eq!(seen, expected, "every frame once, in order");
+        assert!(
+            published.iter().any(|(_, f)| f.len() == 500),
+            "the large frame went alone, as itself"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_failed_publish_fails_exactly_the_frames_it_carried() {
+        let fake = Fake::new(1024, 1);
+        let ch = Channel::from("a");
+        let first = {
+            let (fake, ch) = (fake.clone(), ch.clone());
+            tokio::spawn(async move { send(&fake, &ch, frame(0, 8), false, false).await })
+        };
+        settle().await;
+        let mut batch = Vec::new();
+        for n in 1..=3u8 {
+            let (fake, ch) = (fake.clone(), ch.clone());
+            batch.push(tokio::spawn(async move {
+                send(&fake, &ch, frame(n, 8), false, false).await
+            }));
+            settle().await;
+        }
+        // The first PUBLISH succeeds; the batch behind it fails.
+        fake.gate.add_permits(1);
+        assert_eq!(first.await.expect("ran"), Ok(1));
+        fake.fail.store(true, Ordering::SeqCst);
+        fake.gate.add_permits(1);
+        for sent in batch {
+            assert!(sent.await.expect("ran").is_err());
+        }
+        // The next frame starts a turn of its own and goes out.
+        fake.fail.store(false, Ordering::SeqCst);
+        fake.gate.add_permits(1);
+        assert_eq!(send(&fake, &ch, frame(9, 8), false, false).await, Ok(1));
+        assert_eq!(fake.publishes().len(), 3);
+    }
+
+    #[tokio::test]
+    async fn a_dropped_turn_holder_hands_the_turn_on() {
+        let fake = Fake::new(1024, 1);
+        let ch = Channel::from("a");
+        // The holder waits at the gate with its own PUBLISH; then it is dropped (cancelled).
+        let holder = {
+            let (fake, ch) = (fake.clone(), ch.clone());
+            tokio::spawn(async move { send(&fake, &ch, frame(0, 8), false, false).await })
+        };
+        settle().await;
+        let waiter = {
+            let (fake, ch) = (fake.clone(), ch.clone());
+            tokio::spawn(async move { send(&fake, &ch, frame(1, 8), false, false).await })
+        };
+        settle().await;
+        holder.abort();
+        assert!(holder.await.is_err(), "cancelled");
+        fake.gate.add_permits(1);
+        assert_eq!(waiter.await.expect("ran"), Ok(1), "not stranded");
+        assert_eq!(fake.publishes(), vec![vec![frame(1, 8)]]);
+        assert_eq!(fake.outbox.busy(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_dropped_waiter_is_left_out_and_the_rest_go() {
+        let fake = Fake::new(1024, 1);
+        let ch = Channel::from("a");
+        let holder = {
+            let (fake, ch) = (fake.clone(), ch.clone());
+            tokio::spawn(async move { send(&fake, &ch, frame(0, 8), false, false).await })
+        };
+        settle().await;
+        let mut waiters = Vec::new();
+        for n in 1..=3u8 {
+            let (fake, ch) = (fake.clone(), ch.clone());
+            waiters.push(tokio::spawn(async move {
+                send(&fake, &ch, frame(n, 8), false, false).await
+            }));
+            settle().await;
+        }
+        let gone = waiters.remove(1);
+        gone.abort();
+        let _ = gone.await;
+        fake.gate.add_permits(2);
+        assert_eq!(holder.await.expect("ran"), Ok(1));
+        for waiter in waiters {
+            assert_eq!(waiter.await.expect("ran"), Ok(1));
+        }
+        assert_eq!(
+            fake.publishes(),
+            vec![vec![frame(0, 8)], vec![frame(1, 8), frame(3, 8)]]
+        );
+        assert_eq!(fake.outbox.busy(), 0);
+    }
+
+    #[tokio::test]
+    async fn every_waiter_dropped_gives_the_turn_back() {
+        let fake = Fake::new(1024, 1);
+        let ch = Channel::from("a");
+        let holder = {
+            let (fake, ch) = (fake.clone(), ch.clone());
+            tokio::spawn(async move { send(&fake, &ch, frame(0, 8), false, false).await })
+        };
+        settle().await;
+        let waiter = {
+            let (fake, ch) = (fake.clone(), ch.clone());
+            tokio::spawn(async move { send(&fake, &ch, frame(1, 8), false, false).await })
+        };
+        settle().await;
+        waiter.abort();
+        let _ = waiter.await;
+        holder.abort();
+        let _ = holder.await;
+        settle().await;
+        assert_eq!(fake.outbox.busy(), 0, "nothing holds the turn");
+        fake.gate.add_permits(1);
+        assert_eq!(send(&fake, &ch, frame(2, 8), false, false).await, Ok(1));
+    }
+
+    #[tokio::test]
+    async fn frames_made_together_share_the_first_publish() {
+        // Senders polled in one go (like the receive loop's replies): the first yields once
+        // before publishing, so the others join it.
+        let fake = Fake::new(1024, 1);
+        fake.gate.add_permits(10);
+        let ch = Channel::from("a");
+        let sends = (0..4u8).map(|n| send(&fake, &ch, frame(n, 8), false, true));
+        let all = futures_util::future::join_all(sends).await;
+        assert!(all.iter().all(|s| *s == Ok(1)));
+        assert_eq!(
+            fake.publishes(),
+            vec![(0..4u8).map(|n| frame(n, 8)).collect::<Vec<_>>()]
+        );
+    }
+
+    #[tokio::test]
+    async fn off_publishes_each_frame_alone() {
+        let fake = Arc::new(Fake {
+            outbox: Outbox::new(false),
+            ..Arc::into_inner(Fake::new(1024, 1)).expect("one handle")
+        });
+        fake.gate.add_permits(10);
+        let ch = Channel::from("a");
+        let sends = (0..4u8).map(|n| send(&fake, &ch, frame(n, 8), false, false));
+        futures_util::future::join_all(sends).await;
+        assert_eq!(fake.publishes().len(), 4);
+    }
+}
