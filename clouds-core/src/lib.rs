@@ -36,7 +36,9 @@
 //! - `signing`: signed frames (opt-in, [`Config::signing_key`]): the HMAC-SHA256 tag bound to
 //!   the channel, key ids for rotation, and the replay guard; it wraps the frames `codec`
 //!   makes and unwraps them before `codec` reads them.
-//! - `stats`: counters of bad input and load; `locks`: poison-tolerant locking.
+//! - `stats`: counters of bad input and load; `meter`: each method's figures (counters and a
+//!   latency histogram) and the summary the heartbeat publishes; `locks`: poison-tolerant
+//!   locking.
 //! - `codegen`: what the macro's expansion calls (hidden: not a stable API).
 //!
 //! The wire protocol and Redis layout are specified in `docs/protocol.md`.
@@ -58,6 +60,7 @@ pub mod error;
 mod heartbeat;
 mod locks;
 pub mod message;
+mod meter;
 pub mod monitor;
 mod namespace;
 mod node;
@@ -82,7 +85,7 @@ pub use client::Client;
 pub use config::{Balance, Config};
 pub use error::{Error, RemoteError};
 pub use message::{Message, Messages};
-pub use monitor::{Monitor, RegistrySnapshot};
+pub use monitor::{ErrorCounts, Latency, MethodStats, Monitor, RegistrySnapshot, ServerStats};
 pub use node_id::NodeId;
 pub use registry::ServerInfo;
 pub use server::Server;

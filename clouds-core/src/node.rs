@@ -176,6 +176,12 @@ impl Node {
     }
 
     /// Calls this server is running or sending the reply of now (0 for other nodes).
+    /// The server's per-method figures as a registry entry's `stats` field (the window ends
+    /// now); `None` if this node serves nothing.
+    pub(crate) fn stats_summary(&self) -> Option<String> {
+        self.dispatcher.get().map(|d| d.summary())
+    }
+
     pub(crate) fn in_flight(&self) -> usize {
         self.dispatcher.get().map_or(0, |d| d.in_flight())
     }
