@@ -61,6 +61,9 @@ enum Attempt {
     ResultLost(String),
 }
 
+/// The method a ping calls: braces are not allowed in method names, so no server serves it.
+const PING: &str = "{ping}";
+
 impl Client {
     /// Connects a new client node.
     ///
@@ -192,6 +195,57 @@ impl Client {
             return Err(Error::Unreachable { node: to.into() });
         }
         Ok(())
+    }
+
+    /// Measures the round trip to the server `node`, through its receive loop: sends it a
+    /// call of a method no server can serve (`{ping}`, see `docs/protocol.md` §6.4) and waits
+    /// up to this client's timeout for the "unknown method" answer. Runs no handler and
+    /// does not touch the server's figures; any server version answers it.
+    ///
+    /// Fails with [`Error::Unreachable`] if nobody takes calls on that node's call channel,
+    /// and [`Error::Timeout`] if no answer comes in time.
+    ///
+    /// ```
+    /// # async fn demo(client: clouds_core::Client, server: clouds_core::NodeId) -> Result<(), clouds_core::Error> {
+    /// let rtt = client.ping(&server).await?;
+    /// println!("{server}: {rtt:?}");
+    /// # Ok(()) }
+    /// ```
+    pub async fn ping(&self, node: &NodeId) -> Result<Duration, Error> {
+        let caller = self.node();
+        if caller.is_closed() {
+            return Err(Error::Shutdown);
+        }
+        let deadline_ms = u64::try_from(self.timeout.as_millis())
+            .unwrap_or(u64::MAX)
+            .max(1);
+        let (slot, reply) = caller.caller().pending().open();
+        let frame = codec::encode_call(slot.id, PING, caller.id().as_str(), deadline_ms, &())
+            .map_err(|reason| Error::Codec {
+                action: "encode a ping".into(),
+                reason,
+            })?;
+        let calls = caller.names().calls(node.as_str());
+        let frame = caller.seal(&calls, frame.into());
+        let started = tokio::time::Instant::now();
+        let round_trip = async {
+            if caller.wire().publish_untimed(calls, frame).await? == 0 {
+                return Err(Error::Unreachable { node: node.clone() });
+            }
+            reply.await.map_err(|_| Error::Shutdown)
+        };
+        match tokio::time::timeout(self.timeout, round_trip).await {
+            Ok(Ok(_)) => {
+                slot.answered();
+                Ok(started.elapsed())
+            }
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(Error::Timeout {
+                method: PING.to_string(),
+                after: started.elapsed(),
+                attempts: 1,
+            }),
+        }
     }
 
     /// The messages other nodes sent to this one.

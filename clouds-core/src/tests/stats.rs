@@ -211,3 +211,26 @@ async fn an_unreadable_summary_is_skipped_and_the_entry_still_listed() {
         assert!(!info.draining);
     }
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_ping_measures_the_round_trip_to_a_server_and_runs_no_handler() {
+    let broker = Broker::new();
+    let provider = server(config(&broker)).await;
+    let calls = answer_name(&provider, "st.pinged", "p").await;
+    let caller = client(config(&broker)).await;
+    caller.ping(provider.id()).await.expect("pong");
+    assert_eq!(calls.get(), 0);
+    assert!(matches!(
+        caller.ping(&NodeId::from("server-gone-1-1-000000")).await,
+        Err(Error::Unreachable { .. })
+    ));
+    let monitor = Monitor::connect(config(&broker)).await.expect("monitor");
+    tokio::time::sleep(HEARTBEAT).await;
+    let snapshot = monitor.snapshot().await.expect("snapshot");
+    let stats = snapshot.servers[provider.id()]
+        .stats
+        .as_ref()
+        .expect("stats");
+    assert_eq!(stats.total().calls, 0, "a ping is no call of a method");
+    provider.shutdown().await.expect("shutdown");
+}
