@@ -15,7 +15,7 @@
 //! `--json`. Output is a table on a terminal (coloured unless `NO_COLOR` is set) and plain
 //! tab-separated text when piped. Exit codes: see `EXIT_CODES` below (also in `--help`).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::io::{IsTerminal, Write};
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -24,7 +24,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use clap::{Parser, Subcommand};
 use clouds_core::{
-    Client, Config, Error, MethodStats, Monitor, NodeId, RegistrySnapshot, ServerInfo,
+    Client, Config, Error, MethodStats, Monitor, NodeId, RegistryEvent, RegistryEvents,
+    RegistrySnapshot, ServerInfo,
 };
 use serde_json::{Value as Json, json};
 
@@ -665,9 +666,10 @@ async fn info(ctx: &Ctx, target: &str) -> Result<(), Failure> {
             ("methods", info.methods.join(", ")),
         ];
         for (name, value) in fields {
+            let label = format!("{name}:");
             println!(
-                "{:<14}{}",
-                ctx.out.bold(&format!("{name}:")),
+                "{}{}",
+                ctx.out.bold(&format!("{label:<16}")),
                 ctx.out.scrub(&value)
             );
         }
@@ -722,10 +724,10 @@ async fn info(ctx: &Ctx, target: &str) -> Result<(), Failure> {
         }));
         return Ok(());
     }
-    println!("{:<10}{target}", ctx.out.bold("method:"));
+    println!("{}{target}", ctx.out.bold(&format!("{:<10}", "method:")));
     println!(
-        "{:<10}{} ({} draining)",
-        ctx.out.bold("servers:"),
+        "{}{} ({} draining)",
+        ctx.out.bold(&format!("{:<10}", "servers:")),
         providers.len(),
         providers.iter().filter(|i| i.draining).count()
     );
@@ -842,6 +844,7 @@ async fn call(ctx: &Ctx, method: &str, args: Option<&str>, retries: u32) -> Resu
                 "error": "Remote",
                 "method": remote.method(),
                 "node": remote.node().as_str(),
+                "message": remote.message(),
                 "value": value,
             })))
         }
@@ -912,8 +915,28 @@ async fn ping(ctx: &Ctx, target: Option<&str>) -> Result<(), Failure> {
     }
 }
 
+/// What `watch` knows of a server.
+#[derive(Debug, Clone)]
+struct Known {
+    host: Option<String>,
+    pid: Option<u32>,
+    methods: Vec<String>,
+    draining: bool,
+}
+
+impl From<&ServerInfo> for Known {
+    fn from(info: &ServerInfo) -> Known {
+        Known {
+            host: Some(info.host.clone()),
+            pid: Some(info.pid),
+            methods: info.methods.clone(),
+            draining: info.draining,
+        }
+    }
+}
+
 /// A change `watch` reports.
-fn event(ctx: &Ctx, kind: &str, info: &ServerInfo) {
+fn event(ctx: &Ctx, kind: &str, id: &NodeId, known: &Known) {
     let at = timestamp(SystemTime::now());
     if ctx.out.json {
         println!(
@@ -921,10 +944,10 @@ fn event(ctx: &Ctx, kind: &str, info: &ServerInfo) {
             json!({
                 "at": at,
                 "event": kind,
-                "server": info.id.as_str(),
-                "host": info.host,
-                "pid": info.pid,
-                "methods": info.methods,
+                "server": id.as_str(),
+                "host": known.host,
+                "pid": known.pid,
+                "methods": known.methods,
             })
         );
     } else {
@@ -941,11 +964,10 @@ fn event(ctx: &Ctx, kind: &str, info: &ServerInfo) {
             label
         };
         println!(
-            "{at}  {label} {}  {} pid {}  [{}]",
-            info.id,
-            info.host,
-            info.pid,
-            info.methods.join(" ")
+            "{at}  {label} {id}  {} pid {}  [{}]",
+            known.host.as_deref().unwrap_or("-"),
+            known.pid.map_or_else(|| "-".to_string(), |p| p.to_string()),
+            known.methods.join(" ")
         );
     }
     let _ = std::io::stdout().flush();
@@ -953,66 +975,141 @@ fn event(ctx: &Ctx, kind: &str, info: &ServerInfo) {
 
 async fn watch(ctx: &Ctx, poll: Duration, count: Option<u64>) -> Result<(), Failure> {
     let monitor = ctx.monitor().await?;
-    let mut seen: BTreeMap<NodeId, (ServerInfo, Instant)> = BTreeMap::new();
-    let mut events = 0u64;
-    let mut first = true;
-    let result = async {
-        loop {
-            let snapshot = monitor.snapshot().await?;
-            let now = Instant::now();
-            let mut report = |kind: &str, info: &ServerInfo| {
-                event(ctx, kind, info);
-                events += 1;
-                count.is_some_and(|c| events >= c)
-            };
-            for (id, info) in &snapshot.servers {
-                let done = match seen.get(id) {
-                    None if first => false,
-                    None => report("join", info),
-                    Some((old, _)) if info.draining && !old.draining => report("draining", info),
-                    Some(_) => false,
-                };
-                if done {
-                    return Ok(());
-                }
-            }
-            let gone: Vec<NodeId> = seen
-                .keys()
-                .filter(|id| !snapshot.servers.contains_key(*id))
-                .cloned()
-                .collect();
-            for id in gone {
-                let Some((info, polled)) = seen.remove(&id) else {
-                    continue;
-                };
-                // It had missed a beat (its age then, plus the time since, is over one and
-                // a half periods): it expired; otherwise it left.
-                let period = info.stats.as_ref().map_or(Duration::from_secs(2), |s| {
-                    s.window.max(Duration::from_millis(100))
-                });
-                let age = info.heartbeat_age.unwrap_or_default() + now.duration_since(polled);
-                let kind = if age > period * 2 { "expired" } else { "leave" };
-                if report(kind, &info) {
-                    return Ok(());
-                }
-            }
-            for (id, info) in snapshot.servers {
-                seen.insert(id, (info, now));
-            }
-            if first {
-                // On stderr: what runs it can tell that changes from now on are reported.
-                eprintln!("watching {} servers; Ctrl-C to stop", seen.len());
-            }
-            first = false;
-            tokio::select! {
-                _ = tokio::time::sleep(poll) => {}
-                _ = tokio::signal::ctrl_c() => return Ok(()),
-            }
-        }
-    }
-    .await;
+    // Listening before the first read: nothing between the two is missed.
+    let mut events = monitor.events();
+    let result = watching(ctx, &monitor, &mut events, poll, count).await;
     monitor.close().await;
     result
+}
+
+/// Servers come from the registry (host, pid, methods) and from the joins and leaves
+/// announced on the events channel, which are reported as they arrive; a server that vanishes
+/// from the registry without having announced its leave has expired (it stopped beating: a
+/// crash, a lost network).
+async fn watching(
+    ctx: &Ctx,
+    monitor: &Monitor,
+    events: &mut RegistryEvents,
+    poll: Duration,
+    count: Option<u64>,
+) -> Result<(), Failure> {
+    let mut seen: BTreeMap<NodeId, Known> = BTreeMap::new();
+    // Joined by announcement, not yet read from the registry.
+    let mut announced: BTreeMap<NodeId, Known> = BTreeMap::new();
+    let mut left: BTreeSet<NodeId> = BTreeSet::new();
+    let mut reported = 0u64;
+    let mut report = |kind: &str, id: &NodeId, known: &Known| {
+        event(ctx, kind, id, known);
+        reported += 1;
+        count.is_some_and(|c| reported >= c)
+    };
+    let mut first = true;
+    loop {
+        let snapshot = monitor.snapshot().await?;
+        for (id, info) in &snapshot.servers {
+            let known = Known::from(info);
+            let done = match seen.get(id) {
+                None if first => false,
+                None => {
+                    announced.remove(id);
+                    report("join", id, &known)
+                }
+                Some(old) if info.draining && !old.draining => report("draining", id, &known),
+                Some(_) => false,
+            };
+            if done {
+                return Ok(());
+            }
+        }
+        // Announced and gone before the registry was read: reported from the announcement.
+        for (id, known) in std::mem::take(&mut announced) {
+            if report("join", &id, &known) {
+                return Ok(());
+            }
+            if left.remove(&id) {
+                if report("leave", &id, &known) {
+                    return Ok(());
+                }
+            } else {
+                seen.insert(id, known);
+            }
+        }
+        let gone: Vec<NodeId> = seen
+            .keys()
+            .filter(|id| !snapshot.servers.contains_key(*id))
+            .cloned()
+            .collect();
+        for id in gone {
+            let Some(known) = seen.remove(&id) else {
+                continue;
+            };
+            if !left.contains(&id) {
+                // Its leave may be on its way still: the registry changes and announces in
+                // one step, but this reads the registry and the channel apart.
+                let heard = tokio::time::timeout(Duration::from_millis(250), async {
+                    while let Some(event) = events.next().await {
+                        if let RegistryEvent::Left { node } = event {
+                            let this = node == id;
+                            left.insert(node);
+                            if this {
+                                return true;
+                            }
+                        }
+                    }
+                    false
+                })
+                .await
+                .unwrap_or(false);
+                let kind = if heard { "leave" } else { "expired" };
+                if report(kind, &id, &known) {
+                    return Ok(());
+                }
+            }
+            // Kept in `left`: a server that drained announces its leave a second time.
+        }
+        for (id, info) in &snapshot.servers {
+            seen.insert(id.clone(), Known::from(info));
+        }
+        if first {
+            // On stderr: what runs it can tell that changes from now on are reported.
+            eprintln!("watching {} servers; Ctrl-C to stop", seen.len());
+            first = false;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(poll) => {}
+            event = events.next() => match event {
+                Some(RegistryEvent::Joined { node, methods }) => {
+                    // New: the registry is read at once, for its host and pid.
+                    if !seen.contains_key(&node) {
+                        left.remove(&node);
+                        let known = Known { host: None, pid: None, methods, draining: false };
+                        announced.insert(node, known);
+                    }
+                }
+                Some(RegistryEvent::Left { node }) => {
+                    if announced.contains_key(&node) {
+                        // Reported with its join, at the next read.
+                        left.insert(node);
+                    } else if left.insert(node.clone()) {
+                        // One never read from the registry (it came and went between two
+                        // reads, serving nothing) is reported with what is known: its id.
+                        let known = seen.get(&node).cloned().unwrap_or(Known {
+                            host: None,
+                            pid: None,
+                            methods: Vec::new(),
+                            draining: false,
+                        });
+                        if report("leave", &node, &known) {
+                            return Ok(());
+                        }
+                    }
+                }
+                Some(_) => {}
+                None => return Ok(()),
+            },
+            _ = tokio::signal::ctrl_c() => return Ok(()),
+        }
+    }
 }
 
 async fn bench(

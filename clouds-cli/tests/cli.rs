@@ -265,10 +265,16 @@ fn watch_reports_joins_and_leaves_with_timestamps() {
     let mut line = String::new();
     stderr.read_line(&mut line).expect("read");
     assert!(line.starts_with("watching 1 servers"), "{line}");
-    let joining = d
-        .runtime
-        .block_on(Server::start(config(&d.redis.url(), &d.namespace)))
-        .expect("second server");
+    let joining = d.runtime.block_on(async {
+        let server = Server::start(config(&d.redis.url(), &d.namespace))
+            .await
+            .expect("second server");
+        server
+            .register("demo.more", |(): ()| async { Ok::<_, Infallible>(()) })
+            .await
+            .expect("register");
+        server
+    });
     let joined = joining.id().to_string();
     d.runtime.block_on(joining.shutdown()).expect("shutdown");
     let out = child.wait_with_output().expect("watch ends after 2 events");
@@ -280,6 +286,7 @@ fn watch_reports_joins_and_leaves_with_timestamps() {
     assert_eq!(events.len(), 2, "{events:?}");
     assert_eq!(events[0]["event"], "join");
     assert_eq!(events[1]["event"], "leave");
+    assert_eq!(events[0]["methods"], serde_json::json!(["demo.more"]));
     for event in &events {
         assert_eq!(event["server"], joined.as_str());
         assert!(event["at"].as_str().is_some_and(|t| t.ends_with('Z')));

@@ -85,7 +85,10 @@ pub use client::Client;
 pub use config::{Balance, Config};
 pub use error::{Error, RemoteError};
 pub use message::{Message, Messages};
-pub use monitor::{ErrorCounts, Latency, MethodStats, Monitor, RegistrySnapshot, ServerStats};
+pub use monitor::{
+    ErrorCounts, Latency, MethodStats, Monitor, RegistryEvent, RegistryEvents, RegistrySnapshot,
+    ServerStats,
+};
 pub use node_id::NodeId;
 pub use registry::ServerInfo;
 pub use server::Server;

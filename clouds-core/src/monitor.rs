@@ -103,6 +103,32 @@ impl Monitor {
         Ok(RegistrySnapshot { methods, servers })
     }
 
+    /// The joins and leaves announced from now on, as they arrive (the "prompt offline
+    /// notification"). A server that stops without leaving (a crash, a lost network) sends
+    /// nothing: it vanishes from [`Monitor::snapshot`] when its entry expires, one TTL after
+    /// its last heartbeat. Joins are announced again after a server reconnects or registers
+    /// more methods, so a join may name a server already known.
+    ///
+    /// ```
+    /// # async fn demo(monitor: clouds_core::Monitor) {
+    /// use clouds_core::RegistryEvent;
+    /// let mut events = monitor.events();
+    /// while let Some(event) = events.next().await {
+    ///     match event {
+    ///         RegistryEvent::Joined { node, methods } => println!("{node} serves {methods:?}"),
+    ///         RegistryEvent::Left { node } => println!("{node} left"),
+    ///         _ => {}
+    ///     }
+    /// }
+    /// # }
+    /// ```
+    pub fn events(&self) -> RegistryEvents {
+        RegistryEvents {
+            receiver: self.owner.node.announcements(),
+            stopped: self.owner.node.life().child_token(),
+        }
+    }
+
     /// Closes the monitor's connections.
     ///
     /// ```
@@ -374,5 +400,92 @@ impl RegistrySnapshot {
         self.method_totals()
             .values()
             .fold(MethodStats::default(), |sum, m| sum.merged(m))
+    }
+}
+
+/// A join or leave announced on the deployment's events channel (see [`Monitor::events`]).
+///
+/// ```
+/// let event = clouds_core::RegistryEvent::Left { node: clouds_core::NodeId::from("server-a") };
+/// assert!(matches!(event, clouds_core::RegistryEvent::Left { .. }));
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum RegistryEvent {
+    /// A server started providing methods (or announced itself again).
+    Joined {
+        /// The server.
+        node: NodeId,
+        /// All the methods it provides.
+        methods: Vec<String>,
+    },
+    /// A server is leaving: it takes no new calls (it may still be draining).
+    Left {
+        /// The server.
+        node: NodeId,
+    },
+}
+
+/// The joins and leaves a monitor receives (from [`Monitor::events`]).
+///
+/// ```
+/// # async fn demo(monitor: clouds_core::Monitor) {
+/// let mut events = monitor.events();
+/// if let Some(event) = events.try_next() {
+///     println!("{event:?}");
+/// }
+/// # }
+/// ```
+#[derive(Debug)]
+pub struct RegistryEvents {
+    receiver: tokio::sync::broadcast::Receiver<RegistryEvent>,
+    /// Cancelled when the monitor's node stops.
+    stopped: tokio_util::sync::CancellationToken,
+}
+
+impl RegistryEvents {
+    /// The next event; `None` once the monitor is closed. Events a slow reader had no room
+    /// for (over 1,024 behind) are skipped.
+    ///
+    /// ```
+    /// # async fn demo(mut events: clouds_core::RegistryEvents) {
+    /// while let Some(event) = events.next().await {
+    ///     println!("{event:?}");
+    /// }
+    /// # }
+    /// ```
+    pub async fn next(&mut self) -> Option<RegistryEvent> {
+        use tokio::sync::broadcast::error::RecvError;
+        loop {
+            let received = tokio::select! {
+                received = self.receiver.recv() => received,
+                () = self.stopped.cancelled() => return None,
+            };
+            match received {
+                Ok(event) => return Some(event),
+                Err(RecvError::Lagged(_)) => continue,
+                Err(RecvError::Closed) => return None,
+            }
+        }
+    }
+
+    /// An event already received, if any, without waiting.
+    ///
+    /// ```
+    /// # fn demo(mut events: clouds_core::RegistryEvents) {
+    /// while let Some(event) = events.try_next() {
+    ///     println!("{event:?}");
+    /// }
+    /// # }
+    /// ```
+    pub fn try_next(&mut self) -> Option<RegistryEvent> {
+        use tokio::sync::broadcast::error::TryRecvError;
+        loop {
+            match self.receiver.try_recv() {
+                Ok(event) => return Some(event),
+                Err(TryRecvError::Lagged(_)) => continue,
+                Err(_) => return None,
+            }
+        }
     }
 }

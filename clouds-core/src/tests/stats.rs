@@ -234,3 +234,31 @@ async fn a_ping_measures_the_round_trip_to_a_server_and_runs_no_handler() {
     assert_eq!(stats.total().calls, 0, "a ping is no call of a method");
     provider.shutdown().await.expect("shutdown");
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_monitor_hears_joins_and_leaves_as_they_happen() {
+    let broker = Broker::new();
+    let monitor = Monitor::connect(config(&broker)).await.expect("monitor");
+    let mut events = monitor.events();
+    let provider = server(config(&broker)).await;
+    answer_name(&provider, "ev.m", "e").await;
+    let id = provider.id().clone();
+    loop {
+        match events.next().await.expect("an event") {
+            crate::RegistryEvent::Joined { node, methods } if methods == ["ev.m"] => {
+                assert_eq!(node, id);
+                break;
+            }
+            _ => {}
+        }
+    }
+    provider.shutdown().await.expect("shutdown");
+    loop {
+        if let crate::RegistryEvent::Left { node } = events.next().await.expect("an event") {
+            assert_eq!(node, id);
+            break;
+        }
+    }
+    monitor.close().await;
+    assert_eq!(events.next().await, None, "ends with the monitor");
+}
