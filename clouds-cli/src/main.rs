@@ -29,6 +29,26 @@ use clouds_core::{
 };
 use serde_json::{Value as Json, json};
 
+/// `print!` that ends the process quietly when stdout is gone (`clouds ls | head`) instead
+/// of panicking.
+macro_rules! out {
+    ($($arg:tt)*) => { emit(&format!($($arg)*)) };
+}
+
+/// `println!`, likewise.
+macro_rules! outln {
+    () => { emit("\n") };
+    ($($arg:tt)*) => { emit(&format!("{}\n", format_args!($($arg)*))) };
+}
+
+fn emit(text: &str) {
+    let mut stdout = std::io::stdout().lock();
+    if stdout.write_all(text.as_bytes()).is_err() || stdout.flush().is_err() {
+        // The reader went away (a closed pipe): nothing more to say to it.
+        std::process::exit(0);
+    }
+}
+
 const EXIT_CODES: &str = "\
 Exit codes:
   0  success
@@ -228,7 +248,7 @@ impl Out {
             serde_json::to_string(value)
         }
         .unwrap_or_default();
-        println!("{}", self.scrub(&text));
+        outln!("{}", self.scrub(&text));
     }
 
     /// A table: aligned columns under a bold header on a terminal, tab-separated when piped.
@@ -270,7 +290,7 @@ impl Out {
                 out.push('\n');
             }
         }
-        print!("{}", self.scrub(&out));
+        out!("{}", self.scrub(&out));
     }
 
     fn fail(&self, failure: &Failure) {
@@ -667,14 +687,14 @@ async fn info(ctx: &Ctx, target: &str) -> Result<(), Failure> {
         ];
         for (name, value) in fields {
             let label = format!("{name}:");
-            println!(
+            outln!(
                 "{}{}",
                 ctx.out.bold(&format!("{label:<16}")),
                 ctx.out.scrub(&value)
             );
         }
         if let Some(stats) = stats {
-            println!();
+            outln!();
             let rows: Vec<Vec<String>> = stats
                 .methods
                 .iter()
@@ -724,14 +744,14 @@ async fn info(ctx: &Ctx, target: &str) -> Result<(), Failure> {
         }));
         return Ok(());
     }
-    println!("{}{target}", ctx.out.bold(&format!("{:<10}", "method:")));
-    println!(
+    outln!("{}{target}", ctx.out.bold(&format!("{:<10}", "method:")));
+    outln!(
         "{}{} ({} draining)",
         ctx.out.bold(&format!("{:<10}", "servers:")),
         providers.len(),
         providers.iter().filter(|i| i.draining).count()
     );
-    println!();
+    outln!();
     let mut rows: Vec<Vec<String>> = providers
         .iter()
         .map(|info| match of(info) {
@@ -803,13 +823,13 @@ async fn stats(ctx: &Ctx, watch: bool, interval: Duration) -> Result<(), Failure
             let snapshot = monitor.snapshot().await?;
             if ctx.out.json {
                 // One line per refresh.
-                println!("{}", ctx.out.scrub(&stats_json(&snapshot).to_string()));
+                outln!("{}", ctx.out.scrub(&stats_json(&snapshot).to_string()));
             } else {
                 if watch && ctx.out.tty {
-                    print!("\x1b[2J\x1b[H");
+                    out!("\x1b[2J\x1b[H");
                 }
                 if watch {
-                    println!("{}", timestamp(SystemTime::now()));
+                    outln!("{}", timestamp(SystemTime::now()));
                 }
                 ctx.out.table(&STATS_HEADERS, &stats_rows(&snapshot));
             }
@@ -939,7 +959,7 @@ impl From<&ServerInfo> for Known {
 fn event(ctx: &Ctx, kind: &str, id: &NodeId, known: &Known) {
     let at = timestamp(SystemTime::now());
     if ctx.out.json {
-        println!(
+        outln!(
             "{}",
             json!({
                 "at": at,
@@ -963,7 +983,7 @@ fn event(ctx: &Ctx, kind: &str, id: &NodeId, known: &Known) {
         } else {
             label
         };
-        println!(
+        outln!(
             "{at}  {label} {id}  {} pid {}  [{}]",
             known.host.as_deref().unwrap_or("-"),
             known.pid.map_or_else(|| "-".to_string(), |p| p.to_string()),
@@ -1253,7 +1273,7 @@ async fn send(ctx: &Ctx, node: &str, message: &str) -> Result<(), Failure> {
     if ctx.out.json {
         ctx.out.json(&json!({"sent": true, "to": node}));
     } else {
-        println!("sent to {node}");
+        outln!("sent to {node}");
     }
     Ok(())
 }
