@@ -72,8 +72,9 @@
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 pub use clouds_core::{
-    Balance, Client, Config, Error, Message, Messages, Monitor, NodeId, PROTOCOL_VERSION,
-    RegistrySnapshot, RemoteError, Route, Server, ServerInfo, Service, Stats, TransportError,
+    Balance, Client, Config, Error, ErrorCounts, Latency, Message, Messages, MethodStats, Monitor,
+    NodeId, PROTOCOL_VERSION, RegistryEvent, RegistryEvents, RegistrySnapshot, RemoteError, Route,
+    Server, ServerInfo, ServerStats, Service, Stats, TransportError,
 };
 
 /// Turns a trait into a remote service: a typed client stub and a server dispatcher.

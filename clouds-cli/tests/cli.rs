@@ -324,3 +324,90 @@ fn no_secret_is_printed_and_failures_exit_non_zero() {
         .success();
     assert!(!String::from_utf8_lossy(&help.get_output().stdout).contains("hunter2"));
 }
+
+#[test]
+fn a_draining_server_is_listed_as_draining_until_its_handlers_finish() {
+    let d = Deployment::start("cli-drain");
+    let url = d.redis.url();
+    let release = std::sync::Arc::new(tokio::sync::Notify::new());
+    let (started_tx, started_rx) = std::sync::mpsc::channel::<()>();
+    let (server, call) = d.runtime.block_on(async {
+        let server = std::sync::Arc::new(
+            Server::start(config(&url, &d.namespace))
+                .await
+                .expect("server"),
+        );
+        let gate = release.clone();
+        let started = std::sync::Mutex::new(started_tx);
+        server
+            .register("drain.hold", move |(): ()| {
+                let gate = gate.clone();
+                let _ = started.lock().map(|tx| tx.send(()));
+                async move {
+                    gate.notified().await;
+                    Ok::<_, Infallible>(7u8)
+                }
+            })
+            .await
+            .expect("register");
+        // Only the holding server serves it.
+        let client = clouds_core::Client::connect(config(&url, &d.namespace))
+            .await
+            .expect("client");
+        let call = tokio::spawn(async move { client.call::<_, u8>("drain.hold", ()).await });
+        (server, call)
+    });
+    started_rx.recv().expect("the handler runs");
+    let id = server.id().to_string();
+    let stopping = d.runtime.spawn({
+        let server = server.clone();
+        async move { server.shutdown().await }
+    });
+    let mut listed = Json::Null;
+    for _ in 0..400 {
+        listed = d.json(&["ls"]);
+        let draining = listed["servers"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|s| s["id"] == id.as_str() && s["draining"] == true);
+        if draining {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    }
+    let entry = listed["servers"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|s| s["id"] == id.as_str())
+        .cloned()
+        .unwrap_or(Json::Null);
+    assert_eq!(entry["draining"], true, "{listed}");
+    assert_eq!(entry["methods"], serde_json::json!(["drain.hold"]));
+    assert!(
+        listed["methods"].get("drain.hold").is_none(),
+        "provides nothing: {listed}"
+    );
+    release.notify_one();
+    assert_eq!(
+        d.runtime
+            .block_on(call)
+            .expect("join")
+            .expect("the call finishes"),
+        7
+    );
+    d.runtime
+        .block_on(stopping)
+        .expect("join")
+        .expect("shutdown");
+    let after = d.json(&["ls"]);
+    assert!(
+        !after["servers"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|s| s["id"] == id.as_str()),
+        "gone once drained: {after}"
+    );
+}
