@@ -8,7 +8,9 @@
 //! - [`config`]: [`Config`], one for every node of a deployment; [`Balance`].
 //! - [`server`]: [`Server`]: registers methods, heartbeats, shuts down gracefully.
 //! - [`client`]: [`Client`]: calls with retries and failover, node-to-node messages.
-//! - [`monitor`]: [`Monitor`] and [`RegistrySnapshot`]: who serves what.
+//! - [`monitor`]: [`Monitor`] and [`RegistrySnapshot`]: who serves what, each server's
+//!   per-method figures ([`ServerStats`]), and joins and leaves as announced
+//!   ([`RegistryEvents`]).
 //! - [`service`]: [`Service`] and [`Route`]: what a server runs.
 //! - [`message`]: [`Message`] and [`Messages`].
 //! - [`error`]: [`Error`] and [`RemoteError`].
