@@ -155,8 +155,22 @@ impl Client {
         A: Serialize + Sync + ?Sized,
         R: DeserializeOwned,
     {
-        let (node, reply) = self.invoke(method, &args).await?;
-        decode_reply(method, node, reply)
+        #[cfg(feature = "metrics")]
+        let started = std::time::Instant::now();
+        let result = match self.invoke(method, &args).await {
+            Ok((node, reply)) => decode_reply(method, node, reply),
+            Err(e) => Err(e),
+        };
+        #[cfg(feature = "metrics")]
+        crate::telemetry::client_call(
+            method,
+            match &result {
+                Ok(_) => "ok",
+                Err(e) => crate::telemetry::outcome_of(e),
+            },
+            started.elapsed().as_secs_f64(),
+        );
+        result
     }
 
     /// Sends `message` to the node `to`. Fails with [`Error::Unreachable`] when no such node
@@ -352,6 +366,9 @@ impl Client {
                     }
                 },
             };
+            if attempts.used() > 0 {
+                crate::telemetry::retry(method);
+            }
             attempts.start();
             let outcome = {
                 let (slot, reply) = node.caller().pending().open();

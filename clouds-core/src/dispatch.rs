@@ -167,7 +167,8 @@ impl Dispatcher {
             names.push(route.name.clone());
         }
         for route in routes {
-            table.insert(route.name, (route.handler, Arc::default()));
+            let meter = Arc::new(Meter::new(&route.name));
+            table.insert(route.name, (route.handler, meter));
         }
         Ok(names)
     }

@@ -76,6 +76,7 @@ mod signing;
 #[cfg(test)]
 mod spec_tests;
 mod stats;
+mod telemetry;
 #[cfg(any(test, feature = "testing"))]
 #[cfg_attr(docsrs, doc(cfg(feature = "testing")))]
 pub mod testing;

@@ -91,6 +91,8 @@ const KINDS: usize = Kind::Abandoned as usize + 1;
 
 /// One method's figures.
 pub(crate) struct Meter {
+    /// The method's name (a label of its metrics, with the `metrics` feature).
+    name: Box<str>,
     started: AtomicU64,
     finished: [AtomicU64; KINDS],
     overloaded: AtomicU64,
@@ -107,9 +109,11 @@ impl std::fmt::Debug for Meter {
     }
 }
 
-impl Default for Meter {
-    fn default() -> Self {
+impl Meter {
+    /// The figures of the method `name`, all zero.
+    pub(crate) fn new(name: &str) -> Self {
         Meter {
+            name: name.into(),
             started: AtomicU64::new(0),
             finished: Default::default(),
             overloaded: AtomicU64::new(0),
@@ -145,6 +149,17 @@ impl Timing {
             window.errors.fetch_add(1, Ordering::Relaxed);
         }
         meter.finished[kind as usize].fetch_add(1, Ordering::Relaxed);
+        crate::telemetry::server_call(
+            &meter.name,
+            match kind {
+                Kind::Ok => "ok",
+                Kind::AppError => "application_error",
+                Kind::BadArguments => "bad_arguments",
+                Kind::Panic => "panic",
+                _ => "server_error",
+            },
+            ns as f64 / 1e9,
+        );
     }
 
     /// Records the call as skipped: its deadline had passed before it could run.
@@ -176,6 +191,7 @@ impl Meter {
     /// Counts a call refused at the in-flight limit.
     pub(crate) fn overloaded(&self) {
         self.overloaded.fetch_add(1, Ordering::Relaxed);
+        crate::telemetry::refused(&self.name);
     }
 
     /// The figures now, the window ending now: the window recorded into flips.
@@ -410,7 +426,7 @@ mod tests {
 
     #[test]
     fn a_summary_reads_back_what_was_recorded() {
-        let add = Arc::new(Meter::default());
+        let add = Arc::new(Meter::new("math.add"));
         for _ in 0..98 {
             add.start().finish(Status::Ok);
         }
@@ -446,7 +462,7 @@ mod tests {
     #[test]
     fn a_summary_is_bounded() {
         let meters: Vec<(String, Meter)> = (0..MAX_METHODS + 10)
-            .map(|i| (format!("m.{i:04}"), Meter::default()))
+            .map(|i| (format!("m.{i:04}"), Meter::new("m")))
             .collect();
         let text = summary(
             meters.iter().map(|(n, m)| (n.as_str(), m)),

@@ -262,3 +262,61 @@ async fn a_monitor_hears_joins_and_leaves_as_they_happen() {
     monitor.close().await;
     assert_eq!(events.next().await, None, "ends with the monitor");
 }
+
+/// With the `metrics` feature, calls are recorded through the `metrics` facade.
+#[cfg(feature = "metrics")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_are_recorded_through_the_metrics_facade() {
+    use metrics_util::debugging::{DebugValue, DebuggingRecorder};
+    let recorder = DebuggingRecorder::new();
+    let snapshotter = recorder.snapshotter();
+    recorder
+        .install()
+        .expect("the only recorder of this test binary");
+    let broker = Broker::new();
+    let provider = server(config(&broker)).await;
+    even_only(&provider, "mx.even").await;
+    let caller = client(config(&broker)).await;
+    caller.call::<_, u64>("mx.even", (2u64,)).await.expect("ok");
+    assert!(caller.call::<_, u64>("mx.even", (3u64,)).await.is_err());
+    /// A metric's name, labels and how many values or counts it holds.
+    type Recorded = (String, Vec<(String, String)>, usize);
+    let recorded: Vec<Recorded> = snapshotter
+        .snapshot()
+        .into_vec()
+        .into_iter()
+        .map(|(key, _, _, value)| {
+            let key = key.key();
+            let labels = key
+                .labels()
+                .map(|l| (l.key().to_string(), l.value().to_string()))
+                .collect();
+            let n = match value {
+                DebugValue::Histogram(values) => values.len(),
+                DebugValue::Counter(n) => n as usize,
+                DebugValue::Gauge(_) => 0,
+            };
+            (key.name().to_string(), labels, n)
+        })
+        .collect();
+    let has = |name: &str, outcome: &str| {
+        recorded.iter().any(|(n, labels, count)| {
+            n == name
+                && *count == 1
+                && labels.contains(&("rpc.method".into(), "mx.even".into()))
+                && labels.contains(&("rpc.system.name".into(), "clouds".into()))
+                && labels.contains(&("outcome".into(), outcome.into()))
+        })
+    };
+    assert!(has("rpc.client.call.duration", "ok"), "{recorded:?}");
+    assert!(
+        has("rpc.client.call.duration", "application_error"),
+        "{recorded:?}"
+    );
+    assert!(has("rpc.server.call.duration", "ok"), "{recorded:?}");
+    assert!(
+        has("rpc.server.call.duration", "application_error"),
+        "{recorded:?}"
+    );
+    provider.shutdown().await.expect("shutdown");
+}
