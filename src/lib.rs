@@ -69,11 +69,15 @@
 //!   provider ([`Config::tls_ca_pem`], [`Config::tls_client_cert_pem`]). Without it such
 //!   URLs are refused by [`Config::from_url`], never used in plaintext.
 //! - `testing`: the in-memory broker (`clouds::testing`), for tests without Redis.
+//! - `metrics`: call durations (`rpc.client.call.duration`, `rpc.server.call.duration`) and
+//!   counters (retries, re-routes, refusals, bad frames) through the `metrics` facade; the
+//!   application installs the recorder (README, "Metrics").
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 pub use clouds_core::{
-    Balance, Client, Config, Error, Message, Messages, Monitor, NodeId, PROTOCOL_VERSION,
-    RegistrySnapshot, RemoteError, Route, Server, ServerInfo, Service, Stats, TransportError,
+    Balance, Client, Config, Error, ErrorCounts, Latency, Message, Messages, MethodStats, Monitor,
+    NodeId, PROTOCOL_VERSION, RegistryEvent, RegistryEvents, RegistrySnapshot, RemoteError, Route,
+    Server, ServerInfo, ServerStats, Service, Stats, TransportError,
 };
 
 /// Turns a trait into a remote service: a typed client stub and a server dispatcher.

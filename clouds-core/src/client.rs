@@ -60,6 +60,9 @@ enum Attempt {
     ResultLost(String),
 }
 
+/// The method a ping calls: braces are not allowed in method names, so no server serves it.
+const PING: &str = "{ping}";
+
 impl Client {
     /// Connects a new client node.
     ///
@@ -151,8 +154,22 @@ impl Client {
         A: Serialize + Sync + ?Sized,
         R: DeserializeOwned,
     {
-        let (node, reply) = self.invoke(method, &args).await?;
-        decode_reply(method, node, reply)
+        #[cfg(feature = "metrics")]
+        let started = std::time::Instant::now();
+        let result = match self.invoke(method, &args).await {
+            Ok((node, reply)) => decode_reply(method, node, reply),
+            Err(e) => Err(e),
+        };
+        #[cfg(feature = "metrics")]
+        crate::telemetry::client_call(
+            method,
+            match &result {
+                Ok(_) => "ok",
+                Err(e) => crate::telemetry::outcome_of(e),
+            },
+            started.elapsed().as_secs_f64(),
+        );
+        result
     }
 
     /// Sends `message` to the node `to`. Fails with [`Error::Unreachable`] when no such node
@@ -190,6 +207,59 @@ impl Client {
             return Err(Error::Unreachable { node: to.into() });
         }
         Ok(())
+    }
+
+    /// Measures the round trip to the server `node`, through its receive loop: sends it a
+    /// call of a method no server can serve (`{ping}`, see `docs/protocol.md` §6.4) and waits
+    /// up to this client's timeout for the "unknown method" answer. Runs no handler and
+    /// does not touch the server's figures; any server version answers it.
+    ///
+    /// Fails with [`Error::Unreachable`] if nobody takes calls on that node's call channel,
+    /// and [`Error::Timeout`] if no answer comes in time.
+    ///
+    /// ```
+    /// # async fn demo(client: clouds_core::Client, server: clouds_core::NodeId) -> Result<(), clouds_core::Error> {
+    /// let rtt = client.ping(&server).await?;
+    /// println!("{server}: {rtt:?}");
+    /// # Ok(()) }
+    /// ```
+    pub async fn ping(&self, node: &NodeId) -> Result<Duration, Error> {
+        let caller = self.node();
+        if caller.is_closed() {
+            return Err(Error::Shutdown);
+        }
+        let deadline_ms = u64::try_from(self.timeout.as_millis())
+            .unwrap_or(u64::MAX)
+            .max(1);
+        let (slot, reply) = caller.caller().pending().open();
+        let frame =
+            codec::encode_call_framed(slot.id, PING, caller.id().as_str(), deadline_ms, &())
+                .map_err(|reason| Error::Codec {
+                    action: "encode a ping".into(),
+                    reason,
+                })?;
+        let calls = caller.names().calls(node.as_str());
+        let started = tokio::time::Instant::now();
+        let round_trip = async {
+            // Through the outbox like a call (signed there when frames are signed); untimed:
+            // the timeout below bounds it.
+            if caller.send_frame(&calls, frame, false).await? == 0 {
+                return Err(Error::Unreachable { node: node.clone() });
+            }
+            reply.await.map_err(|_| Error::Shutdown)
+        };
+        match tokio::time::timeout(self.timeout, round_trip).await {
+            Ok(Ok(_)) => {
+                slot.answered();
+                Ok(started.elapsed())
+            }
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(Error::Timeout {
+                method: PING.to_string(),
+                after: started.elapsed(),
+                attempts: 1,
+            }),
+        }
     }
 
     /// The messages other nodes sent to this one.
@@ -296,6 +366,9 @@ impl Client {
                     }
                 },
             };
+            if attempts.used() > 0 {
+                crate::telemetry::retry(method);
+            }
             attempts.start();
             let outcome = {
                 let (slot, reply) = node.caller().pending().open();

@@ -19,11 +19,13 @@ use crate::codec::{self, ReplyBody};
 use crate::envelope::{Call, Status, WireStr};
 use crate::error::Error;
 use crate::locks::{read, write};
+use crate::meter::{Meter, Timing};
 use crate::service::{BoxFuture, Handler, Outcome, Route};
 
 /// Routes calls to handlers and runs them, at most `max_in_flight` at once.
 pub(crate) struct Dispatcher {
-    routes: RwLock<HashMap<String, Route>>,
+    /// Each method's handler and its figures (`meter`).
+    routes: RwLock<HashMap<String, (Handler, Arc<Meter>)>>,
     /// Calls running or sending their reply now.
     running: Arc<AtomicUsize>,
     max_in_flight: usize,
@@ -35,6 +37,8 @@ pub(crate) struct Dispatcher {
     /// the receive loop sends are finished by the loop before it stops, or given up after a
     /// command timeout.)
     tasks: TaskTracker,
+    /// When the current window of the methods' figures began (see `summary`).
+    window_start: std::sync::Mutex<std::time::Instant>,
 }
 
 /// Calls are served.
@@ -66,6 +70,8 @@ pub(crate) struct Running {
     /// When the caller stops waiting.
     deadline: Instant,
     slot: InFlight,
+    /// Times the call for its method's figures.
+    timing: Timing,
 }
 
 /// A handler's work, started or not.
@@ -83,9 +89,13 @@ impl Running {
     pub(crate) async fn run(self) -> Option<ReadyReply> {
         let outcome = match self.work {
             Work::Started(running) => running.await,
-            Work::Fresh(_, _) if Instant::now() > self.deadline => return None,
+            Work::Fresh(_, _) if Instant::now() > self.deadline => {
+                self.timing.expired();
+                return None;
+            }
             Work::Fresh(handler, args) => handler(args).await,
         };
+        self.timing.finish(outcome.status);
         if Instant::now() > self.deadline {
             tracing::debug!(method = %self.method, "handler finished after the caller's deadline");
         }
@@ -128,6 +138,7 @@ impl Dispatcher {
             running: Arc::default(),
             max_in_flight,
             tasks: TaskTracker::new(),
+            window_start: std::sync::Mutex::new(std::time::Instant::now()),
         }
     }
 
@@ -156,7 +167,8 @@ impl Dispatcher {
             names.push(route.name.clone());
         }
         for route in routes {
-            table.insert(route.name.clone(), route);
+            let meter = Arc::new(Meter::new(&route.name));
+            table.insert(route.name, (route.handler, meter));
         }
         Ok(names)
     }
@@ -174,6 +186,23 @@ impl Dispatcher {
             .mode
             .compare_exchange(OPEN, CLOSED, Ordering::AcqRel, Ordering::Acquire);
         write(&self.routes).clear();
+    }
+
+    /// Every method's figures as a registry entry's `stats` field; the window (since the
+    /// previous summary) ends now and the next starts.
+    pub(crate) fn summary(&self) -> String {
+        let window = {
+            let mut start = crate::locks::lock(&self.window_start);
+            let now = std::time::Instant::now();
+            std::mem::replace(&mut *start, now).elapsed()
+        };
+        let table = read(&self.routes);
+        crate::meter::summary(
+            table
+                .iter()
+                .map(|(name, (_, meter))| (name.as_str(), &**meter)),
+            window,
+        )
     }
 
     /// Calls running or sending their reply now.
@@ -223,13 +252,16 @@ impl Dispatcher {
         }
         let route = {
             let table = read(&self.routes);
-            table.get(call.method.as_str()).map(|r| r.handler.clone())
+            table
+                .get(call.method.as_str())
+                .map(|(handler, meter)| (handler.clone(), meter.clone()))
         };
-        let Some(handler) = route else {
+        let Some((handler, meter)) = route else {
             let body = ReplyBody::text(call.method.as_str());
             return refuse(call, Status::UnknownMethod, body);
         };
         let Some(slot) = self.enter() else {
+            meter.overloaded();
             return refuse(
                 call,
                 Status::Overloaded,
@@ -244,6 +276,7 @@ impl Dispatcher {
             args,
         } = call;
         let deadline = || Instant::now() + Duration::from_millis(deadline_ms);
+        let timing = meter.start();
         if self.spawn_all {
             return Dispatched::Running(Running {
                 work: Work::Fresh(handler, args),
@@ -252,6 +285,7 @@ impl Dispatcher {
                 method,
                 deadline: deadline(),
                 slot,
+                timing,
             });
         }
         let mut handling = handler(args);
@@ -259,13 +293,16 @@ impl Dispatcher {
         // once, with that task's waker, before anything could have been missed.
         let mut cx = Context::from_waker(Waker::noop());
         match handling.as_mut().poll(&mut cx) {
-            Poll::Ready(outcome) => Dispatched::Ready(ReadyReply {
-                caller: reply_to,
-                id,
-                status: outcome.status,
-                body: outcome.body,
-                slot: Some(slot),
-            }),
+            Poll::Ready(outcome) => {
+                timing.finish(outcome.status);
+                Dispatched::Ready(ReadyReply {
+                    caller: reply_to,
+                    id,
+                    status: outcome.status,
+                    body: outcome.body,
+                    slot: Some(slot),
+                })
+            }
             // Its deadline is read only here: a handler that finishes at once costs no clock.
             Poll::Pending => Dispatched::Running(Running {
                 work: Work::Started(handling),
@@ -274,6 +311,7 @@ impl Dispatcher {
                 method,
                 deadline: deadline(),
                 slot,
+                timing,
             }),
         }
     }

@@ -31,6 +31,8 @@ pub(crate) struct Advert {
     methods: Mutex<(u64, Vec<String>)>,
     /// When the server started, by its own clock (ms since the Unix epoch).
     started_at_ms: u64,
+    /// Set once shutdown has begun.
+    draining: std::sync::atomic::AtomicBool,
 }
 
 impl Advert {
@@ -42,6 +44,7 @@ impl Advert {
         Advert {
             methods: Mutex::default(),
             started_at_ms,
+            draining: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -55,6 +58,12 @@ impl Advert {
     /// The methods and their generation, read together.
     fn snapshot(&self) -> (u64, Vec<String>) {
         crate::locks::lock(&self.methods).clone()
+    }
+
+    /// From now on beats say the server is draining, and list it as a provider of nothing.
+    pub(crate) fn drain(&self) {
+        self.draining
+            .store(true, std::sync::atomic::Ordering::Release);
     }
 
     pub(crate) fn methods(&self) -> Vec<String> {
@@ -83,6 +92,8 @@ pub(crate) async fn beat(
                 generation,
                 started_at_ms: advert.started_at_ms,
                 in_flight,
+                stats: node.stats_summary(),
+                draining: advert.draining.load(std::sync::atomic::Ordering::Acquire),
                 announce,
             },
         )

@@ -8,7 +8,9 @@
 //! - [`config`]: [`Config`], one for every node of a deployment; [`Balance`].
 //! - [`server`]: [`Server`]: registers methods, heartbeats, shuts down gracefully.
 //! - [`client`]: [`Client`]: calls with retries and failover, node-to-node messages.
-//! - [`monitor`]: [`Monitor`] and [`RegistrySnapshot`]: who serves what.
+//! - [`monitor`]: [`Monitor`] and [`RegistrySnapshot`]: who serves what, each server's
+//!   per-method figures ([`ServerStats`]), and joins and leaves as announced
+//!   ([`RegistryEvents`]).
 //! - [`service`]: [`Service`] and [`Route`]: what a server runs.
 //! - [`message`]: [`Message`] and [`Messages`].
 //! - [`error`]: [`Error`] and [`RemoteError`].
@@ -38,7 +40,9 @@
 //! - `signing`: signed frames (opt-in, [`Config::signing_key`]): the HMAC-SHA256 tag bound to
 //!   the channel, key ids for rotation, and the replay guard; it wraps the frames `codec`
 //!   makes and unwraps them before `codec` reads them.
-//! - `stats`: counters of bad input and load; `locks`: poison-tolerant locking.
+//! - `stats`: counters of bad input and load; `meter`: each method's figures (counters and a
+//!   latency histogram) and the summary the heartbeat publishes; `locks`: poison-tolerant
+//!   locking.
 //! - `codegen`: what the macro's expansion calls (hidden: not a stable API).
 //!
 //! The wire protocol and Redis layout are specified in `docs/protocol.md`.
@@ -60,6 +64,7 @@ pub mod error;
 mod heartbeat;
 mod locks;
 pub mod message;
+mod meter;
 pub mod monitor;
 mod namespace;
 mod node;
@@ -74,6 +79,7 @@ mod signing;
 #[cfg(test)]
 mod spec_tests;
 mod stats;
+mod telemetry;
 #[cfg(any(test, feature = "testing"))]
 #[cfg_attr(docsrs, doc(cfg(feature = "testing")))]
 pub mod testing;
@@ -85,7 +91,10 @@ pub use client::Client;
 pub use config::{Balance, Config};
 pub use error::{Error, RemoteError};
 pub use message::{Message, Messages};
-pub use monitor::{Monitor, RegistrySnapshot};
+pub use monitor::{
+    ErrorCounts, Latency, MethodStats, Monitor, RegistryEvent, RegistryEvents, RegistrySnapshot,
+    ServerStats,
+};
 pub use node_id::NodeId;
 pub use registry::ServerInfo;
 pub use server::Server;

@@ -57,7 +57,12 @@ pub(crate) struct Node {
     opener: Option<Opener>,
     /// Calls, replies and messages waiting for their destination's turn (`outbox.rs`).
     outbox: Outbox,
+    /// Joins and leaves as received, for monitors that listen (`Monitor::events`).
+    announcements: tokio::sync::broadcast::Sender<crate::monitor::RegistryEvent>,
 }
+
+/// Joins and leaves kept for a monitor that falls behind; beyond, the oldest are dropped.
+const ANNOUNCEMENTS: usize = 1024;
 
 impl std::fmt::Debug for Node {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -100,6 +105,7 @@ impl Node {
             dispatcher: OnceLock::new(),
             counters: Counters::default(),
             life: Lifecycle::new(),
+            announcements: tokio::sync::broadcast::Sender::new(ANNOUNCEMENTS),
             id,
             names,
             wire,
@@ -117,6 +123,20 @@ impl Node {
         node.life.spawn(refresh_loop(node.clone()));
         tracing::debug!(node = %node.id, "node started");
         Ok(node)
+    }
+
+    /// The joins and leaves this node receives from now on.
+    pub(crate) fn announcements(
+        &self,
+    ) -> tokio::sync::broadcast::Receiver<crate::monitor::RegistryEvent> {
+        self.announcements.subscribe()
+    }
+
+    /// Passes a join or leave on to the monitors listening, if any.
+    fn announce(&self, event: impl FnOnce() -> crate::monitor::RegistryEvent) {
+        if self.announcements.receiver_count() > 0 {
+            let _ = self.announcements.send(event());
+        }
     }
 
     /// This node's id.
@@ -180,6 +200,12 @@ impl Node {
     }
 
     /// Calls this server is running or sending the reply of now (0 for other nodes).
+    /// The server's per-method figures as a registry entry's `stats` field (the window ends
+    /// now); `None` if this node serves nothing.
+    pub(crate) fn stats_summary(&self) -> Option<String> {
+        self.dispatcher.get().map(|d| d.summary())
+    }
+
     pub(crate) fn in_flight(&self) -> usize {
         self.dispatcher.get().map_or(0, |d| d.in_flight())
     }
@@ -638,8 +664,12 @@ impl Node {
             },
             Frame::Join { node, methods } if channel == self.events => {
                 self.caller.balancer().join(&node, &methods);
+                self.announce(|| crate::monitor::RegistryEvent::Joined { node, methods });
             }
-            Frame::Leave { node } if channel == self.events => self.caller.balancer().remove(&node),
+            Frame::Leave { node } if channel == self.events => {
+                self.caller.balancer().remove(&node);
+                self.announce(|| crate::monitor::RegistryEvent::Left { node });
+            }
             Frame::Claim { frame, claim } => self.claimed(channel, *frame, claim),
             other => {
                 if let Some(seen) = self.counters.bump_and_sample(Count::Misrouted) {

@@ -23,6 +23,11 @@ pub(crate) struct Announcement<'a> {
     pub(crate) generation: u64,
     pub(crate) started_at_ms: u64,
     pub(crate) in_flight: usize,
+    /// The per-method figures (`meter::summary`), if it serves.
+    pub(crate) stats: Option<String>,
+    /// It is shutting down: listed for the monitor while its handlers finish, but no longer
+    /// a provider of anything (the beat adds it to no method set).
+    pub(crate) draining: bool,
     /// Announce the server (a join with all its methods) even if the beat adds nothing:
     /// after a reconnect callers may have dropped it, and after a registration they are told
     /// at once.
@@ -75,20 +80,30 @@ impl Registry {
     /// with it when the beat makes it a provider of a method it was not listed for, or when
     /// `me.announce` says so; callers that miss it find out at their next refresh.
     pub(crate) async fn heartbeat(&self, wire: &Wire, me: &Announcement<'_>) -> Result<(), Error> {
+        let beat_at_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        let mut fields = vec![
+            ("id", me.id.to_string()),
+            ("host", self.host.clone()),
+            ("pid", std::process::id().to_string()),
+            ("started_at_ms", me.started_at_ms.to_string()),
+            ("in_flight", me.in_flight.to_string()),
+            ("protocol", crate::codec::VERSION.to_string()),
+            ("methods", me.methods.join("\n")),
+            ("generation", me.generation.to_string()),
+            ("beat_at_ms", beat_at_ms.to_string()),
+            ("draining", u8::from(me.draining).to_string()),
+        ];
+        if let Some(stats) = &me.stats {
+            fields.push(("stats", stats.clone()));
+        }
         let entry = Entry {
             id: me.id,
             ttl: self.ttl,
-            methods: me.methods,
-            fields: vec![
-                ("id", me.id.to_string()),
-                ("host", self.host.clone()),
-                ("pid", std::process::id().to_string()),
-                ("started_at_ms", me.started_at_ms.to_string()),
-                ("in_flight", me.in_flight.to_string()),
-                ("protocol", crate::codec::VERSION.to_string()),
-                ("methods", me.methods.join("\n")),
-                ("generation", me.generation.to_string()),
-            ],
+            // A draining server stays listed but provides nothing.
+            methods: if me.draining { &[] } else { me.methods },
+            fields,
             join: self.announcement(crate::codec::encode_join(me.id.as_str(), me.methods)),
             force_join: me.announce,
         };
@@ -166,6 +181,16 @@ pub struct ServerInfo {
     pub in_flight: u64,
     /// The methods it serves, sorted.
     pub methods: Vec<String>,
+    /// How long ago its last heartbeat was written, by this reader's clock against the
+    /// server's (so clock skew between the machines shows here); `None` from a server that
+    /// does not say when it beat (an older version).
+    pub heartbeat_age: Option<Duration>,
+    /// It is shutting down: its handlers are finishing and it takes no new calls (it is no
+    /// longer listed as a provider of its methods).
+    pub draining: bool,
+    /// Its per-method figures at its last heartbeat; `None` from a server that does not
+    /// publish them (an older version) or whose summary did not read.
+    pub stats: Option<crate::monitor::ServerStats>,
 }
 
 impl ServerInfo {
@@ -188,6 +213,23 @@ impl ServerInfo {
             .map(str::to_string)
             .collect();
         methods.sort();
+        let heartbeat_age = number("beat_at_ms").ok().map(|at| {
+            let now = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64);
+            Duration::from_millis(now.saturating_sub(at))
+        });
+        let draining = get("draining").is_ok_and(|d| d == "1");
+        let stats = fields
+            .iter()
+            .find(|(k, _)| &k[..] == b"stats")
+            .and_then(|(_, v)| {
+                let stats = crate::monitor::ServerStats::parse(v);
+                if stats.is_none() {
+                    tracing::debug!(node = %id, "skipping an unreadable stats summary");
+                }
+                stats
+            });
         Ok(ServerInfo {
             id: id.clone(),
             host: get("host")?.to_string(),
@@ -195,6 +237,9 @@ impl ServerInfo {
             started_at: UNIX_EPOCH + Duration::from_millis(number("started_at_ms")?),
             in_flight: number("in_flight")?,
             methods,
+            heartbeat_age,
+            draining,
+            stats,
         })
     }
 }

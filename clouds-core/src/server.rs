@@ -276,8 +276,28 @@ impl Server {
             if let Err(e) = node.flush_inbound().await {
                 tracing::warn!(node = %node.id(), error = %e, "could not confirm the inbox was drained");
             }
+            // Handlers still running: the entry comes back, as draining and providing nothing,
+            // so a monitor sees what is left (it expires with its TTL if this stops short),
+            // and goes once they are done.
+            let draining = state.left && self.dispatcher.tasks() > 0;
+            if draining {
+                self.advert.drain();
+                if let Err(e) = heartbeat::beat(&node, node.wire(), &self.advert, false).await {
+                    tracing::debug!(node = %node.id(), error = %e, "could not list the server as draining");
+                }
+            }
             if !self.dispatcher.drain(node.config().shutdown_timeout).await {
                 tracing::warn!(node = %node.id(), in_flight = self.dispatcher.in_flight(), "shutdown timeout: closing with handlers still running");
+            }
+            if draining {
+                let methods = self.advert.methods();
+                if let Err(e) = node
+                    .registry()
+                    .leave(node.wire(), node.id(), &methods)
+                    .await
+                {
+                    tracing::warn!(node = %node.id(), error = %e, "could not remove the draining entry; it expires with its TTL");
+                }
             }
         }
         node.close().await;

@@ -85,6 +85,7 @@ impl Counters {
     /// Adds `n` to `count`.
     pub(crate) fn add(&self, count: Count, n: u64) {
         self.0[count as usize].fetch_add(n, Ordering::Relaxed);
+        crate::telemetry::counted(count, n);
     }
 
     /// Counts one bad frame and says whether to log it: the 1st, 2nd, 4th, 8th, ... so
@@ -92,6 +93,7 @@ impl Counters {
     /// `stats()`.
     pub(crate) fn bump_and_sample(&self, count: Count) -> Option<u64> {
         let n = self.0[count as usize].fetch_add(1, Ordering::Relaxed) + 1;
+        crate::telemetry::counted(count, 1);
         n.is_power_of_two().then_some(n)
     }
 

@@ -17,6 +17,7 @@ mod node;
 mod registry;
 mod server;
 mod signing;
+mod stats;
 
 use std::convert::Infallible;
 use std::sync::Arc;

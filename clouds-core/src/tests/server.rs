@@ -334,16 +334,12 @@ async fn a_cancelled_shutdown_runs_again_to_completion_and_loses_no_call() {
             "a shutdown cut after {cut:?} cannot have finished: a handler is running"
         );
     }
-    // It left the registry and stopped taking calls already.
+    // It left the method sets and stopped taking calls already; it is listed only as
+    // draining, while its handler runs.
     let monitor = Monitor::connect(config(&broker)).await.expect("monitor");
-    assert!(
-        monitor
-            .snapshot()
-            .await
-            .expect("snapshot")
-            .servers
-            .is_empty()
-    );
+    let snapshot = monitor.snapshot().await.expect("snapshot");
+    assert!(snapshot.methods.is_empty());
+    assert!(snapshot.servers.values().all(|info| info.draining));
     match caller
         .clone()
         .with_retries(0)
@@ -358,6 +354,14 @@ async fn a_cancelled_shutdown_runs_again_to_completion_and_loses_no_call() {
     assert!(started.elapsed() < ms(1_000), "{:?}", started.elapsed());
     assert_eq!(running.await.expect("join").expect("not lost"), "c");
     assert_eq!(calls.get(), 1);
+    assert!(
+        monitor
+            .snapshot()
+            .await
+            .expect("snapshot")
+            .servers
+            .is_empty()
+    );
     provider.shutdown().await.expect("and is done");
 }
 
