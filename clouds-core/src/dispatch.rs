@@ -179,6 +179,12 @@ impl Dispatcher {
         self.mode.store(SILENT, Ordering::Release);
     }
 
+    /// Whether [`Dispatcher::silence`] was called: replies of handlers still running are then
+    /// not sent either.
+    pub(crate) fn is_silent(&self) -> bool {
+        self.mode.load(Ordering::Acquire) == SILENT
+    }
+
     /// Forgets every route and refuses calls from now on (at close).
     pub(crate) fn clear(&self) {
         // A silent (crashed) server stays silent.

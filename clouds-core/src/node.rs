@@ -350,7 +350,7 @@ impl Node {
         frame: Bytes,
         timed: bool,
     ) -> Result<u64, TransportError> {
-        outbox::send(self, channel, frame, timed, false).await
+        outbox::send(self, channel, frame, timed).await
     }
 
     /// Sends a reply to `caller`'s inbox; failures are logged (the caller will time out).
@@ -374,18 +374,32 @@ impl Node {
         drop(reply.slot);
     }
 
-    /// [`Node::reply`] with no timer of its own, for the receive loop, which bounds the
-    /// replies it sends all together (see `receive_loop`).
-    async fn reply_unbounded(self: &Arc<Self>, reply: ReadyReply, gather: bool) {
-        let caller = reply.caller.as_str();
-        let frame = self
-            .reply_frame(caller, reply.id, reply.status, reply.body)
-            .await;
-        let inbox = self.peers.inbox(caller);
-        // Gathered: the other replies made in the same pass of the receive loop join this one.
-        let sent = outbox::send(self, &inbox, frame, false, gather).await;
-        self.log_reply(caller, sent);
-        drop(reply.slot);
+    /// Sends replies to one caller (not empty) together, then frees their in-flight slots:
+    /// for the receive loop, which bounds the replies it sends all together, with no timer of
+    /// their own (see `receive_loop`).
+    async fn reply_all(self: &Arc<Self>, replies: Vec<ReadyReply>) {
+        let Some(caller) = replies.first().map(|r| r.caller.clone()) else {
+            return;
+        };
+        let mut frames = Vec::with_capacity(replies.len());
+        let mut slots = Vec::with_capacity(replies.len());
+        for reply in replies {
+            let frame = self
+                .reply_frame(caller.as_str(), reply.id, reply.status, reply.body)
+                .await;
+            frames.push(frame);
+            slots.push(reply.slot);
+        }
+        let inbox = self.peers.inbox(caller.as_str());
+        let sent = if frames.len() == 1 {
+            // A lone reply goes at once if the inbox's turn is free.
+            let frame = frames.pop().unwrap_or_default();
+            outbox::send(self, &inbox, frame, false).await
+        } else {
+            outbox::send_all(self, &inbox, frames).await
+        };
+        self.log_reply(caller.as_str(), sent);
+        drop(slots);
     }
 
     /// The frame of a reply: inline, or a claim frame once its body is stored (for the
@@ -652,8 +666,12 @@ impl Node {
                     Dispatched::Expired => self.counters.bump(Count::ExpiredCalls),
                     Dispatched::Running(running) => {
                         let node = self.clone();
+                        let mode = dispatcher.clone();
                         dispatcher.track(async move {
                             match running.run().await {
+                                // Crashed meanwhile (`testing::crash`): a dead process sends
+                                // nothing, however long its closing takes.
+                                Some(_) if mode.is_silent() => {}
                                 Some(reply) => node.send_reply(reply).await,
                                 None => node.counters.bump(Count::ExpiredCalls),
                             }
@@ -878,10 +896,9 @@ async fn receive_loop(node: Arc<Node>, mut inbound: Inbound) {
     // Re-armed a full period after each rotation, so nothing is given up sooner than that.
     let tick = tokio::time::sleep(period);
     tokio::pin!(tick);
-    let send = |reply: ReadyReply, gather: bool| node.reply_unbounded(reply, gather);
-    // The replies made in one pass over the deliveries. Several are sent gathered: the first
-    // to an inbox whose turn is free waits one yield for the others (`outbox.rs`); one alone
-    // goes at once.
+    let send = |replies: Vec<ReadyReply>| node.reply_all(replies);
+    // The replies made in one pass over the deliveries, sent per caller: one future each,
+    // carrying that caller's replies together (`outbox::send_all`); one alone goes at once.
     let mut made = Vec::new();
     let cancelled = node.life.stopped();
     tokio::pin!(cancelled);
@@ -913,14 +930,13 @@ async fn receive_loop(node: Arc<Node>, mut inbound: Inbound) {
             };
             handle_guarded(&node, delivery, &mut |r| made.push(r));
         }
-        let gather = made.len() > 1;
-        sending.extend(made.drain(..).map(|r| send(r, gather)));
+        sending.extend(per_caller(&mut made).into_iter().map(send));
     }
     // Hand over what was already delivered (replies to calls still being waited for).
     while let Some(delivery) = inbound.try_recv() {
         handle_guarded(&node, delivery, &mut |r| made.push(r));
     }
-    sending.extend(made.drain(..).map(|r| send(r, true)));
+    sending.extend(per_caller(&mut made).into_iter().map(send));
     // Finish sending the replies already made, for at most one command timeout.
     let mut both = futures_util::stream::select(sending, older);
     let drain = async { while both.next().await.is_some() {} };
@@ -930,10 +946,24 @@ async fn receive_loop(node: Arc<Node>, mut inbound: Inbound) {
     }
 }
 
-/// Logs replies whose `PUBLISH` got no answer in time (they are dropped with it).
-fn give_up(node: &Node, replies: usize, period: Duration) {
-    if replies > 0 {
-        tracing::warn!(node = %node.id, replies, after = ?period, "could not send replies: PUBLISH timed out");
+/// The replies of one pass grouped by caller, each group in the order the replies were
+/// made (a pass makes at most `RECEIVE_BATCH`, from few callers: a linear search is enough).
+fn per_caller(made: &mut Vec<ReadyReply>) -> Vec<Vec<ReadyReply>> {
+    let mut groups: Vec<Vec<ReadyReply>> = Vec::new();
+    for reply in made.drain(..) {
+        match groups.iter_mut().find(|g| g[0].caller == reply.caller) {
+            Some(group) => group.push(reply),
+            None => groups.push(vec![reply]),
+        }
+    }
+    groups
+}
+
+/// Logs replies whose `PUBLISH` got no answer in time (they are dropped with it): `groups`
+/// of them, each one caller's replies of one pass.
+fn give_up(node: &Node, groups: usize, period: Duration) {
+    if groups > 0 {
+        tracing::warn!(node = %node.id, groups, after = ?period, "could not send replies (groups per caller): PUBLISH timed out");
     }
 }
 

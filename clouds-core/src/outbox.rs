@@ -2,29 +2,34 @@
 //! outstanding, with no timers.
 //!
 //! Each destination (a provider's call channel, a caller's inbox) has a *turn*. A frame sent
-//! while nobody holds the turn takes it and goes out at once, alone, as itself. A sender that
-//! makes several frames in one go (the receive loop, replying to the calls of one pass) asks
-//! to `gather`: it yields once first, so the frames made meanwhile join it. Frames sent while the turn is held wait in the
-//! destination's queue; when the outstanding `PUBLISH` is answered, the turn passes to a
-//! *flusher* task that publishes everything waiting as one batch frame (`codec::encode_batch`,
-//! at most `codec::BATCH_MAX` bytes; a frame too large to share goes alone), tells each
-//! frame's sender what its `PUBLISH` returned, and goes on until the queue is empty.
+//! while nobody holds the turn takes it and goes out at once, alone, as itself. Frames sent
+//! while the turn is held wait in the destination's queue; when the outstanding `PUBLISH` is
+//! answered, the turn passes to a *flusher* task that publishes everything waiting as one
+//! batch frame (`codec::encode_batch`, at most `codec::BATCH_MAX` bytes; a frame too large to
+//! share goes alone), tells each frame's sender what its `PUBLISH` returned, and goes on until
+//! the queue is empty. The receive loop, which makes several replies to one caller in one
+//! pass, hands them over together (`send_all`): one run in the queue behind one waiter; if the
+//! turn was free it yields once, so frames made meanwhile join, and flushes them itself.
 //!
 //! So a batch's outcome is exactly each of its frames' outcome: a `PUBLISH` that reached
 //! nobody reached none of them, one that failed failed for each of them. Frames keep their
 //! order per destination. A sender dropped while its frame waits takes the frame out of the
-//! next batch; one dropped while holding the turn hands it on from its `Drop` (a flusher picks
-//! up what waits), so no destination's turn is ever stranded. Flushers are spawned tasks,
-//! never a caller's future, so a batch in flight cannot be cancelled by a caller giving up.
+//! next batch (of a run from `send_all`, only the last frame: replies whose sending was given
+//! up may still go, and a caller ignores a late reply); one dropped while holding the turn
+//! hands it on from its `Drop` (a flusher picks up what waits), so no destination's turn is
+//! ever stranded. Batches are published by spawned flushers or by the receive loop's reply
+//! futures (dropped only when given up after a command timeout, or at shutdown), never by a
+//! call's future, so a batch in flight cannot be cancelled by a caller giving up.
 //!
 //! What publishing means (sealing, the transport) is the [`Sink`]'s: the node in production,
 //! a recording fake in the tests below.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::future::Future;
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
+use foldhash::HashMap;
 use tokio::sync::oneshot;
 
 use crate::codec;
@@ -66,7 +71,9 @@ pub(crate) struct Outbox {
 #[derive(Debug)]
 struct Waiting {
     frame: Bytes,
-    done: oneshot::Sender<Result<u64, TransportError>>,
+    /// Who to tell; `None` for all but the last of frames sent together (`send_all`), whose
+    /// sender waits for the last one only.
+    done: Option<oneshot::Sender<Result<u64, TransportError>>>,
 }
 
 impl Outbox {
@@ -78,7 +85,7 @@ impl Outbox {
         Outbox {
             enabled,
             cap,
-            turns: Mutex::new(HashMap::new()),
+            turns: Mutex::new(HashMap::default()),
         }
     }
 
@@ -99,7 +106,7 @@ impl Outbox {
         let mut taken = Vec::new();
         let mut size = codec::BATCH_HEADER;
         while let Some(front) = queue.front() {
-            if front.done.is_closed() {
+            if front.done.as_ref().is_some_and(|done| done.is_closed()) {
                 queue.pop_front();
                 continue;
             }
@@ -144,7 +151,6 @@ pub(crate) async fn send<S: Sink>(
     channel: &Channel,
     frame: Bytes,
     timed: bool,
-    gather: bool,
 ) -> Result<u64, TransportError> {
     let outbox = sink.outbox();
     if !outbox.enabled {
@@ -155,7 +161,10 @@ pub(crate) async fn send<S: Sink>(
         match turns.get_mut(channel) {
             Some(queue) => {
                 let (done, waiting) = oneshot::channel();
-                queue.push_back(Waiting { frame, done });
+                queue.push_back(Waiting {
+                    frame,
+                    done: Some(done),
+                });
                 Err(waiting)
             }
             None => {
@@ -169,38 +178,57 @@ pub(crate) async fn send<S: Sink>(
         Err(waiting) => return outcome(waiting).await,
     };
     // This sender holds the turn; the guard hands it on however this future ends.
-    let turn = Turn { sink, channel };
-    if !gather {
-        let sent = sink.publish(channel.clone(), frame, timed).await;
-        drop(turn);
-        return sent;
-    }
-    tokio::task::yield_now().await;
-    let others = {
-        let mut turns = lock(&outbox.turns);
-        match turns.get_mut(channel) {
-            Some(queue) if !queue.is_empty() => {
-                // Others joined during the yield: this frame goes first, in a flusher's batch.
-                let (done, waiting) = oneshot::channel();
-                queue.push_front(Waiting { frame, done });
-                Err(waiting)
-            }
-            _ => Ok(frame),
-        }
-    };
-    match others {
-        Ok(frame) => {
-            let sent = sink.publish(channel.clone(), frame, timed).await;
-            drop(turn);
-            sent
-        }
-        Err(waiting) => {
-            drop(turn);
-            outcome(waiting).await
-        }
-    }
+    let turn = Turn::new(sink, channel);
+    let sent = sink.publish(channel.clone(), frame, timed).await;
+    drop(turn);
+    sent
 }
 
+/// Publishes `frames` (not empty), made together for `channel`, through the outbox: the
+/// receive loop's replies of one pass to one caller. They join the queue as one run, in
+/// order, behind one waiter; if the turn was free, this sender holds it and yields once (so
+/// frames made meanwhile for the channel join too), then publishes the queue itself, batch
+/// after batch, until it is empty. Resolves to the outcome of the `PUBLISH` that carried the
+/// last of `frames` (the receive loop only logs it).
+///
+/// One future, one waiter and one queue lock per caller and pass instead of one per frame.
+pub(crate) async fn send_all<S: Sink>(
+    sink: &Arc<S>,
+    channel: &Channel,
+    frames: Vec<Bytes>,
+) -> Result<u64, TransportError> {
+    let outbox = sink.outbox();
+    if !outbox.enabled {
+        let sends = frames
+            .into_iter()
+            .map(|frame| sink.publish(channel.clone(), frame, false));
+        let all = futures_util::future::join_all(sends).await;
+        return all.into_iter().last().unwrap_or(Ok(0));
+    }
+    let (done, waiting) = oneshot::channel();
+    let free = {
+        let mut turns = lock(&outbox.turns);
+        let free = !turns.contains_key(channel);
+        let queue = turns.entry(channel.clone()).or_default();
+        let last = frames.len().saturating_sub(1);
+        let mut done = Some(done);
+        for (n, frame) in frames.into_iter().enumerate() {
+            let done = if n == last { done.take() } else { None };
+            queue.push_back(Waiting { frame, done });
+        }
+        free
+    };
+    if free {
+        // The guard hands the turn on if this future is dropped while flushing.
+        let turn = Turn::new(sink, channel);
+        tokio::task::yield_now().await;
+        flush_held(sink, channel).await;
+        // `flush_held` gave the turn back with the queue empty: someone else may hold it by
+        // now, so the guard must not release it again.
+        turn.disarm();
+    }
+    outcome(waiting).await
+}
 /// What became of a frame that waited for its turn.
 async fn outcome(
     waiting: oneshot::Receiver<Result<u64, TransportError>>,
@@ -213,31 +241,55 @@ async fn outcome(
     })
 }
 
-/// A held turn: given back (or to a flusher) when dropped.
+/// A held turn: given back (or to a flusher) when dropped, unless disarmed.
 struct Turn<'a, S: Sink> {
     sink: &'a Arc<S>,
     channel: &'a Channel,
+    armed: bool,
+}
+
+impl<'a, S: Sink> Turn<'a, S> {
+    fn new(sink: &'a Arc<S>, channel: &'a Channel) -> Self {
+        Turn {
+            sink,
+            channel,
+            armed: true,
+        }
+    }
+
+    /// The turn was given back already.
+    fn disarm(mut self) {
+        self.armed = false;
+    }
 }
 
 impl<S: Sink> Drop for Turn<'_, S> {
     fn drop(&mut self) {
-        Outbox::release(self.sink, self.channel);
+        if self.armed {
+            Outbox::release(self.sink, self.channel);
+        }
     }
 }
 
 /// Holds `channel`'s turn until nothing waits for it: publishes what waits, batch after batch,
 /// and tells each frame's sender how its `PUBLISH` went.
 async fn flush<S: Sink>(sink: Arc<S>, channel: Channel) {
+    flush_held(&sink, &channel).await;
+}
+
+/// The work of [`flush`], for a holder of `channel`'s turn; returns once the turn is given
+/// back (the queue was empty).
+async fn flush_held<S: Sink>(sink: &Arc<S>, channel: &Channel) {
     loop {
-        let taken = sink.outbox().next(&channel);
+        let taken = sink.outbox().next(channel);
         let frame = match taken.as_slice() {
             [] => return,
             [one] => one.frame.clone(),
             many => codec::encode_batch(many.iter().map(|w| &w.frame[..])),
         };
         let sent = sink.publish(channel.clone(), frame, true).await;
-        for waiting in taken {
-            let _ = waiting.done.send(sent.clone());
+        for done in taken.into_iter().filter_map(|w| w.done) {
+            let _ = done.send(sent.clone());
         }
     }
 }
@@ -322,7 +374,7 @@ mod tests {
         let fake = Fake::new(1024, 1);
         fake.gate.add_permits(1);
         let ch = Channel::from("a");
-        assert_eq!(send(&fake, &ch, frame(1, 10), false, false).await, Ok(1));
+        assert_eq!(send(&fake, &ch, frame(1, 10), false).await, Ok(1));
         assert_eq!(fake.publishes(), vec![vec![frame(1, 10)]]);
         assert_eq!(fake.outbox.busy(), 0, "the turn is given back");
     }
@@ -336,14 +388,14 @@ mod tests {
         {
             let fake = fake.clone();
             let ch = ch.clone();
-            tasks.spawn(async move { send(&fake, &ch, frame(0, 10), false, false).await });
+            tasks.spawn(async move { send(&fake, &ch, frame(0, 10), false).await });
         }
         settle().await;
         // ...so the next ones wait for it, in order.
         for n in 1..=5u8 {
             let fake = fake.clone();
             let ch = ch.clone();
-            tasks.spawn(async move { send(&fake, &ch, frame(n, 10), false, false).await });
+            tasks.spawn(async move { send(&fake, &ch, frame(n, 10), false).await });
             settle().await;
         }
         fake.gate.add_permits(10);
@@ -365,12 +417,12 @@ mod tests {
         let (a, b) = (Channel::from("a"), Channel::from("b"));
         let first = {
             let (fake, a) = (fake.clone(), a.clone());
-            tokio::spawn(async move { send(&fake, &a, frame(1, 4), false, false).await })
+            tokio::spawn(async move { send(&fake, &a, frame(1, 4), false).await })
         };
         settle().await;
         let other = {
             let (fake, b) = (fake.clone(), b.clone());
-            tokio::spawn(async move { send(&fake, &b, frame(2, 4), false, false).await })
+            tokio::spawn(async move { send(&fake, &b, frame(2, 4), false).await })
         };
         settle().await;
         assert_eq!(fake.outbox.busy(), 2, "each destination holds its own turn");
@@ -390,7 +442,7 @@ mod tests {
         for (n, len) in lens.iter().enumerate() {
             let (fake, ch) = (fake.clone(), ch.clone());
             let f = frame(n as u8, *len);
-            tasks.spawn(async move { send(&fake, &ch, f, false, false).await });
+            tasks.spawn(async move { send(&fake, &ch, f, false).await });
             settle().await;
         }
         fake.gate.add_permits(100);
@@ -428,14 +480,14 @@ mod tests {
         let ch = Channel::from("a");
         let first = {
             let (fake, ch) = (fake.clone(), ch.clone());
-            tokio::spawn(async move { send(&fake, &ch, frame(0, 8), false, false).await })
+            tokio::spawn(async move { send(&fake, &ch, frame(0, 8), false).await })
         };
         settle().await;
         let mut batch = Vec::new();
         for n in 1..=3u8 {
             let (fake, ch) = (fake.clone(), ch.clone());
             batch.push(tokio::spawn(async move {
-                send(&fake, &ch, frame(n, 8), false, false).await
+                send(&fake, &ch, frame(n, 8), false).await
             }));
             settle().await;
         }
@@ -450,7 +502,7 @@ mod tests {
         // The next frame starts a turn of its own and goes out.
         fake.fail.store(false, Ordering::SeqCst);
         fake.gate.add_permits(1);
-        assert_eq!(send(&fake, &ch, frame(9, 8), false, false).await, Ok(1));
+        assert_eq!(send(&fake, &ch, frame(9, 8), false).await, Ok(1));
         assert_eq!(fake.publishes().len(), 3);
     }
 
@@ -461,12 +513,12 @@ mod tests {
         // The holder waits at the gate with its own PUBLISH; then it is dropped (cancelled).
         let holder = {
             let (fake, ch) = (fake.clone(), ch.clone());
-            tokio::spawn(async move { send(&fake, &ch, frame(0, 8), false, false).await })
+            tokio::spawn(async move { send(&fake, &ch, frame(0, 8), false).await })
         };
         settle().await;
         let waiter = {
             let (fake, ch) = (fake.clone(), ch.clone());
-            tokio::spawn(async move { send(&fake, &ch, frame(1, 8), false, false).await })
+            tokio::spawn(async move { send(&fake, &ch, frame(1, 8), false).await })
         };
         settle().await;
         holder.abort();
@@ -483,14 +535,14 @@ mod tests {
         let ch = Channel::from("a");
         let holder = {
             let (fake, ch) = (fake.clone(), ch.clone());
-            tokio::spawn(async move { send(&fake, &ch, frame(0, 8), false, false).await })
+            tokio::spawn(async move { send(&fake, &ch, frame(0, 8), false).await })
         };
         settle().await;
         let mut waiters = Vec::new();
         for n in 1..=3u8 {
             let (fake, ch) = (fake.clone(), ch.clone());
             waiters.push(tokio::spawn(async move {
-                send(&fake, &ch, frame(n, 8), false, false).await
+                send(&fake, &ch, frame(n, 8), false).await
             }));
             settle().await;
         }
@@ -515,12 +567,12 @@ mod tests {
         let ch = Channel::from("a");
         let holder = {
             let (fake, ch) = (fake.clone(), ch.clone());
-            tokio::spawn(async move { send(&fake, &ch, frame(0, 8), false, false).await })
+            tokio::spawn(async move { send(&fake, &ch, frame(0, 8), false).await })
         };
         settle().await;
         let waiter = {
             let (fake, ch) = (fake.clone(), ch.clone());
-            tokio::spawn(async move { send(&fake, &ch, frame(1, 8), false, false).await })
+            tokio::spawn(async move { send(&fake, &ch, frame(1, 8), false).await })
         };
         settle().await;
         waiter.abort();
@@ -530,7 +582,7 @@ mod tests {
         settle().await;
         assert_eq!(fake.outbox.busy(), 0, "nothing holds the turn");
         fake.gate.add_permits(1);
-        assert_eq!(send(&fake, &ch, frame(2, 8), false, false).await, Ok(1));
+        assert_eq!(send(&fake, &ch, frame(2, 8), false).await, Ok(1));
     }
 
     #[tokio::test]
@@ -540,13 +592,74 @@ mod tests {
         let fake = Fake::new(1024, 1);
         fake.gate.add_permits(10);
         let ch = Channel::from("a");
-        let sends = (0..4u8).map(|n| send(&fake, &ch, frame(n, 8), false, true));
+        let sends = (0..4u8).map(|n| send_all(&fake, &ch, vec![frame(n, 8)]));
         let all = futures_util::future::join_all(sends).await;
         assert!(all.iter().all(|s| *s == Ok(1)));
         assert_eq!(
             fake.publishes(),
             vec![(0..4u8).map(|n| frame(n, 8)).collect::<Vec<_>>()]
         );
+    }
+
+    #[tokio::test]
+    async fn a_run_of_frames_waits_behind_the_turn_and_goes_as_one_batch() {
+        let fake = Fake::new(1024, 2);
+        let ch = Channel::from("a");
+        let first = {
+            let (fake, ch) = (fake.clone(), ch.clone());
+            tokio::spawn(async move { send(&fake, &ch, frame(0, 8), false).await })
+        };
+        settle().await;
+        let run = {
+            let (fake, ch) = (fake.clone(), ch.clone());
+            let frames = (1..=4u8).map(|n| frame(n, 8)).collect();
+            tokio::spawn(async move { send_all(&fake, &ch, frames).await })
+        };
+        settle().await;
+        fake.gate.add_permits(10);
+        assert_eq!(first.await.expect("ran"), Ok(2));
+        assert_eq!(run.await.expect("ran"), Ok(2), "the run learns its batch's outcome");
+        let rest: Vec<Bytes> = (1..=4u8).map(|n| frame(n, 8)).collect();
+        assert_eq!(fake.publishes(), vec![vec![frame(0, 8)], rest]);
+        assert_eq!(fake.outbox.busy(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_run_that_finds_the_turn_free_flushes_itself_and_gives_it_back() {
+        let fake = Fake::new(1024, 1);
+        fake.gate.add_permits(10);
+        let ch = Channel::from("a");
+        let frames = (0..3u8).map(|n| frame(n, 8)).collect();
+        assert_eq!(send_all(&fake, &ch, frames).await, Ok(1));
+        assert_eq!(fake.outbox.busy(), 0, "the turn is given back");
+        assert_eq!(send(&fake, &ch, frame(9, 8), false).await, Ok(1));
+        let run: Vec<Bytes> = (0..3u8).map(|n| frame(n, 8)).collect();
+        assert_eq!(fake.publishes(), vec![run, vec![frame(9, 8)]]);
+    }
+
+    #[tokio::test]
+    async fn a_run_dropped_while_flushing_hands_the_turn_on() {
+        let fake = Fake::new(1024, 1);
+        let ch = Channel::from("a");
+        let run = {
+            let (fake, ch) = (fake.clone(), ch.clone());
+            let frames = (0..2u8).map(|n| frame(n, 8)).collect();
+            tokio::spawn(async move { send_all(&fake, &ch, frames).await })
+        };
+        settle().await;
+        let later = {
+            let (fake, ch) = (fake.clone(), ch.clone());
+            tokio::spawn(async move { send(&fake, &ch, frame(7, 8), false).await })
+        };
+        settle().await;
+        // The run holds the turn, its batch stuck at the gate; dropping it must not strand the
+        // frame waiting behind it.
+        run.abort();
+        assert!(run.await.is_err(), "aborted");
+        fake.gate.add_permits(10);
+        assert_eq!(later.await.expect("ran"), Ok(1));
+        assert_eq!(fake.publishes(), vec![vec![frame(7, 8)]]);
+        assert_eq!(fake.outbox.busy(), 0);
     }
 
     #[tokio::test]
@@ -557,7 +670,7 @@ mod tests {
         });
         fake.gate.add_permits(10);
         let ch = Channel::from("a");
-        let sends = (0..4u8).map(|n| send(&fake, &ch, frame(n, 8), false, false));
+        let sends = (0..4u8).map(|n| send(&fake, &ch, frame(n, 8), false));
         futures_util::future::join_all(sends).await;
         assert_eq!(fake.publishes().len(), 4);
     }
