@@ -12,7 +12,7 @@ use rmp::Marker;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use crate::envelope::{Call, ClaimRef, Frame, Reply, Status, WireStr};
+use crate::envelope::{Call, ClaimRef, Frame, Reply, Status, Trace, TraceRef, WireStr};
 use crate::node_id::{MAX_NODE_ID_LEN, NodeId};
 
 /// The protocol version this build speaks; the first byte of every frame.
@@ -28,6 +28,11 @@ const CLAIMED: u8 = 5;
 
 /// Longest method name accepted from the wire.
 const MAX_METHOD_LEN: usize = 256;
+/// Longest `traceparent` a call carries (W3C version 00 takes 55 bytes; later versions may
+/// append fields).
+pub(crate) const MAX_TRACEPARENT_LEN: usize = 256;
+/// Longest `tracestate` a call carries; a longer one is not sent (W3C lets a hop drop it).
+pub(crate) const MAX_TRACESTATE_LEN: usize = 1024;
 /// Most methods one join announcement may list.
 const MAX_JOIN_METHODS: u32 = 65_536;
 
@@ -83,7 +88,7 @@ pub(crate) fn encode_call(
     deadline_ms: u64,
     args: &dyn Args,
 ) -> Result<Vec<u8>, String> {
-    exact_frame(|buf| write_call(buf, id, method, reply_to, deadline_ms, args))
+    exact_frame(|buf| write_call(buf, id, method, reply_to, deadline_ms, None, args))
 }
 
 /// [`encode_call`], ready to send: the frame is preceded in its buffer by [`SEAL_ROOM`] bytes,
@@ -94,11 +99,12 @@ pub(crate) fn encode_call_framed(
     method: &str,
     reply_to: &str,
     deadline_ms: u64,
+    trace: Option<TraceRef<'_>>,
     args: &dyn Args,
 ) -> Result<Bytes, String> {
     let buf = exact_frame(|buf| {
         buf.resize(SEAL_ROOM, 0);
-        write_call(buf, id, method, reply_to, deadline_ms, args)
+        write_call(buf, id, method, reply_to, deadline_ms, trace, args)
     })?;
     // `advance`, not `slice`: slicing clones, and a clone costs `Bytes` an allocation.
     let mut frame = Bytes::from(buf);
@@ -112,15 +118,31 @@ fn write_call(
     method: &str,
     reply_to: &str,
     deadline_ms: u64,
+    trace: Option<TraceRef<'_>>,
     args: &dyn Args,
 ) -> Result<(), String> {
     buf.push(VERSION);
-    put_array_len(buf, 6);
+    // The trace element, when there is one, goes before the arguments, which stay last (a
+    // body is always the rest of the frame). None: the 6 elements of every version-1 peer.
+    let trace =
+        trace.filter(|t| !t.traceparent.is_empty() && t.traceparent.len() <= MAX_TRACEPARENT_LEN);
+    put_array_len(buf, if trace.is_some() { 7 } else { 6 });
     put_uint(buf, KIND_CALL.into());
     put_uint(buf, id);
     put_str(buf, method);
     put_str(buf, reply_to);
     put_uint(buf, deadline_ms);
+    if let Some(trace) = trace {
+        put_array_len(buf, 3);
+        put_str(buf, trace.traceparent);
+        let state = if trace.tracestate.len() <= MAX_TRACESTATE_LEN {
+            trace.tracestate
+        } else {
+            ""
+        };
+        put_str(buf, state);
+        put_uint(buf, trace.attempt.into());
+    }
     args.write_to(buf)
 }
 
@@ -407,6 +429,27 @@ impl<'a> Reader<'a> {
         Ok(self.frame.slice(start..))
     }
 
+    /// A call's trace element: `[traceparent: str, tracestate: str, attempt: uint]`.
+    fn trace(&mut self) -> Result<Trace, DecodeError> {
+        let count = rmp::decode::read_array_len(&mut self.rest)
+            .map_err(|e| malformed(format!("trace: {e}")))?;
+        if count != 3 {
+            return Err(malformed(format!("trace has {count} elements, expected 3")));
+        }
+        let traceparent = self.wire_str("traceparent", MAX_TRACEPARENT_LEN)?;
+        if traceparent.as_str().is_empty() {
+            return Err(malformed("traceparent is empty"));
+        }
+        let tracestate = self.wire_str("tracestate", MAX_TRACESTATE_LEN)?;
+        let attempt =
+            u32::try_from(self.uint("attempt")?).map_err(|_| malformed("attempt is over u32"))?;
+        Ok(Trace {
+            traceparent,
+            tracestate,
+            attempt,
+        })
+    }
+
     fn expect_len(len: u32, want: u32, kind: &str) -> Result<(), DecodeError> {
         if len == want {
             Ok(())
@@ -448,7 +491,10 @@ pub(crate) fn decode(frame: &Bytes) -> Result<Frame, DecodeError> {
     };
     let frame = match kind {
         k if k == u64::from(KIND_CALL) => {
-            Reader::expect_len(len, 6, "call")?;
+            // 6 elements, or 7 with the trace element before the arguments.
+            if len != 7 {
+                Reader::expect_len(len, 6, "call")?;
+            }
             let id = r.uint("call id")?;
             let method = r.wire_str("method", MAX_METHOD_LEN)?;
             let reply_to = r.wire_str("reply_to", MAX_NODE_ID_LEN)?;
@@ -456,6 +502,11 @@ pub(crate) fn decode(frame: &Bytes) -> Result<Frame, DecodeError> {
                 return Err(malformed("reply_to is empty"));
             }
             let deadline_ms = r.uint("deadline")?;
+            let trace = if len == 7 {
+                Some(Box::new(r.trace()?))
+            } else {
+                None
+            };
             let args = body(r, "arguments")?;
             if !claimed && !is_array_marker(args[0]) {
                 return Err(malformed("arguments are not a MessagePack array"));
@@ -466,6 +517,7 @@ pub(crate) fn decode(frame: &Bytes) -> Result<Frame, DecodeError> {
                 reply_to,
                 deadline_ms,
                 args,
+                trace,
             }))
         }
         k if k == u64::from(KIND_REPLY) => {
