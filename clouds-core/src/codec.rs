@@ -938,6 +938,121 @@ mod tests {
         ));
     }
 
+    const TRACEPARENT: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+
+    fn traced_call(tracestate: &str, attempt: u32) -> Bytes {
+        let trace = TraceRef {
+            traceparent: TRACEPARENT,
+            tracestate,
+            attempt,
+        };
+        encode_call_framed(5, "svc.m", "node-1", 250, Some(trace), &("a", 2)).expect("encode")
+    }
+
+    #[test]
+    fn a_traced_call_has_seven_elements_and_round_trips() {
+        let frame = traced_call("congo=t61rcWkgMzE", 2);
+        // [version, fixarray of 7, kind 0, ...]: the trace element before the arguments.
+        assert_eq!(&frame[..3], &[VERSION, 0x97, KIND_CALL]);
+        let Ok(Frame::Call(call)) = decode(&frame) else {
+            panic!("a traced call decodes")
+        };
+        let trace = call.trace.expect("trace element");
+        assert_eq!(trace.traceparent, TRACEPARENT);
+        assert_eq!(trace.tracestate, "congo=t61rcWkgMzE");
+        assert_eq!(trace.attempt, 2);
+        assert_eq!((call.id, call.deadline_ms), (5, 250));
+        assert_eq!(
+            decode_args::<(String, u32)>(&call.args),
+            Ok(("a".into(), 2))
+        );
+        // The arguments stay the rest of the frame, so a claim replaces them as before and
+        // keeps the trace element in the header.
+        let start = body_start(&frame).expect("a call");
+        let claim = ClaimRef {
+            token: [1; 16],
+            len: 3,
+            digest: [2; 32],
+        };
+        let claimed = Bytes::from(encode_claimed(&frame, start, &claim));
+        let Ok(Frame::Claim { frame, .. }) = decode(&claimed) else {
+            panic!("a claimed traced call decodes")
+        };
+        let Frame::Call(call) = *frame else {
+            panic!("a call")
+        };
+        assert_eq!(call.trace.expect("kept").traceparent, TRACEPARENT);
+    }
+
+    #[test]
+    fn untraced_calls_are_unchanged_and_oversized_trace_parts_are_not_sent() {
+        let plain = encode_call_framed(5, "svc.m", "node-1", 250, None, &("a", 2)).expect("plain");
+        assert_eq!(
+            plain[1], 0x96,
+            "six elements, as before trace context existed"
+        );
+        assert!(matches!(
+            decode(&plain),
+            Ok(Frame::Call(Call { trace: None, .. }))
+        ));
+        // A tracestate over the limit is dropped (W3C allows it); the traceparent still goes.
+        let frame = traced_call(&"k=v,".repeat(400), 1);
+        let Ok(Frame::Call(call)) = decode(&frame) else {
+            panic!("decodes")
+        };
+        assert_eq!(call.trace.expect("sent").tracestate, "");
+        // An empty or oversized traceparent: no trace element at all.
+        for traceparent in [String::new(), "0".repeat(MAX_TRACEPARENT_LEN + 1)] {
+            let trace = TraceRef {
+                traceparent: &traceparent,
+                tracestate: "",
+                attempt: 1,
+            };
+            let frame = encode_call_framed(1, "s.m", "n", 1, Some(trace), &()).expect("encode");
+            assert_eq!(frame[1], 0x96);
+        }
+    }
+
+    #[test]
+    fn bad_trace_elements_are_malformed_never_panics() {
+        let frame = traced_call("a=b", 1);
+        for cut in 0..frame.len() {
+            match decode(&frame.slice(..cut)) {
+                Err(_) => {}
+                Ok(Frame::Call(call)) => assert!(decode_args::<(String, u32)>(&call.args).is_err()),
+                Ok(other) => panic!("cut at {cut} decoded as {other:?}"),
+            }
+        }
+        // Each byte of the trace element changed: an answer, never a panic.
+        let start = 3 + 1 + 6 + 7 + 2; // version, array, kind; id; method; reply_to; deadline
+        for i in start..body_start(&frame).expect("call") {
+            for b in [0x00, 0x7f, 0x90, 0x93, 0xa0, 0xc0, 0xd9, 0xff] {
+                let mut bytes = frame.to_vec();
+                bytes[i] = b;
+                let _ = decode(&Bytes::from(bytes));
+            }
+        }
+        // The trace element must be an array of 3 with a non-empty traceparent.
+        let mut wrong = vec![VERSION, 0x97, KIND_CALL, 1, 0xa1, b'm', 0xa1, b'n', 1];
+        wrong.extend_from_slice(&[0x92, 0xa1, b'x', 0xa0]);
+        wrong.push(0x90);
+        assert!(decode(&Bytes::from(wrong)).is_err());
+        let mut empty = vec![VERSION, 0x97, KIND_CALL, 1, 0xa1, b'm', 0xa1, b'n', 1];
+        empty.extend_from_slice(&[0x93, 0xa0, 0xa0, 1]);
+        empty.push(0x90);
+        assert!(decode(&Bytes::from(empty)).is_err());
+        let mut good = vec![VERSION, 0x97, KIND_CALL, 1, 0xa1, b'm', 0xa1, b'n', 1];
+        good.extend_from_slice(&[0x93, 0xa1, b'x', 0xa0, 1]);
+        good.push(0x90);
+        assert!(decode(&Bytes::from(good)).is_ok());
+        // Five or eight elements are still malformed.
+        for count in [0x95, 0x98] {
+            let mut bytes = frame.to_vec();
+            bytes[1] = count;
+            assert!(decode(&Bytes::from(bytes)).is_err());
+        }
+    }
+
     #[test]
     fn value_len_skips_every_kind_of_value() {
         let value = (
