@@ -371,6 +371,94 @@ mod otel {
             .await;
     }
 
+    /// Signed frames (§3.11), claimed calls (kind 5) and batches (kind 8) carry the trace
+    /// context too: calls made together (batched), a third of them with arguments large
+    /// enough to be claimed, all signed, each server span the child of its attempt's span.
+    #[tokio::test(flavor = "current_thread")]
+    async fn signed_claimed_and_batched_calls_carry_the_trace_over_redis() {
+        const KEY: [u8; 32] = *b"trace key, thirty-two bytes long";
+        let (exporter, _guard) = install();
+        let redis = common::redis();
+        let config = common::config(&redis)
+            .timeout(Duration::from_secs(10))
+            .signing_key(1, KEY)
+            .claim_threshold(1024);
+        let server = Server::start(config.clone()).await.expect("server");
+        server
+            .register("t.echo", |(s,): (String,)| async move {
+                let traced = CallContext::current()
+                    .and_then(|c| c.trace().cloned())
+                    .is_some();
+                Ok::<_, Infallible>((s.len(), traced))
+            })
+            .await
+            .expect("register");
+        let client = Client::connect(config).await.expect("client");
+        let publishes = || {
+            let info = redis
+                .command(&["INFO", "commandstats"])
+                .expect("INFO")
+                .as_text()
+                .expect("text");
+            info.lines()
+                .find_map(|line| line.strip_prefix("cmdstat_publish:calls="))
+                .and_then(|rest| rest.split(',').next())
+                .and_then(|n| n.parse::<u64>().ok())
+                .unwrap_or(0)
+        };
+        let before = publishes();
+        const N: usize = 30;
+        let calls = (0..N).map(|i| {
+            let arg = if i % 3 == 0 {
+                "x".repeat(4096)
+            } else {
+                "y".repeat(10)
+            };
+            let client = &client;
+            tracing::Instrument::instrument(
+                async move { client.call::<_, (usize, bool)>("t.echo", (arg,)).await },
+                tracing::info_span!("request", i),
+            )
+        });
+        for result in futures_util::future::join_all(calls).await {
+            let (_, traced) = result.expect("t.echo");
+            assert!(traced, "the handler saw a trace context");
+        }
+        let published = publishes() - before;
+        assert!(
+            published < 2 * N as u64,
+            "calls and replies were batched: {published} PUBLISHes for {N} calls"
+        );
+        let mut spans = Vec::new();
+        common::eventually("every span exported", Duration::from_secs(5), || {
+            spans = exporter.get_finished_spans().expect("spans");
+            let servers = spans
+                .iter()
+                .filter(|s| s.name == "t.echo" && s.span_kind == SpanKind::Server)
+                .count();
+            async move { servers == N }
+        })
+        .await;
+        for server_span in spans
+            .iter()
+            .filter(|s| s.name == "t.echo" && s.span_kind == SpanKind::Server)
+        {
+            let parent = spans
+                .iter()
+                .find(|s| {
+                    s.span_kind == SpanKind::Client
+                        && s.span_context.span_id() == server_span.parent_span_id
+                })
+                .expect("the server span's parent is an attempt span");
+            assert_eq!(
+                parent.span_context.trace_id(),
+                server_span.span_context.trace_id()
+            );
+        }
+        client.close().await;
+        server.shutdown().await.expect("shutdown");
+    }
+
     /// A failed handler's span says so.
     #[tokio::test(flavor = "current_thread")]
     async fn errors_are_the_spans_outcome() {
