@@ -459,6 +459,41 @@ mod otel {
         server.shutdown().await.expect("shutdown");
     }
 
+    /// `Config::send_trace_context(false)` (for rolling upgrades from builds without it):
+    /// the call goes without its trace context, and the server's span starts a trace of its
+    /// own.
+    #[tokio::test(flavor = "current_thread")]
+    async fn trace_context_can_be_left_off_the_wire() {
+        let (exporter, _guard) = install();
+        let broker = clouds::testing::Broker::new();
+        let server = Server::start(broker.config()).await.expect("server");
+        serve(&server).await;
+        let client = Client::connect(broker.config().send_trace_context(false))
+            .await
+            .expect("client");
+        let seen: Seen = tracing::Instrument::instrument(
+            client.call("t.now", ()),
+            tracing::info_span!("request"),
+        )
+        .await
+        .expect("t.now");
+        assert_eq!((seen.traceparent, seen.attempt), (None, None));
+        let spans = exporter.get_finished_spans().expect("spans");
+        let span = |kind: SpanKind| {
+            spans
+                .iter()
+                .find(|s| s.name == "t.now" && s.span_kind == kind)
+                .expect("span")
+        };
+        assert_ne!(
+            span(SpanKind::Server).span_context.trace_id(),
+            span(SpanKind::Client).span_context.trace_id()
+        );
+        assert!(!span(SpanKind::Server).parent_span_is_remote);
+        client.close().await;
+        server.shutdown().await.expect("shutdown");
+    }
+
     /// A failed handler's span says so.
     #[tokio::test(flavor = "current_thread")]
     async fn errors_are_the_spans_outcome() {

@@ -376,7 +376,11 @@ impl Client {
                 attempts.used(),
                 crate::spans::attempt(method, provider.as_str(), attempts.used()),
             );
-            let trace = crate::spans::outgoing(&span);
+            let trace = node
+                .config()
+                .send_trace_context
+                .then(|| crate::spans::outgoing(&span))
+                .flatten();
             let outcome = {
                 let (slot, reply) = node.caller().pending().open();
                 let _load = node.caller().balancer().start_call(&provider);

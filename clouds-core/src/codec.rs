@@ -984,6 +984,36 @@ mod tests {
         assert_eq!(call.trace.expect("kept").traceparent, TRACEPARENT);
     }
 
+    /// The example of `docs/protocol.md` §3.1, byte for byte.
+    #[test]
+    fn a_traced_call_is_laid_out_as_documented() {
+        let trace = TraceRef {
+            traceparent: TRACEPARENT,
+            tracestate: "",
+            attempt: 1,
+        };
+        let frame = encode_call_framed(
+            7,
+            "test.hello",
+            "client-a",
+            2000,
+            Some(trace),
+            &("Glen", "hi"),
+        )
+        .expect("encode");
+        let mut expected = vec![0x01, 0x97, 0x00, 0x07, 0xaa];
+        expected.extend_from_slice(b"test.hello");
+        expected.push(0xa8);
+        expected.extend_from_slice(b"client-a");
+        expected.extend_from_slice(&[0xcd, 0x07, 0xd0, 0x93, 0xd9, 0x37]);
+        expected.extend_from_slice(TRACEPARENT.as_bytes());
+        expected.extend_from_slice(&[0xa0, 0x01, 0x92, 0xa4]);
+        expected.extend_from_slice(b"Glen");
+        expected.push(0xa2);
+        expected.extend_from_slice(b"hi");
+        assert_eq!(&frame[..], &expected[..]);
+    }
+
     #[test]
     fn untraced_calls_are_unchanged_and_oversized_trace_parts_are_not_sent() {
         let plain = encode_call_framed(5, "svc.m", "node-1", 250, None, &("a", 2)).expect("plain");

@@ -76,9 +76,11 @@ pub(crate) struct Running {
     slot: InFlight,
     /// Times the call for its method's figures.
     timing: Timing,
-    /// The handler's span (`spans.rs`) and what it reads as its `CallContext`.
+    /// The handler's span (`spans.rs`).
     span: tracing::Span,
-    context: CallContext,
+    /// With the fields above, what the handler reads as its `CallContext`.
+    deadline_ms: u64,
+    trace: Option<Box<crate::envelope::Trace>>,
 }
 
 /// A handler's work, started or not.
@@ -95,15 +97,22 @@ impl Running {
     /// caller has moved on, and may have retried elsewhere: running it would only duplicate).
     pub(crate) async fn run(self) -> Option<ReadyReply> {
         let span = self.span.clone();
+        let context = CallContext::new(
+            &self.method,
+            &self.caller,
+            self.timing.started(),
+            self.deadline_ms,
+            self.trace.as_deref(),
+        );
         let outcome = match self.work {
-            Work::Started(running) => self.context.scope(running).instrument(span).await,
+            Work::Started(running) => context.scope(running).instrument(span).await,
             Work::Fresh(_, _) if Instant::now() > self.deadline => {
                 self.timing.expired();
                 return None;
             }
             Work::Fresh(handler, args) => {
                 let handling = async move { handler(args).await };
-                self.context.scope(handling).instrument(span).await
+                context.scope(handling).instrument(span).await
             }
         };
         crate::spans::replied(&self.span, outcome.status);
@@ -309,7 +318,8 @@ impl Dispatcher {
         if self.spawn_all {
             return Dispatched::Running(Running {
                 work: Work::Fresh(handler, args),
-                context: context(),
+                deadline_ms,
+                trace,
                 caller: reply_to,
                 id,
                 method,
@@ -347,7 +357,8 @@ impl Dispatcher {
             // Its deadline is read only here: a handler that finishes at once costs no clock.
             Poll::Pending => Dispatched::Running(Running {
                 work: Work::Started(handling),
-                context: context(),
+                deadline_ms,
+                trace,
                 caller: reply_to,
                 id,
                 method,
