@@ -72,12 +72,17 @@
 //! - `metrics`: call durations (`rpc.client.call.duration`, `rpc.server.call.duration`) and
 //!   counters (retries, re-routes, refusals, bad frames) through the `metrics` facade; the
 //!   application installs the recorder (README, "Metrics").
+//! - `opentelemetry`: each call carries its attempt span's OpenTelemetry context as a W3C
+//!   `traceparent`, and the server's handler span is its child (through
+//!   `tracing-opentelemetry`; README, "Tracing"). Without it, spans are plain `tracing` spans
+//!   and a received trace context is still readable in [`CallContext::trace`].
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 pub use clouds_core::{
-    Balance, Client, Config, Error, ErrorCounts, Latency, Message, Messages, MethodStats, Monitor,
-    NodeId, PROTOCOL_VERSION, RegistryEvent, RegistryEvents, RegistrySnapshot, RemoteError, Route,
-    Server, ServerInfo, ServerStats, Service, Stats, TransportError,
+    Balance, CallContext, Client, Config, Error, ErrorCounts, Latency, Message, Messages,
+    MethodStats, Monitor, NodeId, PROTOCOL_VERSION, RegistryEvent, RegistryEvents,
+    RegistrySnapshot, RemoteError, Route, Server, ServerInfo, ServerStats, Service, Stats,
+    TraceContext, TransportError,
 };
 
 /// Turns a trait into a remote service: a typed client stub and a server dispatcher.

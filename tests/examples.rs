@@ -224,3 +224,38 @@ fn the_examples_run_on_a_redis_cluster() {
         "calls went by SPUBLISH"
     );
 }
+
+/// `examples/tracing.rs`: one trace across two services, printed as a tree of five spans.
+#[cfg(feature = "opentelemetry")]
+#[test]
+fn tracing_example_prints_one_trace_across_two_services() {
+    let out = output_of(&mut example("tracing"), RUN_LIMIT).expect("tracing example");
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    assert!(stdout.contains("answer: ordered; 3 left"), "{stdout}");
+    let trace = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("5 spans, trace "))
+        .and_then(|rest| rest.strip_suffix(':'))
+        .unwrap_or_else(|| panic!("five spans: {stdout}"))
+        .to_string();
+    let tree: Vec<&str> = stdout.lines().filter(|l| l.contains(" span ")).collect();
+    let expected = [
+        "  checkout (Internal)",
+        "    front.order (Client OK)",
+        "      front.order (Server OK)",
+        "        stock.reserve (Client OK)",
+        "          stock.reserve (Server OK)",
+    ];
+    assert_eq!(tree.len(), expected.len(), "{stdout}");
+    for (line, start) in tree.iter().zip(expected) {
+        assert!(
+            line.starts_with(start),
+            "{line:?} should start {start:?}\n{stdout}"
+        );
+        assert!(
+            line.ends_with(&format!("trace {trace}")),
+            "one trace: {stdout}"
+        );
+    }
+}

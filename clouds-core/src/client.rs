@@ -16,6 +16,7 @@ use crate::message::Messages;
 use crate::node::{Node, Owner};
 use crate::node_id::NodeId;
 use crate::stats::{Count, Stats};
+use tracing::Instrument;
 
 /// A connection to the services of one Redis deployment: calls methods, sends messages.
 ///
@@ -233,7 +234,7 @@ impl Client {
             .max(1);
         let (slot, reply) = caller.caller().pending().open();
         let frame =
-            codec::encode_call_framed(slot.id, PING, caller.id().as_str(), deadline_ms, &())
+            codec::encode_call_framed(slot.id, PING, caller.id().as_str(), deadline_ms, None, &())
                 .map_err(|reason| Error::Codec {
                     action: "encode a ping".into(),
                     reason,
@@ -370,6 +371,16 @@ impl Client {
                 crate::telemetry::retry(method);
             }
             attempts.start();
+            // This attempt's span, and the trace context it sends (none without tracing).
+            let (number, span) = (
+                attempts.used(),
+                crate::spans::attempt(method, provider.as_str(), attempts.used()),
+            );
+            let trace = node
+                .config()
+                .send_trace_context
+                .then(|| crate::spans::outgoing(&span))
+                .flatten();
             let outcome = {
                 let (slot, reply) = node.caller().pending().open();
                 let _load = node.caller().balancer().start_call(&provider);
@@ -379,6 +390,7 @@ impl Client {
                         method,
                         node.id().as_str(),
                         deadline_ms,
+                        trace.as_ref().map(|t| t.element(number)),
                         args,
                     )
                     .map_err(|reason| Error::Codec {
@@ -462,7 +474,10 @@ impl Client {
                         },
                     )
                 };
-                let outcome = tokio::time::timeout(timeout, attempt).await;
+                let outcome = tokio::time::timeout(timeout, attempt.instrument(span.clone())).await;
+                if !span.is_disabled() {
+                    record_attempt(&span, &outcome);
+                }
                 if let Ok(Ok(Attempt::Replied(_) | Attempt::ResultLost(_))) = outcome {
                     slot.answered();
                 } else if let Some(key) = claim {
@@ -592,5 +607,21 @@ pub(crate) fn decode_reply<T: DeserializeOwned>(
             "unexpected status {:?} from {node}",
             reply.status
         ))),
+    }
+}
+
+/// An attempt's outcome on its span.
+fn record_attempt(
+    span: &tracing::Span,
+    outcome: &Result<Result<Attempt, Error>, tokio::time::error::Elapsed>,
+) {
+    let failed = |kind| crate::spans::failed(span, kind);
+    match outcome {
+        Ok(Ok(Attempt::Replied(reply))) => crate::spans::replied(span, reply.status),
+        Ok(Ok(Attempt::ResultLost(_))) => failed("claim_lost"),
+        Ok(Ok(Attempt::NotDelivered)) => failed("not_delivered"),
+        Ok(Ok(Attempt::Closed)) => failed("shutdown"),
+        Ok(Err(_)) => failed("error"),
+        Err(_) => failed("timeout"),
     }
 }

@@ -12,7 +12,7 @@ use rmp::Marker;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use crate::envelope::{Call, ClaimRef, Frame, Reply, Status, WireStr};
+use crate::envelope::{Call, ClaimRef, Frame, Reply, Status, Trace, TraceRef, WireStr};
 use crate::node_id::{MAX_NODE_ID_LEN, NodeId};
 
 /// The protocol version this build speaks; the first byte of every frame.
@@ -28,6 +28,11 @@ const CLAIMED: u8 = 5;
 
 /// Longest method name accepted from the wire.
 const MAX_METHOD_LEN: usize = 256;
+/// Longest `traceparent` a call carries (W3C version 00 takes 55 bytes; later versions may
+/// append fields).
+pub(crate) const MAX_TRACEPARENT_LEN: usize = 256;
+/// Longest `tracestate` a call carries; a longer one is not sent (W3C lets a hop drop it).
+pub(crate) const MAX_TRACESTATE_LEN: usize = 1024;
 /// Most methods one join announcement may list.
 const MAX_JOIN_METHODS: u32 = 65_536;
 
@@ -83,7 +88,7 @@ pub(crate) fn encode_call(
     deadline_ms: u64,
     args: &dyn Args,
 ) -> Result<Vec<u8>, String> {
-    exact_frame(|buf| write_call(buf, id, method, reply_to, deadline_ms, args))
+    exact_frame(|buf| write_call(buf, id, method, reply_to, deadline_ms, None, args))
 }
 
 /// [`encode_call`], ready to send: the frame is preceded in its buffer by [`SEAL_ROOM`] bytes,
@@ -94,11 +99,12 @@ pub(crate) fn encode_call_framed(
     method: &str,
     reply_to: &str,
     deadline_ms: u64,
+    trace: Option<TraceRef<'_>>,
     args: &dyn Args,
 ) -> Result<Bytes, String> {
     let buf = exact_frame(|buf| {
         buf.resize(SEAL_ROOM, 0);
-        write_call(buf, id, method, reply_to, deadline_ms, args)
+        write_call(buf, id, method, reply_to, deadline_ms, trace, args)
     })?;
     // `advance`, not `slice`: slicing clones, and a clone costs `Bytes` an allocation.
     let mut frame = Bytes::from(buf);
@@ -112,15 +118,31 @@ fn write_call(
     method: &str,
     reply_to: &str,
     deadline_ms: u64,
+    trace: Option<TraceRef<'_>>,
     args: &dyn Args,
 ) -> Result<(), String> {
     buf.push(VERSION);
-    put_array_len(buf, 6);
+    // The trace element, when there is one, goes before the arguments, which stay last (a
+    // body is always the rest of the frame). None: the 6 elements of every version-1 peer.
+    let trace =
+        trace.filter(|t| !t.traceparent.is_empty() && t.traceparent.len() <= MAX_TRACEPARENT_LEN);
+    put_array_len(buf, if trace.is_some() { 7 } else { 6 });
     put_uint(buf, KIND_CALL.into());
     put_uint(buf, id);
     put_str(buf, method);
     put_str(buf, reply_to);
     put_uint(buf, deadline_ms);
+    if let Some(trace) = trace {
+        put_array_len(buf, 3);
+        put_str(buf, trace.traceparent);
+        let state = if trace.tracestate.len() <= MAX_TRACESTATE_LEN {
+            trace.tracestate
+        } else {
+            ""
+        };
+        put_str(buf, state);
+        put_uint(buf, trace.attempt.into());
+    }
     args.write_to(buf)
 }
 
@@ -407,6 +429,27 @@ impl<'a> Reader<'a> {
         Ok(self.frame.slice(start..))
     }
 
+    /// A call's trace element: `[traceparent: str, tracestate: str, attempt: uint]`.
+    fn trace(&mut self) -> Result<Trace, DecodeError> {
+        let count = rmp::decode::read_array_len(&mut self.rest)
+            .map_err(|e| malformed(format!("trace: {e}")))?;
+        if count != 3 {
+            return Err(malformed(format!("trace has {count} elements, expected 3")));
+        }
+        let traceparent = self.wire_str("traceparent", MAX_TRACEPARENT_LEN)?;
+        if traceparent.as_str().is_empty() {
+            return Err(malformed("traceparent is empty"));
+        }
+        let tracestate = self.wire_str("tracestate", MAX_TRACESTATE_LEN)?;
+        let attempt =
+            u32::try_from(self.uint("attempt")?).map_err(|_| malformed("attempt is over u32"))?;
+        Ok(Trace {
+            traceparent,
+            tracestate,
+            attempt,
+        })
+    }
+
     fn expect_len(len: u32, want: u32, kind: &str) -> Result<(), DecodeError> {
         if len == want {
             Ok(())
@@ -448,7 +491,10 @@ pub(crate) fn decode(frame: &Bytes) -> Result<Frame, DecodeError> {
     };
     let frame = match kind {
         k if k == u64::from(KIND_CALL) => {
-            Reader::expect_len(len, 6, "call")?;
+            // 6 elements, or 7 with the trace element before the arguments.
+            if len != 7 {
+                Reader::expect_len(len, 6, "call")?;
+            }
             let id = r.uint("call id")?;
             let method = r.wire_str("method", MAX_METHOD_LEN)?;
             let reply_to = r.wire_str("reply_to", MAX_NODE_ID_LEN)?;
@@ -456,6 +502,11 @@ pub(crate) fn decode(frame: &Bytes) -> Result<Frame, DecodeError> {
                 return Err(malformed("reply_to is empty"));
             }
             let deadline_ms = r.uint("deadline")?;
+            let trace = if len == 7 {
+                Some(Box::new(r.trace()?))
+            } else {
+                None
+            };
             let args = body(r, "arguments")?;
             if !claimed && !is_array_marker(args[0]) {
                 return Err(malformed("arguments are not a MessagePack array"));
@@ -466,6 +517,7 @@ pub(crate) fn decode(frame: &Bytes) -> Result<Frame, DecodeError> {
                 reply_to,
                 deadline_ms,
                 args,
+                trace,
             }))
         }
         k if k == u64::from(KIND_REPLY) => {
@@ -884,6 +936,151 @@ mod tests {
             decode(&Bytes::from_static(&[1, 0x92, 9, 0])),
             Err(DecodeError::Kind(9))
         ));
+    }
+
+    const TRACEPARENT: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+
+    fn traced_call(tracestate: &str, attempt: u32) -> Bytes {
+        let trace = TraceRef {
+            traceparent: TRACEPARENT,
+            tracestate,
+            attempt,
+        };
+        encode_call_framed(5, "svc.m", "node-1", 250, Some(trace), &("a", 2)).expect("encode")
+    }
+
+    #[test]
+    fn a_traced_call_has_seven_elements_and_round_trips() {
+        let frame = traced_call("congo=t61rcWkgMzE", 2);
+        // [version, fixarray of 7, kind 0, ...]: the trace element before the arguments.
+        assert_eq!(&frame[..3], &[VERSION, 0x97, KIND_CALL]);
+        let Ok(Frame::Call(call)) = decode(&frame) else {
+            panic!("a traced call decodes")
+        };
+        let trace = call.trace.expect("trace element");
+        assert_eq!(trace.traceparent, TRACEPARENT);
+        assert_eq!(trace.tracestate, "congo=t61rcWkgMzE");
+        assert_eq!(trace.attempt, 2);
+        assert_eq!((call.id, call.deadline_ms), (5, 250));
+        assert_eq!(
+            decode_args::<(String, u32)>(&call.args),
+            Ok(("a".into(), 2))
+        );
+        // The arguments stay the rest of the frame, so a claim replaces them as before and
+        // keeps the trace element in the header.
+        let start = body_start(&frame).expect("a call");
+        let claim = ClaimRef {
+            token: [1; 16],
+            len: 3,
+            digest: [2; 32],
+        };
+        let claimed = Bytes::from(encode_claimed(&frame, start, &claim));
+        let Ok(Frame::Claim { frame, .. }) = decode(&claimed) else {
+            panic!("a claimed traced call decodes")
+        };
+        let Frame::Call(call) = *frame else {
+            panic!("a call")
+        };
+        assert_eq!(call.trace.expect("kept").traceparent, TRACEPARENT);
+    }
+
+    /// The example of `docs/protocol.md` §3.1, byte for byte.
+    #[test]
+    fn a_traced_call_is_laid_out_as_documented() {
+        let trace = TraceRef {
+            traceparent: TRACEPARENT,
+            tracestate: "",
+            attempt: 1,
+        };
+        let frame = encode_call_framed(
+            7,
+            "test.hello",
+            "client-a",
+            2000,
+            Some(trace),
+            &("Glen", "hi"),
+        )
+        .expect("encode");
+        let mut expected = vec![0x01, 0x97, 0x00, 0x07, 0xaa];
+        expected.extend_from_slice(b"test.hello");
+        expected.push(0xa8);
+        expected.extend_from_slice(b"client-a");
+        expected.extend_from_slice(&[0xcd, 0x07, 0xd0, 0x93, 0xd9, 0x37]);
+        expected.extend_from_slice(TRACEPARENT.as_bytes());
+        expected.extend_from_slice(&[0xa0, 0x01, 0x92, 0xa4]);
+        expected.extend_from_slice(b"Glen");
+        expected.push(0xa2);
+        expected.extend_from_slice(b"hi");
+        assert_eq!(&frame[..], &expected[..]);
+    }
+
+    #[test]
+    fn untraced_calls_are_unchanged_and_oversized_trace_parts_are_not_sent() {
+        let plain = encode_call_framed(5, "svc.m", "node-1", 250, None, &("a", 2)).expect("plain");
+        assert_eq!(
+            plain[1], 0x96,
+            "six elements, as before trace context existed"
+        );
+        assert!(matches!(
+            decode(&plain),
+            Ok(Frame::Call(Call { trace: None, .. }))
+        ));
+        // A tracestate over the limit is dropped (W3C allows it); the traceparent still goes.
+        let frame = traced_call(&"k=v,".repeat(400), 1);
+        let Ok(Frame::Call(call)) = decode(&frame) else {
+            panic!("decodes")
+        };
+        assert_eq!(call.trace.expect("sent").tracestate, "");
+        // An empty or oversized traceparent: no trace element at all.
+        for traceparent in [String::new(), "0".repeat(MAX_TRACEPARENT_LEN + 1)] {
+            let trace = TraceRef {
+                traceparent: &traceparent,
+                tracestate: "",
+                attempt: 1,
+            };
+            let frame = encode_call_framed(1, "s.m", "n", 1, Some(trace), &()).expect("encode");
+            assert_eq!(frame[1], 0x96);
+        }
+    }
+
+    #[test]
+    fn bad_trace_elements_are_malformed_never_panics() {
+        let frame = traced_call("a=b", 1);
+        for cut in 0..frame.len() {
+            match decode(&frame.slice(..cut)) {
+                Err(_) => {}
+                Ok(Frame::Call(call)) => assert!(decode_args::<(String, u32)>(&call.args).is_err()),
+                Ok(other) => panic!("cut at {cut} decoded as {other:?}"),
+            }
+        }
+        // Each byte of the trace element changed: an answer, never a panic.
+        let start = 3 + 1 + 6 + 7 + 2; // version, array, kind; id; method; reply_to; deadline
+        for i in start..body_start(&frame).expect("call") {
+            for b in [0x00, 0x7f, 0x90, 0x93, 0xa0, 0xc0, 0xd9, 0xff] {
+                let mut bytes = frame.to_vec();
+                bytes[i] = b;
+                let _ = decode(&Bytes::from(bytes));
+            }
+        }
+        // The trace element must be an array of 3 with a non-empty traceparent.
+        let mut wrong = vec![VERSION, 0x97, KIND_CALL, 1, 0xa1, b'm', 0xa1, b'n', 1];
+        wrong.extend_from_slice(&[0x92, 0xa1, b'x', 0xa0]);
+        wrong.push(0x90);
+        assert!(decode(&Bytes::from(wrong)).is_err());
+        let mut empty = vec![VERSION, 0x97, KIND_CALL, 1, 0xa1, b'm', 0xa1, b'n', 1];
+        empty.extend_from_slice(&[0x93, 0xa0, 0xa0, 1]);
+        empty.push(0x90);
+        assert!(decode(&Bytes::from(empty)).is_err());
+        let mut good = vec![VERSION, 0x97, KIND_CALL, 1, 0xa1, b'm', 0xa1, b'n', 1];
+        good.extend_from_slice(&[0x93, 0xa1, b'x', 0xa0, 1]);
+        good.push(0x90);
+        assert!(decode(&Bytes::from(good)).is_ok());
+        // Five or eight elements are still malformed.
+        for count in [0x95, 0x98] {
+            let mut bytes = frame.to_vec();
+            bytes[1] = count;
+            assert!(decode(&Bytes::from(bytes)).is_err());
+        }
     }
 
     #[test]

@@ -61,6 +61,7 @@ pub struct Config {
     pub(crate) max_body_size: usize,
     pub(crate) claim_fetch_bytes: usize,
     pub(crate) batching: bool,
+    pub(crate) send_trace_context: bool,
     pub(crate) transport: TransportOptions,
     /// Signed frames: the keys and the replay window (`signing.rs`). Its `Debug` shows key
     /// ids, never secrets.
@@ -92,6 +93,7 @@ impl Default for Config {
             max_body_size: 128 << 20,
             claim_fetch_bytes: 32 << 20,
             batching: true,
+            send_trace_context: true,
             transport: TransportOptions::default(),
             signing: crate::signing::Keys::default(),
             #[cfg(any(test, feature = "testing"))]
@@ -407,6 +409,25 @@ impl Config {
     /// ```
     pub fn batching(mut self, on: bool) -> Self {
         self.batching = on;
+        self
+    }
+
+    /// Whether calls carry a trace context when there is one (default on): the W3C
+    /// `traceparent` and `tracestate` of the attempt's OpenTelemetry span (feature
+    /// `opentelemetry`), or else of the call the current handler serves, in an optional
+    /// element of the Call frame (`docs/protocol.md` §3.1). A call without a trace context
+    /// is the same frame either way.
+    ///
+    /// Nodes of a release without trace context drop a call that carries one (counted as
+    /// malformed; the caller times out and retries elsewhere): turn this off on the callers
+    /// until every server understands it (`docs/protocol.md` §11). Every node accepts it
+    /// whatever this says.
+    ///
+    /// ```
+    /// let config = clouds_core::Config::default().send_trace_context(false);
+    /// ```
+    pub fn send_trace_context(mut self, on: bool) -> Self {
+        self.send_trace_context = on;
         self
     }
 

@@ -14,8 +14,10 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use tokio_util::task::TaskTracker;
+use tracing::Instrument;
 
 use crate::codec::{self, ReplyBody};
+use crate::context::CallContext;
 use crate::envelope::{Call, Status, WireStr};
 use crate::error::Error;
 use crate::locks::{read, write};
@@ -39,6 +41,8 @@ pub(crate) struct Dispatcher {
     tasks: TaskTracker,
     /// When the current window of the methods' figures began (see `summary`).
     window_start: std::sync::Mutex<std::time::Instant>,
+    /// The server's node id, for the handlers' spans.
+    server: crate::node_id::NodeId,
 }
 
 /// Calls are served.
@@ -72,6 +76,11 @@ pub(crate) struct Running {
     slot: InFlight,
     /// Times the call for its method's figures.
     timing: Timing,
+    /// The handler's span (`spans.rs`).
+    span: tracing::Span,
+    /// With the fields above, what the handler reads as its `CallContext`.
+    deadline_ms: u64,
+    trace: Option<Box<crate::envelope::Trace>>,
 }
 
 /// A handler's work, started or not.
@@ -87,14 +96,26 @@ impl Running {
     /// Drives the handler to its reply; `None` if it was still fresh at the deadline (the
     /// caller has moved on, and may have retried elsewhere: running it would only duplicate).
     pub(crate) async fn run(self) -> Option<ReadyReply> {
+        let span = self.span.clone();
+        let context = CallContext::new(
+            &self.method,
+            &self.caller,
+            self.timing.started(),
+            self.deadline_ms,
+            self.trace.as_deref(),
+        );
         let outcome = match self.work {
-            Work::Started(running) => running.await,
+            Work::Started(running) => context.scope(running).instrument(span).await,
             Work::Fresh(_, _) if Instant::now() > self.deadline => {
                 self.timing.expired();
                 return None;
             }
-            Work::Fresh(handler, args) => handler(args).await,
+            Work::Fresh(handler, args) => {
+                let handling = async move { handler(args).await };
+                context.scope(handling).instrument(span).await
+            }
         };
+        crate::spans::replied(&self.span, outcome.status);
         self.timing.finish(outcome.status);
         if Instant::now() > self.deadline {
             tracing::debug!(method = %self.method, "handler finished after the caller's deadline");
@@ -139,7 +160,13 @@ impl Dispatcher {
             max_in_flight,
             tasks: TaskTracker::new(),
             window_start: std::sync::Mutex::new(std::time::Instant::now()),
+            server: crate::node_id::NodeId::from(""),
         }
+    }
+
+    /// The same, naming `server` in its handlers' spans.
+    pub(crate) fn serving_as(self, server: crate::node_id::NodeId) -> Self {
+        Dispatcher { server, ..self }
     }
 
     /// A place among the calls in flight, if one is free.
@@ -280,26 +307,50 @@ impl Dispatcher {
             reply_to,
             deadline_ms,
             args,
+            trace,
         } = call;
         let deadline = || Instant::now() + Duration::from_millis(deadline_ms);
         let timing = meter.start();
+        let span = crate::spans::handler(
+            method.as_str(),
+            self.server.as_str(),
+            reply_to.as_str(),
+            trace.as_deref(),
+        );
+        let context = || {
+            let (arrived, trace) = (timing.started(), trace.as_deref());
+            CallContext::new(&method, &reply_to, arrived, deadline_ms, trace)
+        };
         if self.spawn_all {
             return Dispatched::Running(Running {
                 work: Work::Fresh(handler, args),
+                deadline_ms,
+                trace,
                 caller: reply_to,
                 id,
                 method,
                 deadline: deadline(),
                 slot,
                 timing,
+                span,
             });
         }
-        let mut handling = handler(args);
-        // A no-op waker: if the handler is not done, the task it moves to polls it again at
-        // once, with that task's waker, before anything could have been missed.
-        let mut cx = Context::from_waker(Waker::noop());
-        match handling.as_mut().poll(&mut cx) {
+        // Called and polled once with its span entered and its context set, as it will be in
+        // a task of its own if it waits.
+        let (handling, poll) = span.in_scope(|| {
+            context().sync_scope(|| {
+                let mut handling = handler(args);
+                // A no-op waker: if the handler is not done, the task it moves to polls it
+                // again at once, with that task's waker, before anything could have been
+                // missed.
+                let mut cx = Context::from_waker(Waker::noop());
+                let poll = handling.as_mut().poll(&mut cx);
+                (handling, poll)
+            })
+        });
+        match poll {
             Poll::Ready(outcome) => {
+                crate::spans::replied(&span, outcome.status);
                 timing.finish(outcome.status);
                 Dispatched::Ready(ReadyReply {
                     caller: reply_to,
@@ -312,12 +363,15 @@ impl Dispatcher {
             // Its deadline is read only here: a handler that finishes at once costs no clock.
             Poll::Pending => Dispatched::Running(Running {
                 work: Work::Started(handling),
+                deadline_ms,
+                trace,
                 caller: reply_to,
                 id,
                 method,
                 deadline: deadline(),
                 slot,
                 timing,
+                span,
             }),
         }
     }
@@ -351,6 +405,7 @@ mod tests {
             reply_to: wire("client-a"),
             deadline_ms,
             args: Bytes::from(codec::encode_value(&args).expect("encode")),
+            trace: None,
         }
     }
 

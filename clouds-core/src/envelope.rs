@@ -64,6 +64,28 @@ pub(crate) struct Call {
     pub(crate) deadline_ms: u64,
     /// The arguments: one MessagePack array.
     pub(crate) args: Bytes,
+    /// The caller's trace context, when it sent one (`docs/protocol.md` §3.1). Boxed: most
+    /// calls carry none, and every call's frame holds this field.
+    pub(crate) trace: Option<Box<Trace>>,
+}
+
+/// The optional trace element of a call: the W3C trace context and the attempt number.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct Trace {
+    /// The W3C `traceparent` header value, as received (not checked here).
+    pub(crate) traceparent: WireStr,
+    /// The W3C `tracestate` header value; empty when the caller had none.
+    pub(crate) tracestate: WireStr,
+    /// The caller's attempt number, from 1.
+    pub(crate) attempt: u32,
+}
+
+/// A trace element to send with a call (see [`Trace`]).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct TraceRef<'a> {
+    pub(crate) traceparent: &'a str,
+    pub(crate) tracestate: &'a str,
+    pub(crate) attempt: u32,
 }
 
 /// Text received in a frame, kept as a slice of the frame's buffer instead of a copy (a call

@@ -12,6 +12,8 @@
 //!   per-method figures ([`ServerStats`]), and joins and leaves as announced
 //!   ([`RegistryEvents`]).
 //! - [`service`]: [`Service`] and [`Route`]: what a server runs.
+//! - [`context`]: [`CallContext`]: the call a handler serves (method, caller, deadline,
+//!   attempt, [`TraceContext`]), read from inside the handler.
 //! - [`message`]: [`Message`] and [`Messages`].
 //! - [`error`]: [`Error`] and [`RemoteError`].
 //!
@@ -40,6 +42,8 @@
 //! - `signing`: signed frames (opt-in, [`Config::signing_key`]): the HMAC-SHA256 tag bound to
 //!   the channel, key ids for rotation, and the replay guard; it wraps the frames `codec`
 //!   makes and unwraps them before `codec` reads them.
+//! - `spans`: the `tracing` spans of attempts and handlers, and the trace context a call
+//!   carries (with the `opentelemetry` feature, the caller's span context).
 //! - `stats`: counters of bad input and load; `meter`: each method's figures (counters and a
 //!   latency histogram) and the summary the heartbeat publishes; `locks`: poison-tolerant
 //!   locking.
@@ -58,6 +62,7 @@ mod codec;
 #[doc(hidden)]
 pub mod codegen;
 pub mod config;
+pub mod context;
 mod dispatch;
 mod envelope;
 pub mod error;
@@ -76,6 +81,7 @@ pub mod server;
 pub mod service;
 mod shutdown;
 mod signing;
+mod spans;
 #[cfg(test)]
 mod spec_tests;
 mod stats;
@@ -89,6 +95,7 @@ mod transport;
 
 pub use client::Client;
 pub use config::{Balance, Config};
+pub use context::{CallContext, TraceContext};
 pub use error::{Error, RemoteError};
 pub use message::{Message, Messages};
 pub use monitor::{

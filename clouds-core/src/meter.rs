@@ -131,6 +131,11 @@ pub(crate) struct Timing {
 }
 
 impl Timing {
+    /// When the call started.
+    pub(crate) fn started(&self) -> Instant {
+        self.start
+    }
+
     /// Records the call as finished with `status`, now.
     pub(crate) fn finish(mut self, status: Status) {
         self.done = true;

@@ -77,10 +77,10 @@ impl Server {
     /// ```
     pub async fn start(config: Config) -> Result<Server, Error> {
         let node = Node::start(config, "server").await?;
-        let dispatcher = Arc::new(Dispatcher::new(
-            node.config().max_in_flight,
-            node.config().spawn_handlers,
-        ));
+        let dispatcher = Arc::new(
+            Dispatcher::new(node.config().max_in_flight, node.config().spawn_handlers)
+                .serving_as(node.id().clone()),
+        );
         // Fresh node, set once: cannot already be set.
         let _ = node.serve_with(dispatcher.clone());
         let advert = Arc::new(Advert::new());

@@ -806,12 +806,12 @@ mod tests {
     #[test]
     fn frames_with_room_are_sealed_where_they_lie() {
         let (sealer, opener) = pair((1, SECRET_1), &[]);
-        let call =
-            crate::codec::encode_call_framed(7, "t.m", "caller-1", 1500, &("x", 3)).expect("call");
+        let call = crate::codec::encode_call_framed(7, "t.m", "caller-1", 1500, None, &("x", 3))
+            .expect("call");
         let reply = crate::codec::ReplyBody::encode(&("ok", 5))
             .expect("reply")
             .into_frame(u64::MAX, crate::envelope::Status::Ok);
-        let big = crate::codec::encode_call_framed(8, "t.m", "c", 1, &("y".repeat(20_000),))
+        let big = crate::codec::encode_call_framed(8, "t.m", "c", 1, None, &("y".repeat(20_000),))
             .expect("big call");
         let other = crate::codec::ReplyBody::encode("other")
             .expect("reply")

@@ -284,6 +284,7 @@ fn case(name: &str) -> Option<Case> {
                 reply_to: wire("client-a"),
                 deadline_ms: 2000,
                 args: args(&("Glen", "hi")),
+                trace: None,
             }),
             check_body: |frame| {
                 let Frame::Call(call) = frame else {
@@ -320,6 +321,7 @@ fn case(name: &str) -> Option<Case> {
                 reply_to: wire("client-a"),
                 deadline_ms: 2000,
                 args: args(&(7i64, 0i64)),
+                trace: None,
             }),
             check_body: |frame| {
                 let Frame::Call(call) = frame else {
@@ -397,6 +399,7 @@ fn case(name: &str) -> Option<Case> {
                 reply_to: wire("c"),
                 deadline_ms: 1,
                 args: Bytes::from_static(&[0x90]),
+                trace: None,
             }),
             check_body: |frame| {
                 let Frame::Call(call) = frame else {
@@ -472,6 +475,7 @@ fn case(name: &str) -> Option<Case> {
                     reply_to: wire("client-a"),
                     deadline_ms: 2000,
                     args: Bytes::new(),
+                    trace: None,
                 })),
                 claim: claimed_args(),
             },
