@@ -79,6 +79,7 @@ pub use clouds_core::{
     NodeId, PROTOCOL_VERSION, RegistryEvent, RegistryEvents, RegistrySnapshot, RemoteError, Route,
     Server, ServerInfo, ServerStats, Service, Stats, TransportError,
 };
+pub use clouds_core::{ItemStream, StreamBreak, Streaming};
 
 /// Turns a trait into a remote service: a typed client stub and a server dispatcher.
 ///
@@ -148,5 +149,7 @@ pub use serde;
 #[doc(hidden)]
 pub mod __private {
     pub use clouds_core::Route;
-    pub use clouds_core::codegen::{Stub, result_route, value_route};
+    pub use clouds_core::codegen::{
+        Stub, result_route, stream_result_route, stream_route, value_route,
+    };
 }

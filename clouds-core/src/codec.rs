@@ -23,6 +23,9 @@ const KIND_REPLY: u8 = 1;
 const KIND_MESSAGE: u8 = 2;
 const KIND_JOIN: u8 = 3;
 const KIND_LEAVE: u8 = 4;
+const KIND_ITEM: u8 = 10;
+const KIND_CREDIT: u8 = 11;
+const KIND_KEEPALIVE: u8 = 12;
 /// Kinds 5, 6 and 7: a Call, Reply or Message whose body is a claim reference (`claim.rs`).
 const CLAIMED: u8 = 5;
 
@@ -267,6 +270,41 @@ pub(crate) fn encode_leave(node: &str) -> Vec<u8> {
     put_array_len(&mut buf, 2);
     put_uint(&mut buf, KIND_LEAVE.into());
     put_str(&mut buf, node);
+    buf
+}
+
+/// Encodes one item of a stream; `body` is an already-encoded MessagePack value.
+pub(crate) fn encode_item(id: u64, seq: u64, body: &[u8]) -> Vec<u8> {
+    let mut buf = Vec::with_capacity(20 + body.len());
+    buf.push(VERSION);
+    put_array_len(&mut buf, 4);
+    put_uint(&mut buf, KIND_ITEM.into());
+    put_uint(&mut buf, id);
+    put_uint(&mut buf, seq);
+    buf.extend_from_slice(body);
+    buf
+}
+
+/// Encodes a stream's credit (`allow` 0: stop the stream).
+pub(crate) fn encode_credit(id: u64, caller: &str, allow: u64) -> Vec<u8> {
+    let mut buf = Vec::with_capacity(24 + caller.len());
+    buf.push(VERSION);
+    put_array_len(&mut buf, 4);
+    put_uint(&mut buf, KIND_CREDIT.into());
+    put_uint(&mut buf, id);
+    put_str(&mut buf, caller);
+    put_uint(&mut buf, allow);
+    buf
+}
+
+/// Encodes a stream's keep-alive.
+pub(crate) fn encode_keepalive(id: u64, next: u64) -> Vec<u8> {
+    let mut buf = Vec::with_capacity(20);
+    buf.push(VERSION);
+    put_array_len(&mut buf, 3);
+    put_uint(&mut buf, KIND_KEEPALIVE.into());
+    put_uint(&mut buf, id);
+    put_uint(&mut buf, next);
     buf
 }
 
@@ -516,6 +554,31 @@ pub(crate) fn decode(frame: &Bytes) -> Result<Frame, DecodeError> {
             let node = r.node("node")?;
             trailing(r.rest)?;
             Ok(Frame::Leave { node })
+        }
+        k if k == u64::from(KIND_ITEM) => {
+            Reader::expect_len(len, 4, "item")?;
+            let id = r.uint("stream id")?;
+            let seq = r.uint("item sequence number")?;
+            let body = r.body("item body")?;
+            Ok(Frame::Item { id, seq, body })
+        }
+        k if k == u64::from(KIND_CREDIT) => {
+            Reader::expect_len(len, 4, "credit")?;
+            let id = r.uint("stream id")?;
+            let caller = r.wire_str("caller", MAX_NODE_ID_LEN)?;
+            if caller.as_str().is_empty() {
+                return Err(malformed("caller is empty"));
+            }
+            let allow = r.uint("credit")?;
+            trailing(r.rest)?;
+            Ok(Frame::Credit { id, caller, allow })
+        }
+        k if k == u64::from(KIND_KEEPALIVE) => {
+            Reader::expect_len(len, 3, "keep-alive")?;
+            let id = r.uint("stream id")?;
+            let next = r.uint("next sequence number")?;
+            trailing(r.rest)?;
+            Ok(Frame::KeepAlive { id, next })
         }
         other => Err(DecodeError::Kind(other)),
     }?;

@@ -39,6 +39,10 @@ pub(crate) struct Dispatcher {
     tasks: TaskTracker,
     /// When the current window of the methods' figures began (see `summary`).
     window_start: std::sync::Mutex<std::time::Instant>,
+    /// Cancelled when the server drains or closes: its streams end (`stream.rs`).
+    closing: tokio_util::sync::CancellationToken,
+    /// Cancelled by `testing::crash`: streams stop without a word, as in a dead process.
+    silenced: tokio_util::sync::CancellationToken,
 }
 
 /// Calls are served.
@@ -104,6 +108,7 @@ impl Running {
             id: self.id,
             status: outcome.status,
             body: outcome.body,
+            stream: outcome.stream,
             slot: Some(self.slot),
         })
     }
@@ -115,7 +120,10 @@ pub(crate) struct ReadyReply {
     pub(crate) id: u64,
     pub(crate) status: Status,
     pub(crate) body: ReplyBody,
-    /// The call's place among those in flight, given back once the reply is sent.
+    /// A streaming method's items, to serve after the reply (which is then `Stream`).
+    pub(crate) stream: Option<crate::stream::Events>,
+    /// The call's place among those in flight, given back once the reply is sent (for a
+    /// stream, once the stream has ended).
     pub(crate) slot: Option<InFlight>,
 }
 
@@ -139,6 +147,8 @@ impl Dispatcher {
             max_in_flight,
             tasks: TaskTracker::new(),
             window_start: std::sync::Mutex::new(std::time::Instant::now()),
+            closing: tokio_util::sync::CancellationToken::new(),
+            silenced: tokio_util::sync::CancellationToken::new(),
         }
     }
 
@@ -177,6 +187,7 @@ impl Dispatcher {
     #[cfg(any(test, feature = "testing"))]
     pub(crate) fn silence(&self) {
         self.mode.store(SILENT, Ordering::Release);
+        self.silenced.cancel();
     }
 
     /// Forgets every route and refuses calls from now on (at close).
@@ -186,6 +197,18 @@ impl Dispatcher {
             .mode
             .compare_exchange(OPEN, CLOSED, Ordering::AcqRel, Ordering::Acquire);
         write(&self.routes).clear();
+        self.closing.cancel();
+    }
+
+    /// Cancelled when the server drains or closes (streams end then, with a reply), and
+    /// when it plays dead (`testing::crash`: streams stop without one).
+    pub(crate) fn closing(
+        &self,
+    ) -> (
+        tokio_util::sync::CancellationToken,
+        tokio_util::sync::CancellationToken,
+    ) {
+        (self.closing.clone(), self.silenced.clone())
     }
 
     /// Every method's figures as a registry entry's `stats` field; the window (since the
@@ -224,6 +247,8 @@ impl Dispatcher {
     /// still running then. New ones can no longer be tracked after this starts.
     pub(crate) async fn drain(&self, timeout: Duration) -> bool {
         self.tasks.close();
+        // Streams would run on (a log tail never ends): they are ended now, cleanly.
+        self.closing.cancel();
         tokio::time::timeout(timeout, self.tasks.wait())
             .await
             .is_ok()
@@ -300,6 +325,7 @@ impl Dispatcher {
                     id,
                     status: outcome.status,
                     body: outcome.body,
+                    stream: outcome.stream,
                     slot: Some(slot),
                 })
             }
@@ -324,6 +350,7 @@ fn refuse(call: Call, status: Status, body: ReplyBody) -> Dispatched {
         id: call.id,
         status,
         body,
+        stream: None,
         slot: None,
     })
 }

@@ -13,7 +13,9 @@
 //!   ([`RegistryEvents`]).
 //! - [`service`]: [`Service`] and [`Route`]: what a server runs.
 //! - [`message`]: [`Message`] and [`Messages`].
-//! - [`error`]: [`Error`] and [`RemoteError`].
+//! - [`error`]: [`Error`], [`RemoteError`] and [`StreamBreak`].
+//! - [`Streaming`] and [`ItemStream`]: streaming methods, the provider's and the caller's
+//!   end (`stream`).
 //!
 //! - `testing` (feature `testing`): the in-memory broker and fault injection.
 //!
@@ -43,6 +45,9 @@
 //! - `stats`: counters of bad input and load; `meter`: each method's figures (counters and a
 //!   latency histogram) and the summary the heartbeat publishes; `locks`: poison-tolerant
 //!   locking.
+//! - `stream`: streaming methods: the caller's and the provider's credit and sequence logic
+//!   as plain state machines (`Inflow`, `Outflow`), the provider's driver of one stream,
+//!   and the caller's `ItemStream` (`docs/protocol.md` §3.14).
 //! - `codegen`: what the macro's expansion calls (hidden: not a stable API).
 //!
 //! The wire protocol and Redis layout are specified in `docs/protocol.md`.
@@ -76,6 +81,7 @@ pub mod server;
 pub mod service;
 mod shutdown;
 mod signing;
+mod stream;
 #[cfg(test)]
 mod spec_tests;
 mod stats;
@@ -89,7 +95,7 @@ mod transport;
 
 pub use client::Client;
 pub use config::{Balance, Config};
-pub use error::{Error, RemoteError};
+pub use error::{Error, RemoteError, StreamBreak};
 pub use message::{Message, Messages};
 pub use monitor::{
     ErrorCounts, Latency, MethodStats, Monitor, RegistryEvent, RegistryEvents, RegistrySnapshot,
@@ -100,6 +106,7 @@ pub use registry::ServerInfo;
 pub use server::Server;
 pub use service::{Route, Service};
 pub use stats::Stats;
+pub use stream::{ItemStream, Streaming};
 pub use transport::TransportError;
 
 /// The protocol version this build speaks (the first byte of every frame).

@@ -40,6 +40,8 @@ pub(crate) type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>
 pub(crate) struct Outcome {
     pub(crate) status: Status,
     pub(crate) body: ReplyBody,
+    /// A streaming method's items (status `Stream`): the node serves them (`stream.rs`).
+    pub(crate) stream: Option<crate::stream::Events>,
 }
 
 impl Outcome {
@@ -47,12 +49,34 @@ impl Outcome {
         Outcome {
             status,
             body: ReplyBody::text(text),
+            stream: None,
+        }
+    }
+
+    /// An outcome with a nil body.
+    pub(crate) fn empty(status: Status) -> Outcome {
+        Outcome {
+            status,
+            body: ReplyBody::from_encoded(codec::NIL),
+            stream: None,
+        }
+    }
+
+    /// A stream of items, served after a `Stream` reply.
+    pub(crate) fn stream(events: crate::stream::Events) -> Outcome {
+        Outcome {
+            stream: Some(events),
+            ..Outcome::empty(Status::Stream)
         }
     }
 
     pub(crate) fn encoded<T: Serialize + ?Sized>(status: Status, value: &T) -> Outcome {
         match ReplyBody::encode(value) {
-            Ok(body) => Outcome { status, body },
+            Ok(body) => Outcome {
+                status,
+                body,
+                stream: None,
+            },
             Err(reason) => Outcome::text(
                 Status::ServerError,
                 &format!("could not encode the result: {reason}"),
@@ -150,7 +174,7 @@ impl Route {
     }
 }
 
-fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+pub(crate) fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
     if let Some(s) = panic.downcast_ref::<&str>() {
         (*s).to_string()
     } else if let Some(s) = panic.downcast_ref::<String>() {
