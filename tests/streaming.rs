@@ -559,3 +559,59 @@ impl Big for BigImpl {
         Streaming::iter(["x".repeat(10), "y".repeat(4000)])
     }
 }
+
+/// A lost or repeated item frame (injected by the in-memory broker) breaks the stream with a
+/// typed error after the items before it: it is never passed on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memory_a_lost_or_repeated_item_breaks_the_stream() {
+    use clouds::testing::FrameFault;
+    for fault in [FrameFault::Drop, FrameFault::Duplicate] {
+        let broker = clouds::testing::Broker::new();
+        let server = Server::start(broker.config()).await.expect("server");
+        let seen = Arc::new(Seen::default());
+        server
+            .serve(LogsServer::new(Impl(seen)))
+            .await
+            .expect("serve");
+        let client = Client::connect(broker.config()).await.expect("client");
+        let mut items = LogsClient::new(&client).endless().await.expect("open");
+        for expected in 0..3 {
+            assert_eq!(items.next().await.expect("item").expect("ok"), expected);
+        }
+        broker.fault_next_frame(client.id(), fault);
+        let mut next = 3;
+        let error = loop {
+            match tokio::time::timeout(Duration::from_secs(5), items.next())
+                .await
+                .expect("no hang")
+            {
+                Some(Ok(item)) => {
+                    assert_eq!(item, next, "only in order");
+                    next += 1;
+                }
+                Some(Err(e)) => break e,
+                None => panic!("ended without an error"),
+            }
+        };
+        match (fault, &error) {
+            (
+                FrameFault::Drop,
+                Error::StreamBroken {
+                    reason: StreamBreak::Gap { expected, got },
+                    ..
+                },
+            ) => assert!(got > expected && *expected == next, "{error:?}"),
+            (
+                FrameFault::Duplicate,
+                Error::StreamBroken {
+                    reason: StreamBreak::Gap { expected, got },
+                    ..
+                },
+            ) => assert!(got < expected && *expected == next, "{error:?}"),
+            _ => panic!("{fault:?}: {error:?}"),
+        }
+        assert!(items.next().await.is_none());
+        drop(items);
+        server.shutdown().await.expect("shutdown");
+    }
+}

@@ -898,6 +898,45 @@ mod tests {
     }
 
     #[test]
+    fn stream_frames_round_trip_and_are_laid_out_as_documented() {
+        // docs/protocol.md §3.14.
+        let item = Bytes::from(encode_item(7, 300, &encode_value("hi").expect("str")));
+        assert_eq!(
+            &item[..],
+            &[0x01, 0x94, 0x0a, 0x07, 0xcd, 0x01, 0x2c, 0xa2, b'h', b'i']
+        );
+        assert_eq!(
+            decode(&item),
+            Ok(Frame::Item {
+                id: 7,
+                seq: 300,
+                body: Bytes::from_static(&[0xa2, b'h', b'i'])
+            })
+        );
+        let credit = Bytes::from(encode_credit(7, "client-a", 64));
+        let Ok(Frame::Credit { id, caller, allow }) = decode(&credit) else {
+            panic!("not a credit");
+        };
+        assert_eq!((id, caller.as_str(), allow), (7, "client-a", 64));
+        let alive = Bytes::from(encode_keepalive(7, 12));
+        assert_eq!(&alive[..], &[0x01, 0x93, 0x0c, 0x07, 0x0c]);
+        assert_eq!(decode(&alive), Ok(Frame::KeepAlive { id: 7, next: 12 }));
+        // Malformed ones are errors, never panics.
+        let bad: &[&[u8]] = &[
+            &[0x01, 0x93, 0x0a, 0x07, 0x00],             // item without a body
+            &[0x01, 0x94, 0x0a, 0x07, 0xa1, b'x', 0xc0], // sequence not a uint
+            &[0x01, 0x94, 0x0b, 0x07, 0xa0, 0x01],       // credit from an empty caller
+            &[0x01, 0x94, 0x0b, 0x07, 0xa1, b'a', 0x01, 0x00], // trailing byte
+            &[0x01, 0x92, 0x0c, 0x07],                   // keep-alive too short
+            &[0x01, 0x93, 0x0c, 0x07, 0x01, 0x02],       // trailing byte
+            &[0x01, 0x93, 0x0f, 0x07, 0x01],             // kind 15 (claimed item?) is unknown
+        ];
+        for frame in bad {
+            assert!(decode(&Bytes::from_static(frame)).is_err(), "{frame:02x?}");
+        }
+    }
+
+    #[test]
     fn unknown_statuses_still_reach_the_caller() {
         let frame = encode_reply(3, Status::Ok, NIL);
         let mut bytes = frame.to_vec();
