@@ -123,9 +123,12 @@ where
     Fut: Future<Output = Streaming<T>> + Send + 'static,
     T: Serialize + Send + 'static,
 {
-    Route::build(name.to_string(), f, |items: Streaming<T>| {
-        Outcome::stream(Box::pin(items.items.map(|item| Event::item(&item))))
-    })
+    Route::build(name.to_string(), f, stream_outcome::<T>)
+}
+
+/// The outcome of a streaming handler: its items, each encoded as it comes.
+pub(crate) fn stream_outcome<T: Serialize + Send + 'static>(items: Streaming<T>) -> Outcome {
+    Outcome::stream(Box::pin(items.items.map(|item| Event::item(&item))))
 }
 
 /// A route for a streaming method whose items are `Result<T, E>`: an `Err` ends the stream as

@@ -125,6 +125,25 @@ impl Route {
         })
     }
 
+    /// A streaming method from a function taking its arguments as a tuple and returning a
+    /// [`Streaming`](crate::Streaming) of items (see [`Server::register_stream`](crate::Server::register_stream)).
+    ///
+    /// ```
+    /// let route = clouds_core::Route::stream("count.up", |(n,): (u64,)| async move {
+    ///     clouds_core::Streaming::iter(0..n)
+    /// });
+    /// assert_eq!(route.name(), "count.up");
+    /// ```
+    pub fn stream<A, F, Fut, T>(name: impl Into<String>, f: F) -> Route
+    where
+        A: DeserializeOwned + Send + 'static,
+        F: Fn(A) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = crate::Streaming<T>> + Send + 'static,
+        T: Serialize + Send + 'static,
+    {
+        Route::build(name.into(), f, crate::codegen::stream_outcome::<T>)
+    }
+
     /// The full wire name, `service.method`.
     ///
     /// ```

@@ -780,6 +780,21 @@ impl<T> ItemStream<T> {
         lock(&self.inlet.state).flow.buffered()
     }
 
+    /// The next item, `None` after the last one (the same as `StreamExt::next`, without
+    /// importing it).
+    ///
+    /// ```
+    /// # async fn demo(mut items: clouds_core::ItemStream<u64>) -> Result<(), clouds_core::Error> {
+    /// while let Some(item) = items.next().await {
+    ///     println!("{}", item?);
+    /// }
+    /// # Ok(()) }
+    /// ```
+    #[allow(clippy::should_implement_trait)]
+    pub async fn next(&mut self) -> Option<Result<T, Error>> {
+        std::future::poll_fn(|cx| Pin::new(&mut *self).poll_next(cx)).await
+    }
+
     /// The provider serving this stream.
     ///
     /// ```
