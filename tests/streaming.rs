@@ -102,15 +102,23 @@ struct Setup {
     seen: Arc<Seen>,
     // Kept alive for the test's length.
     _redis: Option<common::RedisServer>,
+    _cluster: Option<clouds_testkit::RedisCluster>,
 }
 
 impl Setup {
     async fn new(backend: Backend, tune: impl Fn(Config) -> Config) -> Setup {
-        let (config, redis) = match backend {
-            Backend::Memory => (clouds::testing::Broker::new().config(), None),
+        let (config, redis, cluster) = match backend {
+            Backend::Memory => (clouds::testing::Broker::new().config(), None, None),
             Backend::Redis => {
                 let redis = common::redis();
-                (common::config(&redis), Some(redis))
+                (common::config(&redis), Some(redis), None)
+            }
+            Backend::Cluster => {
+                let cluster = clouds_testkit::RedisCluster::start().expect("a Redis Cluster");
+                let config = Config::from_url(&cluster.seed_url())
+                    .expect("url")
+                    .heartbeat(Duration::from_millis(300));
+                (config, None, Some(cluster))
             }
         };
         let config = tune(config.timeout(Duration::from_secs(2)));
@@ -126,6 +134,7 @@ impl Setup {
             client,
             seen,
             _redis: redis,
+            _cluster: cluster,
         }
     }
 
@@ -138,6 +147,9 @@ impl Setup {
 enum Backend {
     Memory,
     Redis,
+    /// 3 primaries and 3 replicas: items go to the caller's inbox and credit to the
+    /// provider's inbox, sharded channels on slots of their own.
+    Cluster,
 }
 
 /// Items arrive in order, then the stream ends; the server's place in flight is given back.
@@ -614,4 +626,61 @@ async fn memory_a_lost_or_repeated_item_breaks_the_stream() {
         drop(items);
         server.shutdown().await.expect("shutdown");
     }
+}
+
+/// On a Redis Cluster: order, flow control with a slow consumer (20,000 items), and the caller
+/// dropping the stream, with items and credit on sharded channels of different slots.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_streams_keep_order_credit_and_stop() {
+    let setup = Setup::new(Backend::Cluster, |c| c.stream_window(WINDOW)).await;
+    let mut items = setup.logs().count(20_000).await.expect("open");
+    let mut next = 0;
+    while let Some(item) = items.next().await {
+        assert_eq!(item.expect("item"), next);
+        next += 1;
+        let ahead = setup.seen.produced.load(Ordering::SeqCst) - next;
+        assert!(ahead <= u64::from(WINDOW) + 1, "{ahead} ahead");
+        if next % 1000 == 0 {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    }
+    assert_eq!(next, 20_000);
+    let (tx, dropped) = tokio::sync::oneshot::channel();
+    *setup.seen.dropped_tx.lock().expect("lock") = Some(tx);
+    let mut endless = setup.logs().endless().await.expect("open");
+    for expected in 0..10 {
+        assert_eq!(endless.next().await.expect("item").expect("ok"), expected);
+    }
+    let dropped_at = Instant::now();
+    drop(endless);
+    let at = tokio::time::timeout(Duration::from_secs(2), dropped)
+        .await
+        .expect("dropped")
+        .expect("sent");
+    let after = at.saturating_duration_since(dropped_at);
+    eprintln!("FIGURES caller_drop Cluster: provider stream dropped after {after:?}");
+    assert!(after <= Duration::from_millis(100), "{after:?}");
+    setup.server.shutdown().await.expect("shutdown");
+}
+
+/// The caller's own client closing ends its open streams at once with `Error::Shutdown`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memory_closing_the_client_ends_its_streams() {
+    let setup = Setup::new(Backend::Memory, |c| c).await;
+    let mut items = setup.logs().endless().await.expect("open");
+    assert_eq!(items.next().await.expect("item").expect("ok"), 0);
+    setup.client.close().await;
+    let error = tokio::time::timeout(Duration::from_secs(2), async {
+        loop {
+            match items.next().await {
+                Some(Ok(_)) => continue,
+                Some(Err(e)) => return e,
+                None => panic!("ended without an error"),
+            }
+        }
+    })
+    .await
+    .expect("at once, not after the idle timeout");
+    assert!(matches!(error, Error::Shutdown), "{error:?}");
+    setup.server.shutdown().await.expect("shutdown");
 }

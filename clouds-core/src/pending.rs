@@ -118,9 +118,15 @@ impl Pending {
         self.lock().len()
     }
 
-    /// Fails every waiting call (their receivers see the sender dropped): used at shutdown.
+    /// Fails every waiting call (their receivers see the sender dropped) and ends every open
+    /// stream (after the items it holds): used at shutdown.
     pub(crate) fn clear(&self) {
-        self.lock().clear();
+        let waiting = std::mem::take(&mut *self.lock());
+        for (_, waiter) in waiting {
+            if let Waiter::Stream(inlet) = waiter {
+                inlet.close();
+            }
+        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Waiter>> {

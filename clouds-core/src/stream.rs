@@ -63,6 +63,8 @@ pub(crate) enum Ending {
     },
     /// It broke off.
     Broken(StreamBreak),
+    /// The caller's own node shut down.
+    Closed,
 }
 
 /// What the consumer takes next.
@@ -159,6 +161,13 @@ impl Inflow {
     pub(crate) fn break_off(&mut self, why: StreamBreak) {
         if self.end.is_none() {
             self.end = Some(Ending::Broken(why));
+        }
+    }
+
+    /// The caller's node shut down: the stream ends after the items already received.
+    pub(crate) fn close(&mut self) {
+        if self.end.is_none() {
+            self.end = Some(Ending::Closed);
         }
     }
 
@@ -324,6 +333,11 @@ impl Inlet {
             return self.update(|flow| flow.reply(Status::Unrecognized, &text));
         }
         self.update(|flow| flow.reply(reply.status, &reply.body));
+    }
+
+    /// The caller's node shut down.
+    pub(crate) fn close(&self) {
+        self.update(Inflow::close);
     }
 
     fn ended(&self) -> bool {
@@ -666,6 +680,7 @@ fn decode_item<T: DeserializeOwned>(method: &str, node: &NodeId, body: &[u8]) ->
 fn ending(method: &str, node: &NodeId, end: Ending) -> Option<Error> {
     match end {
         Ending::Done => None,
+        Ending::Closed => Some(Error::Shutdown),
         Ending::Broken(reason) => Some(Error::StreamBroken {
             method: method.to_string(),
             node: node.clone(),
