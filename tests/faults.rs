@@ -491,7 +491,6 @@ async fn a_reply_stuck_in_redis_is_given_up() {
 /// typed error ([`clouds::StreamBreak::Idle`]) within the stream idle timeout, never a hang.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn provider_killed_mid_stream() {
-    use futures_util::StreamExt;
     let redis = redis();
     let url = redis.url_db(3);
     let provider = ProviderProcess::start(&url);

@@ -290,7 +290,11 @@ async fn dropping_the_stream_drops_it_at_the_provider(backend: Backend) {
     for expected in 0..10 {
         assert_eq!(items.next().await.expect("an item").expect("ok"), expected);
     }
-    assert_eq!(setup.server.stats().in_flight, 1, "a stream is one call in flight");
+    assert_eq!(
+        setup.server.stats().in_flight,
+        1,
+        "a stream is one call in flight"
+    );
     assert_eq!(setup.server.stats().open_streams, 1);
     let dropped_at = Instant::now();
     drop(items);
@@ -374,7 +378,10 @@ async fn redis_a_crashed_provider_breaks_the_stream() {
 /// A stream that is alive but idle (a consumer that stops reading, so the provider waits
 /// for credit) is kept alive by keep-alives: it outlives several idle timeouts.
 async fn an_idle_stream_stays_alive(backend: Backend) {
-    let setup = Setup::new(backend, |c| c.stream_idle_timeout(Duration::from_millis(200))).await;
+    let setup = Setup::new(backend, |c| {
+        c.stream_idle_timeout(Duration::from_millis(200))
+    })
+    .await;
     let mut items = setup.logs().endless().await.expect("open");
     assert_eq!(items.next().await.expect("item").expect("ok"), 0);
     // The consumer does not read for five idle timeouts; the provider stops at the window.
@@ -492,10 +499,7 @@ async fn by_name_and_misuse(backend: Backend) {
         .open_stream::<_, String>("logs.count", (1u64,))
         .await
         .expect("open");
-    assert!(matches!(
-        wrong.next().await,
-        Some(Err(Error::Codec { .. }))
-    ));
+    assert!(matches!(wrong.next().await, Some(Err(Error::Codec { .. }))));
     drop(wrong);
     setup.server.shutdown().await.expect("shutdown");
 }
@@ -540,10 +544,7 @@ async fn memory_an_item_too_large_ends_the_stream_with_a_server_error() {
     let broker = clouds::testing::Broker::new();
     let config = broker.config().claim_threshold(1024);
     let server = Server::start(config.clone()).await.expect("server");
-    server
-        .serve(BigServer::new(BigImpl))
-        .await
-        .expect("serve");
+    server.serve(BigServer::new(BigImpl)).await.expect("serve");
     let client = Client::connect(config).await.expect("client");
     let mut items = BigClient::new(&client).sizes().await.expect("open");
     assert_eq!(items.next().await.expect("item").expect("ok").len(), 10);

@@ -54,13 +54,13 @@ mod clouds_rows;
 mod cluster;
 mod load;
 mod procs;
-mod streams;
 mod raw;
 mod registry_sim;
 mod report;
 mod rss;
 mod signing_row;
 mod stats;
+mod streams;
 mod wire;
 
 use std::fmt::Write as _;

@@ -893,7 +893,9 @@ async fn call(
 
 /// Prints a stream's items as they come, one compact JSON value per line; an error ends it.
 async fn stream_items(client: &Client, method: &str, args: Json) -> Result<(), Error> {
-    let mut items = client.open_stream::<Json, rmpv::Value>(method, args).await?;
+    let mut items = client
+        .open_stream::<Json, rmpv::Value>(method, args)
+        .await?;
     while let Some(item) = items.next().await {
         let text = serde_json::to_string(&to_json(item?)).unwrap_or_default();
         outln!("{text}");

@@ -425,10 +425,13 @@ fn call_stream_prints_items_as_json_lines_as_they_come() {
             .expect("register");
         server
             .register_stream("demo.slow", |(every_ms,): (u64,)| async move {
-                clouds_core::Streaming::new(futures_util::stream::unfold(0u64, move |i| async move {
-                    tokio::time::sleep(Duration::from_millis(every_ms)).await;
-                    Some((i, i + 1))
-                }))
+                clouds_core::Streaming::new(futures_util::stream::unfold(
+                    0u64,
+                    move |i| async move {
+                        tokio::time::sleep(Duration::from_millis(every_ms)).await;
+                        Some((i, i + 1))
+                    },
+                ))
             })
             .await
             .expect("register");
@@ -439,16 +442,30 @@ fn call_stream_prints_items_as_json_lines_as_they_come() {
         [r#"{"n":0}"#, r#"{"n":1}"#, r#"{"n":2}"#],
         "one compact JSON value per line"
     );
-    assert_eq!(stdout(d.clouds().args(["call", "--stream", "demo.count", "[0]"])), "");
+    assert_eq!(
+        stdout(d.clouds().args(["call", "--stream", "demo.count", "[0]"])),
+        ""
+    );
     // Without --stream: a usage error that says what to add.
-    let plain = d.clouds().args(["call", "demo.count", "[3]"]).assert().code(2);
+    let plain = d
+        .clouds()
+        .args(["call", "demo.count", "[3]"])
+        .assert()
+        .code(2);
     let err = String::from_utf8_lossy(&plain.get_output().stderr).to_string();
     assert!(err.contains("--stream"), "{err}");
 
     // As they come: an endless stream's first lines arrive while it runs.
     let mut child = Std::new(assert_cmd::cargo::cargo_bin("clouds"))
         .env("REDIS_URL", d.redis.url())
-        .args(["--namespace", &d.namespace, "call", "--stream", "demo.slow", "[50]"])
+        .args([
+            "--namespace",
+            &d.namespace,
+            "call",
+            "--stream",
+            "demo.slow",
+            "[50]",
+        ])
         .stdout(Stdio::piped())
         .spawn()
         .expect("spawn clouds");

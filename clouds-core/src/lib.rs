@@ -81,10 +81,10 @@ pub mod server;
 pub mod service;
 mod shutdown;
 mod signing;
-mod stream;
 #[cfg(test)]
 mod spec_tests;
 mod stats;
+mod stream;
 mod telemetry;
 #[cfg(any(test, feature = "testing"))]
 #[cfg_attr(docsrs, doc(cfg(feature = "testing")))]

@@ -329,7 +329,8 @@ impl Inlet {
     pub(crate) fn end(&self, reply: &Reply) {
         if reply.claim.is_some() {
             // Streams carry no claims (§3.14): a provider that sends one breaks the protocol.
-            let text = codec::encode_value("a stream ended with a claimed reply").unwrap_or_default();
+            let text =
+                codec::encode_value("a stream ended with a claimed reply").unwrap_or_default();
             return self.update(|flow| flow.reply(Status::Unrecognized, &text));
         }
         self.update(|flow| flow.reply(reply.status, &reply.body));
@@ -693,7 +694,8 @@ fn ending(method: &str, node: &NodeId, end: Ending) -> Option<Error> {
                 body,
                 claim: None,
             };
-            match crate::client::decode_reply::<serde::de::IgnoredAny>(method, node.clone(), reply) {
+            match crate::client::decode_reply::<serde::de::IgnoredAny>(method, node.clone(), reply)
+            {
                 Err(e) => Some(e),
                 Ok(_) => Some(Error::Protocol(format!(
                     "{node} ended the stream of {method} with an unexpected reply"
@@ -759,7 +761,10 @@ impl<T> ItemStream<T> {
         decode: Decode<T>,
     ) -> Self {
         let node = client.node().clone();
-        let first = lock(&inlet.state).flow.credit_due().unwrap_or(INITIAL_CREDIT);
+        let first = lock(&inlet.state)
+            .flow
+            .credit_due()
+            .unwrap_or(INITIAL_CREDIT);
         let (credit, watched) = tokio::sync::watch::channel(first);
         node.life().spawn(grant(
             node.clone(),
@@ -945,10 +950,13 @@ pub(crate) fn not_opened(method: &str, node: NodeId, reply: Reply) -> Error {
         Status::Ok => Error::Protocol(format!(
             "{method} on {node} is not a streaming method (it answered with a value); call it with Client::call"
         )),
-        _ => match crate::client::decode_reply::<serde::de::IgnoredAny>(method, node.clone(), reply) {
-            Err(e) => e,
-            Ok(_) => Error::Protocol(format!("{node} did not open the stream of {method}")),
-        },
+        _ => {
+            match crate::client::decode_reply::<serde::de::IgnoredAny>(method, node.clone(), reply)
+            {
+                Err(e) => e,
+                Ok(_) => Error::Protocol(format!("{node} did not open the stream of {method}")),
+            }
+        }
     }
 }
 
@@ -967,7 +975,11 @@ mod tests {
     #[test]
     fn items_in_sequence_and_within_credit_are_delivered_then_the_end() {
         let mut flow = Inflow::new(4);
-        assert_eq!(flow.credit_due(), Some(4), "the window replaces the initial credit");
+        assert_eq!(
+            flow.credit_due(),
+            Some(4),
+            "the window replaces the initial credit"
+        );
         for seq in 0..4 {
             flow.item(seq, body(seq as u8));
         }
@@ -1129,7 +1141,10 @@ mod tests {
         assert_eq!((flow.send(), flow.send()), (1, 2));
         assert!(!flow.may_send());
         flow.credit(2);
-        assert!(!flow.may_send(), "a stale grant takes nothing back nor adds");
+        assert!(
+            !flow.may_send(),
+            "a stale grant takes nothing back nor adds"
+        );
         flow.credit(10);
         assert!(flow.may_send());
         assert_eq!(flow.sent(), 3);
