@@ -379,13 +379,13 @@ async fn redis_a_crashed_provider_breaks_the_stream() {
 /// for credit) is kept alive by keep-alives: it outlives several idle timeouts.
 async fn an_idle_stream_stays_alive(backend: Backend) {
     let setup = Setup::new(backend, |c| {
-        c.stream_idle_timeout(Duration::from_millis(200))
+        c.stream_idle_timeout(Duration::from_millis(300))
     })
     .await;
     let mut items = setup.logs().endless().await.expect("open");
     assert_eq!(items.next().await.expect("item").expect("ok"), 0);
     // The consumer does not read for five idle timeouts; the provider stops at the window.
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
     for expected in 1..200 {
         assert_eq!(items.next().await.expect("item").expect("ok"), expected);
     }
@@ -462,6 +462,8 @@ async fn by_name_and_misuse(backend: Backend) {
     let setup = Setup::new(backend, |c| c).await;
     let items: Vec<u64> = setup
         .client
+        .clone()
+        .with_stream_window(2)
         .open_stream::<_, u64>("logs.count", (3u64,))
         .await
         .expect("open")

@@ -37,6 +37,8 @@ pub struct Client {
     owner: Option<Arc<Owner>>,
     retries: u32,
     timeout: Duration,
+    /// Credit window of the streams this handle opens.
+    stream_window: u32,
 }
 
 impl std::fmt::Debug for Client {
@@ -85,6 +87,7 @@ impl Client {
         Client {
             retries: node.config().retries,
             timeout: node.config().timeout,
+            stream_window: node.config().stream_window,
             owner: None,
             node,
         }
@@ -127,6 +130,19 @@ impl Client {
     /// ```
     pub fn with_timeout(mut self, timeout: Duration) -> Self {
         self.timeout = timeout.max(Duration::from_millis(1));
+        self
+    }
+
+    /// This handle, opening streams with a credit window of `items` (at least 1) instead of
+    /// the config's [`Config::stream_window`](crate::Config::stream_window).
+    ///
+    /// ```
+    /// # fn demo(client: clouds_core::Client) {
+    /// let bulk = client.with_stream_window(1024); // for a fast consumer of small items
+    /// # }
+    /// ```
+    pub fn with_stream_window(mut self, items: u32) -> Self {
+        self.stream_window = items.max(1);
         self
     }
 
@@ -324,8 +340,9 @@ impl Client {
     ///
     /// The stream is opened as a call is (with this handle's retries and per-attempt
     /// timeout, re-routed as a call is while no item has been delivered); once open, it is
-    /// read as an [`ItemStream`](crate::ItemStream), with the credit window and idle timeout
-    /// of the [`Config`] (`stream_window`, `stream_idle_timeout`). Typed stubs of methods
+    /// read as an [`ItemStream`](crate::ItemStream), with this handle's credit window
+    /// ([`Client::with_stream_window`], by default `Config::stream_window`) and the
+    /// config's `stream_idle_timeout`. Typed stubs of methods
     /// returning [`Streaming`](crate::Streaming) call this.
     ///
     /// ```
@@ -357,7 +374,7 @@ impl Client {
         args: &(dyn codec::Args + Sync),
         decode: crate::stream::Decode<T>,
     ) -> Result<crate::ItemStream<T>, Error> {
-        let window = self.node().config().stream_window;
+        let window = self.stream_window;
         let inlet = Arc::new(crate::stream::Inlet::new(window));
         let (provider, reply) = self.invoke_with(method, args, Some(&inlet)).await?;
         if reply.status != Status::Stream {
