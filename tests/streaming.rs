@@ -100,8 +100,8 @@ struct Setup {
     server: Server,
     client: Client,
     seen: Arc<Seen>,
-    // Kept alive for the test's length.
-    _redis: Option<common::RedisServer>,
+    // Kept alive for the test's length (Redis: also inspected).
+    redis: Option<common::RedisServer>,
     _cluster: Option<clouds_testkit::RedisCluster>,
 }
 
@@ -133,7 +133,7 @@ impl Setup {
             server,
             client,
             seen,
-            _redis: redis,
+            redis,
             _cluster: cluster,
         }
     }
@@ -230,6 +230,21 @@ fn rss_kib() -> u64 {
 
 const WINDOW: u32 = 64;
 
+/// The largest pub/sub output buffer (`omem` in `CLIENT LIST`) of any subscriber connection.
+fn pubsub_output_bytes(redis: &common::RedisServer) -> u64 {
+    let list = redis.command(&["CLIENT", "LIST"]).expect("CLIENT LIST");
+    let text = list.as_text().expect("text").to_string();
+    text.lines()
+        .filter(|line| !line.contains(" sub=0 "))
+        .filter_map(|line| {
+            line.split(' ')
+                .find_map(|field| field.strip_prefix("omem="))
+                .and_then(|n| n.parse::<u64>().ok())
+        })
+        .max()
+        .unwrap_or(0)
+}
+
 /// 100,000 items through a consumer slower than the producer: the producer is held back by
 /// the credit, so the items produced and not yet consumed (in the provider, Redis, and the
 /// caller) never exceed the window, and the caller never holds more than the window.
@@ -242,6 +257,7 @@ async fn a_slow_consumer_slows_the_producer(backend: Backend) {
     let mut next = 0;
     let mut most_ahead = 0;
     let mut most_buffered = 0;
+    let mut most_omem = 0;
     while let Some(item) = items.next().await {
         assert_eq!(item.expect("item"), next);
         next += 1;
@@ -258,15 +274,21 @@ async fn a_slow_consumer_slows_the_producer(backend: Backend) {
         // Slower than the producer: a pause every 1000 items.
         if next % 1000 == 0 {
             tokio::time::sleep(Duration::from_millis(2)).await;
+            // On Redis, what waits in the subscribers' pub/sub output buffers right now.
+            if let Some(redis) = &setup.redis {
+                most_omem = most_omem.max(pubsub_output_bytes(redis));
+            }
         }
     }
     assert_eq!(next, ITEMS);
     eprintln!(
-        "FIGURES slow_consumer {backend:?}: items={ITEMS} window={WINDOW} most_ahead={most_ahead} most_buffered={most_buffered} rss_before_kib={} rss_after_kib={} elapsed_ms={}",
+        "FIGURES slow_consumer {backend:?}: items={ITEMS} window={WINDOW} most_ahead={most_ahead} most_buffered={most_buffered} most_pubsub_omem_bytes={most_omem} rss_before_kib={} rss_after_kib={} elapsed_ms={}",
         rss_before,
         rss_kib(),
         started.elapsed().as_millis()
     );
+    // 64 small items are a few KiB: nothing piles up in Redis for the slow consumer.
+    assert!(most_omem < 1 << 20, "{most_omem} bytes queued in Redis");
     setup.server.shutdown().await.expect("shutdown");
 }
 
