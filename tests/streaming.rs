@@ -688,10 +688,10 @@ async fn cluster_streams_keep_order_credit_and_stop() {
     setup.server.shutdown().await.expect("shutdown");
 }
 
-/// The caller's own client closing ends its open streams at once with `Error::Shutdown`.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn memory_closing_the_client_ends_its_streams() {
-    let setup = Setup::new(Backend::Memory, |c| c).await;
+/// The caller's own client closing ends its open streams at once with `Error::Shutdown`, and
+/// the provider drops its side.
+async fn closing_the_client_ends_its_streams(backend: Backend) {
+    let setup = Setup::new(backend, |c| c).await;
     let mut items = setup.logs().endless().await.expect("open");
     assert_eq!(items.next().await.expect("item").expect("ok"), 0);
     setup.client.close().await;
@@ -707,5 +707,27 @@ async fn memory_closing_the_client_ends_its_streams() {
     .await
     .expect("at once, not after the idle timeout");
     assert!(matches!(error, Error::Shutdown), "{error:?}");
+    // The provider finds the caller's inbox gone (its next item reaches nobody) and drops
+    // its stream without waiting for the idle timeout.
+    common::eventually(
+        "the provider drops the stream of a caller that is gone",
+        Duration::from_secs(2),
+        || async {
+            setup.server.stats().open_streams == 0
+                && setup.seen.dropped.lock().expect("lock").is_some()
+        },
+    )
+    .await;
+    assert_eq!(setup.server.stats().in_flight, 0);
     setup.server.shutdown().await.expect("shutdown");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memory_closing_the_client_ends_its_streams() {
+    closing_the_client_ends_its_streams(Backend::Memory).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_closing_the_client_ends_its_streams() {
+    closing_the_client_ends_its_streams(Backend::Redis).await;
 }
