@@ -46,6 +46,42 @@
 //! # Ok(()) }
 //! ```
 //!
+//! # Streaming methods
+//!
+//! A method returning [`Streaming<T>`] sends many items over time; its client method returns
+//! an [`ItemStream<T>`], a `futures::Stream` of `Result<T, Error>`, with credit-based flow
+//! control (README, "Streaming methods"; `docs/protocol.md` §3.14):
+//!
+//! ```
+//! # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), clouds::Error> {
+//! #[clouds::service("logs")]
+//! pub trait Logs {
+//!     /// Lines `from` to `to`.
+//!     async fn lines(&self, from: u64, to: u64) -> clouds::Streaming<String>;
+//! }
+//!
+//! struct Memory;
+//! impl Logs for Memory {
+//!     async fn lines(&self, from: u64, to: u64) -> clouds::Streaming<String> {
+//!         clouds::Streaming::iter((from..to).map(|n| format!("line {n}")))
+//!     }
+//! }
+//!
+//! let broker = clouds::testing::Broker::new();
+//! let server = clouds::Server::start(broker.config()).await?;
+//! server.serve(LogsServer::new(Memory)).await?;
+//! let client = clouds::Client::connect(broker.config().stream_window(16)).await?;
+//!
+//! let mut lines = LogsClient::new(&client).lines(1, 4).await?;
+//! let mut got = Vec::new();
+//! while let Some(line) = lines.next().await {
+//!     got.push(line?);
+//! }
+//! assert_eq!(got, ["line 1", "line 2", "line 3"]);
+//! # server.shutdown().await?;
+//! # Ok(()) }
+//! ```
+//!
 //! # What happens underneath
 //!
 //! - Every node (server, client, monitor) has a unique id and an inbox channel; calls, replies
@@ -84,6 +120,7 @@ pub use clouds_core::{
     RegistrySnapshot, RemoteError, Route, Server, ServerInfo, ServerStats, Service, Stats,
     TraceContext, TransportError,
 };
+pub use clouds_core::{ItemStream, StreamBreak, Streaming};
 
 /// Turns a trait into a remote service: a typed client stub and a server dispatcher.
 ///
@@ -94,8 +131,9 @@ pub use clouds_core::{
 /// - `HelloClient`: `HelloClient::new(&client)` with `with_retries(n)` and
 ///   `with_timeout(d)`, and one `async` method per trait method returning
 ///   `Result<R, clouds::Error>` (`Result<Result<T, E>, clouds::Error>` when the method
-///   returns `Result<T, E>`: application errors arrive typed). `String` arguments accept
-///   anything that is `AsRef<str>`;
+///   returns `Result<T, E>`: application errors arrive typed; `Result<ItemStream<T>,
+///   clouds::Error>` when it returns [`Streaming<T>`], a streaming method). `String`
+///   arguments accept anything that is `AsRef<str>`;
 /// - `HelloServer<T>`: `HelloServer::new(implementation)`, to pass to
 ///   [`Server::serve`]. Each method is registered as `"name.method"`.
 ///
@@ -153,5 +191,7 @@ pub use serde;
 #[doc(hidden)]
 pub mod __private {
     pub use clouds_core::Route;
-    pub use clouds_core::codegen::{Stub, result_route, value_route};
+    pub use clouds_core::codegen::{
+        Stub, result_route, stream_result_route, stream_route, value_route,
+    };
 }

@@ -486,3 +486,55 @@ async fn a_reply_stuck_in_redis_is_given_up() {
     // may still get its reply, or time out.
     let _ = call.await;
 }
+
+/// kill -9 of a provider mid-stream: the caller gets the items that arrived, in order, then a
+/// typed error ([`clouds::StreamBreak::Idle`]) within the stream idle timeout, never a hang.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn provider_killed_mid_stream() {
+    let redis = redis();
+    let url = redis.url_db(3);
+    let provider = ProviderProcess::start(&url);
+    let client = Client::connect(fault_config(&url)).await.expect("client");
+    let mut ticks = FaultClient::new(&client).ticks(5).await.expect("open");
+    for expected in 0..20 {
+        assert_eq!(ticks.next().await.expect("a tick").expect("ok"), expected);
+    }
+    let killed_at = Instant::now();
+    provider.kill();
+    let mut next = 20;
+    let error = tokio::time::timeout(service::STREAM_IDLE * 3, async {
+        loop {
+            match ticks.next().await {
+                Some(Ok(tick)) => {
+                    assert_eq!(tick, next, "in order up to the kill");
+                    next += 1;
+                }
+                Some(Err(e)) => return e,
+                None => panic!("the stream ended without an error"),
+            }
+        }
+    })
+    .await
+    .expect("the stream breaks instead of hanging");
+    let after = killed_at.elapsed();
+    println!(
+        "FIGURES provider_killed_mid_stream: items={next} broke_after_ms={} idle_timeout_ms={}",
+        after.as_millis(),
+        service::STREAM_IDLE.as_millis()
+    );
+    assert!(
+        matches!(
+            error,
+            Error::StreamBroken {
+                reason: clouds::StreamBreak::Idle { .. },
+                ..
+            }
+        ),
+        "{error:?}"
+    );
+    assert!(
+        after <= service::STREAM_IDLE + Duration::from_millis(500),
+        "broke after {after:?}"
+    );
+    assert!(ticks.next().await.is_none(), "nothing after the error");
+}

@@ -34,6 +34,11 @@ mod shadowed {
         async fn default_body(&self, n: ::core::primitive::u32) -> ::core::primitive::u32 {
             n + 1
         }
+        /// Streams, of plain and of `Result` items.
+        async fn items(&self, n: u8) -> ::clouds::Streaming<u8>;
+        async fn checked(
+            &self,
+        ) -> ::clouds::Streaming<::core::result::Result<u8, ::std::string::String>>;
     }
 
     pub(crate) struct Impl;
@@ -56,6 +61,16 @@ mod shadowed {
         async fn one(&self, inner: u8) -> ::std::vec::Vec<u8> {
             ::std::vec![inner]
         }
+
+        async fn items(&self, n: u8) -> ::clouds::Streaming<u8> {
+            ::clouds::Streaming::iter(0..n)
+        }
+
+        async fn checked(
+            &self,
+        ) -> ::clouds::Streaming<::core::result::Result<u8, ::std::string::String>> {
+            ::clouds::Streaming::iter(::std::vec::Vec::new())
+        }
     }
 
     /// Type-checks the client's methods (never run: it needs a provider).
@@ -72,6 +87,12 @@ mod shadowed {
         let _: ::core::result::Result<::std::vec::Vec<u8>, ::clouds::Error> = hyg.one(1).await;
         let _: ::core::result::Result<::core::primitive::u32, ::clouds::Error> =
             hyg.default_body(1).await;
+        let _: ::core::result::Result<::clouds::ItemStream<u8>, ::clouds::Error> =
+            hyg.items(3).await;
+        let _: ::core::result::Result<
+            ::clouds::ItemStream<::core::result::Result<u8, ::std::string::String>>,
+            ::clouds::Error,
+        > = hyg.checked().await;
     }
 }
 
@@ -79,6 +100,6 @@ mod shadowed {
 fn server_has_one_route_per_method() {
     let server = shadowed::HygServer::new(shadowed::Impl);
     let routes = ::clouds::Service::routes(::core::clone::Clone::clone(&server));
-    ::std::assert_eq!(routes.len(), 5);
+    ::std::assert_eq!(routes.len(), 7);
     let _ = shadowed::call;
 }

@@ -6,6 +6,7 @@
 //! cargo run --release -p clouds-bench -- --cluster # and rows on a Redis Cluster
 //! cargo run --release -p clouds-bench -- registry  # registry CPU at 1,000 servers and callers
 //! cargo run --release -p clouds-bench -- claims    # large payloads inline against claims
+//! cargo run --release -p clouds-bench -- streams   # stream items/s by window, beside the raw round trip
 //! ```
 //!
 //! Starts its own `redis-server` on a free loopback port and measures, against it, an echo
@@ -22,6 +23,8 @@
 //! - `raw.rs`: the baseline, fred alone (`SPUBLISH`/`SSUBSCRIBE` on a cluster).
 //! - `clouds_rows.rs`: the `Bench` service, its provider and the caller.
 //! - `claims.rs`: `claims`, the echo call inline and through claims from 100 B to 4 MiB.
+//! - `streams.rs`: `streams`, a streaming method's items/s at windows 1–256 beside the raw
+//!   round trip and sequential calls.
 //! - `cluster.rs`: the rows on a Redis Cluster (`--cluster`).
 //! - `registry_sim.rs`: `registry`, the registry's Redis CPU with 1,000 servers beating and
 //!   1,000 callers refreshing, full lookups against generation lookups.
@@ -57,6 +60,7 @@ mod report;
 mod rss;
 mod signing_row;
 mod stats;
+mod streams;
 mod wire;
 
 use std::fmt::Write as _;
@@ -308,6 +312,9 @@ fn main() -> ExitCode {
     // `claims`: large payloads inline and through claims (claims.rs).
     if args.first().is_some_and(|a| a == "claims") {
         return claims::main(&args[1..]);
+    }
+    if args.first().is_some_and(|a| a == "streams") {
+        return streams::main(&args[1..]);
     }
     let role = match parse_args(&args) {
         Ok(role) => role,

@@ -5,6 +5,7 @@
 //! clouds info <method|node>                  one method's providers, or one server
 //! clouds stats [--watch]                     calls/s, errors/s, p50/p99, in flight, refusals
 //! clouds call <method> '<json args>'         a call by name, JSON in and out
+//! clouds call --stream <method> '<json>'     a stream by name: its items as JSON lines
 //! clouds ping [method|node]                  round trip to each server
 //! clouds watch                               joins, leaves, expiries, as they happen
 //! clouds bench <method> '<json>' -n N -c C   calls/s and latency under load
@@ -119,6 +120,10 @@ enum Command {
         /// Attempts after the first on timeouts and lost providers.
         #[arg(long, default_value_t = 0)]
         retries: u32,
+        /// The method is a streaming method: print its items as they come, one JSON value
+        /// per line.
+        #[arg(long)]
+        stream: bool,
     },
     /// Round trip to each server (all, a method's providers, or one node).
     Ping {
@@ -513,7 +518,8 @@ async fn run(ctx: &Ctx) -> Result<(), Failure> {
             method,
             args,
             retries,
-        } => call(ctx, method, args.as_deref(), *retries).await,
+            stream,
+        } => call(ctx, method, args.as_deref(), *retries, *stream).await,
         Command::Ping { target } => ping(ctx, target.as_deref()).await,
         Command::Watch { poll, count } => watch(ctx, *poll, *count).await,
         Command::Bench {
@@ -848,16 +854,26 @@ async fn stats(ctx: &Ctx, watch: bool, interval: Duration) -> Result<(), Failure
     result
 }
 
-async fn call(ctx: &Ctx, method: &str, args: Option<&str>, retries: u32) -> Result<(), Failure> {
+async fn call(
+    ctx: &Ctx,
+    method: &str,
+    args: Option<&str>,
+    retries: u32,
+    stream: bool,
+) -> Result<(), Failure> {
     let args = parse_args(args)?;
     let client = ctx.client(retries).await?;
-    let result = client.call::<Json, rmpv::Value>(method, args).await;
+    let result = if stream {
+        stream_items(&client, method, args).await
+    } else {
+        client
+            .call::<Json, rmpv::Value>(method, args)
+            .await
+            .map(|value| ctx.out.json(&to_json(value)))
+    };
     client.close().await;
     match result {
-        Ok(value) => {
-            ctx.out.json(&to_json(value));
-            Ok(())
-        }
+        Ok(()) => Ok(()),
         Err(Error::Remote(remote)) => {
             let value = remote.decode::<rmpv::Value>().map_or(Json::Null, to_json);
             Err(Failure::Remote(json!({
@@ -868,8 +884,23 @@ async fn call(ctx: &Ctx, method: &str, args: Option<&str>, retries: u32) -> Resu
                 "value": value,
             })))
         }
+        Err(Error::Protocol(reason)) if !stream && reason.contains("streaming method") => Err(
+            Failure::Usage(format!("{method} is a streaming method: add --stream")),
+        ),
         Err(e) => Err(e.into()),
     }
+}
+
+/// Prints a stream's items as they come, one compact JSON value per line; an error ends it.
+async fn stream_items(client: &Client, method: &str, args: Json) -> Result<(), Error> {
+    let mut items = client
+        .open_stream::<Json, rmpv::Value>(method, args)
+        .await?;
+    while let Some(item) = items.next().await {
+        let text = serde_json::to_string(&to_json(item?)).unwrap_or_default();
+        outln!("{text}");
+    }
+    Ok(())
 }
 
 async fn ping(ctx: &Ctx, target: Option<&str>) -> Result<(), Failure> {

@@ -411,3 +411,69 @@ fn a_draining_server_is_listed_as_draining_until_its_handlers_finish() {
         "gone once drained: {after}"
     );
 }
+
+#[test]
+fn call_stream_prints_items_as_json_lines_as_they_come() {
+    let d = Deployment::start("cli-stream");
+    let server = d.server.as_ref().expect("server");
+    d.runtime.block_on(async {
+        server
+            .register_stream("demo.count", |(n,): (u64,)| async move {
+                clouds_core::Streaming::iter((0..n).map(|i| serde_json::json!({ "n": i })))
+            })
+            .await
+            .expect("register");
+        server
+            .register_stream("demo.slow", |(every_ms,): (u64,)| async move {
+                clouds_core::Streaming::new(futures_util::stream::unfold(
+                    0u64,
+                    move |i| async move {
+                        tokio::time::sleep(Duration::from_millis(every_ms)).await;
+                        Some((i, i + 1))
+                    },
+                ))
+            })
+            .await
+            .expect("register");
+    });
+    let text = stdout(d.clouds().args(["call", "--stream", "demo.count", "[3]"]));
+    assert_eq!(
+        text.lines().collect::<Vec<_>>(),
+        [r#"{"n":0}"#, r#"{"n":1}"#, r#"{"n":2}"#],
+        "one compact JSON value per line"
+    );
+    assert_eq!(
+        stdout(d.clouds().args(["call", "--stream", "demo.count", "[0]"])),
+        ""
+    );
+    // Without --stream: a usage error that says what to add.
+    let plain = d
+        .clouds()
+        .args(["call", "demo.count", "[3]"])
+        .assert()
+        .code(2);
+    let err = String::from_utf8_lossy(&plain.get_output().stderr).to_string();
+    assert!(err.contains("--stream"), "{err}");
+
+    // As they come: an endless stream's first lines arrive while it runs.
+    let mut child = Std::new(assert_cmd::cargo::cargo_bin("clouds"))
+        .env("REDIS_URL", d.redis.url())
+        .args([
+            "--namespace",
+            &d.namespace,
+            "call",
+            "--stream",
+            "demo.slow",
+            "[50]",
+        ])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("spawn clouds");
+    let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
+    for expected in 0..3 {
+        let line = lines.next().expect("a line").expect("read");
+        assert_eq!(line, expected.to_string());
+    }
+    child.kill().expect("kill");
+    let _ = child.wait();
+}

@@ -38,6 +38,8 @@ pub struct Client {
     owner: Option<Arc<Owner>>,
     retries: u32,
     timeout: Duration,
+    /// Credit window of the streams this handle opens.
+    stream_window: u32,
 }
 
 impl std::fmt::Debug for Client {
@@ -86,12 +88,13 @@ impl Client {
         Client {
             retries: node.config().retries,
             timeout: node.config().timeout,
+            stream_window: node.config().stream_window,
             owner: None,
             node,
         }
     }
 
-    fn node(&self) -> &Arc<Node> {
+    pub(crate) fn node(&self) -> &Arc<Node> {
         &self.node
     }
 
@@ -128,6 +131,19 @@ impl Client {
     /// ```
     pub fn with_timeout(mut self, timeout: Duration) -> Self {
         self.timeout = timeout.max(Duration::from_millis(1));
+        self
+    }
+
+    /// This handle, opening streams with a credit window of `items` (at least 1) instead of
+    /// the config's [`Config::stream_window`](crate::Config::stream_window).
+    ///
+    /// ```
+    /// # fn demo(client: clouds_core::Client) {
+    /// let bulk = client.with_stream_window(1024); // for a fast consumer of small items
+    /// # }
+    /// ```
+    pub fn with_stream_window(mut self, items: u32) -> Self {
+        self.stream_window = items.max(1);
         self
     }
 
@@ -318,6 +334,70 @@ impl Client {
         method: &str,
         args: &(dyn codec::Args + Sync),
     ) -> Result<(NodeId, Reply), Error> {
+        self.invoke_with(method, args, None).await
+    }
+
+    /// Opens the stream `method` by name with `args` as a tuple, and reads its items as `T`.
+    ///
+    /// The stream is opened as a call is (with this handle's retries and per-attempt
+    /// timeout, re-routed as a call is while no item has been delivered); once open, it is
+    /// read as an [`ItemStream`](crate::ItemStream), with this handle's credit window
+    /// ([`Client::with_stream_window`], by default `Config::stream_window`) and the
+    /// config's `stream_idle_timeout`. Typed stubs of methods
+    /// returning [`Streaming`](crate::Streaming) call this.
+    ///
+    /// ```
+    /// # async fn demo(client: clouds_core::Client) -> Result<(), clouds_core::Error> {
+    /// use futures_util::StreamExt;
+    /// let mut numbers = client.open_stream::<_, u64>("count.up", (10u64,)).await?;
+    /// while let Some(n) = numbers.next().await {
+    ///     println!("{}", n?);
+    /// }
+    /// # Ok(()) }
+    /// ```
+    pub async fn open_stream<A, T>(
+        &self,
+        method: &str,
+        args: A,
+    ) -> Result<crate::ItemStream<T>, Error>
+    where
+        A: Serialize + Sync,
+        T: DeserializeOwned,
+    {
+        self.open_stream_as(method, &args, crate::stream::plain::<T>())
+            .await
+    }
+
+    /// Opens a stream whose items `decode` reads (plain, or `Result` items).
+    pub(crate) async fn open_stream_as<T>(
+        &self,
+        method: &str,
+        args: &(dyn codec::Args + Sync),
+        decode: crate::stream::Decode<T>,
+    ) -> Result<crate::ItemStream<T>, Error> {
+        let window = self.stream_window;
+        let inlet = Arc::new(crate::stream::Inlet::new(window));
+        let (provider, reply) = self.invoke_with(method, args, Some(&inlet)).await?;
+        if reply.status != Status::Stream {
+            return Err(crate::stream::not_opened(method, provider, reply));
+        }
+        Ok(crate::ItemStream::opened(
+            self.clone(),
+            inlet,
+            method,
+            provider,
+            reply.id,
+            decode,
+        ))
+    }
+
+    /// [`Client::invoke`]; with `inlet`, each attempt opens a stream read into it.
+    async fn invoke_with(
+        &self,
+        method: &str,
+        args: &(dyn codec::Args + Sync),
+        inlet: Option<&Arc<crate::stream::Inlet>>,
+    ) -> Result<(NodeId, Reply), Error> {
         let node = self.node();
         let mut refresh = false;
         let mut looked_up = false;
@@ -382,7 +462,7 @@ impl Client {
                 .then(|| crate::spans::outgoing(&span))
                 .flatten();
             let outcome = {
-                let (slot, reply) = node.caller().pending().open();
+                let (slot, reply) = node.caller().pending().open_with(inlet);
                 let _load = node.caller().balancer().start_call(&provider);
                 let encode = |deadline_ms: u64| {
                     let frame = codec::encode_call_framed(
@@ -602,6 +682,9 @@ pub(crate) fn decode_reply<T: DeserializeOwned>(
         Status::Unrecognized => Err(Error::Protocol(format!(
             "{node} answered {method} with an unknown {} (a newer protocol?)",
             text(&reply.body)
+        ))),
+        Status::Stream => Err(Error::Protocol(format!(
+            "{method} on {node} is a streaming method: open it with Client::open_stream"
         ))),
         Status::Overloaded | Status::ShuttingDown => Err(Error::Protocol(format!(
             "unexpected status {:?} from {node}",

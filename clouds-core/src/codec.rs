@@ -23,6 +23,9 @@ const KIND_REPLY: u8 = 1;
 const KIND_MESSAGE: u8 = 2;
 const KIND_JOIN: u8 = 3;
 const KIND_LEAVE: u8 = 4;
+const KIND_ITEM: u8 = 10;
+const KIND_CREDIT: u8 = 11;
+const KIND_KEEPALIVE: u8 = 12;
 /// Kinds 5, 6 and 7: a Call, Reply or Message whose body is a claim reference (`claim.rs`).
 const CLAIMED: u8 = 5;
 
@@ -289,6 +292,41 @@ pub(crate) fn encode_leave(node: &str) -> Vec<u8> {
     put_array_len(&mut buf, 2);
     put_uint(&mut buf, KIND_LEAVE.into());
     put_str(&mut buf, node);
+    buf
+}
+
+/// Encodes one item of a stream; `body` is an already-encoded MessagePack value.
+pub(crate) fn encode_item(id: u64, seq: u64, body: &[u8]) -> Vec<u8> {
+    let mut buf = Vec::with_capacity(20 + body.len());
+    buf.push(VERSION);
+    put_array_len(&mut buf, 4);
+    put_uint(&mut buf, KIND_ITEM.into());
+    put_uint(&mut buf, id);
+    put_uint(&mut buf, seq);
+    buf.extend_from_slice(body);
+    buf
+}
+
+/// Encodes a stream's credit (`allow` 0: stop the stream).
+pub(crate) fn encode_credit(id: u64, caller: &str, allow: u64) -> Vec<u8> {
+    let mut buf = Vec::with_capacity(24 + caller.len());
+    buf.push(VERSION);
+    put_array_len(&mut buf, 4);
+    put_uint(&mut buf, KIND_CREDIT.into());
+    put_uint(&mut buf, id);
+    put_str(&mut buf, caller);
+    put_uint(&mut buf, allow);
+    buf
+}
+
+/// Encodes a stream's keep-alive.
+pub(crate) fn encode_keepalive(id: u64, next: u64) -> Vec<u8> {
+    let mut buf = Vec::with_capacity(20);
+    buf.push(VERSION);
+    put_array_len(&mut buf, 3);
+    put_uint(&mut buf, KIND_KEEPALIVE.into());
+    put_uint(&mut buf, id);
+    put_uint(&mut buf, next);
     buf
 }
 
@@ -568,6 +606,31 @@ pub(crate) fn decode(frame: &Bytes) -> Result<Frame, DecodeError> {
             let node = r.node("node")?;
             trailing(r.rest)?;
             Ok(Frame::Leave { node })
+        }
+        k if k == u64::from(KIND_ITEM) => {
+            Reader::expect_len(len, 4, "item")?;
+            let id = r.uint("stream id")?;
+            let seq = r.uint("item sequence number")?;
+            let body = r.body("item body")?;
+            Ok(Frame::Item { id, seq, body })
+        }
+        k if k == u64::from(KIND_CREDIT) => {
+            Reader::expect_len(len, 4, "credit")?;
+            let id = r.uint("stream id")?;
+            let caller = r.wire_str("caller", MAX_NODE_ID_LEN)?;
+            if caller.as_str().is_empty() {
+                return Err(malformed("caller is empty"));
+            }
+            let allow = r.uint("credit")?;
+            trailing(r.rest)?;
+            Ok(Frame::Credit { id, caller, allow })
+        }
+        k if k == u64::from(KIND_KEEPALIVE) => {
+            Reader::expect_len(len, 3, "keep-alive")?;
+            let id = r.uint("stream id")?;
+            let next = r.uint("next sequence number")?;
+            trailing(r.rest)?;
+            Ok(Frame::KeepAlive { id, next })
         }
         other => Err(DecodeError::Kind(other)),
     }?;
@@ -884,6 +947,45 @@ mod tests {
         );
         let leave = Bytes::from(encode_leave("n1"));
         assert_eq!(decode(&leave), Ok(Frame::Leave { node: "n1".into() }));
+    }
+
+    #[test]
+    fn stream_frames_round_trip_and_are_laid_out_as_documented() {
+        // docs/protocol.md §3.14.
+        let item = Bytes::from(encode_item(7, 300, &encode_value("hi").expect("str")));
+        assert_eq!(
+            &item[..],
+            &[0x01, 0x94, 0x0a, 0x07, 0xcd, 0x01, 0x2c, 0xa2, b'h', b'i']
+        );
+        assert_eq!(
+            decode(&item),
+            Ok(Frame::Item {
+                id: 7,
+                seq: 300,
+                body: Bytes::from_static(&[0xa2, b'h', b'i'])
+            })
+        );
+        let credit = Bytes::from(encode_credit(7, "client-a", 64));
+        let Ok(Frame::Credit { id, caller, allow }) = decode(&credit) else {
+            panic!("not a credit");
+        };
+        assert_eq!((id, caller.as_str(), allow), (7, "client-a", 64));
+        let alive = Bytes::from(encode_keepalive(7, 12));
+        assert_eq!(&alive[..], &[0x01, 0x93, 0x0c, 0x07, 0x0c]);
+        assert_eq!(decode(&alive), Ok(Frame::KeepAlive { id: 7, next: 12 }));
+        // Malformed ones are errors, never panics.
+        let bad: &[&[u8]] = &[
+            &[0x01, 0x93, 0x0a, 0x07, 0x00],             // item without a body
+            &[0x01, 0x94, 0x0a, 0x07, 0xa1, b'x', 0xc0], // sequence not a uint
+            &[0x01, 0x94, 0x0b, 0x07, 0xa0, 0x01],       // credit from an empty caller
+            &[0x01, 0x94, 0x0b, 0x07, 0xa1, b'a', 0x01, 0x00], // trailing byte
+            &[0x01, 0x92, 0x0c, 0x07],                   // keep-alive too short
+            &[0x01, 0x93, 0x0c, 0x07, 0x01, 0x02],       // trailing byte
+            &[0x01, 0x93, 0x0f, 0x07, 0x01],             // kind 15 (claimed item?) is unknown
+        ];
+        for frame in bad {
+            assert!(decode(&Bytes::from_static(frame)).is_err(), "{frame:02x?}");
+        }
     }
 
     #[test]

@@ -12,6 +12,8 @@ use crate::envelope::Status;
 use crate::error::Error;
 use crate::service::Outcome;
 use crate::service::Route;
+use crate::stream::{Event, Streaming};
+use futures_util::StreamExt;
 
 /// The inside of a generated `{Trait}Client`: a client handle with its call options.
 #[derive(Clone, Debug)]
@@ -77,6 +79,74 @@ impl Stub {
         }
         decode_reply(method, node, reply).map(Ok)
     }
+}
+
+impl Stub {
+    /// Opens a streaming method whose items are plain values.
+    pub async fn open_stream<A, T>(
+        &self,
+        method: &'static str,
+        args: &A,
+    ) -> Result<crate::ItemStream<T>, Error>
+    where
+        A: Serialize + Sync + ?Sized,
+        T: DeserializeOwned,
+    {
+        self.client
+            .open_stream_as(method, &args, crate::stream::plain::<T>())
+            .await
+    }
+
+    /// Opens a streaming method whose items are `Result<T, E>`: an `Err` ends the stream and
+    /// arrives typed as its last item.
+    pub async fn open_stream_result<A, T, E>(
+        &self,
+        method: &'static str,
+        args: &A,
+    ) -> Result<crate::ItemStream<Result<T, E>>, Error>
+    where
+        A: Serialize + Sync + ?Sized,
+        T: DeserializeOwned,
+        E: DeserializeOwned,
+    {
+        self.client
+            .open_stream_as(method, &args, crate::stream::results::<T, E>())
+            .await
+    }
+}
+
+/// A route for a streaming method whose items are plain values.
+pub fn stream_route<A, F, Fut, T>(name: &'static str, f: F) -> Route
+where
+    A: DeserializeOwned + Send + 'static,
+    F: Fn(A) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Streaming<T>> + Send + 'static,
+    T: Serialize + Send + 'static,
+{
+    Route::build(name.to_string(), f, stream_outcome::<T>)
+}
+
+/// The outcome of a streaming handler: its items, each encoded as it comes.
+pub(crate) fn stream_outcome<T: Serialize + Send + 'static>(items: Streaming<T>) -> Outcome {
+    Outcome::stream(Box::pin(items.items.map(|item| Event::item(&item))))
+}
+
+/// A route for a streaming method whose items are `Result<T, E>`: an `Err` ends the stream as
+/// a typed application error.
+pub fn stream_result_route<A, F, Fut, T, E>(name: &'static str, f: F) -> Route
+where
+    A: DeserializeOwned + Send + 'static,
+    F: Fn(A) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Streaming<Result<T, E>>> + Send + 'static,
+    T: Serialize + Send + 'static,
+    E: Serialize + Send + 'static,
+{
+    Route::build(name.to_string(), f, |items: Streaming<Result<T, E>>| {
+        Outcome::stream(Box::pin(items.items.map(|item| match item {
+            Ok(value) => Event::item(&value),
+            Err(error) => Event::Fail(Outcome::encoded(Status::AppError, &error)),
+        })))
+    })
 }
 
 /// A route for a method returning a plain value.

@@ -62,6 +62,8 @@ pub struct Config {
     pub(crate) claim_fetch_bytes: usize,
     pub(crate) batching: bool,
     pub(crate) send_trace_context: bool,
+    pub(crate) stream_window: u32,
+    pub(crate) stream_idle_timeout: Duration,
     pub(crate) transport: TransportOptions,
     /// Signed frames: the keys and the replay window (`signing.rs`). Its `Debug` shows key
     /// ids, never secrets.
@@ -94,6 +96,8 @@ impl Default for Config {
             claim_fetch_bytes: 32 << 20,
             batching: true,
             send_trace_context: true,
+            stream_window: 64,
+            stream_idle_timeout: Duration::from_secs(10),
             transport: TransportOptions::default(),
             signing: crate::signing::Keys::default(),
             #[cfg(any(test, feature = "testing"))]
@@ -569,6 +573,36 @@ impl Config {
         self
     }
 
+    /// How many items of a stream a caller lets its provider send ahead of what it has
+    /// consumed (default 64, at least 1): the credit window. A caller holds at most this
+    /// many items of a stream, and a provider waits once it has sent them, so a slow
+    /// consumer slows the producer down.
+    ///
+    /// ```
+    /// let config = clouds_core::Config::default().stream_window(256);
+    /// ```
+    pub fn stream_window(mut self, items: u32) -> Self {
+        self.stream_window = items.max(1);
+        self
+    }
+
+    /// How long either end of a stream waits without hearing from the other (default 10 s).
+    ///
+    /// A provider whose stream sends nothing for a quarter of its idle timeout sends a
+    /// keep-alive; a caller that hears nothing (no item, no keep-alive) for its idle timeout
+    /// ends the stream with [`StreamBreak::Idle`](crate::StreamBreak::Idle) (the provider
+    /// died), and a provider that hears nothing from its caller for as long drops the
+    /// stream. Give callers an idle timeout at least as long as their providers'.
+    ///
+    /// ```
+    /// let config = clouds_core::Config::default()
+    ///     .stream_idle_timeout(std::time::Duration::from_secs(3));
+    /// ```
+    pub fn stream_idle_timeout(mut self, timeout: Duration) -> Self {
+        self.stream_idle_timeout = timeout;
+        self
+    }
+
     /// How many received node messages are kept until read (default 1024); more are dropped
     /// and logged.
     ///
@@ -779,6 +813,7 @@ impl Config {
             ("timeout", self.timeout),
             ("command_timeout", self.transport.command_timeout),
             ("shutdown_timeout", self.shutdown_timeout),
+            ("stream_idle_timeout", self.stream_idle_timeout),
             ("reconnect_delay", self.transport.reconnect_max_delay),
         ] {
             if value > DAY {
@@ -787,6 +822,9 @@ impl Config {
         }
         if self.transport.command_timeout.is_zero() {
             return fail("command_timeout must be above zero".into());
+        }
+        if self.stream_idle_timeout < Duration::from_millis(4) {
+            return fail("stream_idle_timeout must be at least 4 ms".into());
         }
         if self.timeout.is_zero() {
             return fail("timeout must be above zero".into());

@@ -43,6 +43,10 @@ pub(crate) struct Dispatcher {
     window_start: std::sync::Mutex<std::time::Instant>,
     /// The server's node id, for the handlers' spans.
     server: crate::node_id::NodeId,
+    /// Cancelled when the server drains or closes: its streams end (`stream.rs`).
+    closing: tokio_util::sync::CancellationToken,
+    /// Cancelled by `testing::crash`: streams stop without a word, as in a dead process.
+    silenced: tokio_util::sync::CancellationToken,
 }
 
 /// Calls are served.
@@ -125,6 +129,7 @@ impl Running {
             id: self.id,
             status: outcome.status,
             body: outcome.body,
+            stream: outcome.stream,
             slot: Some(self.slot),
         })
     }
@@ -136,7 +141,10 @@ pub(crate) struct ReadyReply {
     pub(crate) id: u64,
     pub(crate) status: Status,
     pub(crate) body: ReplyBody,
-    /// The call's place among those in flight, given back once the reply is sent.
+    /// A streaming method's items, to serve after the reply (which is then `Stream`).
+    pub(crate) stream: Option<crate::stream::Events>,
+    /// The call's place among those in flight, given back once the reply is sent (for a
+    /// stream, once the stream has ended).
     pub(crate) slot: Option<InFlight>,
 }
 
@@ -161,6 +169,8 @@ impl Dispatcher {
             tasks: TaskTracker::new(),
             window_start: std::sync::Mutex::new(std::time::Instant::now()),
             server: crate::node_id::NodeId::from(""),
+            closing: tokio_util::sync::CancellationToken::new(),
+            silenced: tokio_util::sync::CancellationToken::new(),
         }
     }
 
@@ -204,6 +214,7 @@ impl Dispatcher {
     #[cfg(any(test, feature = "testing"))]
     pub(crate) fn silence(&self) {
         self.mode.store(SILENT, Ordering::Release);
+        self.silenced.cancel();
     }
 
     /// Whether [`Dispatcher::silence`] was called: replies of handlers still running are then
@@ -219,6 +230,18 @@ impl Dispatcher {
             .mode
             .compare_exchange(OPEN, CLOSED, Ordering::AcqRel, Ordering::Acquire);
         write(&self.routes).clear();
+        self.closing.cancel();
+    }
+
+    /// Cancelled when the server drains or closes (streams end then, with a reply), and
+    /// when it plays dead (`testing::crash`: streams stop without one).
+    pub(crate) fn closing(
+        &self,
+    ) -> (
+        tokio_util::sync::CancellationToken,
+        tokio_util::sync::CancellationToken,
+    ) {
+        (self.closing.clone(), self.silenced.clone())
     }
 
     /// Every method's figures as a registry entry's `stats` field; the window (since the
@@ -257,6 +280,8 @@ impl Dispatcher {
     /// still running then. New ones can no longer be tracked after this starts.
     pub(crate) async fn drain(&self, timeout: Duration) -> bool {
         self.tasks.close();
+        // Streams would run on (a log tail never ends): they are ended now, cleanly.
+        self.closing.cancel();
         tokio::time::timeout(timeout, self.tasks.wait())
             .await
             .is_ok()
@@ -357,6 +382,7 @@ impl Dispatcher {
                     id,
                     status: outcome.status,
                     body: outcome.body,
+                    stream: outcome.stream,
                     slot: Some(slot),
                 })
             }
@@ -384,6 +410,7 @@ fn refuse(call: Call, status: Status, body: ReplyBody) -> Dispatched {
         id: call.id,
         status,
         body,
+        stream: None,
         slot: None,
     })
 }

@@ -30,6 +30,32 @@ pub(crate) enum Frame {
         /// The server.
         node: NodeId,
     },
+    /// One item of a stream, to the caller's inbox (`stream.rs`).
+    Item {
+        /// The id of the Call that opened the stream.
+        id: u64,
+        /// The item's sequence number: 0, 1, 2, ... in the order sent.
+        seq: u64,
+        /// The item, MessagePack.
+        body: Bytes,
+    },
+    /// Credit for a stream, to the provider's inbox: it may send the items numbered below
+    /// `allow`; `allow` 0 stops the stream.
+    Credit {
+        /// The id of the Call that opened the stream.
+        id: u64,
+        /// The caller's node id (stream ids are unique per caller only).
+        caller: WireStr,
+        /// Items the provider may have sent in all (cumulative), or 0: stop.
+        allow: u64,
+    },
+    /// A stream that is idle but alive, to the caller's inbox.
+    KeepAlive {
+        /// The id of the Call that opened the stream.
+        id: u64,
+        /// The sequence number of the next item.
+        next: u64,
+    },
     /// A call, reply or message whose body waits in Redis (`claim.rs`): `frame` has an empty
     /// body until the receiver fetches it.
     Claim {
@@ -160,6 +186,9 @@ pub(crate) enum Status {
     /// server fetched it, or did not match their digest; body: reason string. The handler
     /// did not run. (A caller whose reply's claim is gone gets the same status locally.)
     ClaimLost = 8,
+    /// The method is a stream and its items follow (`stream.rs`); body: nil. A later Reply
+    /// with the same id ends the stream.
+    Stream = 10,
     /// Not a code of this version (a newer peer); never sent. The decoder replaces the body
     /// with a text naming the code, so the waiting call fails with a clear error instead of
     /// timing out.
@@ -178,6 +207,7 @@ impl Status {
             6 => Status::ShuttingDown,
             7 => Status::ServerError,
             8 => Status::ClaimLost,
+            10 => Status::Stream,
             _ => return None,
         })
     }

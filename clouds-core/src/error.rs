@@ -169,6 +169,69 @@ pub enum Error {
     /// A peer sent a reply that breaks the protocol.
     #[error("protocol violation: {0}")]
     Protocol(String),
+    /// A stream ([`ItemStream`](crate::ItemStream)) broke off before its end: its provider
+    /// went silent, shut down, or the items arrived out of order. Items already delivered
+    /// were in order and complete up to here; nothing is retried automatically once items
+    /// have been delivered (open the stream again, from where it broke off, if that makes
+    /// sense for the method).
+    #[error("the stream of {method} from {node} broke off: {reason}")]
+    StreamBroken {
+        /// The streaming method.
+        method: String,
+        /// Its provider.
+        node: NodeId,
+        /// What happened.
+        reason: StreamBreak,
+    },
+}
+
+/// Why a stream broke off ([`Error::StreamBroken`]).
+///
+/// ```
+/// let why = clouds_core::StreamBreak::Gap { expected: 4, got: 6 };
+/// assert!(why.to_string().contains("expected item 4"));
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum StreamBreak {
+    /// Nothing (no item, no keep-alive) arrived from the provider for the idle timeout
+    /// ([`Config::stream_idle_timeout`](crate::Config::stream_idle_timeout)): it died, or
+    /// Redis lost the connection.
+    #[error(
+        "nothing arrived for {after:?} (the provider died, or is unreachable); raise Config::stream_idle_timeout if it is merely slow to send keep-alives"
+    )]
+    Idle {
+        /// The idle timeout that passed.
+        after: std::time::Duration,
+    },
+    /// An item arrived out of sequence: one was lost (`got` > `expected`) or repeated
+    /// (`got` < `expected`). It was not passed on.
+    #[error("expected item {expected}, got item {got}: an item was lost or repeated")]
+    Gap {
+        /// The sequence number due.
+        expected: u64,
+        /// The sequence number that arrived.
+        got: u64,
+    },
+    /// The provider ended the stream after `sent` items, but only `received` arrived.
+    #[error("the provider sent {sent} items but {received} arrived")]
+    Missing {
+        /// Items the provider says it sent.
+        sent: u64,
+        /// Items that arrived.
+        received: u64,
+    },
+    /// The provider sent an item beyond the credit granted to it (a protocol violation).
+    #[error("item {seq} arrived beyond the credit granted ({granted} items)")]
+    OverCredit {
+        /// The item's sequence number.
+        seq: u64,
+        /// Items granted so far.
+        granted: u64,
+    },
+    /// The provider is shutting down and ended the stream early.
+    #[error("the provider is shutting down")]
+    ShuttingDown,
 }
 
 impl Error {

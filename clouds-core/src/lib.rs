@@ -15,7 +15,9 @@
 //! - [`context`]: [`CallContext`]: the call a handler serves (method, caller, deadline,
 //!   attempt, [`TraceContext`]), read from inside the handler.
 //! - [`message`]: [`Message`] and [`Messages`].
-//! - [`error`]: [`Error`] and [`RemoteError`].
+//! - [`error`]: [`Error`], [`RemoteError`] and [`StreamBreak`].
+//! - [`Streaming`] and [`ItemStream`]: streaming methods, the provider's and the caller's
+//!   end (`stream`).
 //!
 //! - `testing` (feature `testing`): the in-memory broker and fault injection.
 //!
@@ -47,6 +49,9 @@
 //! - `stats`: counters of bad input and load; `meter`: each method's figures (counters and a
 //!   latency histogram) and the summary the heartbeat publishes; `locks`: poison-tolerant
 //!   locking.
+//! - `stream`: streaming methods: the caller's and the provider's credit and sequence logic
+//!   as plain state machines (`Inflow`, `Outflow`), the provider's driver of one stream,
+//!   and the caller's `ItemStream` (`docs/protocol.md` §3.14).
 //! - `codegen`: what the macro's expansion calls (hidden: not a stable API).
 //!
 //! The wire protocol and Redis layout are specified in `docs/protocol.md`.
@@ -85,6 +90,7 @@ mod spans;
 #[cfg(test)]
 mod spec_tests;
 mod stats;
+mod stream;
 mod telemetry;
 #[cfg(any(test, feature = "testing"))]
 #[cfg_attr(docsrs, doc(cfg(feature = "testing")))]
@@ -96,7 +102,7 @@ mod transport;
 pub use client::Client;
 pub use config::{Balance, Config};
 pub use context::{CallContext, TraceContext};
-pub use error::{Error, RemoteError};
+pub use error::{Error, RemoteError, StreamBreak};
 pub use message::{Message, Messages};
 pub use monitor::{
     ErrorCounts, Latency, MethodStats, Monitor, RegistryEvent, RegistryEvents, RegistrySnapshot,
@@ -107,6 +113,7 @@ pub use registry::ServerInfo;
 pub use server::Server;
 pub use service::{Route, Service};
 pub use stats::Stats;
+pub use stream::{ItemStream, Streaming};
 pub use transport::TransportError;
 
 /// The protocol version this build speaks (the first byte of every frame).

@@ -57,6 +57,8 @@ pub(crate) struct Node {
     opener: Option<Opener>,
     /// Calls, replies and messages waiting for their destination's turn (`outbox.rs`).
     outbox: Outbox,
+    /// The streams this node serves (`stream.rs`).
+    outlets: crate::stream::Outlets,
     /// Joins and leaves as received, for monitors that listen (`Monitor::events`).
     announcements: tokio::sync::broadcast::Sender<crate::monitor::RegistryEvent>,
 }
@@ -106,6 +108,7 @@ impl Node {
             counters: Counters::default(),
             life: Lifecycle::new(),
             announcements: tokio::sync::broadcast::Sender::new(ANNOUNCEMENTS),
+            outlets: crate::stream::Outlets::default(),
             id,
             names,
             wire,
@@ -192,6 +195,28 @@ impl Node {
     /// Its background tasks and closing state.
     pub(crate) fn life(&self) -> &Lifecycle {
         &self.life
+    }
+
+    /// The streams it serves.
+    pub(crate) fn outlets(&self) -> &crate::stream::Outlets {
+        &self.outlets
+    }
+
+    /// Serves a streaming method's items in a task of its own, which shutdown waits for; the
+    /// call keeps its place in flight until the stream ends.
+    fn start_stream(self: &Arc<Self>, reply: ReadyReply, items: crate::stream::Events) {
+        let Some(dispatcher) = self.dispatcher.get() else {
+            return;
+        };
+        let node = self.clone();
+        let (closing, silenced) = dispatcher.closing();
+        dispatcher.track(async move {
+            let ReadyReply {
+                caller, id, slot, ..
+            } = reply;
+            crate::stream::serve(node, caller, id, items, closing, silenced).await;
+            drop(slot);
+        });
     }
 
     /// Makes this node a server, dispatching calls to `dispatcher`; false if it already is.
@@ -368,7 +393,10 @@ impl Node {
     }
 
     /// Sends a handler's reply, bounded by the command timeout, then frees its in-flight slot.
-    async fn send_reply(self: &Arc<Self>, reply: ReadyReply) {
+    async fn send_reply(self: &Arc<Self>, mut reply: ReadyReply) {
+        if let Some(items) = reply.stream.take() {
+            return self.start_stream(reply, items);
+        }
         self.reply(reply.caller.as_str(), reply.id, reply.status, reply.body)
             .await;
         drop(reply.slot);
@@ -383,12 +411,20 @@ impl Node {
         };
         let mut frames = Vec::with_capacity(replies.len());
         let mut slots = Vec::with_capacity(replies.len());
-        for reply in replies {
+        for mut reply in replies {
+            if let Some(items) = reply.stream.take() {
+                // A stream opened: its `Stream` reply and items go from a task of its own.
+                self.start_stream(reply, items);
+                continue;
+            }
             let frame = self
                 .reply_frame(caller.as_str(), reply.id, reply.status, reply.body)
                 .await;
             frames.push(frame);
             slots.push(reply.slot);
+        }
+        if frames.is_empty() {
+            return;
         }
         let inbox = self.peers.inbox(caller.as_str());
         let sent = if frames.len() == 1 {
@@ -528,6 +564,7 @@ impl Node {
             tasks: self.life.tasks() + self.dispatcher.get().map_or(0, |d| d.tasks()),
             pending_calls: self.caller.pending().len(),
             in_flight: self.in_flight(),
+            open_streams: self.outlets.len(),
         }
     }
 
@@ -652,6 +689,20 @@ impl Node {
                 if !self.caller.pending().complete(reply) {
                     self.counters.bump(Count::LateReplies);
                 }
+            }
+            Frame::Item { id, seq, body } if channel == self.inbox => {
+                if !self.caller.pending().item(id, seq, body) {
+                    self.counters.bump(Count::LateReplies);
+                }
+            }
+            Frame::KeepAlive { id, .. } if channel == self.inbox => {
+                if !self.caller.pending().keep_alive(id) {
+                    self.counters.bump(Count::LateReplies);
+                }
+            }
+            Frame::Credit { id, caller, allow } if channel == self.inbox => {
+                // Credit for a stream that has ended is normal (it crossed the end).
+                self.outlets.credit(caller.as_str(), id, allow);
             }
             Frame::Message { from, body } if channel == self.inbox => {
                 if !self.messages.push(Message { from, body })
@@ -876,6 +927,9 @@ fn kind(frame: &Frame) -> &'static str {
         Frame::Join { .. } => "join",
         Frame::Leave { .. } => "leave",
         Frame::Claim { .. } => "claim",
+        Frame::Item { .. } => "item",
+        Frame::Credit { .. } => "credit",
+        Frame::KeepAlive { .. } => "keep-alive",
     }
 }
 

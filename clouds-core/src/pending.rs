@@ -1,27 +1,54 @@
-//! Calls waiting for their reply, by call id.
+//! Calls waiting for their reply, and open streams, by call id.
 
 use foldhash::HashMap;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use tokio::sync::oneshot;
 
-use crate::envelope::Reply;
+use crate::envelope::{Reply, Status};
+use crate::stream::Inlet;
 
 /// The table of a node's calls in flight.
 #[derive(Debug, Default)]
 pub(crate) struct Pending {
     next_id: AtomicU64,
-    waiting: Mutex<HashMap<u64, oneshot::Sender<Reply>>>,
+    waiting: Mutex<HashMap<u64, Waiter>>,
+}
+
+/// Who waits for frames with one id.
+#[derive(Debug)]
+enum Waiter {
+    /// A call, for its reply.
+    Call(oneshot::Sender<Reply>),
+    /// A stream being opened, for its first reply: a `Stream` reply turns the slot into
+    /// [`Waiter::Stream`], anything else ends it as for a call.
+    Opening(oneshot::Sender<Reply>, Arc<Inlet>),
+    /// An open stream, for its items, keep-alives and final reply.
+    Stream(Arc<Inlet>),
 }
 
 impl Pending {
     /// Opens a slot for one attempt's reply. The slot is removed when the guard drops, so a
     /// cancelled or timed-out call leaves nothing behind.
     pub(crate) fn open(&self) -> (PendingGuard<'_>, oneshot::Receiver<Reply>) {
+        self.open_with(None)
+    }
+
+    /// Opens a slot for one attempt to open a stream: once its `Stream` reply has arrived
+    /// (and the guard is disarmed with `answered`), the slot stays for the stream's frames
+    /// until [`Pending::forget`].
+    pub(crate) fn open_with(
+        &self,
+        inlet: Option<&Arc<Inlet>>,
+    ) -> (PendingGuard<'_>, oneshot::Receiver<Reply>) {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
-        self.lock().insert(id, tx);
+        let waiter = match inlet {
+            None => Waiter::Call(tx),
+            Some(inlet) => Waiter::Opening(tx, inlet.clone()),
+        };
+        self.lock().insert(id, waiter);
         (
             PendingGuard {
                 table: self,
@@ -32,13 +59,58 @@ impl Pending {
         )
     }
 
-    /// Hands a reply to its waiting call; false if nobody waits for it (late or foreign).
+    /// Hands a reply to its waiting call (or stream); false if nobody waits for it (late or
+    /// foreign).
     pub(crate) fn complete(&self, reply: Reply) -> bool {
-        let tx = self.lock().remove(&reply.id);
-        match tx {
-            Some(tx) => tx.send(reply).is_ok(),
+        let mut table = self.lock();
+        match table.remove(&reply.id) {
+            Some(Waiter::Call(tx)) => {
+                drop(table);
+                tx.send(reply).is_ok()
+            }
+            Some(Waiter::Opening(tx, inlet)) => {
+                let id = reply.id;
+                if reply.status == Status::Stream {
+                    // Its items may follow in this same pass of the receive loop.
+                    table.insert(id, Waiter::Stream(inlet));
+                }
+                drop(table);
+                let delivered = tx.send(reply).is_ok();
+                if !delivered {
+                    self.forget(id);
+                }
+                delivered
+            }
+            Some(Waiter::Stream(inlet)) => {
+                drop(table);
+                inlet.end(&reply);
+                true
+            }
             None => false,
         }
+    }
+
+    /// The open stream with this id, if any.
+    fn stream(&self, id: u64) -> Option<Arc<Inlet>> {
+        match self.lock().get(&id) {
+            Some(Waiter::Stream(inlet)) => Some(inlet.clone()),
+            _ => None,
+        }
+    }
+
+    /// Hands a stream its item; false if no such stream is open.
+    pub(crate) fn item(&self, id: u64, seq: u64, body: bytes::Bytes) -> bool {
+        self.stream(id).map(|inlet| inlet.item(seq, body)).is_some()
+    }
+
+    /// Tells a stream its provider is alive; false if no such stream is open.
+    pub(crate) fn keep_alive(&self, id: u64) -> bool {
+        self.stream(id).map(|inlet| inlet.keep_alive()).is_some()
+    }
+
+    /// Removes the slot with this id (a stream read to its end, or dropped).
+    pub(crate) fn forget(&self, id: u64) {
+        self.lock().remove(&id);
     }
 
     /// Calls waiting right now.
@@ -46,12 +118,18 @@ impl Pending {
         self.lock().len()
     }
 
-    /// Fails every waiting call (their receivers see the sender dropped): used at shutdown.
+    /// Fails every waiting call (their receivers see the sender dropped) and ends every open
+    /// stream (after the items it holds): used at shutdown.
     pub(crate) fn clear(&self) {
-        self.lock().clear();
+        let waiting = std::mem::take(&mut *self.lock());
+        for (_, waiter) in waiting {
+            if let Waiter::Stream(inlet) = waiter {
+                inlet.close();
+            }
+        }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, oneshot::Sender<Reply>>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Waiter>> {
         crate::locks::lock(&self.waiting)
     }
 }

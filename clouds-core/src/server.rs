@@ -160,6 +160,29 @@ impl Server {
         self.add_routes(vec![Route::new(method, handler)]).await
     }
 
+    /// Serves one streaming method given as a function of its arguments tuple, returning a
+    /// [`Streaming`](crate::Streaming) of items; callers read it with
+    /// [`Client::open_stream`] (or `clouds call --stream`).
+    ///
+    /// ```
+    /// # async fn demo(server: clouds_core::Server) -> Result<(), clouds_core::Error> {
+    /// server
+    ///     .register_stream("count.up", |(n,): (u64,)| async move {
+    ///         clouds_core::Streaming::iter(0..n)
+    ///     })
+    ///     .await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn register_stream<A, F, Fut, T>(&self, method: &str, handler: F) -> Result<(), Error>
+    where
+        A: DeserializeOwned + Send + 'static,
+        F: Fn(A) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = crate::Streaming<T>> + Send + 'static,
+        T: Serialize + Send + 'static,
+    {
+        self.add_routes(vec![Route::stream(method, handler)]).await
+    }
+
     async fn add_routes(&self, routes: Vec<Route>) -> Result<(), Error> {
         let state = self.state.lock().await;
         if state.done || self.node().is_closed() {

@@ -40,6 +40,8 @@ pub(crate) type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>
 pub(crate) struct Outcome {
     pub(crate) status: Status,
     pub(crate) body: ReplyBody,
+    /// A streaming method's items (status `Stream`): the node serves them (`stream.rs`).
+    pub(crate) stream: Option<crate::stream::Events>,
 }
 
 impl Outcome {
@@ -47,12 +49,34 @@ impl Outcome {
         Outcome {
             status,
             body: ReplyBody::text(text),
+            stream: None,
+        }
+    }
+
+    /// An outcome with a nil body.
+    pub(crate) fn empty(status: Status) -> Outcome {
+        Outcome {
+            status,
+            body: ReplyBody::from_encoded(codec::NIL),
+            stream: None,
+        }
+    }
+
+    /// A stream of items, served after a `Stream` reply.
+    pub(crate) fn stream(events: crate::stream::Events) -> Outcome {
+        Outcome {
+            stream: Some(events),
+            ..Outcome::empty(Status::Stream)
         }
     }
 
     pub(crate) fn encoded<T: Serialize + ?Sized>(status: Status, value: &T) -> Outcome {
         match ReplyBody::encode(value) {
-            Ok(body) => Outcome { status, body },
+            Ok(body) => Outcome {
+                status,
+                body,
+                stream: None,
+            },
             Err(reason) => Outcome::text(
                 Status::ServerError,
                 &format!("could not encode the result: {reason}"),
@@ -99,6 +123,25 @@ impl Route {
             Ok(value) => Outcome::encoded(Status::Ok, &value),
             Err(error) => Outcome::encoded(Status::AppError, &error.to_string()),
         })
+    }
+
+    /// A streaming method from a function taking its arguments as a tuple and returning a
+    /// [`Streaming`](crate::Streaming) of items (see [`Server::register_stream`](crate::Server::register_stream)).
+    ///
+    /// ```
+    /// let route = clouds_core::Route::stream("count.up", |(n,): (u64,)| async move {
+    ///     clouds_core::Streaming::iter(0..n)
+    /// });
+    /// assert_eq!(route.name(), "count.up");
+    /// ```
+    pub fn stream<A, F, Fut, T>(name: impl Into<String>, f: F) -> Route
+    where
+        A: DeserializeOwned + Send + 'static,
+        F: Fn(A) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = crate::Streaming<T>> + Send + 'static,
+        T: Serialize + Send + 'static,
+    {
+        Route::build(name.into(), f, crate::codegen::stream_outcome::<T>)
     }
 
     /// The full wire name, `service.method`.
@@ -150,7 +193,7 @@ impl Route {
     }
 }
 
-fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+pub(crate) fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
     if let Some(s) = panic.downcast_ref::<&str>() {
         (*s).to_string()
     } else if let Some(s) = panic.downcast_ref::<String>() {

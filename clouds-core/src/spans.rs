@@ -66,7 +66,8 @@ pub(crate) fn replied(span: &Span, status: Status) {
     }
     let name = status_name(status);
     span.record("rpc.response.status_code", name);
-    if status != Status::Ok {
+    // `Stream`: a stream opened, its items follow (§3.14).
+    if !matches!(status, Status::Ok | Status::Stream) {
         failed(span, name);
     }
 }
@@ -89,6 +90,7 @@ fn status_name(status: Status) -> &'static str {
         Status::ShuttingDown => "SHUTTING_DOWN",
         Status::ServerError => "SERVER_ERROR",
         Status::ClaimLost => "CLAIM_LOST",
+        Status::Stream => "STREAM",
         Status::Unrecognized => "UNRECOGNIZED",
     }
 }

@@ -47,8 +47,11 @@ pub struct Stats {
     pub tasks: usize,
     /// Calls of this node waiting for a reply right now.
     pub pending_calls: usize,
-    /// Calls this server is running or sending the reply of right now (servers only).
+    /// Calls this server is running or sending the reply of right now (servers only); a
+    /// running stream counts as one.
     pub in_flight: usize,
+    /// Streams this server is serving right now (servers only).
+    pub open_streams: usize,
 }
 
 /// What a node counts, one counter each.

@@ -157,6 +157,14 @@ pub(crate) enum ReturnKind<'a> {
         ok: &'a Type,
         err: &'a Type,
     },
+    /// `-> Streaming<T>` (any path ending in `Streaming`, one type argument): a streaming
+    /// method; `result` holds `V` and `E` when `T` is written `Result<V, E>` (an `Err` item
+    /// ends the stream as a typed application error).
+    Stream {
+        ty: &'a Type,
+        item: &'a Type,
+        result: Option<(&'a Type, &'a Type)>,
+    },
     /// Any other type, including aliases like `io::Result<T>` whose error type the macro
     /// cannot see.
     Value(&'a Type),
@@ -167,6 +175,13 @@ impl<'a> ReturnKind<'a> {
         let ReturnType::Type(_, ty) = output else {
             return Self::Unit;
         };
+        if let Some(Some(item)) = streaming_args(ty) {
+            return Self::Stream {
+                ty,
+                item,
+                result: result_args(item),
+            };
+        }
         match result_args(ty) {
             Some((ok, err)) => Self::Result { ty, ok, err },
             None => Self::Value(ty),
@@ -177,7 +192,9 @@ impl<'a> ReturnKind<'a> {
     pub(crate) fn ty(&self) -> TokenStream {
         match self {
             Self::Unit => quote::quote!(()),
-            Self::Result { ty, .. } | Self::Value(ty) => quote::ToTokens::to_token_stream(ty),
+            Self::Result { ty, .. } | Self::Stream { ty, .. } | Self::Value(ty) => {
+                quote::ToTokens::to_token_stream(ty)
+            }
         }
     }
 
@@ -185,7 +202,7 @@ impl<'a> ReturnKind<'a> {
     pub(crate) fn written(&self) -> Option<&'a Type> {
         match self {
             Self::Unit => None,
-            Self::Result { ty, .. } | Self::Value(ty) => Some(ty),
+            Self::Result { ty, .. } | Self::Stream { ty, .. } | Self::Value(ty) => Some(ty),
         }
     }
 }
@@ -224,6 +241,30 @@ fn result_args(ty: &Type) -> Option<(&Type, &Type)> {
         (Some(Some(ok)), Some(Some(err)), None) => Some((ok, err)),
         _ => None,
     }
+}
+
+/// For a type written `Streaming<..>` (any path prefix): `Some(Some(T))` with exactly one
+/// type argument `T`, `Some(None)` with any other arguments (a mistake `valid.rs` reports),
+/// `None` for other types.
+pub(crate) fn streaming_args(ty: &Type) -> Option<Option<&Type>> {
+    let Type::Path(path) = peel(ty) else {
+        return None;
+    };
+    if path.qself.is_some() {
+        return None;
+    }
+    let last = path.path.segments.last()?;
+    if last.ident != "Streaming" {
+        return None;
+    }
+    let PathArguments::AngleBracketed(args) = &last.arguments else {
+        return Some(None);
+    };
+    let mut args = args.args.iter();
+    Some(match (args.next(), args.next()) {
+        (Some(GenericArgument::Type(item)), None) => Some(item),
+        _ => None,
+    })
 }
 
 /// Whether a type is written as `String` or one of its full paths.
@@ -311,6 +352,7 @@ mod tests {
             .map(|method| match method.ret {
                 ReturnKind::Unit => "unit",
                 ReturnKind::Result { .. } => "result",
+                ReturnKind::Stream { .. } => "stream",
                 ReturnKind::Value(_) => "value",
             })
             .collect();

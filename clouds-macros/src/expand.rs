@@ -185,6 +185,17 @@ impl<'a> Generator<'a> {
             }
         });
         let (output, call) = match &method.ret {
+            ReturnKind::Stream {
+                result: Some((ok, err)),
+                ..
+            } => (
+                quote!(::clouds::ItemStream<::core::result::Result<#ok, #err>>),
+                quote!(open_stream_result::<_, #ok, #err>),
+            ),
+            ReturnKind::Stream { item, .. } => (
+                quote!(::clouds::ItemStream<#item>),
+                quote!(open_stream::<_, #item>),
+            ),
             ReturnKind::Result { ok, err, .. } => (
                 quote!(::core::result::Result<#ok, #err>),
                 quote!(call_result::<_, #ok, #err>),
@@ -293,6 +304,10 @@ impl<'a> Generator<'a> {
         let ident = method.ident();
         let wire = method.wire_name(&self.name);
         let route = match method.ret {
+            ReturnKind::Stream {
+                result: Some(_), ..
+            } => quote!(stream_result_route),
+            ReturnKind::Stream { .. } => quote!(stream_route),
             ReturnKind::Result { .. } => quote!(result_route),
             _ => quote!(value_route),
         };

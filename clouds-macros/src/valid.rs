@@ -194,6 +194,12 @@ fn check_method(method: &Method<'_>, errors: &mut Errors) {
     }
     if let Some(ty) = method.ret.written() {
         check_type(ty, Place::Return, errors);
+        if let Some(None) = crate::ast::streaming_args(ty) {
+            errors.spanned(
+                ty,
+                "a streaming method returns `clouds::Streaming<T>`, with exactly one type: the item (`Streaming<Result<T, E>>` for items that can fail)",
+            );
+        }
     }
 }
 

@@ -30,6 +30,14 @@ impl Fault for Provider {
         tokio::time::sleep(Duration::from_millis(ms)).await;
         ms
     }
+
+    async fn ticks(&self, every_ms: u64) -> clouds::Streaming<u64> {
+        let every = Duration::from_millis(every_ms.max(1));
+        clouds::Streaming::new(futures_util::stream::unfold(0u64, move |n| async move {
+            tokio::time::sleep(every).await;
+            Some((n, n + 1))
+        }))
+    }
 }
 
 /// Resolves when stdin reaches end of file (read on a thread of its own: a blocked read

@@ -11,7 +11,13 @@ pub trait Fault {
     async fn whoami(&self) -> String;
     /// Sleeps `ms`, then answers.
     async fn nap(&self, ms: u64) -> u64;
+    /// An endless stream: 0, 1, 2, ... one every `every_ms`.
+    async fn ticks(&self, every_ms: u64) -> clouds::Streaming<u64>;
 }
+
+/// How long a stream's caller waits without hearing from its provider, in the fault tests
+/// (providers send keep-alives after a quarter of it).
+pub const STREAM_IDLE: Duration = Duration::from_secs(2);
 
 /// Heartbeat of every node in the fault tests: a dead provider expires after 3 of them.
 pub const HEARTBEAT: Duration = Duration::from_millis(300);
@@ -25,4 +31,5 @@ pub fn fault_config(url: &str) -> clouds::Config {
         .heartbeat(HEARTBEAT)
         .timeout(TIMEOUT)
         .command_timeout(Duration::from_secs(1))
+        .stream_idle_timeout(STREAM_IDLE)
 }
