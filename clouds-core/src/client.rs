@@ -371,7 +371,8 @@ impl Client {
             }
             attempts.start();
             let outcome = {
-                let (slot, reply) = node.caller().pending().open();
+                let calls = node.peers().calls(provider.as_str());
+                let (slot, reply) = node.caller().pending().open_to(Some(calls.clone()));
                 let _load = node.caller().balancer().start_call(&provider);
                 let encode = |deadline_ms: u64| {
                     let frame = codec::encode_call_framed(
@@ -434,17 +435,21 @@ impl Client {
                     // after claiming (when published), so a signature covers a claimed
                     // body's digest. The frame may go in a batch with other calls to this
                     // provider: its PUBLISH's outcome is this call's (`outbox.rs`).
-                    let calls = node.peers().calls(provider.as_str());
                     // Boxed: the outbox's state and the PUBLISH would otherwise weigh on
                     // every call's future for its whole life (memory per call in flight).
                     let receivers = Box::pin(node.send_frame(&calls, frame, false)).await?;
                     if receivers == 0 {
                         return Ok::<_, Error>(Attempt::NotDelivered);
                     }
+                    // The call reached its provider: from here until its reply, giving up
+                    // (this future dropped: the caller's, or the attempt's timeout) tells the
+                    // provider, so it drops the handler.
+                    let given_up = GiveUp::new(node, &calls, slot.id);
                     let reply = match reply.await {
                         Ok(reply) => reply,
                         Err(_) => return Ok(Attempt::Closed),
                     };
+                    given_up.answered();
                     // A large result waits in Redis: fetched now, within the attempt's time.
                     let Some(result) = reply.claim else {
                         return Ok(Attempt::Replied(reply));
@@ -525,6 +530,41 @@ impl Client {
                 }
                 Next::Fail(e) => return Err(e),
             }
+        }
+    }
+}
+
+/// Tells a provider its call was given up, if dropped before [`GiveUp::answered`]: the drop
+/// guard of an attempt whose call reached its provider. Sending never blocks the drop: the
+/// cancel goes out from a task of its own (`Node::cancel`).
+struct GiveUp<'a> {
+    node: &'a Arc<Node>,
+    calls: &'a crate::transport::Channel,
+    id: u64,
+    armed: bool,
+}
+
+impl<'a> GiveUp<'a> {
+    fn new(node: &'a Arc<Node>, calls: &'a crate::transport::Channel, id: u64) -> Self {
+        GiveUp {
+            node,
+            calls,
+            id,
+            armed: true,
+        }
+    }
+
+    /// The reply came: nothing to cancel.
+    fn answered(mut self) {
+        self.armed = false;
+    }
+}
+
+impl Drop for GiveUp<'_> {
+    fn drop(&mut self) {
+        // A closing node cancels its calls in flight itself (`Node::close`).
+        if self.armed && !self.node.is_closed() {
+            self.node.cancel(self.calls.clone(), self.id);
         }
     }
 }

@@ -270,6 +270,20 @@ pub(crate) fn encode_leave(node: &str) -> Vec<u8> {
     buf
 }
 
+/// The kind of a cancel frame: a caller gave up on a call (`docs/protocol.md` §3.13).
+const KIND_CANCEL: u8 = 9;
+
+/// Encodes a cancel: the caller `caller` no longer waits for its call `id`.
+pub(crate) fn encode_cancel(id: u64, caller: &str) -> Vec<u8> {
+    let mut buf = Vec::with_capacity(16 + caller.len());
+    buf.push(VERSION);
+    put_array_len(&mut buf, 3);
+    put_uint(&mut buf, KIND_CANCEL.into());
+    put_uint(&mut buf, id);
+    put_str(&mut buf, caller);
+    buf
+}
+
 /// The kind of a batch frame: several frames for one channel in one (`docs/protocol.md` §3.12).
 const KIND_BATCH: u8 = 8;
 
@@ -516,6 +530,16 @@ pub(crate) fn decode(frame: &Bytes) -> Result<Frame, DecodeError> {
             let node = r.node("node")?;
             trailing(r.rest)?;
             Ok(Frame::Leave { node })
+        }
+        k if k == u64::from(KIND_CANCEL) => {
+            Reader::expect_len(len, 3, "cancel")?;
+            let id = r.uint("cancel id")?;
+            let caller = r.wire_str("caller", MAX_NODE_ID_LEN)?;
+            if caller.as_str().is_empty() {
+                return Err(malformed("caller is empty"));
+            }
+            trailing(r.rest)?;
+            Ok(Frame::Cancel { id, caller })
         }
         other => Err(DecodeError::Kind(other)),
     }?;
@@ -835,6 +859,46 @@ mod tests {
     }
 
     #[test]
+    fn cancels_round_trip_and_bad_ones_are_errors() {
+        let frame = Bytes::from(encode_cancel(u64::MAX, "client-a"));
+        assert_eq!(
+            &frame[..4],
+            &[1, 0x93, 9, 0xcf],
+            "[9, id, caller] as documented"
+        );
+        match decode(&frame) {
+            Ok(Frame::Cancel { id, caller }) => {
+                assert_eq!((id, caller.as_str()), (u64::MAX, "client-a"));
+            }
+            other => panic!("{other:?}"),
+        }
+        let small = Bytes::from(encode_cancel(7, "n"));
+        assert_eq!(&small[..], &[1, 0x93, 9, 7, 0xa1, b'n']);
+        // Every truncation is an error, never a panic.
+        for cut in 0..frame.len() {
+            assert!(decode(&frame.slice(..cut)).is_err(), "cut at {cut}");
+        }
+        let bad: &[&[u8]] = &[
+            &[1, 0x92, 9, 7],                   // too few elements
+            &[1, 0x94, 9, 7, 0xa1, b'n', 0xc0], // too many
+            &[1, 0x93, 9, 7, 0xa0],             // empty caller
+            &[1, 0x93, 9, 7, 0xa1, b'n', 0xc0], // trailing bytes
+            &[1, 0x93, 9, 0xa1, b'n', 7],       // id not a uint
+            &[1, 0x93, 9, 7, 0xc4, 1, b'n'],    // caller as bin
+            &[1, 0x93, 9, 7, 0xa2, 0xff, 0xfe], // caller not UTF-8
+            &[1, 0x93, 9, 0xff, 0xa1, b'n'],    // negative id
+        ];
+        for bytes in bad {
+            assert!(
+                decode(&Bytes::from_static(bytes)).is_err(),
+                "{bytes:02x?} must not decode"
+            );
+        }
+        let long = "x".repeat(MAX_NODE_ID_LEN + 1);
+        assert!(decode(&Bytes::from(encode_cancel(1, &long))).is_err());
+    }
+
+    #[test]
     fn unknown_statuses_still_reach_the_caller() {
         let frame = encode_reply(3, Status::Ok, NIL);
         let mut bytes = frame.to_vec();
@@ -881,8 +945,8 @@ mod tests {
             }
         }
         assert!(matches!(
-            decode(&Bytes::from_static(&[1, 0x92, 9, 0])),
-            Err(DecodeError::Kind(9))
+            decode(&Bytes::from_static(&[1, 0x92, 99, 0])),
+            Err(DecodeError::Kind(99))
         ));
     }
 

@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
+use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::codec::{self, ReplyBody};
@@ -39,6 +40,56 @@ pub(crate) struct Dispatcher {
     tasks: TaskTracker,
     /// When the current window of the methods' figures began (see `summary`).
     window_start: std::sync::Mutex<std::time::Instant>,
+    /// The calls running in tasks of their own, by caller and call id, so a cancel can stop
+    /// them. An entry lives as long as its [`Watch`], so nothing outlives its call.
+    watched: Arc<Watched>,
+}
+
+/// The table of running calls a cancel can reach.
+/// Each entry carries the number of the watch that made it: a call delivered twice (a fault)
+/// has two watches for one key, and the first to drop must not take the other's entry.
+type Watched = std::sync::Mutex<HashMap<(WireStr, u64), (u64, CancellationToken)>>;
+
+/// Numbers the watches (see [`Watched`]).
+static WATCHES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// A running call's entry in the table of calls a cancel can reach (see [`Dispatcher::watch`]);
+/// removed when dropped, so the table holds only calls still running.
+pub(crate) struct Watch {
+    table: Arc<Watched>,
+    key: (WireStr, u64),
+    number: u64,
+    token: CancellationToken,
+}
+
+impl Watch {
+    /// Resolves when the call's caller has cancelled it.
+    pub(crate) async fn cancelled(&self) {
+        self.token.cancelled().await;
+    }
+}
+
+impl Drop for Watch {
+    fn drop(&mut self) {
+        let mut table = crate::locks::lock(&self.table);
+        // Only this watch's own entry (a cancel may have taken it already).
+        if table
+            .get(&self.key)
+            .is_some_and(|(number, _)| *number == self.number)
+        {
+            table.remove(&self.key);
+        }
+    }
+}
+
+/// How a handler handed over as [`Running`] ended.
+pub(crate) enum Ran {
+    /// It finished: its reply, to send.
+    Replied(ReadyReply),
+    /// It was still fresh at its deadline: it never ran, and nothing is answered.
+    Expired,
+    /// Its caller cancelled it: it was dropped where it stood, and nothing is answered.
+    Cancelled,
 }
 
 /// Calls are served.
@@ -84,27 +135,56 @@ enum Work {
 }
 
 impl Running {
-    /// Drives the handler to its reply; `None` if it was still fresh at the deadline (the
-    /// caller has moved on, and may have retried elsewhere: running it would only duplicate).
-    pub(crate) async fn run(self) -> Option<ReadyReply> {
-        let outcome = match self.work {
-            Work::Started(running) => running.await,
-            Work::Fresh(_, _) if Instant::now() > self.deadline => {
-                self.timing.expired();
-                return None;
+    /// The caller and id of the call, as a cancel names them.
+    pub(crate) fn key(&self) -> (&WireStr, u64) {
+        (&self.caller, self.id)
+    }
+
+    /// Drives the handler to its reply, unless `cancelled` resolves first: then the handler's
+    /// future is dropped where it stands (its drop guards run, its `select!` arms see it) and
+    /// its in-flight place is freed. [`Ran::Expired`] if it was still fresh at the deadline
+    /// (the caller has moved on, and may have retried elsewhere: running it would only
+    /// duplicate).
+    pub(crate) async fn run(self, cancelled: impl std::future::Future<Output = ()>) -> Ran {
+        let Running {
+            work,
+            caller,
+            id,
+            method,
+            deadline,
+            slot,
+            timing,
+        } = self;
+        let work = async move {
+            match work {
+                Work::Started(running) => Some(running.await),
+                Work::Fresh(_, _) if Instant::now() > deadline => None,
+                Work::Fresh(handler, args) => Some(handler(args).await),
             }
-            Work::Fresh(handler, args) => handler(args).await,
         };
-        self.timing.finish(outcome.status);
-        if Instant::now() > self.deadline {
-            tracing::debug!(method = %self.method, "handler finished after the caller's deadline");
+        let outcome = tokio::select! {
+            biased;
+            () = cancelled => {
+                timing.cancelled();
+                tracing::debug!(%method, %caller, id, "handler dropped: its caller cancelled the call");
+                return Ran::Cancelled;
+            }
+            outcome = work => outcome,
+        };
+        let Some(outcome) = outcome else {
+            timing.expired();
+            return Ran::Expired;
+        };
+        timing.finish(outcome.status);
+        if Instant::now() > deadline {
+            tracing::debug!(%method, "handler finished after the caller's deadline");
         }
-        Some(ReadyReply {
-            caller: self.caller,
-            id: self.id,
+        Ran::Replied(ReadyReply {
+            caller,
+            id,
             status: outcome.status,
             body: outcome.body,
-            slot: Some(self.slot),
+            slot: Some(slot),
         })
     }
 }
@@ -139,7 +219,43 @@ impl Dispatcher {
             max_in_flight,
             tasks: TaskTracker::new(),
             window_start: std::sync::Mutex::new(std::time::Instant::now()),
+            watched: Arc::default(),
         }
+    }
+
+    /// Makes the call `id` of `caller` reachable by a cancel until the returned watch drops.
+    /// Called on the receive loop right when the call is handed over, so a cancel that
+    /// arrives after the call (on the same channel, in order) always finds it.
+    pub(crate) fn watch(&self, caller: &WireStr, id: u64) -> Watch {
+        let key = (caller.clone(), id);
+        let token = CancellationToken::new();
+        let number = WATCHES.fetch_add(1, Ordering::Relaxed);
+        crate::locks::lock(&self.watched).insert(key.clone(), (number, token.clone()));
+        Watch {
+            table: self.watched.clone(),
+            key,
+            number,
+            token,
+        }
+    }
+
+    /// Cancels the call `id` of `caller` if it is running in a task; false if no such call
+    /// runs here (it finished, never came, or finished at its first poll).
+    pub(crate) fn cancel(&self, caller: WireStr, id: u64) -> bool {
+        let token = crate::locks::lock(&self.watched).remove(&(caller, id));
+        match token {
+            Some((_, token)) => {
+                token.cancel();
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Calls a cancel can reach now (running in tasks of their own).
+    #[cfg(test)]
+    pub(crate) fn watched(&self) -> usize {
+        crate::locks::lock(&self.watched).len()
     }
 
     /// A place among the calls in flight, if one is free.
@@ -365,6 +481,36 @@ mod tests {
         }
     }
 
+    fn replied(ran: Ran) -> ReadyReply {
+        match ran {
+            Ran::Replied(reply) => reply,
+            Ran::Expired => panic!("expired"),
+            Ran::Cancelled => panic!("cancelled"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_cancelled_handler_is_dropped_and_frees_its_place() {
+        let gate = Arc::new(tokio::sync::Notify::new());
+        let d = Dispatcher::new(4, false);
+        d.add(vec![gated(gate)]).expect("add");
+        let Dispatched::Running(running) = d.dispatch(call("slow.wait", 1000, ())) else {
+            panic!("a waiting handler must be handed over");
+        };
+        let (caller, id) = running.key();
+        let watch = d.watch(caller, id);
+        assert_eq!(d.in_flight(), 1);
+        let caller = caller.clone();
+        let run = tokio::spawn(async move { running.run(watch.cancelled()).await });
+        assert!(d.cancel(caller, 7));
+        assert!(matches!(run.await.expect("join"), Ran::Cancelled));
+        assert_eq!(d.in_flight(), 0);
+        assert_eq!(d.watched(), 0);
+        let summary = d.summary();
+        assert!(summary.contains("cancelled=1"), "{summary}");
+        assert!(summary.contains("abandoned=0"), "{summary}");
+    }
+
     fn adder() -> Route {
         Route::new("math.add", |(a, b): (i64, i64)| async move {
             Ok::<_, Infallible>(a + b)
@@ -447,7 +593,7 @@ mod tests {
         );
         assert_eq!(d.in_flight(), 1);
         gate.notify_one();
-        let reply = decoded(running.run().await.expect("answered"));
+        let reply = decoded(replied(running.run(std::future::pending()).await));
         assert_eq!(reply.status, Status::Ok);
         assert_eq!(d.in_flight(), 0);
     }
@@ -485,13 +631,16 @@ mod tests {
         assert_eq!(runs.load(Ordering::SeqCst), 0, "not polled on the loop");
         // A worker that only gets to it after the caller's deadline skips it.
         tokio::time::advance(Duration::from_millis(60)).await;
-        assert!(running.run().await.is_none());
+        assert!(matches!(
+            running.run(std::future::pending()).await,
+            Ran::Expired
+        ));
         assert_eq!(runs.load(Ordering::SeqCst), 0);
         let Dispatched::Running(running) = d.dispatch(call("count.up", 1000, ())) else {
             panic!("spawn_handlers hands every call over");
         };
         assert_eq!(
-            decoded(running.run().await.expect("ran")).status,
+            decoded(replied(running.run(std::future::pending()).await)).status,
             Status::Ok
         );
         assert_eq!(runs.load(Ordering::SeqCst), 1);

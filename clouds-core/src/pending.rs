@@ -7,21 +7,40 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use tokio::sync::oneshot;
 
 use crate::envelope::Reply;
+use crate::transport::Channel;
 
 /// The table of a node's calls in flight.
 #[derive(Debug, Default)]
 pub(crate) struct Pending {
     next_id: AtomicU64,
-    waiting: Mutex<HashMap<u64, oneshot::Sender<Reply>>>,
+    waiting: Mutex<HashMap<u64, Waiting>>,
+}
+
+/// One call waiting for its reply.
+#[derive(Debug)]
+struct Waiting {
+    tx: oneshot::Sender<Reply>,
+    /// The provider's call channel, once the call reached it: a node closing with calls in
+    /// flight tells their providers it gave up (`Pending::take_sent`).
+    sent_to: Option<Channel>,
 }
 
 impl Pending {
     /// Opens a slot for one attempt's reply. The slot is removed when the guard drops, so a
     /// cancelled or timed-out call leaves nothing behind.
     pub(crate) fn open(&self) -> (PendingGuard<'_>, oneshot::Receiver<Reply>) {
+        self.open_to(None)
+    }
+
+    /// [`Pending::open`] for a call to the provider whose call channel is `sent_to`: if the
+    /// node closes while it waits, the provider is told (`Pending::take_sent`).
+    pub(crate) fn open_to(
+        &self,
+        sent_to: Option<Channel>,
+    ) -> (PendingGuard<'_>, oneshot::Receiver<Reply>) {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
-        self.lock().insert(id, tx);
+        self.lock().insert(id, Waiting { tx, sent_to });
         (
             PendingGuard {
                 table: self,
@@ -34,11 +53,20 @@ impl Pending {
 
     /// Hands a reply to its waiting call; false if nobody waits for it (late or foreign).
     pub(crate) fn complete(&self, reply: Reply) -> bool {
-        let tx = self.lock().remove(&reply.id);
-        match tx {
-            Some(tx) => tx.send(reply).is_ok(),
+        let waiting = self.lock().remove(&reply.id);
+        match waiting {
+            Some(waiting) => waiting.tx.send(reply).is_ok(),
             None => false,
         }
+    }
+
+    /// Removes every waiting call (their receivers see the sender dropped) and returns the
+    /// ids and provider channels of the calls to providers: used at shutdown, to cancel them.
+    pub(crate) fn take_sent(&self) -> Vec<(u64, Channel)> {
+        self.lock()
+            .drain()
+            .filter_map(|(id, waiting)| waiting.sent_to.map(|channel| (id, channel)))
+            .collect()
     }
 
     /// Calls waiting right now.
@@ -46,12 +74,7 @@ impl Pending {
         self.lock().len()
     }
 
-    /// Fails every waiting call (their receivers see the sender dropped): used at shutdown.
-    pub(crate) fn clear(&self) {
-        self.lock().clear();
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, oneshot::Sender<Reply>>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Waiting>> {
         crate::locks::lock(&self.waiting)
     }
 }

@@ -9,6 +9,9 @@
 //! memory runs take no real time.
 #![allow(dead_code, unreachable_pub)]
 
+mod cancel;
+pub use cancel::*;
+
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
@@ -520,6 +523,10 @@ macro_rules! behaviour_suite {
             graceful_shutdown_under_load
             a_crashed_server_answers_nothing_more
             a_dead_provider_expires
+            a_dropped_call_drops_its_handler
+            a_timed_out_attempt_drops_its_handler_before_the_retry
+            finished_calls_send_no_cancel
+            a_closing_client_cancels_its_calls_in_flight
         );
     };
     (@sequence $test:ident [$backend:expr] $attrs:tt $($case:ident)*) => {

@@ -8,6 +8,7 @@
 //! answers `ShuttingDown`, a call with an expired deadline).
 
 mod broker;
+mod cancel;
 mod claims;
 mod client;
 mod config;
