@@ -154,9 +154,42 @@ impl Client {
         A: Serialize + Sync + ?Sized,
         R: DeserializeOwned,
     {
+        self.call_as(method, args, false).await
+    }
+
+    /// Calls `method` by name **exactly once**, however often it is retried: every attempt
+    /// carries the same call id, and a server whose route is marked once
+    /// ([`Route::once`](crate::Route::once), `#[clouds(once)]`) runs the call only if no
+    /// attempt of it ran or runs, and answers retries with the first run's result
+    /// (`docs/protocol.md` §6.5). Typed stubs of methods marked `#[clouds(once)]` call this
+    /// themselves. Against a route that is not marked, it is an ordinary call (each attempt
+    /// may run: at least once).
+    ///
+    /// A call made so is not cancelled when an attempt times out (its retry waits for the
+    /// same run instead), nor when its future is dropped: once started, it runs to its end.
+    ///
+    /// ```
+    /// # async fn demo(client: clouds_core::Client) -> Result<(), clouds_core::Error> {
+    /// let receipt: String = client.with_retries(3).call_once("pay.charge", (1999u64,)).await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn call_once<A, R>(&self, method: &str, args: A) -> Result<R, Error>
+    where
+        A: Serialize + Sync,
+        R: DeserializeOwned,
+    {
+        self.call_as(method, &args, true).await
+    }
+
+    /// [`Client::call`] or [`Client::call_once`] with borrowed arguments.
+    pub(crate) async fn call_as<A, R>(&self, method: &str, args: &A, once: bool) -> Result<R, Error>
+    where
+        A: Serialize + Sync + ?Sized,
+        R: DeserializeOwned,
+    {
         #[cfg(feature = "metrics")]
         let started = std::time::Instant::now();
-        let result = match self.invoke(method, &args).await {
+        let result = match self.invoke(method, &args, once).await {
             Ok((node, reply)) => decode_reply(method, node, reply),
             Err(e) => Err(e),
         };
@@ -312,11 +345,16 @@ impl Client {
     ///
     /// The arguments are encoded into each attempt's frame, straight from the caller's values:
     /// a call waiting for its reply holds no encoded copy of them.
+    ///
+    /// `once`: every attempt keeps the first one's call id, and none is cancelled (see
+    /// [`Client::call_once`]).
     pub(crate) async fn invoke(
         &self,
         method: &str,
         args: &(dyn codec::Args + Sync),
+        once: bool,
     ) -> Result<(NodeId, Reply), Error> {
+        let mut once_id = None;
         let node = self.node();
         let mut refresh = false;
         let mut looked_up = false;
@@ -372,7 +410,13 @@ impl Client {
             attempts.start();
             let outcome = {
                 let calls = node.peers().calls(provider.as_str());
-                let (slot, reply) = node.caller().pending().open_to(Some(calls.clone()));
+                let (slot, reply) = if once {
+                    let opened = node.caller().pending().open_as(once_id, None);
+                    once_id = Some(opened.0.id);
+                    opened
+                } else {
+                    node.caller().pending().open_to(Some(calls.clone()))
+                };
                 let _load = node.caller().balancer().start_call(&provider);
                 let encode = |deadline_ms: u64| {
                     let frame = codec::encode_call_framed(
@@ -444,7 +488,8 @@ impl Client {
                     // The call reached its provider: from here until its reply, giving up
                     // (this future dropped: the caller's, or the attempt's timeout) tells the
                     // provider, so it drops the handler.
-                    let given_up = GiveUp::new(node, &calls, slot.id);
+                    // (A call made once is never cancelled: its retries wait for its run.)
+                    let given_up = GiveUp::new(node, &calls, slot.id, !once);
                     let reply = match reply.await {
                         Ok(reply) => reply,
                         Err(_) => return Ok(Attempt::Closed),
@@ -545,12 +590,17 @@ struct GiveUp<'a> {
 }
 
 impl<'a> GiveUp<'a> {
-    fn new(node: &'a Arc<Node>, calls: &'a crate::transport::Channel, id: u64) -> Self {
+    fn new(
+        node: &'a Arc<Node>,
+        calls: &'a crate::transport::Channel,
+        id: u64,
+        armed: bool,
+    ) -> Self {
         GiveUp {
             node,
             calls,
             id,
-            armed: true,
+            armed,
         }
     }
 

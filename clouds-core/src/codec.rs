@@ -202,7 +202,6 @@ impl ReplyBody {
     }
 
     /// The encoded body.
-    #[cfg(test)]
     pub(crate) fn as_bytes(&self) -> &[u8] {
         &self.0[REPLY_HEADER_ROOM..]
     }

@@ -26,7 +26,7 @@ use crate::service::{BoxFuture, Handler, Outcome, Route};
 /// Routes calls to handlers and runs them, at most `max_in_flight` at once.
 pub(crate) struct Dispatcher {
     /// Each method's handler and its figures (`meter`).
-    routes: RwLock<HashMap<String, (Handler, Arc<Meter>)>>,
+    routes: RwLock<HashMap<String, (Handler, Arc<Meter>, bool)>>,
     /// Calls running or sending their reply now.
     running: Arc<AtomicUsize>,
     max_in_flight: usize,
@@ -109,6 +109,9 @@ pub(crate) enum Dispatched {
     Ready(ReadyReply),
     /// A handler still running: to be driven in a task of its own, then answered.
     Running(Running),
+    /// A call of a method marked once, not started: to be recorded in Redis first, and run
+    /// only if no attempt of the same call ran or runs (`once.rs`).
+    Once(Running),
 }
 
 /// A handler that did not finish at its first poll (or was not polled yet, with
@@ -138,6 +141,34 @@ impl Running {
     /// The caller and id of the call, as a cancel names them.
     pub(crate) fn key(&self) -> (&WireStr, u64) {
         (&self.caller, self.id)
+    }
+
+    /// When the caller stops waiting for this attempt.
+    pub(crate) fn deadline(&self) -> Instant {
+        self.deadline
+    }
+
+    /// The method called.
+    pub(crate) fn method(&self) -> &str {
+        self.method.as_str()
+    }
+
+    /// Answers without running the handler, with `status` and `body` (an earlier attempt's
+    /// outcome, `once.rs`).
+    pub(crate) fn answer(self, status: Status, body: ReplyBody) -> ReadyReply {
+        self.timing.finish(status);
+        ReadyReply {
+            caller: self.caller,
+            id: self.id,
+            status,
+            body,
+            slot: Some(self.slot),
+        }
+    }
+
+    /// Gives the call up without running it or answering: counted as expired.
+    pub(crate) fn skip(self) {
+        self.timing.expired();
     }
 
     /// Drives the handler to its reply, unless `cancelled` resolves first: then the handler's
@@ -284,7 +315,7 @@ impl Dispatcher {
         }
         for route in routes {
             let meter = Arc::new(Meter::new(&route.name));
-            table.insert(route.name, (route.handler, meter));
+            table.insert(route.name, (route.handler, meter, route.once));
         }
         Ok(names)
     }
@@ -316,7 +347,7 @@ impl Dispatcher {
         crate::meter::summary(
             table
                 .iter()
-                .map(|(name, (_, meter))| (name.as_str(), &**meter)),
+                .map(|(name, (_, meter, _))| (name.as_str(), &**meter)),
             window,
         )
     }
@@ -370,9 +401,9 @@ impl Dispatcher {
             let table = read(&self.routes);
             table
                 .get(call.method.as_str())
-                .map(|(handler, meter)| (handler.clone(), meter.clone()))
+                .map(|(handler, meter, once)| (handler.clone(), meter.clone(), *once))
         };
-        let Some((handler, meter)) = route else {
+        let Some((handler, meter, once)) = route else {
             let body = ReplyBody::text(call.method.as_str());
             return refuse(call, Status::UnknownMethod, body);
         };
@@ -393,6 +424,18 @@ impl Dispatcher {
         } = call;
         let deadline = || Instant::now() + Duration::from_millis(deadline_ms);
         let timing = meter.start();
+        if once {
+            // Recorded in Redis before it runs (`once.rs`): never polled here.
+            return Dispatched::Once(Running {
+                work: Work::Fresh(handler, args),
+                caller: reply_to,
+                id,
+                method,
+                deadline: deadline(),
+                slot,
+                timing,
+            });
+        }
         if self.spawn_all {
             return Dispatched::Running(Running {
                 work: Work::Fresh(handler, args),
@@ -477,7 +520,7 @@ mod tests {
         match dispatched {
             Dispatched::Ready(reply) => reply,
             Dispatched::Expired => panic!("expired"),
-            Dispatched::Running(_) => panic!("still running"),
+            Dispatched::Running(_) | Dispatched::Once(_) => panic!("still running"),
         }
     }
 

@@ -383,7 +383,7 @@ impl Node {
     }
 
     /// Sends a handler's reply, bounded by the command timeout, then frees its in-flight slot.
-    async fn send_reply(self: &Arc<Self>, reply: ReadyReply) {
+    pub(crate) async fn send_reply(self: &Arc<Self>, reply: ReadyReply) {
         self.reply(reply.caller.as_str(), reply.id, reply.status, reply.body)
             .await;
         drop(reply.slot);
@@ -705,6 +705,12 @@ impl Node {
                             node.finished(ran).await;
                         });
                     }
+                    Dispatched::Once(running) => {
+                        let (caller, id) = running.key();
+                        let watch = dispatcher.watch(caller, id);
+                        let node = self.clone();
+                        dispatcher.track(async move { node.run_once(running, &watch).await });
+                    }
                 },
                 None => self.counters.bump(Count::Misrouted),
             },
@@ -916,6 +922,7 @@ impl Node {
                 let ran = running.run(watch.cancelled()).await;
                 self.finished(ran).await;
             }
+            Dispatched::Once(running) => self.run_once(running, &watch).await,
         }
     }
 }

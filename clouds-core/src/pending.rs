@@ -38,7 +38,17 @@ impl Pending {
         &self,
         sent_to: Option<Channel>,
     ) -> (PendingGuard<'_>, oneshot::Receiver<Reply>) {
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        self.open_as(None, sent_to)
+    }
+
+    /// [`Pending::open_to`] under the id `id` if given (the id of an earlier attempt of the
+    /// same call, which keeps its id: an exactly-once call), else a fresh one.
+    pub(crate) fn open_as(
+        &self,
+        id: Option<u64>,
+        sent_to: Option<Channel>,
+    ) -> (PendingGuard<'_>, oneshot::Receiver<Reply>) {
+        let id = id.unwrap_or_else(|| self.next_id.fetch_add(1, Ordering::Relaxed));
         let (tx, rx) = oneshot::channel();
         self.lock().insert(id, Waiting { tx, sent_to });
         (

@@ -30,6 +30,11 @@ impl Fault for Provider {
         tokio::time::sleep(Duration::from_millis(ms)).await;
         ms
     }
+
+    async fn charge(&self, ms: u64) -> String {
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+        self.0.clone()
+    }
 }
 
 /// Resolves when stdin reaches end of file (read on a thread of its own: a blocked read

@@ -11,6 +11,10 @@ pub trait Fault {
     async fn whoami(&self) -> String;
     /// Sleeps `ms`, then answers.
     async fn nap(&self, ms: u64) -> u64;
+    /// Sleeps `ms`, then says which node ran it: at most once per call, however often it is
+    /// retried (unless the node running it dies first).
+    #[clouds(once)]
+    async fn charge(&self, ms: u64) -> String;
 }
 
 /// Heartbeat of every node in the fault tests: a dead provider expires after 3 of them.
@@ -25,4 +29,9 @@ pub fn fault_config(url: &str) -> clouds::Config {
         .heartbeat(HEARTBEAT)
         .timeout(TIMEOUT)
         .command_timeout(Duration::from_secs(1))
+        // A dead provider's exactly-once call is taken over within 300 ms; results are kept
+        // for 4 s, longer than a call's 4 attempts of 800 ms, and short enough that the db is
+        // empty soon after a test.
+        .once_lease(Duration::from_millis(300))
+        .once_window(Duration::from_secs(4))
 }

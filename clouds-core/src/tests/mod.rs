@@ -15,6 +15,7 @@ mod config;
 mod heartbeat;
 mod messages;
 mod node;
+mod once;
 mod registry;
 mod server;
 mod signing;
