@@ -26,7 +26,7 @@ use crate::service::{BoxFuture, Handler, Outcome, Route};
 /// Routes calls to handlers and runs them, at most `max_in_flight` at once.
 pub(crate) struct Dispatcher {
     /// Each method's handler and its figures (`meter`).
-    routes: RwLock<HashMap<String, (Handler, Arc<Meter>, bool)>>,
+    routes: RwLock<HashMap<String, Served>>,
     /// Calls running or sending their reply now.
     running: Arc<AtomicUsize>,
     max_in_flight: usize,
@@ -44,6 +44,10 @@ pub(crate) struct Dispatcher {
     /// them. An entry lives as long as its [`Watch`], so nothing outlives its call.
     watched: Arc<Watched>,
 }
+
+/// A served method: its handler, its figures, and whether it runs once per call
+/// (`Route::once`).
+type Served = (Handler, Arc<Meter>, bool);
 
 /// The table of running calls a cancel can reach.
 /// Each entry carries the number of the watch that made it: a call delivered twice (a fault)

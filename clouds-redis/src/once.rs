@@ -11,8 +11,12 @@ use crate::error::TransportError;
 use crate::script::{Script, ScriptValue};
 use crate::transport::Transport;
 
-/// `ONCE_BEGIN`: KEYS[1] = the record, ARGV[1] = the value to set, ARGV[2] = its expiry in ms.
-/// Returns nil if it set the value, else the value the key has.
+/// `ONCE_BEGIN`: `KEYS[1]` = the record, `ARGV[1]` = the value to set, `ARGV[2]` = its expiry
+/// in ms. Returns nil if it set the value, else the value the key has.
+///
+/// ```
+/// assert!(clouds_redis::once::ONCE_BEGIN_LUA.contains("redis.call('GET', KEYS[1])"));
+/// ```
 pub const ONCE_BEGIN_LUA: &str = r#"
 local v = redis.call('GET', KEYS[1])
 if v then return v end
@@ -20,9 +24,13 @@ redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 return false
 "#;
 
-/// `ONCE_SWAP`: KEYS[1] = the record, ARGV[1] = the value expected, ARGV[2] = the new value
-/// (empty: delete the key), ARGV[3] = its expiry in ms. Returns 1 if the key had the expected
-/// value (and was replaced or deleted), else 0.
+/// `ONCE_SWAP`: `KEYS[1]` = the record, `ARGV[1]` = the value expected, `ARGV[2]` = the new
+/// value (empty: delete the key), `ARGV[3]` = its expiry in ms. Returns 1 if the key had the
+/// expected value (and was replaced or deleted), else 0.
+///
+/// ```
+/// assert!(clouds_redis::once::ONCE_SWAP_LUA.contains("redis.call('DEL', KEYS[1])"));
+/// ```
 pub const ONCE_SWAP_LUA: &str = r#"
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
 if ARGV[2] == '' then
@@ -103,6 +111,21 @@ impl Transport {
                 command: "EVALSHA",
                 reason: format!("ONCE_SWAP returned {reply:?}, expected 0 or 1"),
             }),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `docs/protocol.md` §6.5 gives both scripts verbatim.
+    #[test]
+    fn the_protocol_document_has_the_scripts_as_they_are() {
+        let spec = include_str!("../../docs/protocol.md");
+        for script in [ONCE_BEGIN_LUA, ONCE_SWAP_LUA] {
+            let body = script.trim();
+            assert!(spec.contains(body), "protocol.md lacks:\n{body}");
         }
     }
 }

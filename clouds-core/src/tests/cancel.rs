@@ -61,7 +61,9 @@ async fn all_dropped(server: &Server, dropped: &Counter, n: usize) {
 
 #[tokio::test(start_paused = true)]
 async fn cancels_reach_handlers_signed_spawned_claimed_and_batched() {
-    let variants: [(&str, fn(Config) -> Config, usize, usize); 4] = [
+    /// A name, how the config differs, calls given up at once, padding bytes per call.
+    type Variant = (&'static str, fn(Config) -> Config, usize, usize);
+    let variants: [Variant; 4] = [
         (
             "signed",
             |c| c.signing_key(1, *b"key one: thirty-two bytes long!!"),
