@@ -35,7 +35,8 @@
 //!   `attempt`: one call's retry policy as a plain state machine; `balance`: the provider
 //!   cache and the choice of provider; `pending`: calls awaiting replies.
 //! - `dispatch`: the server side of a call, without I/O (handlers start on the receive loop
-//!   and move to a task of their own only if they wait); `heartbeat`: keeping the registry
+//!   and move to a task of their own only if they wait; a table of those, by caller and call
+//!   id, lets a caller's Cancel frame drop them); `heartbeat`: keeping the registry
 //!   entry alive; `shutdown`: a node's background tasks and closing it once, completely.
 //! - `once`: exactly-once calls (methods marked once): the record in Redis each call gets
 //!   before it runs, its lease, and the stored result retries get.
