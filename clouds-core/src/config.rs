@@ -711,8 +711,9 @@ impl Config {
 
     /// The `ACL SETUSER` command (for `redis-cli`, or after `user` in an ACL file) that
     /// creates `user` with `password`, confined to this deployment: keys under the
-    /// registry's hash tag `{namespace:db}` and the claims `namespace:db:claim:*` (large
-    /// bodies, see [`Config::claim_threshold`]), channels under `namespace:db:` (and, on a
+    /// registry's hash tag `{namespace:db}`, the claims `namespace:db:claim:*` (large
+    /// bodies, see [`Config::claim_threshold`]) and the exactly-once records
+    /// `namespace:db:once:*` ([`Route::once`](crate::Route::once)), channels under `namespace:db:` (and, on a
     /// Redis Cluster, `{namespace:db}:events`), and only the commands clouds sends
     /// (`docs/protocol.md` §2.1, §2.2 for a cluster). Nodes then connect with
     /// `redis://user:password@host/db`, percent-encoding the user and password if needed.
@@ -727,7 +728,7 @@ impl Config {
     /// let config = clouds_core::Config::from_url("redis://127.0.0.1:6379/3")?.namespace("shop");
     /// let rule = config.acl_rule("shop", "s3cret")?;
     /// assert!(rule.starts_with("ACL SETUSER shop on >s3cret resetkeys ~{shop:3}:* \
-    ///                           ~shop:3:claim:* resetchannels &shop:3:* nocommands "));
+    ///                           ~shop:3:claim:* ~shop:3:once:* resetchannels &shop:3:* nocommands "));
     /// assert!(!rule.contains("+keys") && !rule.contains("+config"));
     /// # Ok::<(), clouds_core::Error>(())
     /// ```
