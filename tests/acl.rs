@@ -17,12 +17,19 @@ use common::{RedisServer, eventually, redis};
 pub trait Echo {
     /// Answers with the tenant's name and `text`.
     async fn echo(&self, text: String) -> String;
+    /// The same, run once per call (its record is a key the rule must allow).
+    #[clouds(once)]
+    async fn echo_once(&self, text: String) -> String;
 }
 
 struct Tenant(&'static str);
 
 impl Echo for Tenant {
     async fn echo(&self, text: String) -> String {
+        format!("{}: {text}", self.0)
+    }
+
+    async fn echo_once(&self, text: String) -> String {
         format!("{}: {text}", self.0)
     }
 }
@@ -115,12 +122,19 @@ async fn start(config: Config, name: &'static str) -> Nodes {
 }
 
 impl Nodes {
-    /// A call goes through, a large one too (both ways through claims), and the monitor
-    /// sees the server.
+    /// A call goes through, an exactly-once one and a large one too (both ways through
+    /// claims), and the monitor sees the server.
     async fn check(&self, name: &str) {
         assert_eq!(
             self.echo.echo("hi").await.expect("call"),
             format!("{name}: hi")
+        );
+        assert_eq!(
+            self.echo
+                .echo_once("once")
+                .await
+                .expect("an exactly-once call"),
+            format!("{name}: once")
         );
         let large = "L".repeat(200 << 10);
         assert_eq!(
@@ -240,10 +254,13 @@ async fn confined_tenants_run_and_cannot_reach_each_other() {
         &["SELECT", "0"],
         &["FLUSHDB"],
         &["GET", "plain"],
-        // Nor B's claims, nor other commands on its own.
+        // Nor B's claims or exactly-once records, nor other commands on its own.
         &["SET", "beta:3:claim:00", "forged"],
         &["GETDEL", "beta:3:claim:00"],
-        &["GET", "alpha:3:claim:00"],
+        &["GET", "beta:3:once:x:1"],
+        &["SET", "beta:3:once:x:1", "forged"],
+        &["APPEND", "alpha:3:claim:00", "x"],
+        &["INCR", "alpha:3:once:x:1"],
     ] {
         let reply = as_a(probe);
         assert!(denied(&reply), "{probe:?} as {alpha}: {reply:?}");

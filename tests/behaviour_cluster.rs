@@ -54,6 +54,34 @@ impl behaviour::Backend for Cluster {
         keys
     }
 
+    fn once_records(&self) -> Vec<String> {
+        let pattern = format!("{}:0:once:*", self.namespace);
+        let mut keys = Vec::new();
+        for port in self.primaries() {
+            let reply = self
+                .cluster
+                .command_on(port, &["KEYS", &pattern])
+                .expect("KEYS");
+            keys.extend(reply.as_str_vec().unwrap_or_default());
+        }
+        keys
+    }
+
+    fn once_commands(&self) -> u64 {
+        // Every case shares the cluster: GETs of all of them (only the exactly-once scripts
+        // run GET), which the cases only compare before and after their own calls.
+        self.primaries()
+            .into_iter()
+            .map(|port| {
+                let info = self
+                    .cluster
+                    .command_on(port, &["INFO", "commandstats"])
+                    .expect("INFO");
+                calls_of(&info.as_text().unwrap_or_default(), "get")
+            })
+            .sum()
+    }
+
     fn primaries_that_served_claims(&self) -> Option<usize> {
         let served = self
             .primaries()
@@ -83,6 +111,16 @@ impl Cluster {
             .map(|node| node.port)
             .collect()
     }
+}
+
+/// The `calls=` of `command` in an `INFO commandstats` text (0 if it never ran).
+fn calls_of(info: &str, command: &str) -> u64 {
+    let prefix = format!("cmdstat_{command}:calls=");
+    info.lines()
+        .find_map(|line| line.strip_prefix(&prefix))
+        .and_then(|rest| rest.split(',').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
 }
 
 fn cluster() -> Arc<RedisCluster> {

@@ -23,6 +23,14 @@ impl behaviour::Backend for Memory {
     fn claim_keys(&self) -> Vec<String> {
         self.0.claims()
     }
+
+    fn once_records(&self) -> Vec<String> {
+        self.0.once_records()
+    }
+
+    fn once_commands(&self) -> u64 {
+        self.0.commands("ONCE_BEGIN") + self.0.commands("ONCE_SWAP")
+    }
 }
 
 fn memory() -> Memory {

@@ -35,6 +35,15 @@ impl behaviour::Backend for Redis {
     fn claim_keys(&self) -> Vec<String> {
         common::claim_keys(&self.0, 3)
     }
+
+    fn once_records(&self) -> Vec<String> {
+        common::once_records(&self.0, 3)
+    }
+
+    fn once_commands(&self) -> u64 {
+        let info = self.0.command(&["INFO", "commandstats"]).expect("INFO");
+        common::calls_of(&info.as_text().unwrap_or_default(), "get")
+    }
 }
 
 fn redis() -> Redis {

@@ -261,6 +261,84 @@ async fn provider_killed_mid_load() {
     assert_clean(client, &redis).await;
 }
 
+/// The exactly-once record of the one call in flight in db 3 and its value, once there is
+/// one: `(key, value)`.
+fn once_record(redis: &RedisServer) -> Option<(String, Vec<u8>)> {
+    let script = "redis.call('SELECT', '3') \
+                  local keys = redis.call('KEYS', 'clouds:3:once:*') \
+                  if #keys == 0 then return false end \
+                  return {keys[1], redis.call('GET', keys[1])}";
+    let reply = redis.command(&["EVAL", script, "0"]).expect("EVAL");
+    if reply.is_nil() {
+        return None;
+    }
+    match reply {
+        clouds_testkit::RespValue::Array(Some(items)) if items.len() == 2 => Some((
+            items[0].as_text().expect("a key"),
+            items[1].as_bytes().unwrap_or_default().to_vec(),
+        )),
+        other => panic!("{other:?}"),
+    }
+}
+
+/// `kill -9` of the provider running an exactly-once call, mid-handler: its record says it
+/// never finished, so once its lease lapses the retry runs the call on the other provider, and
+/// the caller gets one result, the survivor's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_once_call_whose_provider_is_killed_runs_once_on_the_retry() {
+    let redis = redis();
+    let url = redis.url_db(3);
+    let mut providers: Vec<_> = (0..2).map(|_| ProviderProcess::start(&url)).collect();
+    let client = Client::connect(fault_config(&url)).await.expect("client");
+    let fault = FaultClient::new(&client).with_retries(RETRIES);
+    let started = Instant::now();
+    let call = tokio::spawn(async move { fault.charge(400).await });
+    // The provider that took the call says so in its record: `R<its node id> <run>`.
+    let mut running = None;
+    eventually(
+        "the call is recorded as running",
+        Duration::from_secs(5),
+        || {
+            let found = once_record(&redis);
+            let found = found.filter(|(_, value)| value.first() == Some(&b'R'));
+            let ok = found.is_some();
+            running = running.take().or(found);
+            async move { ok }
+        },
+    )
+    .await;
+    let (key, value) = running.expect("a running record");
+    let owner = String::from_utf8_lossy(&value[1..])
+        .split(' ')
+        .next()
+        .unwrap_or_default()
+        .to_string();
+    let victim = providers
+        .iter()
+        .position(|p| p.id == owner)
+        .unwrap_or_else(|| panic!("the record names {owner}, not one of the providers"));
+    let victim = providers.remove(victim);
+    let killed_at = Instant::now();
+    victim.kill();
+    let answer = call
+        .await
+        .expect("join")
+        .expect("the retry runs it and answers");
+    let survivor = providers.pop().expect("the other provider");
+    assert_eq!(answer, survivor.id, "run by the survivor, once");
+    let (done_key, done) = once_record(&redis).expect("the record is kept");
+    assert_eq!(done_key, key, "one call, one record");
+    assert_eq!(done.first(), Some(&b'D'), "done, with its result");
+    eprintln!(
+        "FIGURES once_call_provider_killed: answered {} ms after the kill, {} ms after the call",
+        killed_at.elapsed().as_millis(),
+        started.elapsed().as_millis()
+    );
+    assert!(started.elapsed() < call_bound());
+    survivor.stop();
+    assert_clean(client, &redis).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rolling_restart_of_provider_processes() {
     let redis = redis();
@@ -397,13 +475,16 @@ async fn slow_handlers_past_the_deadline_and_panics_leave_nothing_behind() {
             other => panic!("expected a panic error, got {other:?}"),
         }
     }
-    // The slow handlers finish after their callers gave up; their replies arrive late.
+    // The slow handlers outlast their callers' timeouts: each caller says it gave up, and the
+    // server drops the handler instead of finishing it (no late reply).
     eventually(
-        "handlers done, late replies counted",
+        "handlers cancelled, nothing left running",
         Duration::from_secs(5),
-        || async { server.stats().in_flight == 0 && client.stats().late_replies == 5 },
+        || async { server.stats().in_flight == 0 && server.stats().cancelled_calls == 5 },
     )
     .await;
+    assert_eq!(client.stats().cancels_sent, 5);
+    assert_eq!(client.stats().late_replies, 0);
     assert_eq!(
         client
             .call::<_, u64>("slow.sleep", (1u64,))

@@ -31,6 +31,7 @@
 //! - `load.rs`: the bounded load generator both are driven by.
 //! - `rss.rs`: client memory per call in flight, in a child process.
 //! - `signing_row.rs`: signed frames on against off, at 64 in flight.
+//! - `once_row.rs`: exactly-once calls against ordinary ones (`--once` alone).
 //! - `wire.rs`: Redis commands and bytes per call, from `INFO`.
 //! - `report.rs`: the table, the ratios and the targets.
 //! - `procs.rs`: the children's protocol (wait for `ready`, stop by closing stdin) on top of
@@ -53,6 +54,7 @@ mod claims;
 mod clouds_rows;
 mod cluster;
 mod load;
+mod once_row;
 mod procs;
 mod raw;
 mod registry_sim;
@@ -103,6 +105,8 @@ struct Plan {
     cluster: bool,
     /// Only the signing row (`--signing`).
     signing_only: bool,
+    /// Only the exactly-once row (`--once`).
+    once_only: bool,
 }
 
 impl Plan {
@@ -118,6 +122,7 @@ impl Plan {
             run_limit: Duration::from_secs(120),
             cluster: false,
             signing_only: false,
+            once_only: false,
         }
     }
 
@@ -133,6 +138,7 @@ impl Plan {
             run_limit: Duration::from_secs(30),
             cluster: false,
             signing_only: false,
+            once_only: false,
         }
     }
 }
@@ -181,7 +187,7 @@ enum Role {
 }
 
 const USAGE: &str = "\
-usage: clouds-bench [--quick] [--reps N] [--cluster] [--signing]
+usage: clouds-bench [--quick] [--reps N] [--cluster] [--signing] [--once]
        clouds-bench --profile raw|clouds [--calls N] [--in-flight N] [--payload BYTES]
                     [--redis URL] [--signed]
 
@@ -192,6 +198,8 @@ usage: clouds-bench [--quick] [--reps N] [--cluster] [--signing]
   --cluster    then start a Redis Cluster (3 primaries + 3 replicas) and measure 100 B at
                64 and 1,000 in flight on it with 3 provider processes (raw: SPUBLISH); a
                clouds that cannot run on it is reported as skipped, with the reason
+  --once       only the exactly-once row: 100 B by name, unmarked and marked once, at 1
+               and 64 in flight
   --signing    only the signing row: signed frames off and on, 100 B at 64 in flight
                (the full table ends with it too)
   --profile    one in-process scenario once, for callgrind: starts Redis, warms up 200
@@ -280,12 +288,14 @@ fn parse_args(args: &[String]) -> Result<Role, String> {
             let mut reps = None;
             let mut cluster = false;
             let mut signing_only = false;
+            let mut once_only = false;
             let mut i = 0;
             while i < args.len() {
                 match args[i].as_str() {
                     "--quick" => plan = Plan::quick(),
                     "--cluster" => cluster = true,
                     "--signing" => signing_only = true,
+                    "--once" => once_only = true,
                     "--reps" => {
                         reps = Some(num(args.get(i + 1), "--reps")?.max(1));
                         i += 1;
@@ -298,6 +308,7 @@ fn parse_args(args: &[String]) -> Result<Role, String> {
             plan.reps = reps.unwrap_or(plan.reps);
             plan.cluster = cluster;
             plan.signing_only = signing_only;
+            plan.once_only = once_only;
             Ok(Role::Bench(plan))
         }
     }
@@ -415,6 +426,25 @@ fn bench(runtime: &tokio::runtime::Runtime, plan: &Plan) -> Result<(), String> {
         .cloned()
         .unwrap_or_default();
     eprintln!("redis-server {version} on port {}", redis.port());
+    if plan.once_only {
+        let cost = runtime.block_on(once_row::measure(plan, &redis))?;
+        let mut out = String::new();
+        let _ = writeln!(
+            out,
+            "clouds-bench --once, {} mode, {} runs per figure (median shown); redis-server {version} on loopback",
+            plan.name, plan.reps
+        );
+        let _ = writeln!(out, "start: {at_start}; allocator: {ALLOCATOR_NAME}");
+        out.push_str(&once_row::notes(&cost));
+        let _ = writeln!(
+            out,
+            "\nend: loadavg {}; took {:.0?}",
+            loadavg(),
+            started.elapsed()
+        );
+        print!("{out}");
+        return Ok(());
+    }
     if plan.signing_only {
         let cost = runtime.block_on(signing_row::measure(plan, &redis))?;
         let mut out = String::new();
@@ -436,6 +466,7 @@ fn bench(runtime: &tokio::runtime::Runtime, plan: &Plan) -> Result<(), String> {
     }
     let (mut rows, wire, memory, scaling, alone) = runtime.block_on(measure_all(plan, &redis))?;
     let signing = runtime.block_on(signing_row::measure(plan, &redis));
+    let once = runtime.block_on(once_row::measure(plan, &redis));
     let mut cluster = plan.cluster.then(|| measure_cluster(runtime, plan));
     let mut out = String::new();
     let _ = writeln!(
@@ -473,6 +504,12 @@ fn bench(runtime: &tokio::runtime::Runtime, plan: &Plan) -> Result<(), String> {
         Ok(cost) => out.push_str(&signing_row::notes(cost)),
         Err(e) => {
             let _ = writeln!(out, "\nSigning row: not measured: {e}");
+        }
+    }
+    match &once {
+        Ok(cost) => out.push_str(&once_row::notes(cost)),
+        Err(e) => {
+            let _ = writeln!(out, "\nExactly-once row: not measured: {e}");
         }
     }
     out.push_str(&targets(&rows, memory.as_ref(), scaling, &wire, &alone));

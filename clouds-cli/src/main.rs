@@ -566,6 +566,7 @@ fn method_json(m: &MethodStats, window: Option<Duration>) -> Json {
         },
         "expired": m.expired,
         "abandoned": m.abandoned,
+        "cancelled": m.cancelled,
         "overloaded": m.overloaded,
         "in_flight": m.in_flight,
         "window_ms": window.as_millis() as u64,

@@ -3,8 +3,8 @@
 //! Redis applies a user's ACL to the commands its scripts run too, so the rule allows every
 //! command of `docs/protocol.md` §2.1 (§2.2 on a cluster), the ones the registry scripts run
 //! included, and nothing else. Keys are confined to the registry's hash tag and to the
-//! scope's claims (`namespace:db:claim:*`, with no tag so that they spread over a cluster's
-//! slots), channels to the scope; [`Config::validate`] refuses namespaces with glob
+//! scope's claims and exactly-once records (`namespace:db:claim:*`, `namespace:db:once:*`,
+//! with no tag so that they spread over a cluster's slots), channels to the scope; [`Config::validate`] refuses namespaces with glob
 //! characters, so no pattern of one deployment can match another's names.
 
 use crate::config::Config;
@@ -45,7 +45,7 @@ const CLUSTER: &[&str] = &[
 ];
 
 /// What the registry scripts run (`PUBLISH`, or `SPUBLISH` on a cluster, is in the lists
-/// above).
+/// above), and the exactly-once scripts (`GET`, `SET`, `DEL`).
 const SCRIPTS: &[&str] = &[
     "+time",
     "+zadd",
@@ -61,6 +61,7 @@ const SCRIPTS: &[&str] = &[
     "+hexists",
     "+hincrby",
     "+hdel",
+    "+get",
 ];
 
 /// See [`Config::acl_rule`].
@@ -88,6 +89,7 @@ pub(crate) fn rule(config: &Config, user: &str, password: &str) -> Result<String
         "resetkeys".to_string(),
         format!("~{{{scope}}}:*"),
         format!("~{scope}:claim:*"),
+        format!("~{scope}:once:*"),
         "resetchannels".to_string(),
         format!("&{scope}:*"),
     ];

@@ -171,9 +171,42 @@ impl Client {
         A: Serialize + Sync + ?Sized,
         R: DeserializeOwned,
     {
+        self.call_as(method, args, false).await
+    }
+
+    /// Calls `method` by name **exactly once**, however often it is retried: every attempt
+    /// carries the same call id, and a server whose route is marked once
+    /// ([`Route::once`](crate::Route::once), `#[clouds(once)]`) runs the call only if no
+    /// attempt of it ran or runs, and answers retries with the first run's result
+    /// (`docs/protocol.md` §6.5). Typed stubs of methods marked `#[clouds(once)]` call this
+    /// themselves. Against a route that is not marked, it is an ordinary call (each attempt
+    /// may run: at least once).
+    ///
+    /// A call made so is not cancelled when an attempt times out (its retry waits for the
+    /// same run instead), nor when its future is dropped: once started, it runs to its end.
+    ///
+    /// ```
+    /// # async fn demo(client: clouds_core::Client) -> Result<(), clouds_core::Error> {
+    /// let receipt: String = client.with_retries(3).call_once("pay.charge", (1999u64,)).await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn call_once<A, R>(&self, method: &str, args: A) -> Result<R, Error>
+    where
+        A: Serialize + Sync,
+        R: DeserializeOwned,
+    {
+        self.call_as(method, &args, true).await
+    }
+
+    /// [`Client::call`] or [`Client::call_once`] with borrowed arguments.
+    pub(crate) async fn call_as<A, R>(&self, method: &str, args: &A, once: bool) -> Result<R, Error>
+    where
+        A: Serialize + Sync + ?Sized,
+        R: DeserializeOwned,
+    {
         #[cfg(feature = "metrics")]
         let started = std::time::Instant::now();
-        let result = match self.invoke(method, &args).await {
+        let result = match self.invoke(method, &args, once).await {
             Ok((node, reply)) => decode_reply(method, node, reply),
             Err(e) => Err(e),
         };
@@ -329,12 +362,16 @@ impl Client {
     ///
     /// The arguments are encoded into each attempt's frame, straight from the caller's values:
     /// a call waiting for its reply holds no encoded copy of them.
+    ///
+    /// `once`: every attempt keeps the first one's call id, and none is cancelled (see
+    /// [`Client::call_once`]).
     pub(crate) async fn invoke(
         &self,
         method: &str,
         args: &(dyn codec::Args + Sync),
+        once: bool,
     ) -> Result<(NodeId, Reply), Error> {
-        self.invoke_with(method, args, None).await
+        self.invoke_with(method, args, once, None).await
     }
 
     /// Opens the stream `method` by name with `args` as a tuple, and reads its items as `T`.
@@ -377,7 +414,7 @@ impl Client {
     ) -> Result<crate::ItemStream<T>, Error> {
         let window = self.stream_window;
         let inlet = Arc::new(crate::stream::Inlet::new(window));
-        let (provider, reply) = self.invoke_with(method, args, Some(&inlet)).await?;
+        let (provider, reply) = self.invoke_with(method, args, false, Some(&inlet)).await?;
         if reply.status != Status::Stream {
             return Err(crate::stream::not_opened(method, provider, reply));
         }
@@ -391,13 +428,16 @@ impl Client {
         ))
     }
 
-    /// [`Client::invoke`]; with `inlet`, each attempt opens a stream read into it.
+    /// [`Client::invoke`]; with `inlet`, each attempt opens a stream read into it (a stream
+    /// is not cancelled with a Cancel frame: dropping it stops it with a credit of 0).
     async fn invoke_with(
         &self,
         method: &str,
         args: &(dyn codec::Args + Sync),
+        once: bool,
         inlet: Option<&Arc<crate::stream::Inlet>>,
     ) -> Result<(NodeId, Reply), Error> {
+        let mut once_id = None;
         let node = self.node();
         let mut refresh = false;
         let mut looked_up = false;
@@ -462,7 +502,16 @@ impl Client {
                 .then(|| crate::spans::outgoing(&span))
                 .flatten();
             let outcome = {
-                let (slot, reply) = node.caller().pending().open_with(inlet);
+                let calls = node.peers().calls(provider.as_str());
+                let (slot, reply) = if inlet.is_some() {
+                    node.caller().pending().open_with(inlet)
+                } else if once {
+                    let opened = node.caller().pending().open_as(once_id, None);
+                    once_id = Some(opened.0.id);
+                    opened
+                } else {
+                    node.caller().pending().open_to(Some(calls.clone()))
+                };
                 let _load = node.caller().balancer().start_call(&provider);
                 let encode = |deadline_ms: u64| {
                     let frame = codec::encode_call_framed(
@@ -526,17 +575,22 @@ impl Client {
                     // after claiming (when published), so a signature covers a claimed
                     // body's digest. The frame may go in a batch with other calls to this
                     // provider: its PUBLISH's outcome is this call's (`outbox.rs`).
-                    let calls = node.peers().calls(provider.as_str());
                     // Boxed: the outbox's state and the PUBLISH would otherwise weigh on
                     // every call's future for its whole life (memory per call in flight).
                     let receivers = Box::pin(node.send_frame(&calls, frame, false)).await?;
                     if receivers == 0 {
                         return Ok::<_, Error>(Attempt::NotDelivered);
                     }
+                    // The call reached its provider: from here until its reply, giving up
+                    // (this future dropped: the caller's, or the attempt's timeout) tells the
+                    // provider, so it drops the handler.
+                    // (A call made once is never cancelled: its retries wait for its run.)
+                    let given_up = GiveUp::new(node, &calls, slot.id, !once);
                     let reply = match reply.await {
                         Ok(reply) => reply,
                         Err(_) => return Ok(Attempt::Closed),
                     };
+                    given_up.answered();
                     // A large result waits in Redis: fetched now, within the attempt's time.
                     let Some(result) = reply.claim else {
                         return Ok(Attempt::Replied(reply));
@@ -620,6 +674,46 @@ impl Client {
                 }
                 Next::Fail(e) => return Err(e),
             }
+        }
+    }
+}
+
+/// Tells a provider its call was given up, if dropped before [`GiveUp::answered`]: the drop
+/// guard of an attempt whose call reached its provider. Sending never blocks the drop: the
+/// cancel goes out from a task of its own (`Node::cancel`).
+struct GiveUp<'a> {
+    node: &'a Arc<Node>,
+    calls: &'a crate::transport::Channel,
+    id: u64,
+    armed: bool,
+}
+
+impl<'a> GiveUp<'a> {
+    fn new(
+        node: &'a Arc<Node>,
+        calls: &'a crate::transport::Channel,
+        id: u64,
+        armed: bool,
+    ) -> Self {
+        GiveUp {
+            node,
+            calls,
+            id,
+            armed,
+        }
+    }
+
+    /// The reply came: nothing to cancel.
+    fn answered(mut self) {
+        self.armed = false;
+    }
+}
+
+impl Drop for GiveUp<'_> {
+    fn drop(&mut self) {
+        // A closing node cancels its calls in flight itself (`Node::close`).
+        if self.armed && !self.node.is_closed() {
+            self.node.cancel(self.calls.clone(), self.id);
         }
     }
 }

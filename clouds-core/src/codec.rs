@@ -227,7 +227,6 @@ impl ReplyBody {
     }
 
     /// The encoded body.
-    #[cfg(test)]
     pub(crate) fn as_bytes(&self) -> &[u8] {
         &self.0[REPLY_HEADER_ROOM..]
     }
@@ -327,6 +326,20 @@ pub(crate) fn encode_keepalive(id: u64, next: u64) -> Vec<u8> {
     put_uint(&mut buf, KIND_KEEPALIVE.into());
     put_uint(&mut buf, id);
     put_uint(&mut buf, next);
+    buf
+}
+
+/// The kind of a cancel frame: a caller gave up on a call (`docs/protocol.md` §3.13).
+const KIND_CANCEL: u8 = 9;
+
+/// Encodes a cancel: the caller `caller` no longer waits for its call `id`.
+pub(crate) fn encode_cancel(id: u64, caller: &str) -> Vec<u8> {
+    let mut buf = Vec::with_capacity(16 + caller.len());
+    buf.push(VERSION);
+    put_array_len(&mut buf, 3);
+    put_uint(&mut buf, KIND_CANCEL.into());
+    put_uint(&mut buf, id);
+    put_str(&mut buf, caller);
     buf
 }
 
@@ -631,6 +644,16 @@ pub(crate) fn decode(frame: &Bytes) -> Result<Frame, DecodeError> {
             let next = r.uint("next sequence number")?;
             trailing(r.rest)?;
             Ok(Frame::KeepAlive { id, next })
+        }
+        k if k == u64::from(KIND_CANCEL) => {
+            Reader::expect_len(len, 3, "cancel")?;
+            let id = r.uint("cancel id")?;
+            let caller = r.wire_str("caller", MAX_NODE_ID_LEN)?;
+            if caller.as_str().is_empty() {
+                return Err(malformed("caller is empty"));
+            }
+            trailing(r.rest)?;
+            Ok(Frame::Cancel { id, caller })
         }
         other => Err(DecodeError::Kind(other)),
     }?;
@@ -989,6 +1012,46 @@ mod tests {
     }
 
     #[test]
+    fn cancels_round_trip_and_bad_ones_are_errors() {
+        let frame = Bytes::from(encode_cancel(u64::MAX, "client-a"));
+        assert_eq!(
+            &frame[..4],
+            &[1, 0x93, 9, 0xcf],
+            "[9, id, caller] as documented"
+        );
+        match decode(&frame) {
+            Ok(Frame::Cancel { id, caller }) => {
+                assert_eq!((id, caller.as_str()), (u64::MAX, "client-a"));
+            }
+            other => panic!("{other:?}"),
+        }
+        let small = Bytes::from(encode_cancel(7, "n"));
+        assert_eq!(&small[..], &[1, 0x93, 9, 7, 0xa1, b'n']);
+        // Every truncation is an error, never a panic.
+        for cut in 0..frame.len() {
+            assert!(decode(&frame.slice(..cut)).is_err(), "cut at {cut}");
+        }
+        let bad: &[&[u8]] = &[
+            &[1, 0x92, 9, 7],                   // too few elements
+            &[1, 0x94, 9, 7, 0xa1, b'n', 0xc0], // too many
+            &[1, 0x93, 9, 7, 0xa0],             // empty caller
+            &[1, 0x93, 9, 7, 0xa1, b'n', 0xc0], // trailing bytes
+            &[1, 0x93, 9, 0xa1, b'n', 7],       // id not a uint
+            &[1, 0x93, 9, 7, 0xc4, 1, b'n'],    // caller as bin
+            &[1, 0x93, 9, 7, 0xa2, 0xff, 0xfe], // caller not UTF-8
+            &[1, 0x93, 9, 0xff, 0xa1, b'n'],    // negative id
+        ];
+        for bytes in bad {
+            assert!(
+                decode(&Bytes::from_static(bytes)).is_err(),
+                "{bytes:02x?} must not decode"
+            );
+        }
+        let long = "x".repeat(MAX_NODE_ID_LEN + 1);
+        assert!(decode(&Bytes::from(encode_cancel(1, &long))).is_err());
+    }
+
+    #[test]
     fn unknown_statuses_still_reach_the_caller() {
         let frame = encode_reply(3, Status::Ok, NIL);
         let mut bytes = frame.to_vec();
@@ -1035,8 +1098,8 @@ mod tests {
             }
         }
         assert!(matches!(
-            decode(&Bytes::from_static(&[1, 0x92, 9, 0])),
-            Err(DecodeError::Kind(9))
+            decode(&Bytes::from_static(&[1, 0x92, 99, 0])),
+            Err(DecodeError::Kind(99))
         ));
     }
 

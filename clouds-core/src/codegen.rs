@@ -57,6 +57,15 @@ impl Stub {
         self.client.call_ref(method, args).await
     }
 
+    /// [`Stub::call_value`] for a method marked `#[clouds(once)]` (see `Client::call_once`).
+    pub async fn call_value_once<A, T>(&self, method: &'static str, args: &A) -> Result<T, Error>
+    where
+        A: Serialize + Sync + ?Sized,
+        T: DeserializeOwned,
+    {
+        self.client.call_as(method, args, true).await
+    }
+
     /// Calls a method returning `Result<T, E>`: its `Err` arrives typed, as `Ok(Err(e))`.
     pub async fn call_result<A, T, E>(
         &self,
@@ -68,7 +77,35 @@ impl Stub {
         T: DeserializeOwned,
         E: DeserializeOwned,
     {
-        let (node, reply) = self.client.invoke(method, &args).await?;
+        self.result_as(method, args, false).await
+    }
+
+    /// [`Stub::call_result`] for a method marked `#[clouds(once)]`.
+    pub async fn call_result_once<A, T, E>(
+        &self,
+        method: &'static str,
+        args: &A,
+    ) -> Result<Result<T, E>, Error>
+    where
+        A: Serialize + Sync + ?Sized,
+        T: DeserializeOwned,
+        E: DeserializeOwned,
+    {
+        self.result_as(method, args, true).await
+    }
+
+    async fn result_as<A, T, E>(
+        &self,
+        method: &'static str,
+        args: &A,
+        once: bool,
+    ) -> Result<Result<T, E>, Error>
+    where
+        A: Serialize + Sync + ?Sized,
+        T: DeserializeOwned,
+        E: DeserializeOwned,
+    {
+        let (node, reply) = self.client.invoke(method, &args, once).await?;
         if reply.status == Status::AppError {
             return crate::codec::decode_value(&reply.body)
                 .map(Err)

@@ -64,6 +64,9 @@ pub struct Config {
     pub(crate) send_trace_context: bool,
     pub(crate) stream_window: u32,
     pub(crate) stream_idle_timeout: Duration,
+    /// Exactly-once calls: the running record's lease, and how long a result is kept.
+    pub(crate) once_lease: Duration,
+    pub(crate) once_window: Duration,
     pub(crate) transport: TransportOptions,
     /// Signed frames: the keys and the replay window (`signing.rs`). Its `Debug` shows key
     /// ids, never secrets.
@@ -98,6 +101,8 @@ impl Default for Config {
             send_trace_context: true,
             stream_window: 64,
             stream_idle_timeout: Duration::from_secs(10),
+            once_lease: Duration::from_secs(1),
+            once_window: Duration::from_secs(60),
             transport: TransportOptions::default(),
             signing: crate::signing::Keys::default(),
             #[cfg(any(test, feature = "testing"))]
@@ -652,6 +657,36 @@ impl Config {
         self
     }
 
+    /// How long a server's claim on an exactly-once call lasts unless renewed (default 1 s;
+    /// 30 ms to 1 hour): while the handler of a method marked once
+    /// ([`Route::once`](crate::Route::once)) runs, its server renews the claim every third of
+    /// this. If the server dies (or loses Redis for longer than this), the claim lapses and a
+    /// retry of the call may run it elsewhere; a server whose renewal fails drops the handler.
+    /// Shorter: a dead provider's call is taken over sooner, for more renewals
+    /// (`docs/protocol.md` §6.5).
+    ///
+    /// ```
+    /// let config = clouds_core::Config::default().once_lease(std::time::Duration::from_millis(500));
+    /// assert!(config.validate().is_ok());
+    /// ```
+    pub fn once_lease(mut self, lease: Duration) -> Self {
+        self.once_lease = lease;
+        self
+    }
+
+    /// How long a server keeps the result of an exactly-once call for retries of it (default
+    /// 60 s; 1 ms to 1 day): a retry arriving later runs the handler again. Keep it longer than
+    /// the longest a caller may go on retrying one call (attempts x timeout, plus backoffs).
+    ///
+    /// ```
+    /// let config = clouds_core::Config::default().once_window(std::time::Duration::from_secs(300));
+    /// assert!(config.validate().is_ok());
+    /// ```
+    pub fn once_window(mut self, window: Duration) -> Self {
+        self.once_window = window;
+        self
+    }
+
     /// Largest call, reply or message body, in bytes, inline or claimed (default 128 MiB; at
     /// most 512 MiB, Redis's largest string). A call or message over it fails at the sender
     /// with [`Error::TooLarge`] before anything is written to Redis; a reply over it becomes
@@ -731,8 +766,9 @@ impl Config {
 
     /// The `ACL SETUSER` command (for `redis-cli`, or after `user` in an ACL file) that
     /// creates `user` with `password`, confined to this deployment: keys under the
-    /// registry's hash tag `{namespace:db}` and the claims `namespace:db:claim:*` (large
-    /// bodies, see [`Config::claim_threshold`]), channels under `namespace:db:` (and, on a
+    /// registry's hash tag `{namespace:db}`, the claims `namespace:db:claim:*` (large
+    /// bodies, see [`Config::claim_threshold`]) and the exactly-once records
+    /// `namespace:db:once:*` ([`Route::once`](crate::Route::once)), channels under `namespace:db:` (and, on a
     /// Redis Cluster, `{namespace:db}:events`), and only the commands clouds sends
     /// (`docs/protocol.md` §2.1, §2.2 for a cluster). Nodes then connect with
     /// `redis://user:password@host/db`, percent-encoding the user and password if needed.
@@ -747,7 +783,7 @@ impl Config {
     /// let config = clouds_core::Config::from_url("redis://127.0.0.1:6379/3")?.namespace("shop");
     /// let rule = config.acl_rule("shop", "s3cret")?;
     /// assert!(rule.starts_with("ACL SETUSER shop on >s3cret resetkeys ~{shop:3}:* \
-    ///                           ~shop:3:claim:* resetchannels &shop:3:* nocommands "));
+    ///                           ~shop:3:claim:* ~shop:3:once:* resetchannels &shop:3:* nocommands "));
     /// assert!(!rule.contains("+keys") && !rule.contains("+config"));
     /// # Ok::<(), clouds_core::Error>(())
     /// ```
@@ -806,6 +842,14 @@ impl Config {
                 self.heartbeat
             ));
         }
+        if self.once_lease < Duration::from_millis(30)
+            || self.once_lease > Duration::from_secs(3600)
+        {
+            return fail(format!(
+                "once_lease {:?} must be between 30 ms and 1 hour",
+                self.once_lease
+            ));
+        }
         const DAY: Duration = Duration::from_secs(24 * 3600);
         for (name, value) in [
             ("heartbeat", self.heartbeat),
@@ -814,6 +858,7 @@ impl Config {
             ("command_timeout", self.transport.command_timeout),
             ("shutdown_timeout", self.shutdown_timeout),
             ("stream_idle_timeout", self.stream_idle_timeout),
+            ("once_window", self.once_window),
             ("reconnect_delay", self.transport.reconnect_max_delay),
         ] {
             if value > DAY {
@@ -828,6 +873,9 @@ impl Config {
         }
         if self.timeout.is_zero() {
             return fail("timeout must be above zero".into());
+        }
+        if self.once_window.is_zero() {
+            return fail("once_window must be above zero".into());
         }
         if self.max_in_flight == 0 {
             return fail("max_in_flight must be at least 1".into());

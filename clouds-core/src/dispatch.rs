@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
+use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
@@ -27,7 +28,7 @@ use crate::service::{BoxFuture, Handler, Outcome, Route};
 /// Routes calls to handlers and runs them, at most `max_in_flight` at once.
 pub(crate) struct Dispatcher {
     /// Each method's handler and its figures (`meter`).
-    routes: RwLock<HashMap<String, (Handler, Arc<Meter>)>>,
+    routes: RwLock<HashMap<String, Served>>,
     /// Calls running or sending their reply now.
     running: Arc<AtomicUsize>,
     max_in_flight: usize,
@@ -47,6 +48,60 @@ pub(crate) struct Dispatcher {
     closing: tokio_util::sync::CancellationToken,
     /// Cancelled by `testing::crash`: streams stop without a word, as in a dead process.
     silenced: tokio_util::sync::CancellationToken,
+    /// The calls running in tasks of their own, by caller and call id, so a cancel can stop
+    /// them. An entry lives as long as its [`Watch`], so nothing outlives its call.
+    watched: Arc<Watched>,
+}
+
+/// A served method: its handler, its figures, and whether it runs once per call
+/// (`Route::once`).
+type Served = (Handler, Arc<Meter>, bool);
+
+/// The table of running calls a cancel can reach.
+/// Each entry carries the number of the watch that made it: a call delivered twice (a fault)
+/// has two watches for one key, and the first to drop must not take the other's entry.
+type Watched = std::sync::Mutex<HashMap<(WireStr, u64), (u64, CancellationToken)>>;
+
+/// Numbers the watches (see [`Watched`]).
+static WATCHES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// A running call's entry in the table of calls a cancel can reach (see [`Dispatcher::watch`]);
+/// removed when dropped, so the table holds only calls still running.
+pub(crate) struct Watch {
+    table: Arc<Watched>,
+    key: (WireStr, u64),
+    number: u64,
+    token: CancellationToken,
+}
+
+impl Watch {
+    /// Resolves when the call's caller has cancelled it.
+    pub(crate) async fn cancelled(&self) {
+        self.token.cancelled().await;
+    }
+}
+
+impl Drop for Watch {
+    fn drop(&mut self) {
+        let mut table = crate::locks::lock(&self.table);
+        // Only this watch's own entry (a cancel may have taken it already).
+        if table
+            .get(&self.key)
+            .is_some_and(|(number, _)| *number == self.number)
+        {
+            table.remove(&self.key);
+        }
+    }
+}
+
+/// How a handler handed over as [`Running`] ended.
+pub(crate) enum Ran {
+    /// It finished: its reply, to send.
+    Replied(ReadyReply),
+    /// It was still fresh at its deadline: it never ran, and nothing is answered.
+    Expired,
+    /// Its caller cancelled it: it was dropped where it stood, and nothing is answered.
+    Cancelled,
 }
 
 /// Calls are served.
@@ -66,6 +121,9 @@ pub(crate) enum Dispatched {
     Ready(ReadyReply),
     /// A handler still running: to be driven in a task of its own, then answered.
     Running(Running),
+    /// A call of a method marked once, not started: to be recorded in Redis first, and run
+    /// only if no attempt of the same call ran or runs (`once.rs`).
+    Once(Running),
 }
 
 /// A handler that did not finish at its first poll (or was not polled yet, with
@@ -97,10 +155,47 @@ enum Work {
 }
 
 impl Running {
-    /// Drives the handler to its reply; `None` if it was still fresh at the deadline (the
-    /// caller has moved on, and may have retried elsewhere: running it would only duplicate).
-    pub(crate) async fn run(self) -> Option<ReadyReply> {
-        let span = self.span.clone();
+    /// The caller and id of the call, as a cancel names them.
+    pub(crate) fn key(&self) -> (&WireStr, u64) {
+        (&self.caller, self.id)
+    }
+
+    /// When the caller stops waiting for this attempt.
+    pub(crate) fn deadline(&self) -> Instant {
+        self.deadline
+    }
+
+    /// The method called.
+    pub(crate) fn method(&self) -> &str {
+        self.method.as_str()
+    }
+
+    /// Answers without running the handler, with `status` and `body` (an earlier attempt's
+    /// outcome, `once.rs`).
+    pub(crate) fn answer(self, status: Status, body: ReplyBody) -> ReadyReply {
+        crate::spans::replied(&self.span, status);
+        self.timing.finish(status);
+        ReadyReply {
+            caller: self.caller,
+            id: self.id,
+            status,
+            body,
+            stream: None,
+            slot: Some(self.slot),
+        }
+    }
+
+    /// Gives the call up without running it or answering: counted as expired.
+    pub(crate) fn skip(self) {
+        self.timing.expired();
+    }
+
+    /// Drives the handler to its reply, unless `cancelled` resolves first: then the handler's
+    /// future is dropped where it stands (its drop guards run, its `select!` arms see it) and
+    /// its in-flight place is freed. [`Ran::Expired`] if it was still fresh at the deadline
+    /// (the caller has moved on, and may have retried elsewhere: running it would only
+    /// duplicate). The handler runs in its span, with its `CallContext` set.
+    pub(crate) async fn run(self, cancelled: impl std::future::Future<Output = ()>) -> Ran {
         let context = CallContext::new(
             &self.method,
             &self.caller,
@@ -108,29 +203,54 @@ impl Running {
             self.deadline_ms,
             self.trace.as_deref(),
         );
-        let outcome = match self.work {
-            Work::Started(running) => context.scope(running).instrument(span).await,
-            Work::Fresh(_, _) if Instant::now() > self.deadline => {
-                self.timing.expired();
-                return None;
-            }
-            Work::Fresh(handler, args) => {
-                let handling = async move { handler(args).await };
-                context.scope(handling).instrument(span).await
+        let Running {
+            work,
+            caller,
+            id,
+            method,
+            deadline,
+            slot,
+            timing,
+            span,
+            ..
+        } = self;
+        let handling = span.clone();
+        let work = async move {
+            match work {
+                Work::Started(running) => Some(context.scope(running).instrument(handling).await),
+                Work::Fresh(_, _) if Instant::now() > deadline => None,
+                Work::Fresh(handler, args) => {
+                    let running = async move { handler(args).await };
+                    Some(context.scope(running).instrument(handling).await)
+                }
             }
         };
-        crate::spans::replied(&self.span, outcome.status);
-        self.timing.finish(outcome.status);
-        if Instant::now() > self.deadline {
-            tracing::debug!(method = %self.method, "handler finished after the caller's deadline");
+        let outcome = tokio::select! {
+            biased;
+            () = cancelled => {
+                crate::spans::failed(&span, "cancelled");
+                timing.cancelled();
+                tracing::debug!(%method, %caller, id, "handler dropped: its caller cancelled the call");
+                return Ran::Cancelled;
+            }
+            outcome = work => outcome,
+        };
+        let Some(outcome) = outcome else {
+            timing.expired();
+            return Ran::Expired;
+        };
+        crate::spans::replied(&span, outcome.status);
+        timing.finish(outcome.status);
+        if Instant::now() > deadline {
+            tracing::debug!(%method, "handler finished after the caller's deadline");
         }
-        Some(ReadyReply {
-            caller: self.caller,
-            id: self.id,
+        Ran::Replied(ReadyReply {
+            caller,
+            id,
             status: outcome.status,
             body: outcome.body,
             stream: outcome.stream,
-            slot: Some(self.slot),
+            slot: Some(slot),
         })
     }
 }
@@ -171,7 +291,43 @@ impl Dispatcher {
             server: crate::node_id::NodeId::from(""),
             closing: tokio_util::sync::CancellationToken::new(),
             silenced: tokio_util::sync::CancellationToken::new(),
+            watched: Arc::default(),
         }
+    }
+
+    /// Makes the call `id` of `caller` reachable by a cancel until the returned watch drops.
+    /// Called on the receive loop right when the call is handed over, so a cancel that
+    /// arrives after the call (on the same channel, in order) always finds it.
+    pub(crate) fn watch(&self, caller: &WireStr, id: u64) -> Watch {
+        let key = (caller.clone(), id);
+        let token = CancellationToken::new();
+        let number = WATCHES.fetch_add(1, Ordering::Relaxed);
+        crate::locks::lock(&self.watched).insert(key.clone(), (number, token.clone()));
+        Watch {
+            table: self.watched.clone(),
+            key,
+            number,
+            token,
+        }
+    }
+
+    /// Cancels the call `id` of `caller` if it is running in a task; false if no such call
+    /// runs here (it finished, never came, or finished at its first poll).
+    pub(crate) fn cancel(&self, caller: WireStr, id: u64) -> bool {
+        let token = crate::locks::lock(&self.watched).remove(&(caller, id));
+        match token {
+            Some((_, token)) => {
+                token.cancel();
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Calls a cancel can reach now (running in tasks of their own).
+    #[cfg(test)]
+    pub(crate) fn watched(&self) -> usize {
+        crate::locks::lock(&self.watched).len()
     }
 
     /// The same, naming `server` in its handlers' spans.
@@ -205,7 +361,7 @@ impl Dispatcher {
         }
         for route in routes {
             let meter = Arc::new(Meter::new(&route.name));
-            table.insert(route.name, (route.handler, meter));
+            table.insert(route.name, (route.handler, meter, route.once));
         }
         Ok(names)
     }
@@ -256,7 +412,7 @@ impl Dispatcher {
         crate::meter::summary(
             table
                 .iter()
-                .map(|(name, (_, meter))| (name.as_str(), &**meter)),
+                .map(|(name, (_, meter, _))| (name.as_str(), &**meter)),
             window,
         )
     }
@@ -312,9 +468,9 @@ impl Dispatcher {
             let table = read(&self.routes);
             table
                 .get(call.method.as_str())
-                .map(|(handler, meter)| (handler.clone(), meter.clone()))
+                .map(|(handler, meter, once)| (handler.clone(), meter.clone(), *once))
         };
-        let Some((handler, meter)) = route else {
+        let Some((handler, meter, once)) = route else {
             let body = ReplyBody::text(call.method.as_str());
             return refuse(call, Status::UnknownMethod, body);
         };
@@ -342,6 +498,21 @@ impl Dispatcher {
             reply_to.as_str(),
             trace.as_deref(),
         );
+        if once {
+            // Recorded in Redis before it runs (`once.rs`): never polled here.
+            return Dispatched::Once(Running {
+                work: Work::Fresh(handler, args),
+                deadline_ms,
+                trace,
+                caller: reply_to,
+                id,
+                method,
+                deadline: deadline(),
+                slot,
+                timing,
+                span,
+            });
+        }
         let context = || {
             let (arrived, trace) = (timing.started(), trace.as_deref());
             CallContext::new(&method, &reply_to, arrived, deadline_ms, trace)
@@ -449,8 +620,38 @@ mod tests {
         match dispatched {
             Dispatched::Ready(reply) => reply,
             Dispatched::Expired => panic!("expired"),
-            Dispatched::Running(_) => panic!("still running"),
+            Dispatched::Running(_) | Dispatched::Once(_) => panic!("still running"),
         }
+    }
+
+    fn replied(ran: Ran) -> ReadyReply {
+        match ran {
+            Ran::Replied(reply) => reply,
+            Ran::Expired => panic!("expired"),
+            Ran::Cancelled => panic!("cancelled"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_cancelled_handler_is_dropped_and_frees_its_place() {
+        let gate = Arc::new(tokio::sync::Notify::new());
+        let d = Dispatcher::new(4, false);
+        d.add(vec![gated(gate)]).expect("add");
+        let Dispatched::Running(running) = d.dispatch(call("slow.wait", 1000, ())) else {
+            panic!("a waiting handler must be handed over");
+        };
+        let (caller, id) = running.key();
+        let watch = d.watch(caller, id);
+        assert_eq!(d.in_flight(), 1);
+        let caller = caller.clone();
+        let run = tokio::spawn(async move { running.run(watch.cancelled()).await });
+        assert!(d.cancel(caller, 7));
+        assert!(matches!(run.await.expect("join"), Ran::Cancelled));
+        assert_eq!(d.in_flight(), 0);
+        assert_eq!(d.watched(), 0);
+        let summary = d.summary();
+        assert!(summary.contains("cancelled=1"), "{summary}");
+        assert!(summary.contains("abandoned=0"), "{summary}");
     }
 
     fn adder() -> Route {
@@ -535,7 +736,7 @@ mod tests {
         );
         assert_eq!(d.in_flight(), 1);
         gate.notify_one();
-        let reply = decoded(running.run().await.expect("answered"));
+        let reply = decoded(replied(running.run(std::future::pending()).await));
         assert_eq!(reply.status, Status::Ok);
         assert_eq!(d.in_flight(), 0);
     }
@@ -573,13 +774,16 @@ mod tests {
         assert_eq!(runs.load(Ordering::SeqCst), 0, "not polled on the loop");
         // A worker that only gets to it after the caller's deadline skips it.
         tokio::time::advance(Duration::from_millis(60)).await;
-        assert!(running.run().await.is_none());
+        assert!(matches!(
+            running.run(std::future::pending()).await,
+            Ran::Expired
+        ));
         assert_eq!(runs.load(Ordering::SeqCst), 0);
         let Dispatched::Running(running) = d.dispatch(call("count.up", 1000, ())) else {
             panic!("spawn_handlers hands every call over");
         };
         assert_eq!(
-            decoded(running.run().await.expect("ran")).status,
+            decoded(replied(running.run(std::future::pending()).await)).status,
             Status::Ok
         );
         assert_eq!(runs.load(Ordering::SeqCst), 1);

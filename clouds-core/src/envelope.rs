@@ -56,6 +56,14 @@ pub(crate) enum Frame {
         /// The sequence number of the next item.
         next: u64,
     },
+    /// The caller of call `id` stopped waiting for it (`docs/protocol.md` §3.13): the
+    /// provider drops the handler if it still runs, and sends no reply.
+    Cancel {
+        /// The id of the Call given up.
+        id: u64,
+        /// The caller's node id, as in the Call's `reply_to`.
+        caller: WireStr,
+    },
     /// A call, reply or message whose body waits in Redis (`claim.rs`): `frame` has an empty
     /// body until the receiver fetches it.
     Claim {
@@ -119,6 +127,12 @@ pub(crate) struct TraceRef<'a> {
 /// decoded.
 #[derive(Clone, PartialEq, Eq)]
 pub(crate) struct WireStr(bytes_utils::Str);
+
+impl std::hash::Hash for WireStr {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.as_str().hash(state);
+    }
+}
 
 impl WireStr {
     /// `bytes`, if they are UTF-8.

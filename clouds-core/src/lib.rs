@@ -39,8 +39,11 @@
 //!   `attempt`: one call's retry policy as a plain state machine; `balance`: the provider
 //!   cache and the choice of provider; `pending`: calls awaiting replies.
 //! - `dispatch`: the server side of a call, without I/O (handlers start on the receive loop
-//!   and move to a task of their own only if they wait); `heartbeat`: keeping the registry
+//!   and move to a task of their own only if they wait; a table of those, by caller and call
+//!   id, lets a caller's Cancel frame drop them); `heartbeat`: keeping the registry
 //!   entry alive; `shutdown`: a node's background tasks and closing it once, completely.
+//! - `once`: exactly-once calls (methods marked once): the record in Redis each call gets
+//!   before it runs, its lease, and the stored result retries get.
 //! - `signing`: signed frames (opt-in, [`Config::signing_key`]): the HMAC-SHA256 tag bound to
 //!   the channel, key ids for rotation, and the replay guard; it wraps the frames `codec`
 //!   makes and unwraps them before `codec` reads them.
@@ -79,6 +82,7 @@ pub mod monitor;
 mod namespace;
 mod node;
 mod node_id;
+mod once;
 mod outbox;
 mod pending;
 mod registry;

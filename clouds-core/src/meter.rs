@@ -85,9 +85,11 @@ enum Kind {
     Expired,
     /// Dropped unfinished (the server closed while it ran).
     Abandoned,
+    /// Dropped unfinished because its caller sent a cancel.
+    Cancelled,
 }
 
-const KINDS: usize = Kind::Abandoned as usize + 1;
+const KINDS: usize = Kind::Cancelled as usize + 1;
 
 /// One method's figures.
 pub(crate) struct Meter {
@@ -165,6 +167,12 @@ impl Timing {
             },
             ns as f64 / 1e9,
         );
+    }
+
+    /// Records the call as dropped unfinished on its caller's cancel.
+    pub(crate) fn cancelled(mut self) {
+        self.done = true;
+        self.meter.finished[Kind::Cancelled as usize].fetch_add(1, Ordering::Relaxed);
     }
 
     /// Records the call as skipped: its deadline had passed before it could run.
@@ -245,6 +253,7 @@ impl Meter {
             server_error: finished[Kind::ServerError as usize],
             expired: finished[Kind::Expired as usize],
             abandoned: finished[Kind::Abandoned as usize],
+            cancelled: finished[Kind::Cancelled as usize],
             overloaded: self.overloaded.load(Ordering::Relaxed),
             in_flight: started.saturating_sub(done),
             w_calls: total,
@@ -268,6 +277,7 @@ pub(crate) struct Line {
     pub(crate) server_error: u64,
     pub(crate) expired: u64,
     pub(crate) abandoned: u64,
+    pub(crate) cancelled: u64,
     pub(crate) overloaded: u64,
     pub(crate) in_flight: u64,
     pub(crate) w_calls: u64,
@@ -280,7 +290,7 @@ pub(crate) struct Line {
 
 impl Line {
     /// The line's fields, name and value, in wire order.
-    fn fields(&self) -> [(&'static str, u64); 16] {
+    fn fields(&self) -> [(&'static str, u64); 17] {
         [
             ("calls", self.calls),
             ("ok", self.ok),
@@ -290,6 +300,7 @@ impl Line {
             ("server_error", self.server_error),
             ("expired", self.expired),
             ("abandoned", self.abandoned),
+            ("cancelled", self.cancelled),
             ("overloaded", self.overloaded),
             ("in_flight", self.in_flight),
             ("w_calls", self.w_calls),
@@ -311,6 +322,7 @@ impl Line {
             "server_error" => &mut self.server_error,
             "expired" => &mut self.expired,
             "abandoned" => &mut self.abandoned,
+            "cancelled" => &mut self.cancelled,
             "overloaded" => &mut self.overloaded,
             "in_flight" => &mut self.in_flight,
             "w_calls" => &mut self.w_calls,

@@ -215,6 +215,8 @@ pub struct MethodStats {
     pub expired: u64,
     /// Calls dropped unfinished (the server closed while they ran).
     pub abandoned: u64,
+    /// Calls dropped unfinished because their caller cancelled them (it stopped waiting).
+    pub cancelled: u64,
     /// Calls refused at the in-flight limit (callers re-route them), since the start.
     pub overloaded: u64,
     /// Calls running at the heartbeat.
@@ -293,6 +295,7 @@ impl MethodStats {
             },
             expired: line.expired,
             abandoned: line.abandoned,
+            cancelled: line.cancelled,
             overloaded: line.overloaded,
             in_flight: line.in_flight,
             window_calls: line.w_calls,
@@ -333,6 +336,7 @@ impl MethodStats {
             },
             expired: self.expired + other.expired,
             abandoned: self.abandoned + other.abandoned,
+            cancelled: self.cancelled + other.cancelled,
             overloaded: self.overloaded + other.overloaded,
             in_flight: self.in_flight + other.in_flight,
             window_calls: self.window_calls + other.window_calls,

@@ -72,6 +72,12 @@ impl Names {
         name
     }
 
+    /// The key of an exactly-once call's record (`once.rs`): `namespace:db:once:<caller>:<id>`.
+    /// No hash tag, like claims: the records spread over a cluster's slots.
+    pub(crate) fn once(&self, caller: &str, id: u64) -> String {
+        format!("{}:once:{caller}:{id}", self.scope)
+    }
+
     /// `scope` + `infix` + `node` in one allocation of the exact size: this runs for every
     /// call and every reply, and fred takes the buffer over as it is.
     fn channel(&self, infix: &str, node: &str) -> Channel {

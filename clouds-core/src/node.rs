@@ -16,7 +16,7 @@ use crate::caller::Caller;
 use crate::claim::{self, Budget, Claims};
 use crate::codec::{self, ReplyBody};
 use crate::config::Config;
-use crate::dispatch::{Dispatched, Dispatcher, ReadyReply};
+use crate::dispatch::{Dispatched, Dispatcher, Ran, ReadyReply, Watch};
 use crate::envelope::{Call, ClaimRef, Frame, Status};
 use crate::error::Error;
 use crate::message::{Message, MessageQueue};
@@ -378,6 +378,21 @@ impl Node {
         outbox::send(self, channel, frame, timed).await
     }
 
+    /// Tells the provider whose call channel is `calls` that this node gave up its call `id`
+    /// (a Cancel frame, `docs/protocol.md` §3.13), best effort: through the outbox, on the
+    /// call's own channel so it cannot overtake the call, from a task of its own so a `Drop`
+    /// can call this without blocking.
+    pub(crate) fn cancel(self: &Arc<Self>, calls: Channel, id: u64) {
+        self.counters.bump(Count::CancelsSent);
+        let frame = Bytes::from(codec::encode_cancel(id, self.id.as_str()));
+        let node = self.clone();
+        self.life.spawn_detached(async move {
+            if let Err(e) = node.send_frame(&calls, frame, true).await {
+                tracing::debug!(node = %node.id, %calls, id, error = %e, "could not send a cancel; the provider runs the call to its end");
+            }
+        });
+    }
+
     /// Sends a reply to `caller`'s inbox; failures are logged (the caller will time out).
     pub(crate) async fn reply(
         self: &Arc<Self>,
@@ -393,7 +408,7 @@ impl Node {
     }
 
     /// Sends a handler's reply, bounded by the command timeout, then frees its in-flight slot.
-    async fn send_reply(self: &Arc<Self>, mut reply: ReadyReply) {
+    pub(crate) async fn send_reply(self: &Arc<Self>, mut reply: ReadyReply) {
         if let Some(items) = reply.stream.take() {
             return self.start_stream(reply, items);
         }
@@ -561,6 +576,9 @@ impl Node {
             overloaded_replies: get(Count::Overloaded),
             unauthenticated_frames: get(Count::Unauthenticated),
             replayed_frames: get(Count::Replayed),
+            cancels_sent: get(Count::CancelsSent),
+            cancelled_calls: get(Count::Cancelled),
+            ignored_cancels: get(Count::IgnoredCancels),
             tasks: self.life.tasks() + self.dispatcher.get().map_or(0, |d| d.tasks()),
             pending_calls: self.caller.pending().len(),
             in_flight: self.in_flight(),
@@ -590,11 +608,37 @@ impl Node {
         if !self.life.stop_and_wait(Duration::from_secs(5)).await {
             tracing::warn!(node = %self.id, "background tasks did not stop within 5 s");
         }
-        self.caller.pending().clear();
+        // Calls still waiting fail with `Shutdown`; their providers are told, best effort and
+        // within one command timeout, so they drop the handlers.
+        let given_up = self.caller.pending().take_sent();
+        self.cancel_all(given_up).await;
         self.messages.close();
         self.wire.close().await;
         self.life.finish();
         tracing::debug!(node = %self.id, "node closed");
+    }
+
+    /// Sends a cancel for each of `calls` (call id, provider's call channel) straight to
+    /// Redis (the loops have stopped), all at once, for at most one command timeout.
+    async fn cancel_all(&self, calls: Vec<(u64, Channel)>) {
+        if calls.is_empty() {
+            return;
+        }
+        self.counters.add(Count::CancelsSent, calls.len() as u64);
+        let sends = calls.into_iter().map(|(id, channel)| {
+            let frame = self.seal(
+                &channel,
+                Bytes::from(codec::encode_cancel(id, self.id.as_str())),
+            );
+            self.wire.publish(channel, frame)
+        });
+        let all = futures_util::future::join_all(sends);
+        if tokio::time::timeout(self.config.transport.command_timeout, all)
+            .await
+            .is_err()
+        {
+            tracing::debug!(node = %self.id, "cancels of the calls in flight not all sent at close");
+        }
     }
 
     /// Routes one delivery (a frame, or each frame of a batch). Never fails: bad input is
@@ -716,21 +760,35 @@ impl Node {
                     Dispatched::Ready(reply) => return Some(reply),
                     Dispatched::Expired => self.counters.bump(Count::ExpiredCalls),
                     Dispatched::Running(running) => {
+                        // Reachable by a cancel from now on: a Cancel that follows this call
+                        // on the channel finds it.
+                        let (caller, id) = running.key();
+                        let watch = dispatcher.watch(caller, id);
                         let node = self.clone();
-                        let mode = dispatcher.clone();
                         dispatcher.track(async move {
-                            match running.run().await {
-                                // Crashed meanwhile (`testing::crash`): a dead process sends
-                                // nothing, however long its closing takes.
-                                Some(_) if mode.is_silent() => {}
-                                Some(reply) => node.send_reply(reply).await,
-                                None => node.counters.bump(Count::ExpiredCalls),
-                            }
+                            let ran = running.run(watch.cancelled()).await;
+                            node.finished(ran).await;
                         });
+                    }
+                    Dispatched::Once(running) => {
+                        let (caller, id) = running.key();
+                        let watch = dispatcher.watch(caller, id);
+                        let node = self.clone();
+                        dispatcher.track(async move { node.run_once(running, &watch).await });
                     }
                 },
                 None => self.counters.bump(Count::Misrouted),
             },
+            Frame::Cancel { id, caller } if channel == self.calls => {
+                let found = self
+                    .dispatcher
+                    .get()
+                    .is_some_and(|d| d.cancel(caller.clone(), id));
+                if !found {
+                    self.counters.bump(Count::IgnoredCancels);
+                    tracing::debug!(node = %self.id, %caller, id, "cancel for a call not running here (finished already, or never seen); ignored");
+                }
+            }
             Frame::Join { node, methods } if channel == self.events => {
                 self.caller.balancer().join(&node, &methods);
                 self.announce(|| crate::monitor::RegistryEvent::Joined { node, methods });
@@ -796,6 +854,18 @@ impl std::fmt::Display for Unfetched {
 }
 
 impl Node {
+    /// Sends the reply of a handler that ran in a task, or counts why there is none.
+    async fn finished(self: &Arc<Self>, ran: Ran) {
+        match ran {
+            // Crashed meanwhile (`testing::crash`): a dead process sends nothing, however long
+            // its closing takes.
+            Ran::Replied(_) if self.dispatcher.get().is_some_and(|d| d.is_silent()) => {}
+            Ran::Replied(reply) => self.send_reply(reply).await,
+            Ran::Expired => self.counters.bump(Count::ExpiredCalls),
+            Ran::Cancelled => self.counters.bump(Count::Cancelled),
+        }
+    }
+
     /// Routes a claim frame: a call is fetched and run in a task of its own (bounded by the
     /// fetch budget and its deadline), a reply goes to its waiting call, which fetches the
     /// body itself (`Client::invoke`), a message is fetched and queued. A claim nobody will
@@ -817,8 +887,9 @@ impl Node {
                     self.counters.bump(Count::ExpiredCalls);
                     return self.discard_claim(key());
                 }
+                let watch = dispatcher.watch(&call.reply_to, call.id);
                 let node = self.clone();
-                dispatcher.track(async move { node.claimed_call(call, claim).await });
+                dispatcher.track(async move { node.claimed_call(call, claim, watch).await });
             }
             Frame::Reply(mut reply) if channel == self.inbox => {
                 reply.claim = Some(Box::new(claim));
@@ -865,11 +936,21 @@ impl Node {
 
     /// Fetches a claimed call's arguments, within its deadline and the fetch budget, then
     /// dispatches it as any call. The budget is held until its reply is sent.
-    async fn claimed_call(self: Arc<Self>, call: Call, claim: ClaimRef) {
+    async fn claimed_call(self: Arc<Self>, call: Call, claim: ClaimRef, watch: Watch) {
         let deadline = tokio::time::Instant::now() + Duration::from_millis(call.deadline_ms);
-        let args = match tokio::time::timeout_at(deadline, self.fetch_claim(Budget::Calls, &claim))
-            .await
-        {
+        let fetch = tokio::time::timeout_at(deadline, self.fetch_claim(Budget::Calls, &claim));
+        let fetched = tokio::select! {
+            biased;
+            () = watch.cancelled() => {
+                // Given up before its arguments were even fetched: they are not needed.
+                self.counters.bump(Count::Cancelled);
+                let key = self.names.claim(&claim.token);
+                let _ = self.wire.delete(&key).await;
+                return;
+            }
+            fetched = fetch => fetched,
+        };
+        let args = match fetched {
             Ok(Ok(fetched)) => fetched,
             Ok(Err(unfetched)) => {
                 let status = match unfetched {
@@ -905,10 +986,11 @@ impl Node {
         match dispatcher.dispatch(call) {
             Dispatched::Ready(reply) => self.send_reply(reply).await,
             Dispatched::Expired => self.counters.bump(Count::ExpiredCalls),
-            Dispatched::Running(running) => match running.run().await {
-                Some(reply) => self.send_reply(reply).await,
-                None => self.counters.bump(Count::ExpiredCalls),
-            },
+            Dispatched::Running(running) => {
+                let ran = running.run(watch.cancelled()).await;
+                self.finished(ran).await;
+            }
+            Dispatched::Once(running) => self.run_once(running, &watch).await,
         }
     }
 }
@@ -930,6 +1012,7 @@ fn kind(frame: &Frame) -> &'static str {
         Frame::Item { .. } => "item",
         Frame::Credit { .. } => "credit",
         Frame::KeepAlive { .. } => "keep-alive",
+        Frame::Cancel { .. } => "cancel",
     }
 }
 

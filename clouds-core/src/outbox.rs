@@ -618,7 +618,11 @@ mod tests {
         settle().await;
         fake.gate.add_permits(10);
         assert_eq!(first.await.expect("ran"), Ok(2));
-        assert_eq!(run.await.expect("ran"), Ok(2), "the run learns its batch's outcome");
+        assert_eq!(
+            run.await.expect("ran"),
+            Ok(2),
+            "the run learns its batch's outcome"
+        );
         let rest: Vec<Bytes> = (1..=4u8).map(|n| frame(n, 8)).collect();
         assert_eq!(fake.publishes(), vec![vec![frame(0, 8)], rest]);
         assert_eq!(fake.outbox.busy(), 0);

@@ -8,12 +8,22 @@ use tokio::sync::oneshot;
 
 use crate::envelope::{Reply, Status};
 use crate::stream::Inlet;
+use crate::transport::Channel;
 
 /// The table of a node's calls in flight.
 #[derive(Debug, Default)]
 pub(crate) struct Pending {
     next_id: AtomicU64,
-    waiting: Mutex<HashMap<u64, Waiter>>,
+    waiting: Mutex<HashMap<u64, Waiting>>,
+}
+
+/// One slot: who waits, and where the call went.
+#[derive(Debug)]
+struct Waiting {
+    waiter: Waiter,
+    /// The provider's call channel, once the call reached it: a node closing with calls in
+    /// flight tells their providers it gave up (`Pending::take_sent`).
+    sent_to: Option<Channel>,
 }
 
 /// Who waits for frames with one id.
@@ -32,7 +42,7 @@ impl Pending {
     /// Opens a slot for one attempt's reply. The slot is removed when the guard drops, so a
     /// cancelled or timed-out call leaves nothing behind.
     pub(crate) fn open(&self) -> (PendingGuard<'_>, oneshot::Receiver<Reply>) {
-        self.open_with(None)
+        self.open_slot(None, None, None)
     }
 
     /// Opens a slot for one attempt to open a stream: once its `Stream` reply has arrived
@@ -42,13 +52,41 @@ impl Pending {
         &self,
         inlet: Option<&Arc<Inlet>>,
     ) -> (PendingGuard<'_>, oneshot::Receiver<Reply>) {
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        self.open_slot(None, inlet, None)
+    }
+
+    /// [`Pending::open`] for a call to the provider whose call channel is `sent_to`: if the
+    /// node closes while it waits, the provider is told (`Pending::take_sent`).
+    pub(crate) fn open_to(
+        &self,
+        sent_to: Option<Channel>,
+    ) -> (PendingGuard<'_>, oneshot::Receiver<Reply>) {
+        self.open_slot(None, None, sent_to)
+    }
+
+    /// [`Pending::open_to`] under the id `id` if given (the id of an earlier attempt of the
+    /// same call, which keeps its id: an exactly-once call), else a fresh one.
+    pub(crate) fn open_as(
+        &self,
+        id: Option<u64>,
+        sent_to: Option<Channel>,
+    ) -> (PendingGuard<'_>, oneshot::Receiver<Reply>) {
+        self.open_slot(id, None, sent_to)
+    }
+
+    fn open_slot(
+        &self,
+        id: Option<u64>,
+        inlet: Option<&Arc<Inlet>>,
+        sent_to: Option<Channel>,
+    ) -> (PendingGuard<'_>, oneshot::Receiver<Reply>) {
+        let id = id.unwrap_or_else(|| self.next_id.fetch_add(1, Ordering::Relaxed));
         let (tx, rx) = oneshot::channel();
         let waiter = match inlet {
             None => Waiter::Call(tx),
             Some(inlet) => Waiter::Opening(tx, inlet.clone()),
         };
-        self.lock().insert(id, waiter);
+        self.lock().insert(id, Waiting { waiter, sent_to });
         (
             PendingGuard {
                 table: self,
@@ -63,16 +101,20 @@ impl Pending {
     /// foreign).
     pub(crate) fn complete(&self, reply: Reply) -> bool {
         let mut table = self.lock();
-        match table.remove(&reply.id) {
-            Some(Waiter::Call(tx)) => {
+        let Some(Waiting { waiter, sent_to }) = table.remove(&reply.id) else {
+            return false;
+        };
+        match waiter {
+            Waiter::Call(tx) => {
                 drop(table);
                 tx.send(reply).is_ok()
             }
-            Some(Waiter::Opening(tx, inlet)) => {
+            Waiter::Opening(tx, inlet) => {
                 let id = reply.id;
                 if reply.status == Status::Stream {
                     // Its items may follow in this same pass of the receive loop.
-                    table.insert(id, Waiter::Stream(inlet));
+                    let waiter = Waiter::Stream(inlet);
+                    table.insert(id, Waiting { waiter, sent_to });
                 }
                 drop(table);
                 let delivered = tx.send(reply).is_ok();
@@ -81,19 +123,21 @@ impl Pending {
                 }
                 delivered
             }
-            Some(Waiter::Stream(inlet)) => {
+            Waiter::Stream(inlet) => {
                 drop(table);
                 inlet.end(&reply);
                 true
             }
-            None => false,
         }
     }
 
     /// The open stream with this id, if any.
     fn stream(&self, id: u64) -> Option<Arc<Inlet>> {
         match self.lock().get(&id) {
-            Some(Waiter::Stream(inlet)) => Some(inlet.clone()),
+            Some(Waiting {
+                waiter: Waiter::Stream(inlet),
+                ..
+            }) => Some(inlet.clone()),
             _ => None,
         }
     }
@@ -113,23 +157,27 @@ impl Pending {
         self.lock().remove(&id);
     }
 
+    /// Removes every slot: waiting calls fail (their receivers see the sender dropped), open
+    /// streams end after the items they hold. Returns the ids and provider channels of the
+    /// calls that reached a provider: used at shutdown, to cancel them.
+    pub(crate) fn take_sent(&self) -> Vec<(u64, Channel)> {
+        let waiting = std::mem::take(&mut *self.lock());
+        let mut sent = Vec::new();
+        for (id, Waiting { waiter, sent_to }) in waiting {
+            match waiter {
+                Waiter::Stream(inlet) => inlet.close(),
+                Waiter::Call(_) | Waiter::Opening(..) => sent.extend(sent_to.map(|c| (id, c))),
+            }
+        }
+        sent
+    }
+
     /// Calls waiting right now.
     pub(crate) fn len(&self) -> usize {
         self.lock().len()
     }
 
-    /// Fails every waiting call (their receivers see the sender dropped) and ends every open
-    /// stream (after the items it holds): used at shutdown.
-    pub(crate) fn clear(&self) {
-        let waiting = std::mem::take(&mut *self.lock());
-        for (_, waiter) in waiting {
-            if let Waiter::Stream(inlet) = waiter {
-                inlet.close();
-            }
-        }
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Waiter>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Waiting>> {
         crate::locks::lock(&self.waiting)
     }
 }

@@ -34,6 +34,22 @@ pub trait Service: Send + 'static {
     fn routes(self) -> Vec<Route>;
 }
 
+/// Routes built by hand, served as they are (for example a [`Route::once`]).
+///
+/// ```
+/// # async fn demo(server: clouds_core::Server) -> Result<(), clouds_core::Error> {
+/// let charge = clouds_core::Route::new("pay.charge", |(cents,): (u64,)| async move {
+///     Ok::<_, std::convert::Infallible>(cents)
+/// });
+/// server.serve(vec![charge.once()]).await?;
+/// # Ok(()) }
+/// ```
+impl Service for Vec<Route> {
+    fn routes(self) -> Vec<Route> {
+        self
+    }
+}
+
 pub(crate) type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
 
 /// What a handler produced, ready for the wire.
@@ -99,11 +115,16 @@ pub(crate) type Handler = Arc<dyn Fn(Bytes) -> BoxFuture<Outcome> + Send + Sync>
 pub struct Route {
     pub(crate) name: String,
     pub(crate) handler: Handler,
+    /// Runs at most once per call across retries ([`Route::once`]).
+    pub(crate) once: bool,
 }
 
 impl std::fmt::Debug for Route {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Route").field("name", &self.name).finish()
+        f.debug_struct("Route")
+            .field("name", &self.name)
+            .field("once", &self.once)
+            .finish()
     }
 }
 
@@ -142,6 +163,35 @@ impl Route {
         T: Serialize + Send + 'static,
     {
         Route::build(name.into(), f, crate::codegen::stream_outcome::<T>)
+    }
+
+    /// This route, run **at most once per call**, however often the caller retries: the
+    /// server records each call in Redis before running it, and a retry of a call that ran
+    /// (or still runs) gets the first run's result instead of running it again
+    /// (`docs/protocol.md` §6.5). Callers ask for it with
+    /// [`Client::call_once`](crate::Client::call_once); the `#[clouds(once)]` mark on a trait
+    /// method does both sides.
+    ///
+    /// ```
+    /// let route = clouds_core::Route::new("pay.charge", |(cents,): (u64,)| async move {
+    ///     Ok::<_, std::convert::Infallible>(cents)
+    /// })
+    /// .once();
+    /// assert!(route.is_once());
+    /// ```
+    pub fn once(mut self) -> Route {
+        self.once = true;
+        self
+    }
+
+    /// Whether this route runs at most once per call ([`Route::once`]).
+    ///
+    /// ```
+    /// let route = clouds_core::Route::new("t.id", |(x,): (u8,)| async move { Ok::<_, String>(x) });
+    /// assert!(!route.is_once());
+    /// ```
+    pub fn is_once(&self) -> bool {
+        self.once
     }
 
     /// The full wire name, `service.method`.
@@ -189,7 +239,11 @@ impl Route {
                 Err(panic) => Outcome::text(Status::Panic, &panic_message(&*panic)),
             }))
         });
-        Route { name, handler }
+        Route {
+            name,
+            handler,
+            once: false,
+        }
     }
 }
 

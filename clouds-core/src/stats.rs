@@ -41,6 +41,14 @@ pub struct Stats {
     /// Signed frames refused as replays: sent more than `Config::replay_window` away from
     /// this node's clock, or already received.
     pub replayed_frames: u64,
+    /// Cancels this node sent as a caller: calls it stopped waiting for after they had reached
+    /// a provider (the call future was dropped, an attempt timed out, or the node closed).
+    pub cancels_sent: u64,
+    /// Handlers this server dropped unfinished because their caller sent a cancel.
+    pub cancelled_calls: u64,
+    /// Cancels this server received for calls it was not running (finished already, or never
+    /// seen): ignored.
+    pub ignored_cancels: u64,
     /// Background tasks of this node alive right now (receive and refresh loops, and handlers
     /// that had to wait and so run in a task of their own); returns to its idle value when
     /// nothing is in flight.
@@ -67,6 +75,9 @@ pub(crate) enum Count {
     Rerouted,
     Unauthenticated,
     Replayed,
+    CancelsSent,
+    Cancelled,
+    IgnoredCancels,
     Overloaded,
 }
 

@@ -5,8 +5,8 @@
 
 use proc_macro2::{Span, TokenStream};
 use syn::{
-    FnArg, GenericArgument, Ident, ItemTrait, LitStr, Pat, PatType, PathArguments, Receiver,
-    ReturnType, TraitItem, TraitItemFn, Type, ext::IdentExt,
+    Attribute, FnArg, GenericArgument, Ident, ItemTrait, LitStr, Pat, PatType, PathArguments,
+    Receiver, ReturnType, TraitItem, TraitItemFn, Type, ext::IdentExt,
 };
 
 /// The attribute argument: `#[clouds::service("name")]`.
@@ -82,6 +82,9 @@ pub(crate) struct Method<'a> {
     /// The parameters after the receiver.
     pub(crate) args: Vec<Arg<'a>>,
     pub(crate) ret: ReturnKind<'a>,
+    /// The method's `#[clouds(..)]` attributes, as written (checked by `valid`, removed from
+    /// everything generated).
+    pub(crate) options: Vec<&'a Attribute>,
 }
 
 impl<'a> Method<'a> {
@@ -106,7 +109,26 @@ impl<'a> Method<'a> {
             receiver,
             args,
             ret: ReturnKind::from_syn(&item.sig.output),
+            options: item.attrs.iter().filter(|attr| is_option(attr)).collect(),
         }
+    }
+
+    /// Whether the method is marked `#[clouds(once)]`: each call runs at most once, however
+    /// often it is retried. (Only read once `valid` has accepted the options.)
+    pub(crate) fn once(&self) -> bool {
+        self.options.iter().any(|attr| {
+            attr.parse_args::<Ident>()
+                .is_ok_and(|option| option == "once")
+        })
+    }
+
+    /// The method's attributes without its `#[clouds(..)]` options.
+    pub(crate) fn plain_attrs(&self) -> Vec<&'a Attribute> {
+        self.item
+            .attrs
+            .iter()
+            .filter(|attr| !is_option(attr))
+            .collect()
     }
 
     pub(crate) fn ident(&self) -> &'a Ident {
@@ -117,6 +139,11 @@ impl<'a> Method<'a> {
     pub(crate) fn wire_name(&self, service: &str) -> String {
         format!("{service}.{}", self.ident().unraw())
     }
+}
+
+/// Whether an attribute is one of the macro's method options, `#[clouds(..)]`.
+pub(crate) fn is_option(attr: &Attribute) -> bool {
+    attr.path().is_ident("clouds")
 }
 
 /// One parameter after the receiver.

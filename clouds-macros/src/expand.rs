@@ -37,7 +37,7 @@ pub(crate) fn service(attr: TokenStream, item: TokenStream) -> syn::Result<Token
     errors.finish()?;
     let name = name?;
     if valid::left_to_compiler(&service) {
-        return Ok(item.into_token_stream());
+        return Ok(without_options(item.into_token_stream()));
     }
 
     let generator = Generator::new(&service, &name);
@@ -92,6 +92,7 @@ impl<'a> Generator<'a> {
     /// `Send`, which the server needs to run them on a multi-threaded runtime.
     fn trait_def(&self) -> TokenStream {
         let mut item = self.service.item.clone();
+        // `#[clouds(..)]` options are the macro's: the compiler knows no such attribute.
         item.items = self
             .service
             .methods
@@ -152,7 +153,7 @@ impl<'a> Generator<'a> {
     /// arguments sent as a tuple, transport failures in the outer `Result`.
     fn client_method(&self, method: &Method<'_>) -> TokenStream {
         let vis = &self.service.item.vis;
-        let attrs = &method.item.attrs;
+        let attrs = method.plain_attrs();
         let ident = method.ident();
         let wire = method.wire_name(&self.name);
         // Undocumented trait methods still give documented client methods, so `missing_docs`
@@ -184,6 +185,12 @@ impl<'a> Generator<'a> {
                 quote!(#name)
             }
         });
+        // A method marked once keeps one call id across its attempts (`Client::call_once`).
+        let (result, value) = if method.once() {
+            (quote!(call_result_once), quote!(call_value_once))
+        } else {
+            (quote!(call_result), quote!(call_value))
+        };
         let (output, call) = match &method.ret {
             ReturnKind::Stream {
                 result: Some((ok, err)),
@@ -198,11 +205,11 @@ impl<'a> Generator<'a> {
             ),
             ReturnKind::Result { ok, err, .. } => (
                 quote!(::core::result::Result<#ok, #err>),
-                quote!(call_result::<_, #ok, #err>),
+                quote!(#result::<_, #ok, #err>),
             ),
             other => {
                 let ty = other.ty();
-                (quote!(#ty), quote!(call_value::<_, #ty>))
+                (quote!(#ty), quote!(#value::<_, #ty>))
             }
         };
         quote! {
@@ -313,21 +320,40 @@ impl<'a> Generator<'a> {
         };
         let names: Vec<&Ident> = method.args.iter().map(arg_ident).collect();
         let tys = method.args.iter().map(|arg| arg.ty);
+        // Marked once: recorded in Redis before it runs (`Route::once`).
+        let once = method.once().then(|| quote!(.once()));
         quote! {
             {
                 let #inner = ::core::clone::Clone::clone(&#inner);
                 ::clouds::__private::#route(#wire, move |(#(#names,)*): (#(#tys,)*)| {
                     let #inner = ::core::clone::Clone::clone(&#inner);
                     async move { #trait_ident::#ident(&*#inner, #(#names),*).await }
-                })
+                })#once
             }
         }
+    }
+}
+
+/// `item` without the `#[clouds(..)]` options of its methods, which only this macro reads (the
+/// compiler would report each as an unknown attribute); unchanged if it is not a trait.
+pub(crate) fn without_options(item: TokenStream) -> TokenStream {
+    match syn::parse2::<syn::ItemTrait>(item.clone()) {
+        Ok(mut item) => {
+            for trait_item in &mut item.items {
+                if let TraitItem::Fn(method) = trait_item {
+                    method.attrs.retain(|attr| !crate::ast::is_option(attr));
+                }
+            }
+            item.into_token_stream()
+        }
+        Err(_) => item,
     }
 }
 
 /// A trait method with the `async` moved into its signature's return type.
 fn trait_method(method: &Method<'_>) -> TraitItemFn {
     let mut item = method.item.clone();
+    item.attrs.retain(|attr| !crate::ast::is_option(attr));
     let output = method.ret.ty();
     // Spanned on `async`: "required by this bound" notes for a non-`Send` implementation then
     // point at the method that asks for the future, not at the attribute.
@@ -398,6 +424,30 @@ mod tests {
 
     fn text(tokens: impl ToTokens) -> String {
         tokens.to_token_stream().to_string()
+    }
+
+    #[test]
+    fn once_methods_keep_their_call_id_and_route_once_and_lose_the_option() {
+        let item = quote! {
+            pub trait Pay {
+                /// Charges.
+                #[clouds(once)]
+                async fn charge(&self, cents: u64) -> Result<String, String>;
+                #[clouds(once)]
+                async fn plain(&self) -> u8;
+                async fn quote(&self) -> u8;
+            }
+        };
+        let all = text(expand(quote!("pay"), item.clone()));
+        assert!(!all.contains("clouds (once)"), "the option is gone: {all}");
+        assert!(all.contains("call_result_once :: < _ , String , String > (\"pay.charge\""));
+        assert!(all.contains("call_value_once :: < _ , u8 > (\"pay.plain\""));
+        assert!(all.contains("call_value :: < _ , u8 > (\"pay.quote\""));
+        assert_eq!(all.matches(". once ()").count(), 2, "{all}");
+        assert!(all.contains("# [doc = r\" Charges.\"]"), "docs are kept");
+        // An expansion that fails keeps the trait, without the options either.
+        let kept = text(without_options(item));
+        assert!(!kept.contains("clouds"), "{kept}");
     }
 
     #[test]

@@ -35,7 +35,7 @@ fn expand(
     result: syn::Result<proc_macro2::TokenStream>,
 ) -> proc_macro2::TokenStream {
     result.unwrap_or_else(|error| {
-        let mut tokens = item;
+        let mut tokens = expand::without_options(item);
         tokens.extend(error.into_compile_error());
         tokens
     })

@@ -161,6 +161,7 @@ fn check_method(method: &Method<'_>, errors: &mut Errors) {
     if let Some(variadic) = &sig.variadic {
         errors.spanned(variadic, "a service method cannot be variadic");
     }
+    check_options(method, errors);
 
     match method.receiver {
         Some(receiver) => check_receiver(receiver, errors),
@@ -199,6 +200,40 @@ fn check_method(method: &Method<'_>, errors: &mut Errors) {
                 ty,
                 "a streaming method returns `clouds::Streaming<T>`, with exactly one type: the item (`Streaming<Result<T, E>>` for items that can fail)",
             );
+        }
+    }
+}
+
+/// The options a method may carry, `#[clouds(option)]`.
+const OPTIONS: &str =
+    "`#[clouds(once)]` (each call runs at most once, however often it is retried)";
+
+/// Checks the method's `#[clouds(..)]` attributes: each one names one known option, once.
+fn check_options(method: &Method<'_>, errors: &mut Errors) {
+    let mut once = None;
+    for attr in &method.options {
+        let option = match &attr.meta {
+            syn::Meta::List(list) => syn::parse2::<syn::Ident>(list.tokens.clone()).ok(),
+            _ => None,
+        };
+        match option {
+            Some(option) if option == "once" => {
+                if once.replace(option).is_some() {
+                    errors.spanned(attr, "`#[clouds(once)]` is given twice; once is enough");
+                }
+            }
+            Some(option) if option == "idempotent" => errors.spanned(
+                &option,
+                "unknown option `idempotent`: to make retries run a method at most once, write `#[clouds(once)]` (it makes a method that is not idempotent safe to retry)",
+            ),
+            Some(option) => errors.spanned(
+                &option,
+                format!("unknown option `{option}`: the method options are {OPTIONS}"),
+            ),
+            None => errors.spanned(
+                attr,
+                format!("expected one option in parentheses: {OPTIONS}"),
+            ),
         }
     }
 }

@@ -17,6 +17,8 @@
 //! - [`registry`]: [`Registry`], the heartbeat registry's keys and Lua scripts (sorted sets
 //!   and hashes under one hash tag, expiry on Redis's clock, per-method generations so an
 //!   unchanged list is not read again); the scripts publish join and leave frames themselves.
+//! - [`once`]: the two scripts of exactly-once calls (set unless set, swap if unchanged),
+//!   as methods of [`Transport`].
 //! - [`script`]: [`Script`] (Lua run with EVALSHA, reloaded after a Redis restart) and
 //!   [`ScriptValue`], the reply shape the registry reads.
 //! - [`error`]: [`TransportError`], which carries no fred type.
@@ -29,6 +31,7 @@ pub mod channel;
 pub mod endpoint;
 pub mod error;
 pub mod inbound;
+pub mod once;
 pub mod registry;
 pub mod script;
 #[cfg(feature = "tls")]

@@ -38,6 +38,11 @@ impl Fault for Provider {
             Some((n, n + 1))
         }))
     }
+
+    async fn charge(&self, ms: u64) -> String {
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+        self.0.clone()
+    }
 }
 
 /// Resolves when stdin reaches end of file (read on a thread of its own: a blocked read

@@ -13,6 +13,10 @@ pub trait Fault {
     async fn nap(&self, ms: u64) -> u64;
     /// An endless stream: 0, 1, 2, ... one every `every_ms`.
     async fn ticks(&self, every_ms: u64) -> clouds::Streaming<u64>;
+    /// Sleeps `ms`, then says which node ran it: at most once per call, however often it is
+    /// retried (unless the node running it dies first).
+    #[clouds(once)]
+    async fn charge(&self, ms: u64) -> String;
 }
 
 /// How long a stream's caller waits without hearing from its provider, in the fault tests
@@ -32,4 +36,9 @@ pub fn fault_config(url: &str) -> clouds::Config {
         .timeout(TIMEOUT)
         .command_timeout(Duration::from_secs(1))
         .stream_idle_timeout(STREAM_IDLE)
+        // A dead provider's exactly-once call is taken over within 300 ms; results are kept
+        // for 4 s, longer than a call's 4 attempts of 800 ms, and short enough that the db is
+        // empty soon after a test.
+        .once_lease(Duration::from_millis(300))
+        .once_window(Duration::from_secs(4))
 }

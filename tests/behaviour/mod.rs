@@ -9,6 +9,11 @@
 //! memory runs take no real time.
 #![allow(dead_code, unreachable_pub)]
 
+mod cancel;
+mod once;
+pub use cancel::*;
+pub use once::*;
+
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
@@ -26,6 +31,14 @@ pub trait Backend {
 
     /// The claim keys (large bodies waiting for their receiver) of this deployment now.
     fn claim_keys(&self) -> Vec<String>;
+
+    /// The exactly-once records (`namespace:db:once:*`) of this deployment now.
+    fn once_records(&self) -> Vec<String>;
+
+    /// How many commands the exactly-once records have cost so far, on the whole broker (the
+    /// in-memory broker's `ONCE_BEGIN` and `ONCE_SWAP`; Redis's `GET`s, which only the
+    /// exactly-once scripts run).
+    fn once_commands(&self) -> u64;
 
     /// On a cluster, how many primaries have served a `GETDEL` (claims go wherever the slot
     /// map puts their key); `None` elsewhere.
@@ -520,6 +533,12 @@ macro_rules! behaviour_suite {
             graceful_shutdown_under_load
             a_crashed_server_answers_nothing_more
             a_dead_provider_expires
+            a_dropped_call_drops_its_handler
+            a_timed_out_attempt_drops_its_handler_before_the_retry
+            finished_calls_send_no_cancel
+            a_closing_client_cancels_its_calls_in_flight
+            a_retried_once_call_runs_once_and_returns_its_result
+            unmarked_calls_do_no_extra_redis_work
         );
     };
     (@sequence $test:ident [$backend:expr] $attrs:tt $($case:ident)*) => {

@@ -66,6 +66,27 @@ where
     }
 }
 
+/// The exactly-once records of namespace `clouds` in `db` of `redis` now.
+pub fn once_records(redis: &RedisServer, db: u8) -> Vec<String> {
+    let db = db.to_string();
+    let pattern = format!("clouds:{db}:once:*");
+    let script = "redis.call('SELECT', ARGV[1]) return redis.call('KEYS', ARGV[2])";
+    let reply = redis
+        .command(&["EVAL", script, "0", &db, &pattern])
+        .expect("KEYS");
+    reply.as_str_vec().unwrap_or_else(|| panic!("{reply:?}"))
+}
+
+/// The `calls=` of `command` in an `INFO commandstats` text (0 if it never ran).
+pub fn calls_of(info: &str, command: &str) -> u64 {
+    let prefix = format!("cmdstat_{command}:calls=");
+    info.lines()
+        .find_map(|line| line.strip_prefix(&prefix))
+        .and_then(|rest| rest.split(',').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}
+
 /// The claim keys (large bodies waiting for their receiver) of namespace `clouds` in `db` of
 /// `redis` now: empty once every call, reply and message has been taken or cleaned up.
 pub fn claim_keys(redis: &RedisServer, db: u8) -> Vec<String> {

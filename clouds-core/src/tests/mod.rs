@@ -8,12 +8,14 @@
 //! answers `ShuttingDown`, a call with an expired deadline).
 
 mod broker;
+mod cancel;
 mod claims;
 mod client;
 mod config;
 mod heartbeat;
 mod messages;
 mod node;
+mod once;
 mod registry;
 mod server;
 mod signing;

@@ -114,6 +114,8 @@ struct State {
     frozen: BTreeSet<String>,
     /// Node id → delays of its next registry commands, in order.
     slow: HashMap<String, VecDeque<Duration>>,
+    /// Commands sent, by name (see [`Broker::commands`]).
+    commands: HashMap<&'static str, u64>,
     /// Plain keys (the claims of large bodies) → value and expiry. Key names carry the
     /// scope, as over Redis, so one map serves every deployment.
     keys: HashMap<String, (Bytes, Instant)>,
@@ -237,6 +239,7 @@ impl State {
         node: &str,
         command: &'static str,
     ) -> Result<(), TransportError> {
+        *self.commands.entry(command).or_default() += 1;
         let fail = |reason: &str| {
             Err(TransportError::Command {
                 command,
@@ -507,6 +510,44 @@ impl Broker {
             .keys
             .keys()
             .filter(|key| key.contains(":claim:"))
+            .cloned()
+            .collect();
+        keys.sort();
+        keys
+    }
+
+    /// How many commands named `command` (`"PUBLISH"`, `"SET"`, `"GETDEL"`, `"EVALSHA"` for the
+    /// registry's scripts, `"ONCE_BEGIN"` and `"ONCE_SWAP"` for the exactly-once scripts, ...)
+    /// nodes have sent to this broker so far, failed ones included: a test can check that
+    /// something costs no extra command.
+    ///
+    /// ```
+    /// let broker = clouds_core::testing::Broker::new();
+    /// assert_eq!(broker.commands("PUBLISH"), 0);
+    /// ```
+    pub fn commands(&self, command: &str) -> u64 {
+        lock(&self.state)
+            .commands
+            .get(command)
+            .copied()
+            .unwrap_or(0)
+    }
+
+    /// The keys holding exactly-once records (`Route::once`) now, expired ones left out:
+    /// each lives for its server's `once_window` after its call ran.
+    ///
+    /// ```
+    /// let broker = clouds_core::testing::Broker::new();
+    /// assert!(broker.once_records().is_empty());
+    /// ```
+    pub fn once_records(&self) -> Vec<String> {
+        let now = Instant::now();
+        let mut state = lock(&self.state);
+        state.keys.retain(|_, (_, expiry)| *expiry > now);
+        let mut keys: Vec<String> = state
+            .keys
+            .keys()
+            .filter(|key| key.contains(":once:"))
             .cloned()
             .collect();
         keys.sort();
@@ -915,6 +956,55 @@ impl Transport for MemoryWire {
         state.admit(self.conn, &self.node, "DEL")?;
         state.keys.remove(key);
         Ok(())
+    }
+
+    async fn set_if_absent(
+        &self,
+        key: &str,
+        value: Bytes,
+        ttl: Duration,
+    ) -> Result<Option<Bytes>, TransportError> {
+        let mut state = lock(&self.broker.state);
+        state.admit(self.conn, &self.node, "ONCE_BEGIN")?;
+        let now = Instant::now();
+        if let Some((value, expiry)) = state.keys.get(key)
+            && *expiry > now
+        {
+            return Ok(Some(value.clone()));
+        }
+        let expiry = now.checked_add(ttl).unwrap_or(now + FAR_FUTURE);
+        state.keys.insert(key.to_string(), (value, expiry));
+        Ok(None)
+    }
+
+    async fn swap_if(
+        &self,
+        key: &str,
+        expected: Bytes,
+        new: Option<Bytes>,
+        ttl: Duration,
+    ) -> Result<bool, TransportError> {
+        let mut state = lock(&self.broker.state);
+        state.admit(self.conn, &self.node, "ONCE_SWAP")?;
+        let now = Instant::now();
+        let current = state
+            .keys
+            .get(key)
+            .filter(|(_, expiry)| *expiry > now)
+            .map(|(value, _)| value);
+        if current != Some(&expected) {
+            return Ok(false);
+        }
+        match new {
+            Some(value) => {
+                let expiry = now.checked_add(ttl).unwrap_or(now + FAR_FUTURE);
+                state.keys.insert(key.to_string(), (value, expiry));
+            }
+            None => {
+                state.keys.remove(key);
+            }
+        }
+        Ok(true)
     }
 
     async fn close(&self) {

@@ -141,6 +141,26 @@ pub(crate) trait Transport: Send + Sync + Sized {
     /// Deletes `key` (`DEL`), bounded by the command timeout.
     fn delete(&self, key: &str) -> impl Future<Output = Result<(), TransportError>> + Send;
 
+    /// Sets `key` to `value` for `ttl` if it has no value, in one step (the `ONCE_BEGIN`
+    /// script, `docs/protocol.md` §6.5): `None` if this set it, else the value it has.
+    /// Bounded by the command timeout. (Exactly-once calls, `once.rs`.)
+    fn set_if_absent(
+        &self,
+        key: &str,
+        value: Bytes,
+        ttl: Duration,
+    ) -> impl Future<Output = Result<Option<Bytes>, TransportError>> + Send;
+
+    /// If `key`'s value is `expected`, replaces it with `new` for `ttl` (`None`: deletes it),
+    /// in one step (the `ONCE_SWAP` script): whether it did. Bounded by the command timeout.
+    fn swap_if(
+        &self,
+        key: &str,
+        expected: Bytes,
+        new: Option<Bytes>,
+        ttl: Duration,
+    ) -> impl Future<Output = Result<bool, TransportError>> + Send;
+
     /// Closes the connection: pending commands finish first, then [`Inbound`] ends.
     fn close(&self) -> impl Future<Output = ()> + Send;
 }
@@ -389,6 +409,25 @@ impl Transport for Wire {
 
     async fn delete(&self, key: &str) -> Result<(), TransportError> {
         each!(self, t => t.delete(key).await)
+    }
+
+    async fn set_if_absent(
+        &self,
+        key: &str,
+        value: Bytes,
+        ttl: Duration,
+    ) -> Result<Option<Bytes>, TransportError> {
+        each!(self, t => t.set_if_absent(key, value, ttl).await)
+    }
+
+    async fn swap_if(
+        &self,
+        key: &str,
+        expected: Bytes,
+        new: Option<Bytes>,
+        ttl: Duration,
+    ) -> Result<bool, TransportError> {
+        each!(self, t => t.swap_if(key, expected, new, ttl).await)
     }
 
     async fn close(&self) {

@@ -196,6 +196,31 @@ impl Transport for RedisWire {
             .map_err(TransportError::from_redis)
     }
 
+    async fn set_if_absent(
+        &self,
+        key: &str,
+        value: Bytes,
+        ttl: std::time::Duration,
+    ) -> Result<Option<Bytes>, TransportError> {
+        self.redis
+            .set_if_absent(key, value, ttl)
+            .await
+            .map_err(TransportError::from_redis)
+    }
+
+    async fn swap_if(
+        &self,
+        key: &str,
+        expected: Bytes,
+        new: Option<Bytes>,
+        ttl: std::time::Duration,
+    ) -> Result<bool, TransportError> {
+        self.redis
+            .swap_if(key, expected, new, ttl)
+            .await
+            .map_err(TransportError::from_redis)
+    }
+
     async fn close(&self) {
         self.redis.close().await;
     }
