@@ -37,7 +37,8 @@
 //!   while one to it is outstanding (no timers); the receive loop splits batches it gets.
 //! - `caller`: the caller side of a node (pending calls, provider cache, byte budget);
 //!   `attempt`: one call's retry policy as a plain state machine; `balance`: the provider
-//!   cache and the choice of provider; `pending`: calls awaiting replies.
+//!   cache and the choice of provider; `pending`: calls awaiting replies, and open streams
+//!   by call id.
 //! - `dispatch`: the server side of a call, without I/O (handlers start on the receive loop
 //!   and move to a task of their own only if they wait; a table of those, by caller and call
 //!   id, lets a caller's Cancel frame drop them); `heartbeat`: keeping the registry
@@ -50,7 +51,8 @@
 //! - `spans`: the `tracing` spans of attempts and handlers, and the trace context a call
 //!   carries (with the `opentelemetry` feature, the caller's span context).
 //! - `stats`: counters of bad input and load; `meter`: each method's figures (counters and a
-//!   latency histogram) and the summary the heartbeat publishes; `locks`: poison-tolerant
+//!   latency histogram) and the summary the heartbeat publishes; `telemetry`: the same
+//!   figures through the `metrics` facade (feature `metrics`); `locks`: poison-tolerant
 //!   locking.
 //! - `stream`: streaming methods: the caller's and the provider's credit and sequence logic
 //!   as plain state machines (`Inflow`, `Outflow`), the provider's driver of one stream,
