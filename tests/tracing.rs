@@ -13,6 +13,20 @@ use std::time::Duration;
 use clouds::{CallContext, Client, Config, Server};
 use common::RedisServer;
 
+/// tracing caches each callsite's interest process-wide, decided by the first thread to hit
+/// it; while at most one dispatcher is registered it asks only that thread's default
+/// (tracing-core's `Rebuilder::JustOne`). A test here with no subscriber of its own that hits
+/// clouds' span callsites first, while another test is installing one with `set_default`,
+/// can cache "never" and leave that test without its spans (seen once in CI). A bare registry
+/// as the global default, installed once, keeps every callsite interested; each test's own
+/// subscriber still receives its spans. Every test calls this first.
+fn interested_everywhere() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let _ = tracing::subscriber::set_global_default(tracing_subscriber::registry());
+    });
+}
+
 /// What a handler saw of its call, as it returns it.
 #[derive(serde::Serialize, serde::Deserialize, Debug, PartialEq)]
 struct Seen {
@@ -70,6 +84,7 @@ async fn serve(server: &Server) {
 }
 
 async fn handlers_read_their_call_context(config: Config) {
+    interested_everywhere();
     for spawn_handlers in [false, true] {
         let server = Server::start(config.clone().spawn_handlers(spawn_handlers))
             .await
@@ -190,6 +205,7 @@ impl Sniffer {
 /// untraced calls are the 6 elements of every version-1 peer.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_received_trace_context_reaches_the_handler_and_goes_on_over_redis() {
+    interested_everywhere();
     let redis = common::redis();
     let config = common::config(&redis).timeout(Duration::from_secs(5));
     let server = Server::start(config.clone()).await.expect("server");
@@ -261,12 +277,15 @@ mod otel {
 
     /// A subscriber for this thread that exports every span to memory.
     fn install() -> (InMemorySpanExporter, tracing::subscriber::DefaultGuard) {
+        super::interested_everywhere();
         let exporter = InMemorySpanExporter::default();
         let provider = SdkTracerProvider::builder()
             .with_simple_exporter(exporter.clone())
             .build();
         let layer = tracing_opentelemetry::layer().with_tracer(provider.tracer("clouds-test"));
         let guard = tracing::subscriber::set_default(tracing_subscriber::registry().with(layer));
+        // Heals a callsite another thread cached before this subscriber existed.
+        tracing::callsite::rebuild_interest_cache();
         (exporter, guard)
     }
 
