@@ -164,6 +164,14 @@ impl Node {
             }
         };
         match ran {
+            Ran::Replied(reply) if reply.stream.is_some() => {
+                // A streaming route marked once by name (the macro refuses the mark on one):
+                // a record cannot replay items, so it is freed and the stream served as any.
+                if let Err(e) = self.wire().swap_if(&key, mine, None, lease).await {
+                    tracing::debug!(node = %self.id(), %key, error = %e, "could not free an exactly-once record; it lapses with its lease");
+                }
+                self.send_reply(reply).await;
+            }
             Ran::Replied(reply) => {
                 let done = done_record(reply.status, reply.body.as_bytes());
                 let window = self.config().once_window;

@@ -170,7 +170,9 @@ impl Route {
     /// (or still runs) gets the first run's result instead of running it again
     /// (`docs/protocol.md` §6.5). Callers ask for it with
     /// [`Client::call_once`](crate::Client::call_once); the `#[clouds(once)]` mark on a trait
-    /// method does both sides.
+    /// method does both sides. A streaming route ([`Route::stream`]) gains nothing from it: a
+    /// record cannot replay items, so its record is freed as soon as the stream opens (the
+    /// macro refuses the mark on a streaming method).
     ///
     /// ```
     /// let route = clouds_core::Route::new("pay.charge", |(cents,): (u64,)| async move {

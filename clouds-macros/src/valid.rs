@@ -10,7 +10,7 @@ use syn::{
     punctuated::Punctuated, token::Plus,
 };
 
-use crate::ast::{Method, Service, ServiceName};
+use crate::ast::{Method, ReturnKind, Service, ServiceName};
 
 /// Names of the generated client's own methods, and of the trait methods it implements
 /// (`Clone::clone`, `Debug::fmt`): an inherent method of that name would shadow them, so
@@ -220,6 +220,12 @@ fn check_options(method: &Method<'_>, errors: &mut Errors) {
             Some(option) if option == "once" => {
                 if once.replace(option).is_some() {
                     errors.spanned(attr, "`#[clouds(once)]` is given twice; once is enough");
+                } else if matches!(method.ret, ReturnKind::Stream { .. }) {
+                    // A stream's items are not a result that a record could hand to a retry.
+                    errors.spanned(
+                        attr,
+                        "`#[clouds(once)]` is for methods that return one result: a streaming method is never retried once it has sent an item, and a record of it could not replay its items",
+                    );
                 }
             }
             Some(option) if option == "idempotent" => errors.spanned(

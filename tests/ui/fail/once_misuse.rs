@@ -14,6 +14,9 @@ pub trait Pay {
     async fn bare(&self);
     #[clouds(once, retries)]
     async fn two(&self);
+    /// A stream's items cannot be replayed from a record.
+    #[clouds(once)]
+    async fn tail(&self) -> clouds::Streaming<u64>;
 }
 
 fn main() {}
