@@ -158,3 +158,28 @@ async fn a_cancelled_once_call_frees_its_record_and_a_once_caller_sends_no_cance
     assert_eq!(caller.stats().cancels_sent, 0);
     assert_eq!(broker.once_records().len(), 1, "its result is kept");
 }
+
+#[tokio::test]
+async fn a_streaming_route_marked_once_by_name_serves_its_stream_and_keeps_no_record() {
+    use futures_util::StreamExt;
+    let broker = Broker::new();
+    let provider = server(config(&broker)).await;
+    let route = Route::stream("o.count", |(n,): (u64,)| async move {
+        crate::Streaming::iter(0..n)
+    })
+    .once();
+    provider.serve(vec![route]).await.expect("serve");
+    let caller = client(config(&broker)).await;
+    let items: Vec<u64> = caller
+        .open_stream::<_, u64>("o.count", (5u64,))
+        .await
+        .expect("opened")
+        .map(|item| item.expect("item"))
+        .collect()
+        .await;
+    assert_eq!(items, vec![0, 1, 2, 3, 4]);
+    eventually("its record is freed", ms(500), || async {
+        broker.once_records().is_empty()
+    })
+    .await;
+}
