@@ -539,6 +539,7 @@ macro_rules! behaviour_suite {
             a_closing_client_cancels_its_calls_in_flight
             a_retried_once_call_runs_once_and_returns_its_result
             unmarked_calls_do_no_extra_redis_work
+            a_streaming_route_marked_once_keeps_no_record
         );
     };
     (@sequence $test:ident [$backend:expr] $attrs:tt $($case:ident)*) => {

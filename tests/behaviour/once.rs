@@ -143,3 +143,32 @@ pub async fn unmarked_calls_do_no_extra_redis_work(b: impl Backend) {
     assert_eq!(b.once_records().len(), 20);
     server.shutdown().await.expect("shutdown");
 }
+
+/// A streaming route marked once by name (`Route::stream(..).once()`) serves its stream and
+/// keeps no record: a record cannot replay items (the macro refuses the mark on a streaming
+/// method).
+pub async fn a_streaming_route_marked_once_keeps_no_record(b: impl Backend) {
+    use futures_util::StreamExt;
+    let config = b.config();
+    let server = Server::start(config.clone()).await.expect("server starts");
+    let route = clouds::Route::stream("pay.count", |(n,): (u64,)| async move {
+        clouds::Streaming::iter(0..n)
+    })
+    .once();
+    server.serve(vec![route]).await.expect("serve");
+    let client = client(config).await;
+    let items: Vec<u64> = client
+        .open_stream::<_, u64>("pay.count", (5u64,))
+        .await
+        .expect("opened")
+        .map(|item| item.expect("item"))
+        .collect()
+        .await;
+    assert_eq!(items, vec![0, 1, 2, 3, 4]);
+    eventually("no record is left", Duration::from_secs(2), || async {
+        b.once_records().is_empty()
+    })
+    .await;
+    client.close().await;
+    server.shutdown().await.expect("shutdown");
+}
