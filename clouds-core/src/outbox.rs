@@ -362,6 +362,16 @@ mod tests {
         Bytes::from(vec![n; len])
     }
 
+    /// Sends `frame` on `ch` from a task of its own.
+    fn spawn_send(
+        fake: &Arc<Fake>,
+        ch: &Channel,
+        frame: Bytes,
+    ) -> tokio::task::JoinHandle<Result<u64, TransportError>> {
+        let (fake, ch) = (fake.clone(), ch.clone());
+        tokio::spawn(async move { send(&fake, &ch, frame, false).await })
+    }
+
     /// Lets spawned tasks and queued senders run until nothing moves.
     async fn settle() {
         for _ in 0..50 {
@@ -478,17 +488,11 @@ mod tests {
     async fn a_failed_publish_fails_exactly_the_frames_it_carried() {
         let fake = Fake::new(1024, 1);
         let ch = Channel::from("a");
-        let first = {
-            let (fake, ch) = (fake.clone(), ch.clone());
-            tokio::spawn(async move { send(&fake, &ch, frame(0, 8), false).await })
-        };
+        let first = spawn_send(&fake, &ch, frame(0, 8));
         settle().await;
         let mut batch = Vec::new();
         for n in 1..=3u8 {
-            let (fake, ch) = (fake.clone(), ch.clone());
-            batch.push(tokio::spawn(async move {
-                send(&fake, &ch, frame(n, 8), false).await
-            }));
+            batch.push(spawn_send(&fake, &ch, frame(n, 8)));
             settle().await;
         }
         // The first PUBLISH succeeds; the batch behind it fails.
@@ -511,15 +515,9 @@ mod tests {
         let fake = Fake::new(1024, 1);
         let ch = Channel::from("a");
         // The holder waits at the gate with its own PUBLISH; then it is dropped (cancelled).
-        let holder = {
-            let (fake, ch) = (fake.clone(), ch.clone());
-            tokio::spawn(async move { send(&fake, &ch, frame(0, 8), false).await })
-        };
+        let holder = spawn_send(&fake, &ch, frame(0, 8));
         settle().await;
-        let waiter = {
-            let (fake, ch) = (fake.clone(), ch.clone());
-            tokio::spawn(async move { send(&fake, &ch, frame(1, 8), false).await })
-        };
+        let waiter = spawn_send(&fake, &ch, frame(1, 8));
         settle().await;
         holder.abort();
         assert!(holder.await.is_err(), "cancelled");
@@ -533,17 +531,11 @@ mod tests {
     async fn a_dropped_waiter_is_left_out_and_the_rest_go() {
         let fake = Fake::new(1024, 1);
         let ch = Channel::from("a");
-        let holder = {
-            let (fake, ch) = (fake.clone(), ch.clone());
-            tokio::spawn(async move { send(&fake, &ch, frame(0, 8), false).await })
-        };
+        let holder = spawn_send(&fake, &ch, frame(0, 8));
         settle().await;
         let mut waiters = Vec::new();
         for n in 1..=3u8 {
-            let (fake, ch) = (fake.clone(), ch.clone());
-            waiters.push(tokio::spawn(async move {
-                send(&fake, &ch, frame(n, 8), false).await
-            }));
+            waiters.push(spawn_send(&fake, &ch, frame(n, 8)));
             settle().await;
         }
         let gone = waiters.remove(1);
@@ -565,15 +557,9 @@ mod tests {
     async fn every_waiter_dropped_gives_the_turn_back() {
         let fake = Fake::new(1024, 1);
         let ch = Channel::from("a");
-        let holder = {
-            let (fake, ch) = (fake.clone(), ch.clone());
-            tokio::spawn(async move { send(&fake, &ch, frame(0, 8), false).await })
-        };
+        let holder = spawn_send(&fake, &ch, frame(0, 8));
         settle().await;
-        let waiter = {
-            let (fake, ch) = (fake.clone(), ch.clone());
-            tokio::spawn(async move { send(&fake, &ch, frame(1, 8), false).await })
-        };
+        let waiter = spawn_send(&fake, &ch, frame(1, 8));
         settle().await;
         waiter.abort();
         let _ = waiter.await;
@@ -605,10 +591,7 @@ mod tests {
     async fn a_run_of_frames_waits_behind_the_turn_and_goes_as_one_batch() {
         let fake = Fake::new(1024, 2);
         let ch = Channel::from("a");
-        let first = {
-            let (fake, ch) = (fake.clone(), ch.clone());
-            tokio::spawn(async move { send(&fake, &ch, frame(0, 8), false).await })
-        };
+        let first = spawn_send(&fake, &ch, frame(0, 8));
         settle().await;
         let run = {
             let (fake, ch) = (fake.clone(), ch.clone());
@@ -651,10 +634,7 @@ mod tests {
             tokio::spawn(async move { send_all(&fake, &ch, frames).await })
         };
         settle().await;
-        let later = {
-            let (fake, ch) = (fake.clone(), ch.clone());
-            tokio::spawn(async move { send(&fake, &ch, frame(7, 8), false).await })
-        };
+        let later = spawn_send(&fake, &ch, frame(7, 8));
         settle().await;
         // The run holds the turn, its batch stuck at the gate; dropping it must not strand the
         // frame waiting behind it.
