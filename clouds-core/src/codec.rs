@@ -258,12 +258,19 @@ impl ReplyBody {
     }
 }
 
+/// A frame's buffer with room for `capacity` bytes, begun with its header: the version, an
+/// array of `elements` (the kind included) and the kind.
+fn start_frame(kind: u8, elements: u32, capacity: usize) -> Vec<u8> {
+    let mut buf = Vec::with_capacity(capacity);
+    buf.push(VERSION);
+    put_array_len(&mut buf, elements);
+    put_uint(&mut buf, kind.into());
+    buf
+}
+
 /// Encodes a node message; `body` is an already-encoded MessagePack value.
 pub(crate) fn encode_message(from: &str, body: &[u8]) -> Vec<u8> {
-    let mut buf = Vec::with_capacity(8 + from.len() + body.len());
-    buf.push(VERSION);
-    put_array_len(&mut buf, 3);
-    put_uint(&mut buf, KIND_MESSAGE.into());
+    let mut buf = start_frame(KIND_MESSAGE, 3, 8 + from.len() + body.len());
     put_str(&mut buf, from);
     buf.extend_from_slice(body);
     buf
@@ -271,11 +278,11 @@ pub(crate) fn encode_message(from: &str, body: &[u8]) -> Vec<u8> {
 
 /// Encodes a join announcement.
 pub(crate) fn encode_join(node: &str, methods: &[String]) -> Vec<u8> {
-    let mut buf =
-        Vec::with_capacity(16 + node.len() + methods.iter().map(|m| m.len() + 2).sum::<usize>());
-    buf.push(VERSION);
-    put_array_len(&mut buf, 3);
-    put_uint(&mut buf, KIND_JOIN.into());
+    let mut buf = start_frame(
+        KIND_JOIN,
+        3,
+        16 + node.len() + methods.iter().map(|m| m.len() + 2).sum::<usize>(),
+    );
     put_str(&mut buf, node);
     put_array_len(&mut buf, methods.len() as u32);
     for method in methods {
@@ -286,20 +293,14 @@ pub(crate) fn encode_join(node: &str, methods: &[String]) -> Vec<u8> {
 
 /// Encodes a leave announcement.
 pub(crate) fn encode_leave(node: &str) -> Vec<u8> {
-    let mut buf = Vec::with_capacity(8 + node.len());
-    buf.push(VERSION);
-    put_array_len(&mut buf, 2);
-    put_uint(&mut buf, KIND_LEAVE.into());
+    let mut buf = start_frame(KIND_LEAVE, 2, 8 + node.len());
     put_str(&mut buf, node);
     buf
 }
 
 /// Encodes one item of a stream; `body` is an already-encoded MessagePack value.
 pub(crate) fn encode_item(id: u64, seq: u64, body: &[u8]) -> Vec<u8> {
-    let mut buf = Vec::with_capacity(20 + body.len());
-    buf.push(VERSION);
-    put_array_len(&mut buf, 4);
-    put_uint(&mut buf, KIND_ITEM.into());
+    let mut buf = start_frame(KIND_ITEM, 4, 20 + body.len());
     put_uint(&mut buf, id);
     put_uint(&mut buf, seq);
     buf.extend_from_slice(body);
@@ -308,10 +309,7 @@ pub(crate) fn encode_item(id: u64, seq: u64, body: &[u8]) -> Vec<u8> {
 
 /// Encodes a stream's credit (`allow` 0: stop the stream).
 pub(crate) fn encode_credit(id: u64, caller: &str, allow: u64) -> Vec<u8> {
-    let mut buf = Vec::with_capacity(24 + caller.len());
-    buf.push(VERSION);
-    put_array_len(&mut buf, 4);
-    put_uint(&mut buf, KIND_CREDIT.into());
+    let mut buf = start_frame(KIND_CREDIT, 4, 24 + caller.len());
     put_uint(&mut buf, id);
     put_str(&mut buf, caller);
     put_uint(&mut buf, allow);
@@ -320,10 +318,7 @@ pub(crate) fn encode_credit(id: u64, caller: &str, allow: u64) -> Vec<u8> {
 
 /// Encodes a stream's keep-alive.
 pub(crate) fn encode_keepalive(id: u64, next: u64) -> Vec<u8> {
-    let mut buf = Vec::with_capacity(20);
-    buf.push(VERSION);
-    put_array_len(&mut buf, 3);
-    put_uint(&mut buf, KIND_KEEPALIVE.into());
+    let mut buf = start_frame(KIND_KEEPALIVE, 3, 20);
     put_uint(&mut buf, id);
     put_uint(&mut buf, next);
     buf
@@ -334,10 +329,7 @@ const KIND_CANCEL: u8 = 9;
 
 /// Encodes a cancel: the caller `caller` no longer waits for its call `id`.
 pub(crate) fn encode_cancel(id: u64, caller: &str) -> Vec<u8> {
-    let mut buf = Vec::with_capacity(16 + caller.len());
-    buf.push(VERSION);
-    put_array_len(&mut buf, 3);
-    put_uint(&mut buf, KIND_CANCEL.into());
+    let mut buf = start_frame(KIND_CANCEL, 3, 16 + caller.len());
     put_uint(&mut buf, id);
     put_str(&mut buf, caller);
     buf
