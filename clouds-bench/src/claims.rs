@@ -55,54 +55,7 @@ impl Mode {
 
 /// The `claims` subcommand: `[--quick] [--reps N]`.
 pub(crate) fn main(args: &[String]) -> ExitCode {
-    let mut quick = false;
-    let mut reps = 3;
-    let mut i = 0;
-    while i < args.len() {
-        match args[i].as_str() {
-            "--quick" => {
-                quick = true;
-                reps = 1;
-            }
-            "--reps" => {
-                reps = match args.get(i + 1).and_then(|n| n.parse::<usize>().ok()) {
-                    Some(n) => n.max(1),
-                    None => {
-                        eprintln!("--reps needs a number");
-                        return ExitCode::from(2);
-                    }
-                };
-                i += 1;
-            }
-            other => {
-                eprintln!("usage: clouds-bench claims [--quick] [--reps N] (not {other})");
-                return ExitCode::from(2);
-            }
-        }
-        i += 1;
-    }
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(runtime) => runtime,
-        Err(e) => {
-            eprintln!("cannot start the runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    let result = runtime.block_on(measure(quick, reps));
-    runtime.shutdown_timeout(Duration::from_secs(2));
-    match result {
-        Ok(table) => {
-            print!("{table}");
-            ExitCode::SUCCESS
-        }
-        Err(e) => {
-            eprintln!("clouds-bench claims: {e}");
-            ExitCode::FAILURE
-        }
-    }
+    crate::subcommand("claims", args, 3, measure)
 }
 
 /// How many calls a run of `size`-byte payloads makes: about 64 MiB each way sequentially,

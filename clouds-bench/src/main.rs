@@ -314,6 +314,63 @@ fn parse_args(args: &[String]) -> Result<Role, String> {
     }
 }
 
+/// Runs a subcommand that takes `[--quick] [--reps N]` (`quick`: small counts, one run) and
+/// prints the table `measure` makes, on a runtime of its own.
+fn subcommand<F, Fut>(name: &str, args: &[String], default_reps: usize, measure: F) -> ExitCode
+where
+    F: FnOnce(bool, usize) -> Fut,
+    Fut: std::future::Future<Output = Result<String, String>>,
+{
+    let mut quick = false;
+    let mut reps = default_reps;
+    let mut i = 0;
+    while i < args.len() {
+        match args[i].as_str() {
+            "--quick" => {
+                quick = true;
+                reps = 1;
+            }
+            "--reps" => {
+                reps = match args.get(i + 1).and_then(|n| n.parse::<usize>().ok()) {
+                    Some(n) => n.max(1),
+                    None => {
+                        eprintln!("--reps needs a number");
+                        return ExitCode::from(2);
+                    }
+                };
+                i += 1;
+            }
+            other => {
+                eprintln!("usage: clouds-bench {name} [--quick] [--reps N] (not {other})");
+                return ExitCode::from(2);
+            }
+        }
+        i += 1;
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(measure(quick, reps));
+    runtime.shutdown_timeout(Duration::from_secs(2));
+    match result {
+        Ok(table) => {
+            print!("{table}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("clouds-bench {name}: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     // `registry`: the registry simulation (registry_sim.rs), a program of its own.

@@ -16,65 +16,14 @@ use clouds_testkit::RedisServer;
 use crate::clouds_rows::{Payload, config};
 use crate::load::Caller;
 use crate::raw::{Channels, RawClient, RawServer};
+use crate::stats::median;
 
 const WINDOWS: &[u32] = &[1, 16, 64, 256];
 const ITEM_BYTES: usize = 100;
 
 /// The `streams` subcommand: `[--quick] [--reps N]`.
 pub(crate) fn main(args: &[String]) -> ExitCode {
-    let mut quick = false;
-    let mut reps = 5;
-    let mut i = 0;
-    while i < args.len() {
-        match args[i].as_str() {
-            "--quick" => {
-                quick = true;
-                reps = 1;
-            }
-            "--reps" => {
-                reps = match args.get(i + 1).and_then(|n| n.parse::<usize>().ok()) {
-                    Some(n) => n.max(1),
-                    None => {
-                        eprintln!("--reps needs a number");
-                        return ExitCode::from(2);
-                    }
-                };
-                i += 1;
-            }
-            other => {
-                eprintln!("usage: clouds-bench streams [--quick] [--reps N] (not {other})");
-                return ExitCode::from(2);
-            }
-        }
-        i += 1;
-    }
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(runtime) => runtime,
-        Err(e) => {
-            eprintln!("cannot start the runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    let result = runtime.block_on(measure(quick, reps));
-    runtime.shutdown_timeout(Duration::from_secs(2));
-    match result {
-        Ok(table) => {
-            print!("{table}");
-            ExitCode::SUCCESS
-        }
-        Err(e) => {
-            eprintln!("clouds-bench streams: {e}");
-            ExitCode::FAILURE
-        }
-    }
-}
-
-fn median(mut values: Vec<f64>) -> f64 {
-    values.sort_by(f64::total_cmp);
-    values.get(values.len() / 2).copied().unwrap_or(0.0)
+    crate::subcommand("streams", args, 5, measure)
 }
 
 async fn measure(quick: bool, reps: usize) -> Result<String, String> {
@@ -161,7 +110,7 @@ async fn measure(quick: bool, reps: usize) -> Result<String, String> {
     raw.close().await;
     raw_server.stop().await;
 
-    let raw = median(raw_rates);
+    let raw = median(&raw_rates);
     let mut table = String::new();
     let _ = writeln!(
         table,
@@ -172,9 +121,9 @@ async fn measure(quick: bool, reps: usize) -> Result<String, String> {
         let _ = writeln!(table, "{name:<34} {rate:>12.0} {:>9.2}x", rate / raw);
     };
     row("raw round trip (fred, sequential)".into(), raw);
-    row("clouds call (sequential)".into(), median(call_rates));
+    row("clouds call (sequential)".into(), median(&call_rates));
     for (window, rates) in WINDOWS.iter().zip(stream_rates) {
-        row(format!("stream items, window {window}"), median(rates));
+        row(format!("stream items, window {window}"), median(&rates));
     }
     Ok(table)
 }
