@@ -420,7 +420,24 @@ impl Node {
     /// Sends replies to one caller (not empty) together, then frees their in-flight slots:
     /// for the receive loop, which bounds the replies it sends all together, with no timer of
     /// their own (see `receive_loop`).
-    async fn reply_all(self: &Arc<Self>, replies: Vec<ReadyReply>) {
+    async fn reply_all(self: &Arc<Self>, mut replies: Vec<ReadyReply>) {
+        if replies.len() == 1
+            && let Some(mut reply) = replies.pop()
+        {
+            // The common case at low load: no vectors of frames and slots for one reply.
+            if let Some(items) = reply.stream.take() {
+                return self.start_stream(reply, items);
+            }
+            let caller = reply.caller.as_str();
+            let frame = self
+                .reply_frame(caller, reply.id, reply.status, reply.body)
+                .await;
+            // A lone reply goes at once if the inbox's turn is free.
+            let sent = outbox::send(self, &self.peers.inbox(caller), frame, false).await;
+            self.log_reply(caller, sent);
+            drop(reply.slot);
+            return;
+        }
         let Some(caller) = replies.first().map(|r| r.caller.clone()) else {
             return;
         };
@@ -442,13 +459,7 @@ impl Node {
             return;
         }
         let inbox = self.peers.inbox(caller.as_str());
-        let sent = if frames.len() == 1 {
-            // A lone reply goes at once if the inbox's turn is free.
-            let frame = frames.pop().unwrap_or_default();
-            outbox::send(self, &inbox, frame, false).await
-        } else {
-            outbox::send_all(self, &inbox, frames).await
-        };
+        let sent = outbox::send_all(self, &inbox, frames).await;
         self.log_reply(caller.as_str(), sent);
         drop(slots);
     }
