@@ -503,13 +503,18 @@ impl Broker {
     /// assert!(broker.claims().is_empty());
     /// ```
     pub fn claims(&self) -> Vec<String> {
+        self.live_keys(":claim:")
+    }
+
+    /// The keys alive now whose names contain `part`, sorted (expired ones are dropped).
+    fn live_keys(&self, part: &str) -> Vec<String> {
         let now = Instant::now();
         let mut state = lock(&self.state);
         state.keys.retain(|_, (_, expiry)| *expiry > now);
         let mut keys: Vec<String> = state
             .keys
             .keys()
-            .filter(|key| key.contains(":claim:"))
+            .filter(|key| key.contains(part))
             .cloned()
             .collect();
         keys.sort();
@@ -541,17 +546,7 @@ impl Broker {
     /// assert!(broker.once_records().is_empty());
     /// ```
     pub fn once_records(&self) -> Vec<String> {
-        let now = Instant::now();
-        let mut state = lock(&self.state);
-        state.keys.retain(|_, (_, expiry)| *expiry > now);
-        let mut keys: Vec<String> = state
-            .keys
-            .keys()
-            .filter(|key| key.contains(":once:"))
-            .cloned()
-            .collect();
-        keys.sort();
-        keys
+        self.live_keys(":once:")
     }
 
     /// Deletes every claim now, as if each had expired before its receiver fetched it.
