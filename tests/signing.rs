@@ -7,7 +7,7 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader, Write};
 use std::net::TcpStream;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -15,7 +15,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use clouds::{Client, Config, Error, Server};
 use clouds_testkit::{RedisCluster, RedisSentinel};
-use common::{RedisServer, config, eventually, redis};
+use common::{RedisServer, Sniffer, config, eventually, redis};
 use hmac::{Hmac, Mac};
 
 const KEY_1: [u8; 32] = *b"first key, thirty-two bytes long";
@@ -54,75 +54,6 @@ fn call_frame(id: u8, method: &str, reply_to: &str, a: u8, b: u8) -> Vec<u8> {
     out.extend_from_slice(&[0xcd, 0x07, 0xd0]); // 2000 ms
     out.extend_from_slice(&[0x92, a & 0x7f, b & 0x7f]);
     out
-}
-
-/// A connection subscribed to one channel, outside any node: sees frames as Redis delivers
-/// them (RESP2 over a plain socket).
-struct Sniffer(BufReader<TcpStream>);
-
-impl Sniffer {
-    fn subscribe(redis: &RedisServer, channel: &str) -> Sniffer {
-        Sniffer::subscribe_on(redis.port(), "SUBSCRIBE", channel)
-    }
-
-    /// `command` (`SUBSCRIBE`, or `SSUBSCRIBE` on a cluster's shard) to `channel` on the
-    /// Redis listening on `port`.
-    fn subscribe_on(port: u16, command: &str, channel: &str) -> Sniffer {
-        let mut stream = TcpStream::connect(("127.0.0.1", port)).expect("connect");
-        stream
-            .set_read_timeout(Some(Duration::from_secs(10)))
-            .expect("timeout");
-        let command = format!(
-            "*2\r\n${}\r\n{command}\r\n${}\r\n{channel}\r\n",
-            command.len(),
-            channel.len()
-        );
-        stream.write_all(command.as_bytes()).expect("subscribe");
-        let mut sniffer = Sniffer(BufReader::new(stream));
-        let confirm = sniffer.array();
-        assert!(
-            confirm[0] == b"subscribe" || confirm[0] == b"ssubscribe",
-            "{confirm:?}"
-        );
-        sniffer
-    }
-
-    fn line(&mut self) -> String {
-        let mut line = String::new();
-        self.0.read_line(&mut line).expect("a RESP line");
-        line.trim_end().to_string()
-    }
-
-    /// One array of bulk strings and integers (integers as their text).
-    fn array(&mut self) -> Vec<Vec<u8>> {
-        let header = self.line();
-        let n: usize = header[1..].parse().expect("array length");
-        (0..n)
-            .map(|_| {
-                let head = self.line();
-                match head.as_bytes()[0] {
-                    b'$' => {
-                        let len: usize = head[1..].parse().expect("bulk length");
-                        let mut bytes = vec![0u8; len + 2];
-                        self.0.read_exact(&mut bytes).expect("bulk");
-                        bytes.truncate(len);
-                        bytes
-                    }
-                    _ => head.as_bytes()[1..].to_vec(),
-                }
-            })
-            .collect()
-    }
-
-    /// The payload of the next message.
-    fn next(&mut self) -> Vec<u8> {
-        let message = self.array();
-        assert!(
-            message[0] == b"message" || message[0] == b"smessage",
-            "{message:?}"
-        );
-        message[2].clone()
-    }
 }
 
 /// `command` (`PUBLISH` or `SPUBLISH`) of `frame` on `channel`, on a plain connection to the

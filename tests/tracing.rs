@@ -6,12 +6,10 @@
 mod common;
 
 use std::convert::Infallible;
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::TcpStream;
 use std::time::Duration;
 
 use clouds::{CallContext, Client, Config, Server};
-use common::RedisServer;
+use common::Sniffer;
 
 /// tracing caches each callsite's interest process-wide, decided by the first thread to hit
 /// it; while at most one dispatcher is registered it asks only that thread's default
@@ -145,59 +143,6 @@ fn traced_call(id: u8, inbox: &str) -> Vec<u8> {
     frame.push(3); // attempt
     frame.push(0x90); // no arguments
     frame
-}
-
-/// A connection subscribed to one channel (RESP2), outside any node.
-struct Sniffer(BufReader<TcpStream>);
-
-impl Sniffer {
-    fn subscribe(redis: &RedisServer, channel: &str) -> Sniffer {
-        let mut stream = TcpStream::connect(("127.0.0.1", redis.port())).expect("connect");
-        stream
-            .set_read_timeout(Some(Duration::from_secs(10)))
-            .expect("timeout");
-        let command = format!(
-            "*2\r\n$9\r\nSUBSCRIBE\r\n${}\r\n{channel}\r\n",
-            channel.len()
-        );
-        stream.write_all(command.as_bytes()).expect("subscribe");
-        let mut sniffer = Sniffer(BufReader::new(stream));
-        assert_eq!(sniffer.array()[0], b"subscribe");
-        sniffer
-    }
-
-    fn line(&mut self) -> String {
-        let mut line = String::new();
-        self.0.read_line(&mut line).expect("a RESP line");
-        line.trim_end().to_string()
-    }
-
-    fn array(&mut self) -> Vec<Vec<u8>> {
-        let header = self.line();
-        let n: usize = header[1..].parse().expect("array length");
-        (0..n)
-            .map(|_| {
-                let head = self.line();
-                match head.as_bytes()[0] {
-                    b'$' => {
-                        let len: usize = head[1..].parse().expect("bulk length");
-                        let mut bytes = vec![0u8; len + 2];
-                        self.0.read_exact(&mut bytes).expect("bulk");
-                        bytes.truncate(len);
-                        bytes
-                    }
-                    _ => head.as_bytes()[1..].to_vec(),
-                }
-            })
-            .collect()
-    }
-
-    /// The payload of the next message.
-    fn next(&mut self) -> Vec<u8> {
-        let message = self.array();
-        assert_eq!(message[0], b"message");
-        message[2].clone()
-    }
 }
 
 /// A trace context that arrives on the wire reaches the handler as it was sent, and goes on

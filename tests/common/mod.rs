@@ -3,6 +3,8 @@
 #![allow(dead_code, unreachable_pub)]
 
 use std::future::Future;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
 use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -97,4 +99,73 @@ pub fn claim_keys(redis: &RedisServer, db: u8) -> Vec<String> {
         .command(&["EVAL", script, "0", &db, &pattern])
         .expect("KEYS");
     reply.as_str_vec().unwrap_or_else(|| panic!("{reply:?}"))
+}
+
+/// A connection subscribed to one channel, outside any node: sees frames as Redis delivers
+/// them (RESP2 over a plain socket).
+pub struct Sniffer(BufReader<TcpStream>);
+
+impl Sniffer {
+    pub fn subscribe(redis: &RedisServer, channel: &str) -> Sniffer {
+        Sniffer::subscribe_on(redis.port(), "SUBSCRIBE", channel)
+    }
+
+    /// `command` (`SUBSCRIBE`, or `SSUBSCRIBE` on a cluster's shard) to `channel` on the
+    /// Redis listening on `port`.
+    pub fn subscribe_on(port: u16, command: &str, channel: &str) -> Sniffer {
+        let mut stream = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
+        let command = format!(
+            "*2\r\n${}\r\n{command}\r\n${}\r\n{channel}\r\n",
+            command.len(),
+            channel.len()
+        );
+        stream.write_all(command.as_bytes()).expect("subscribe");
+        let mut sniffer = Sniffer(BufReader::new(stream));
+        let confirm = sniffer.array();
+        assert!(
+            confirm[0] == b"subscribe" || confirm[0] == b"ssubscribe",
+            "{confirm:?}"
+        );
+        sniffer
+    }
+
+    pub fn line(&mut self) -> String {
+        let mut line = String::new();
+        self.0.read_line(&mut line).expect("a RESP line");
+        line.trim_end().to_string()
+    }
+
+    /// One array of bulk strings and integers (integers as their text).
+    pub fn array(&mut self) -> Vec<Vec<u8>> {
+        let header = self.line();
+        let n: usize = header[1..].parse().expect("array length");
+        (0..n)
+            .map(|_| {
+                let head = self.line();
+                match head.as_bytes()[0] {
+                    b'$' => {
+                        let len: usize = head[1..].parse().expect("bulk length");
+                        let mut bytes = vec![0u8; len + 2];
+                        self.0.read_exact(&mut bytes).expect("bulk");
+                        bytes.truncate(len);
+                        bytes
+                    }
+                    _ => head.as_bytes()[1..].to_vec(),
+                }
+            })
+            .collect()
+    }
+
+    /// The payload of the next message.
+    pub fn next(&mut self) -> Vec<u8> {
+        let message = self.array();
+        assert!(
+            message[0] == b"message" || message[0] == b"smessage",
+            "{message:?}"
+        );
+        message[2].clone()
+    }
 }
