@@ -42,29 +42,11 @@ impl behaviour::Backend for Cluster {
     }
 
     fn claim_keys(&self) -> Vec<String> {
-        let pattern = format!("{}:0:claim:*", self.namespace);
-        let mut keys = Vec::new();
-        for port in self.primaries() {
-            let reply = self
-                .cluster
-                .command_on(port, &["KEYS", &pattern])
-                .expect("KEYS");
-            keys.extend(reply.as_str_vec().unwrap_or_default());
-        }
-        keys
+        self.keys("claim")
     }
 
     fn once_records(&self) -> Vec<String> {
-        let pattern = format!("{}:0:once:*", self.namespace);
-        let mut keys = Vec::new();
-        for port in self.primaries() {
-            let reply = self
-                .cluster
-                .command_on(port, &["KEYS", &pattern])
-                .expect("KEYS");
-            keys.extend(reply.as_str_vec().unwrap_or_default());
-        }
-        keys
+        self.keys("once")
     }
 
     fn once_commands(&self) -> u64 {
@@ -101,6 +83,20 @@ impl behaviour::Backend for Cluster {
 }
 
 impl Cluster {
+    /// The keys of this namespace's `kind` (`claim`, `once`) on every primary.
+    fn keys(&self, kind: &str) -> Vec<String> {
+        let pattern = format!("{}:0:{kind}:*", self.namespace);
+        let mut keys = Vec::new();
+        for port in self.primaries() {
+            let reply = self
+                .cluster
+                .command_on(port, &["KEYS", &pattern])
+                .expect("KEYS");
+            keys.extend(reply.as_str_vec().unwrap_or_default());
+        }
+        keys
+    }
+
     /// The ports of the cluster's primaries now.
     fn primaries(&self) -> Vec<u16> {
         self.cluster
