@@ -70,8 +70,13 @@ where
 
 /// The exactly-once records of namespace `clouds` in `db` of `redis` now.
 pub fn once_records(redis: &RedisServer, db: u8) -> Vec<String> {
+    keys(redis, db, "once")
+}
+
+/// The keys of namespace `clouds`'s `kind` (`claim`, `once`) in `db`.
+fn keys(redis: &RedisServer, db: u8, kind: &str) -> Vec<String> {
     let db = db.to_string();
-    let pattern = format!("clouds:{db}:once:*");
+    let pattern = format!("clouds:{db}:{kind}:*");
     let script = "redis.call('SELECT', ARGV[1]) return redis.call('KEYS', ARGV[2])";
     let reply = redis
         .command(&["EVAL", script, "0", &db, &pattern])
@@ -92,13 +97,7 @@ pub fn calls_of(info: &str, command: &str) -> u64 {
 /// The claim keys (large bodies waiting for their receiver) of namespace `clouds` in `db` of
 /// `redis` now: empty once every call, reply and message has been taken or cleaned up.
 pub fn claim_keys(redis: &RedisServer, db: u8) -> Vec<String> {
-    let db = db.to_string();
-    let pattern = format!("clouds:{db}:claim:*");
-    let script = "redis.call('SELECT', ARGV[1]) return redis.call('KEYS', ARGV[2])";
-    let reply = redis
-        .command(&["EVAL", script, "0", &db, &pattern])
-        .expect("KEYS");
-    reply.as_str_vec().unwrap_or_else(|| panic!("{reply:?}"))
+    keys(redis, db, "claim")
 }
 
 /// A connection subscribed to one channel, outside any node: sees frames as Redis delivers
