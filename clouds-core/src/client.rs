@@ -15,6 +15,8 @@ use crate::error::{Error, RemoteError};
 use crate::message::Messages;
 use crate::node::{Node, Owner};
 use crate::node_id::NodeId;
+use crate::outbox;
+use crate::pending::Answer;
 use crate::stats::{Count, Stats};
 use tracing::Instrument;
 
@@ -574,23 +576,36 @@ impl Client {
                     // Untimed: the attempt's timeout below bounds the PUBLISH too. Sealed
                     // after claiming (when published), so a signature covers a claimed
                     // body's digest. The frame may go in a batch with other calls to this
-                    // provider: its PUBLISH's outcome is this call's (`outbox.rs`).
+                    // provider: its PUBLISH's outcome is this call's (`outbox.rs`). A call
+                    // alone learns it here (`Some`); one in a batch only if it failed or
+                    // reached nobody, as its answer below: one wait per call, not two.
                     // Boxed: the outbox's state and the PUBLISH would otherwise weigh on
                     // every call's future for its whole life (memory per call in flight).
-                    let receivers = Box::pin(node.send_frame(&calls, frame, false)).await?;
-                    if receivers == 0 {
+                    let sent = if inlet.is_some() {
+                        // A stream being opened always waits for its PUBLISH.
+                        Some(Box::pin(node.send_frame(&calls, frame, false)).await)
+                    } else {
+                        Box::pin(outbox::send_call(node, &calls, frame, slot.id)).await
+                    };
+                    if sent.transpose()? == Some(0) {
                         return Ok::<_, Error>(Attempt::NotDelivered);
                     }
-                    // The call reached its provider: from here until its reply, giving up
-                    // (this future dropped: the caller's, or the attempt's timeout) tells the
-                    // provider, so it drops the handler.
+                    // The call reached its provider, or waits to: from here until its
+                    // answer, giving up (this future dropped: the caller's, or the attempt's
+                    // timeout) tells the provider, so it drops the handler (a queued call
+                    // still goes, the Cancel after it on the same channel).
                     // (A call made once is never cancelled: its retries wait for its run.)
                     let given_up = GiveUp::new(node, &calls, slot.id, !once);
-                    let reply = match reply.await {
-                        Ok(reply) => reply,
+                    let answer = match reply.await {
+                        Ok(answer) => answer,
                         Err(_) => return Ok(Attempt::Closed),
                     };
                     given_up.answered();
+                    let reply = match answer {
+                        Answer::Reply(reply) => reply,
+                        Answer::NotDelivered => return Ok(Attempt::NotDelivered),
+                        Answer::Failed(e) => return Err(e.into()),
+                    };
                     // A large result waits in Redis: fetched now, within the attempt's time.
                     let Some(result) = reply.claim else {
                         return Ok(Attempt::Replied(reply));

@@ -845,6 +845,10 @@ impl Sink for Node {
     fn spawn(&self, work: impl std::future::Future<Output = ()> + Send + 'static) {
         self.life.spawn_detached(work);
     }
+
+    fn unsent(&self, id: u64, outcome: Result<u64, TransportError>) {
+        self.caller.pending().unsent(id, outcome);
+    }
 }
 
 /// Why a claimed body was not fetched.

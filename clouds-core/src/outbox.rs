@@ -7,19 +7,28 @@
 //! answered, the turn passes to a *flusher* task that publishes everything waiting as one
 //! batch frame (`codec::encode_batch`, at most `codec::BATCH_MAX` bytes; a frame too large to
 //! share goes alone), tells each frame's sender what its `PUBLISH` returned, and goes on until
-//! the queue is empty. The receive loop, which makes several replies to one caller in one
-//! pass, hands them over together (`send_all`): one run in the queue behind one waiter; if the
-//! turn was free it yields once, so frames made meanwhile join, and flushes them itself.
+//! the queue is empty. Two senders gather before they publish:
+//!
+//! - A call (`send_call`) that finds the turn free takes it and yields, so calls woken
+//!   together (a burst of callers answered by one batch of replies) join it; if none did, it
+//!   publishes its frame alone and learns the outcome itself; if some did, a flusher publishes
+//!   them all. A call whose frame went in a batch is told only if that `PUBLISH` failed or
+//!   reached nobody, through its pending slot ([`Sink::unsent`]): it waits once, for its
+//!   answer, with no outcome channel of its own.
+//! - The receive loop, which makes several replies to one caller in one pass, hands them over
+//!   together (`send_all`): one run in the queue behind one waiter; if the turn was free it
+//!   yields once, so frames made meanwhile join, and flushes them itself.
 //!
 //! So a batch's outcome is exactly each of its frames' outcome: a `PUBLISH` that reached
 //! nobody reached none of them, one that failed failed for each of them. Frames keep their
 //! order per destination. A sender dropped while its frame waits takes the frame out of the
 //! next batch (of a run from `send_all`, only the last frame: replies whose sending was given
-//! up may still go, and a caller ignores a late reply); one dropped while holding the turn
-//! hands it on from its `Drop` (a flusher picks up what waits), so no destination's turn is
-//! ever stranded. Batches are published by spawned flushers or by the receive loop's reply
-//! futures (dropped only when given up after a command timeout, or at shutdown), never by a
-//! call's future, so a batch in flight cannot be cancelled by a caller giving up.
+//! up may still go, and a caller ignores a late reply; a call from `send_call` still goes, its
+//! caller's Cancel after it); one dropped while holding the turn hands it on from its `Drop`
+//! (a flusher picks up what waits), so no destination's turn is ever stranded. Batches are
+//! published by spawned flushers or by the receive loop's reply futures (dropped only when
+//! given up after a command timeout, or at shutdown), never by a call's future, so a batch in
+//! flight cannot be cancelled by a caller giving up.
 //!
 //! What publishing means (sealing, the transport) is the [`Sink`]'s: the node in production,
 //! a recording fake in the tests below.
@@ -53,6 +62,10 @@ pub(crate) trait Sink: Send + Sync + Sized + 'static {
 
     /// Runs a flusher in the background (on the node's runtime; also called from `Drop`).
     fn spawn(&self, work: impl Future<Output = ()> + Send + 'static);
+
+    /// Tells the call with pending id `id`, queued with [`queue_call`], that the `PUBLISH`
+    /// which carried it failed or reached nobody (`outcome`: the error, or `Ok(0)`).
+    fn unsent(&self, id: u64, outcome: Result<u64, TransportError>);
 }
 
 /// The turns and queues of one node's destinations.
@@ -71,9 +84,27 @@ pub(crate) struct Outbox {
 #[derive(Debug)]
 struct Waiting {
     frame: Bytes,
-    /// Who to tell; `None` for all but the last of frames sent together (`send_all`), whose
-    /// sender waits for the last one only.
-    done: Option<oneshot::Sender<Result<u64, TransportError>>>,
+    tell: Tell,
+}
+
+/// Who hears what became of a waiting frame's `PUBLISH`.
+#[derive(Debug)]
+enum Tell {
+    /// Nobody: all but the last of frames sent together (`send_all`), whose sender waits
+    /// for the last one only.
+    Nobody,
+    /// A sender waiting for the outcome, whatever it is.
+    Sender(oneshot::Sender<Result<u64, TransportError>>),
+    /// A call waiting for its reply in the pending table under this id (`queue_call`): told
+    /// only if the `PUBLISH` failed or reached nobody.
+    Call(u64),
+}
+
+impl Tell {
+    /// Whether nobody can hear any more (a sender that gave up).
+    fn gave_up(&self) -> bool {
+        matches!(self, Tell::Sender(done) if done.is_closed())
+    }
 }
 
 impl Outbox {
@@ -106,7 +137,7 @@ impl Outbox {
         let mut taken = Vec::new();
         let mut size = codec::BATCH_HEADER;
         while let Some(front) = queue.front() {
-            if front.done.as_ref().is_some_and(|done| done.is_closed()) {
+            if front.tell.gave_up() {
                 queue.pop_front();
                 continue;
             }
@@ -163,7 +194,7 @@ pub(crate) async fn send<S: Sink>(
                 let (done, waiting) = oneshot::channel();
                 queue.push_back(Waiting {
                     frame,
-                    done: Some(done),
+                    tell: Tell::Sender(done),
                 });
                 Err(waiting)
             }
@@ -182,6 +213,77 @@ pub(crate) async fn send<S: Sink>(
     let sent = sink.publish(channel.clone(), frame, timed).await;
     drop(turn);
     sent
+}
+
+/// Publishes a call's `frame` on `channel` through the outbox, for a call waiting in the
+/// pending table under `id`. The frame joins `channel`'s queue. If the turn was free, this
+/// sender takes it and yields once, so calls made meanwhile (a burst of callers woken
+/// together) join it: if none did, it publishes its frame alone itself and returns what that
+/// `PUBLISH` returned; if some did, a flusher publishes them all as one batch. Every call
+/// whose frame went in a batch gets `None` and hears of its `PUBLISH` only if that failed
+/// or reached nobody ([`Sink::unsent`], which answers its pending slot): so a call at load
+/// waits once, for its answer, with no outcome channel of its own. A batch is never
+/// published from a call's future, so a caller giving up cannot cancel other calls' frames.
+///
+/// Unlike [`send`], a queued call is sent even if its caller gives up meanwhile (nothing
+/// here knows): a caller that gave up after queueing tells the provider with a Cancel,
+/// which follows the call on the same channel.
+pub(crate) async fn send_call<S: Sink>(
+    sink: &Arc<S>,
+    channel: &Channel,
+    frame: Bytes,
+    id: u64,
+) -> Option<Result<u64, TransportError>> {
+    let outbox = sink.outbox();
+    if !outbox.enabled {
+        return Some(sink.publish(channel.clone(), frame, false).await);
+    }
+    let waiting = Waiting {
+        frame,
+        tell: Tell::Call(id),
+    };
+    {
+        let mut turns = lock(&outbox.turns);
+        match turns.get_mut(channel) {
+            Some(queue) => {
+                queue.push_back(waiting);
+                return None;
+            }
+            None => {
+                turns.insert(channel.clone(), VecDeque::from([waiting]));
+            }
+        }
+    }
+    // This sender holds the turn; the guard hands it on (to a flusher, when frames wait)
+    // however this future ends.
+    let turn = Turn::new(sink, channel);
+    // Let the calls runnable now join; again while they keep coming (a burst woken
+    // together spreads over the workers), at most a few times.
+    let mut queued = 1;
+    for _ in 0..GATHER_ROUNDS {
+        yield_once().await;
+        let now = lock(&outbox.turns).get(channel).map_or(0, VecDeque::len);
+        if now == queued {
+            break;
+        }
+        queued = now;
+    }
+    let alone = {
+        let mut turns = lock(&outbox.turns);
+        match turns.get_mut(channel) {
+            // Only this call's frame waits (nobody else takes from a held turn's queue).
+            Some(queue) if queue.len() == 1 => queue.pop_front(),
+            _ => None,
+        }
+    };
+    let Some(alone) = alone else {
+        // Others joined: the guard hands the turn to a flusher for the batch.
+        drop(turn);
+        return None;
+    };
+    let sent = sink.publish(channel.clone(), alone.frame, false).await;
+    drop(turn);
+    Some(sent)
 }
 
 /// Publishes `frames` (not empty), made together for `channel`, through the outbox: the
@@ -213,8 +315,11 @@ pub(crate) async fn send_all<S: Sink>(
         let last = frames.len().saturating_sub(1);
         let mut done = Some(done);
         for (n, frame) in frames.into_iter().enumerate() {
-            let done = if n == last { done.take() } else { None };
-            queue.push_back(Waiting { frame, done });
+            let tell = match done.take_if(|_| n == last) {
+                Some(done) => Tell::Sender(done),
+                None => Tell::Nobody,
+            };
+            queue.push_back(Waiting { frame, tell });
         }
         free
     };
@@ -229,6 +334,25 @@ pub(crate) async fn send_all<S: Sink>(
     }
     outcome(waiting).await
 }
+/// Most times a call holding a free turn yields for others to join (`send_call`).
+const GATHER_ROUNDS: usize = 4;
+
+/// Lets the tasks already runnable on this worker run before this one goes on: it asks to be
+/// polled again at once, which puts it at the back of the worker's queue. Not
+/// `tokio::task::yield_now`, which waits for the runtime to poll its I/O driver first: that
+/// made a call alone ~14 % slower (BENCHMARKS.md, "One wait per call").
+fn yield_once() -> impl Future<Output = ()> {
+    let mut yielded = false;
+    std::future::poll_fn(move |cx| {
+        if yielded {
+            return std::task::Poll::Ready(());
+        }
+        yielded = true;
+        cx.waker().wake_by_ref();
+        std::task::Poll::Pending
+    })
+}
+
 /// What became of a frame that waited for its turn.
 async fn outcome(
     waiting: oneshot::Receiver<Result<u64, TransportError>>,
@@ -288,8 +412,16 @@ async fn flush_held<S: Sink>(sink: &Arc<S>, channel: &Channel) {
             many => codec::encode_batch(many.iter().map(|w| &w.frame[..])),
         };
         let sent = sink.publish(channel.clone(), frame, true).await;
-        for done in taken.into_iter().filter_map(|w| w.done) {
-            let _ = done.send(sent.clone());
+        let delivered = matches!(sent, Ok(n) if n > 0);
+        for waiting in taken {
+            match waiting.tell {
+                Tell::Nobody => {}
+                Tell::Sender(done) => {
+                    let _ = done.send(sent.clone());
+                }
+                Tell::Call(_) if delivered => {}
+                Tell::Call(id) => sink.unsent(id, sent.clone()),
+            }
         }
     }
 }
@@ -306,6 +438,8 @@ mod tests {
         gate: tokio::sync::Semaphore,
         fail: AtomicBool,
         receivers: u64,
+        /// The calls told their `PUBLISH` failed or reached nobody (`Sink::unsent`).
+        unsent: Mutex<Vec<(u64, Result<u64, TransportError>)>>,
     }
 
     impl Fake {
@@ -316,6 +450,7 @@ mod tests {
                 gate: tokio::sync::Semaphore::new(0),
                 fail: AtomicBool::new(false),
                 receivers,
+                unsent: Mutex::new(Vec::new()),
             })
         }
 
@@ -355,6 +490,10 @@ mod tests {
 
         fn spawn(&self, work: impl Future<Output = ()> + Send + 'static) {
             tokio::spawn(work);
+        }
+
+        fn unsent(&self, id: u64, outcome: Result<u64, TransportError>) {
+            lock(&self.unsent).push((id, outcome));
         }
     }
 
@@ -657,5 +796,122 @@ mod tests {
         let sends = (0..4u8).map(|n| send(&fake, &ch, frame(n, 8), false));
         futures_util::future::join_all(sends).await;
         assert_eq!(fake.publishes().len(), 4);
+    }
+
+    /// Sends call `id`'s frame with `send_call` from a task of its own.
+    fn spawn_call(
+        fake: &Arc<Fake>,
+        ch: &Channel,
+        frame: Bytes,
+        id: u64,
+    ) -> tokio::task::JoinHandle<Option<Result<u64, TransportError>>> {
+        let (fake, ch) = (fake.clone(), ch.clone());
+        tokio::spawn(async move { send_call(&fake, &ch, frame, id).await })
+    }
+
+    #[tokio::test]
+    async fn a_call_alone_publishes_itself_and_hears_its_outcome() {
+        let fake = Fake::new(1024, 2);
+        fake.gate.add_permits(1);
+        let ch = Channel::from("a");
+        assert_eq!(send_call(&fake, &ch, frame(1, 10), 7).await, Some(Ok(2)));
+        assert_eq!(fake.publishes(), vec![vec![frame(1, 10)]]);
+        assert_eq!(fake.outbox.busy(), 0, "the turn is given back");
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn calls_made_together_go_as_one_batch_and_hear_nothing_when_delivered() {
+        let fake = Fake::new(1024, 2);
+        let ch = Channel::from("a");
+        // Spawned before any runs: the first takes the turn and yields, the others join.
+        let calls: Vec<_> = (0..4u8)
+            .map(|n| spawn_call(&fake, &ch, frame(n, 10), u64::from(n)))
+            .collect();
+        fake.gate.add_permits(10);
+        for call in calls {
+            assert_eq!(call.await.expect("ran"), None, "each went in the batch");
+        }
+        settle().await;
+        let batch: Vec<Bytes> = (0..4).map(|n| frame(n, 10)).collect();
+        assert_eq!(fake.publishes(), vec![batch]);
+        assert!(
+            lock(&fake.unsent).is_empty(),
+            "a delivered batch tells nobody"
+        );
+        assert_eq!(fake.outbox.busy(), 0);
+    }
+
+    #[tokio::test]
+    async fn calls_queued_behind_the_turn_hear_of_a_batch_that_reached_nobody_or_failed() {
+        for (receivers, fail, expected) in [
+            (0, false, Ok(0)),
+            (
+                1,
+                true,
+                Err(TransportError::Command {
+                    command: "PUBLISH",
+                    reason: "injected".into(),
+                }),
+            ),
+        ] {
+            let fake = Fake::new(1024, receivers);
+            let ch = Channel::from("a");
+            // A plain frame holds the turn at the gate...
+            let holder = spawn_send(&fake, &ch, frame(9, 10));
+            settle().await;
+            // ...so these calls queue behind it.
+            let calls = [spawn_call(&fake, &ch, frame(1, 10), 1), {
+                let call = spawn_call(&fake, &ch, frame(2, 10), 2);
+                settle().await;
+                call
+            }];
+            fake.fail.store(fail, Ordering::SeqCst);
+            fake.gate.add_permits(10);
+            assert_eq!(holder.await.expect("ran"), expected);
+            for call in calls {
+                assert_eq!(call.await.expect("ran"), None);
+            }
+            settle().await;
+            let told = lock(&fake.unsent).clone();
+            assert_eq!(
+                told,
+                vec![(1, expected.clone()), (2, expected.clone())],
+                "exactly the calls the batch carried"
+            );
+            assert_eq!(fake.outbox.busy(), 0);
+        }
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_call_dropped_while_holding_the_turn_hands_it_on_with_its_frame() {
+        let fake = Fake::new(1024, 1);
+        let ch = Channel::from("a");
+        let (fake2, ch2) = (fake.clone(), ch.clone());
+        let mut call = Box::pin(async move { send_call(&fake2, &ch2, frame(0, 10), 1).await });
+        // Polled once: it takes the turn and yields; then it is dropped.
+        assert!(futures_util::poll!(call.as_mut()).is_pending());
+        assert_eq!(fake.outbox.busy(), 1);
+        drop(call);
+        fake.gate.add_permits(10);
+        settle().await;
+        assert_eq!(
+            fake.publishes(),
+            vec![vec![frame(0, 10)]],
+            "a flusher sends the frame"
+        );
+        assert_eq!(fake.outbox.busy(), 0);
+    }
+
+    #[tokio::test]
+    async fn off_a_call_publishes_its_frame_alone() {
+        let fake = Arc::new(Fake {
+            outbox: Outbox::with_cap(false, 1024),
+            ..Arc::into_inner(Fake::new(1024, 1)).expect("one owner")
+        });
+        let ch = Channel::from("a");
+        fake.gate.add_permits(1);
+        assert_eq!(send_call(&fake, &ch, frame(3, 4), 1).await, Some(Ok(1)));
+        assert_eq!(fake.publishes(), vec![vec![frame(3, 4)]]);
+        assert_eq!(fake.outbox.busy(), 0);
     }
 }

@@ -8,7 +8,7 @@ use tokio::sync::oneshot;
 
 use crate::envelope::{Reply, Status};
 use crate::stream::Inlet;
-use crate::transport::Channel;
+use crate::transport::{Channel, TransportError};
 
 /// The table of a node's calls in flight.
 #[derive(Debug, Default)]
@@ -26,14 +26,26 @@ struct Waiting {
     sent_to: Option<Channel>,
 }
 
+/// What a waiting call hears.
+#[derive(Debug)]
+pub(crate) enum Answer {
+    /// Its reply.
+    Reply(Reply),
+    /// The `PUBLISH` that carried it (in a batch, `outbox::queue_call`) reached nobody: it
+    /// certainly did not run.
+    NotDelivered,
+    /// The `PUBLISH` that carried it failed.
+    Failed(TransportError),
+}
+
 /// Who waits for frames with one id.
 #[derive(Debug)]
 enum Waiter {
     /// A call, for its reply.
-    Call(oneshot::Sender<Reply>),
+    Call(oneshot::Sender<Answer>),
     /// A stream being opened, for its first reply: a `Stream` reply turns the slot into
     /// [`Waiter::Stream`], anything else ends it as for a call.
-    Opening(oneshot::Sender<Reply>, Arc<Inlet>),
+    Opening(oneshot::Sender<Answer>, Arc<Inlet>),
     /// An open stream, for its items, keep-alives and final reply.
     Stream(Arc<Inlet>),
 }
@@ -41,7 +53,7 @@ enum Waiter {
 impl Pending {
     /// Opens a slot for one attempt's reply. The slot is removed when the guard drops, so a
     /// cancelled or timed-out call leaves nothing behind.
-    pub(crate) fn open(&self) -> (PendingGuard<'_>, oneshot::Receiver<Reply>) {
+    pub(crate) fn open(&self) -> (PendingGuard<'_>, oneshot::Receiver<Answer>) {
         self.open_slot(None, None, None)
     }
 
@@ -51,7 +63,7 @@ impl Pending {
     pub(crate) fn open_with(
         &self,
         inlet: Option<&Arc<Inlet>>,
-    ) -> (PendingGuard<'_>, oneshot::Receiver<Reply>) {
+    ) -> (PendingGuard<'_>, oneshot::Receiver<Answer>) {
         self.open_slot(None, inlet, None)
     }
 
@@ -60,7 +72,7 @@ impl Pending {
     pub(crate) fn open_to(
         &self,
         sent_to: Option<Channel>,
-    ) -> (PendingGuard<'_>, oneshot::Receiver<Reply>) {
+    ) -> (PendingGuard<'_>, oneshot::Receiver<Answer>) {
         self.open_slot(None, None, sent_to)
     }
 
@@ -70,7 +82,7 @@ impl Pending {
         &self,
         id: Option<u64>,
         sent_to: Option<Channel>,
-    ) -> (PendingGuard<'_>, oneshot::Receiver<Reply>) {
+    ) -> (PendingGuard<'_>, oneshot::Receiver<Answer>) {
         self.open_slot(id, None, sent_to)
     }
 
@@ -79,7 +91,7 @@ impl Pending {
         id: Option<u64>,
         inlet: Option<&Arc<Inlet>>,
         sent_to: Option<Channel>,
-    ) -> (PendingGuard<'_>, oneshot::Receiver<Reply>) {
+    ) -> (PendingGuard<'_>, oneshot::Receiver<Answer>) {
         let id = id.unwrap_or_else(|| self.next_id.fetch_add(1, Ordering::Relaxed));
         let (tx, rx) = oneshot::channel();
         let waiter = match inlet {
@@ -107,7 +119,7 @@ impl Pending {
         match waiter {
             Waiter::Call(tx) => {
                 drop(table);
-                tx.send(reply).is_ok()
+                tx.send(Answer::Reply(reply)).is_ok()
             }
             Waiter::Opening(tx, inlet) => {
                 let id = reply.id;
@@ -117,7 +129,7 @@ impl Pending {
                     table.insert(id, Waiting { waiter, sent_to });
                 }
                 drop(table);
-                let delivered = tx.send(reply).is_ok();
+                let delivered = tx.send(Answer::Reply(reply)).is_ok();
                 if !delivered {
                     self.forget(id);
                 }
@@ -129,6 +141,29 @@ impl Pending {
                 true
             }
         }
+    }
+
+    /// Tells the call with this id that the `PUBLISH` carrying it failed (`Err`) or reached
+    /// nobody (`Ok(0)`); nothing if it was answered or given up already.
+    pub(crate) fn unsent(&self, id: u64, outcome: Result<u64, TransportError>) {
+        let mut table = self.lock();
+        let tx = match table.remove(&id) {
+            Some(Waiting {
+                waiter: Waiter::Call(tx),
+                ..
+            }) => tx,
+            // Only calls are queued with their id (`outbox::queue_call`): left as it was.
+            Some(other) => {
+                table.insert(id, other);
+                return;
+            }
+            None => return,
+        };
+        drop(table);
+        let _ = tx.send(match outcome {
+            Ok(_) => Answer::NotDelivered,
+            Err(e) => Answer::Failed(e),
+        });
     }
 
     /// The open stream with this id, if any.
@@ -226,7 +261,10 @@ mod tests {
         let (guard, rx) = pending.open();
         assert_eq!(pending.len(), 1);
         assert!(pending.complete(reply(guard.id)));
-        assert_eq!(rx.await.expect("reply").id, guard.id);
+        match rx.await.expect("an answer") {
+            Answer::Reply(reply) => assert_eq!(reply.id, guard.id),
+            other => panic!("expected the reply, got {other:?}"),
+        }
         drop(guard);
         assert_eq!(pending.len(), 0);
         assert!(!pending.complete(reply(12345)), "unknown ids are refused");
@@ -251,5 +289,24 @@ mod tests {
         drop(guard);
         assert_eq!(pending.len(), 0);
         assert!(!pending.complete(reply(id)), "a late reply finds no slot");
+    }
+
+    #[tokio::test]
+    async fn a_call_told_its_publish_went_nowhere_hears_why_and_frees_its_slot() {
+        let pending = Pending::default();
+        let (nobody, rx_nobody) = pending.open();
+        let (failed, rx_failed) = pending.open();
+        pending.unsent(nobody.id, Ok(0));
+        let error = TransportError::Command {
+            command: "PUBLISH",
+            reason: "injected".into(),
+        };
+        pending.unsent(failed.id, Err(error.clone()));
+        assert_eq!(pending.len(), 0);
+        assert!(matches!(rx_nobody.await, Ok(Answer::NotDelivered)));
+        assert!(matches!(rx_failed.await, Ok(Answer::Failed(e)) if e == error));
+        // Too late for a call answered meanwhile: nothing happens.
+        pending.unsent(nobody.id, Ok(0));
+        assert!(!pending.complete(reply(nobody.id)));
     }
 }
