@@ -849,6 +849,10 @@ impl Sink for Node {
     fn unsent(&self, id: u64, outcome: Result<u64, TransportError>) {
         self.caller.pending().unsent(id, outcome);
     }
+
+    fn calls_waiting(&self) -> usize {
+        self.caller.pending().len()
+    }
 }
 
 /// Why a claimed body was not fetched.

@@ -63,7 +63,11 @@ pub(crate) trait Sink: Send + Sync + Sized + 'static {
     /// Runs a flusher in the background (on the node's runtime; also called from `Drop`).
     fn spawn(&self, work: impl Future<Output = ()> + Send + 'static);
 
-    /// Tells the call with pending id `id`, queued with [`queue_call`], that the `PUBLISH`
+    /// How many calls of this node wait for their answer now (this one included): a call
+    /// alone does not wait for others to join it (`send_call`).
+    fn calls_waiting(&self) -> usize;
+
+    /// Tells the call with pending id `id`, queued with [`send_call`], that the `PUBLISH`
     /// which carried it failed or reached nobody (`outcome`: the error, or `Ok(0)`).
     fn unsent(&self, id: u64, outcome: Result<u64, TransportError>);
 }
@@ -258,15 +262,19 @@ pub(crate) async fn send_call<S: Sink>(
     // however this future ends.
     let turn = Turn::new(sink, channel);
     // Let the calls runnable now join; again while they keep coming (a burst woken
-    // together spreads over the workers), at most a few times.
-    let mut queued = 1;
-    for _ in 0..GATHER_ROUNDS {
-        yield_once().await;
-        let now = lock(&outbox.turns).get(channel).map_or(0, VecDeque::len);
-        if now == queued {
-            break;
+    // together spreads over the workers), at most a few times. A call alone goes at once:
+    // a yield can wake an idle worker to take this task over, which costs a lone call more
+    // than it could gain.
+    if sink.calls_waiting() > 1 {
+        let mut queued = 1;
+        for _ in 0..GATHER_ROUNDS {
+            yield_once().await;
+            let now = lock(&outbox.turns).get(channel).map_or(0, VecDeque::len);
+            if now == queued {
+                break;
+            }
+            queued = now;
         }
-        queued = now;
     }
     let alone = {
         let mut turns = lock(&outbox.turns);
@@ -326,7 +334,7 @@ pub(crate) async fn send_all<S: Sink>(
     if free {
         // The guard hands the turn on if this future is dropped while flushing.
         let turn = Turn::new(sink, channel);
-        tokio::task::yield_now().await;
+        yield_once().await;
         flush_held(sink, channel).await;
         // `flush_held` gave the turn back with the queue empty: someone else may hold it by
         // now, so the guard must not release it again.
@@ -440,6 +448,8 @@ mod tests {
         receivers: u64,
         /// The calls told their `PUBLISH` failed or reached nobody (`Sink::unsent`).
         unsent: Mutex<Vec<(u64, Result<u64, TransportError>)>>,
+        /// What `Sink::calls_waiting` says.
+        calls_waiting: std::sync::atomic::AtomicUsize,
     }
 
     impl Fake {
@@ -451,6 +461,7 @@ mod tests {
                 fail: AtomicBool::new(false),
                 receivers,
                 unsent: Mutex::new(Vec::new()),
+                calls_waiting: std::sync::atomic::AtomicUsize::new(64),
             })
         }
 
@@ -494,6 +505,10 @@ mod tests {
 
         fn unsent(&self, id: u64, outcome: Result<u64, TransportError>) {
             lock(&self.unsent).push((id, outcome));
+        }
+
+        fn calls_waiting(&self) -> usize {
+            self.calls_waiting.load(Ordering::SeqCst)
         }
     }
 
@@ -913,5 +928,25 @@ mod tests {
         assert_eq!(send_call(&fake, &ch, frame(3, 4), 1).await, Some(Ok(1)));
         assert_eq!(fake.publishes(), vec![vec![frame(3, 4)]]);
         assert_eq!(fake.outbox.busy(), 0);
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_call_alone_publishes_without_yielding() {
+        let fake = Fake::new(1024, 1);
+        fake.calls_waiting.store(1, Ordering::SeqCst);
+        let ch = Channel::from("a");
+        let (fake2, ch2) = (fake.clone(), ch.clone());
+        let mut call = Box::pin(async move { send_call(&fake2, &ch2, frame(0, 10), 1).await });
+        // First poll: it reaches the PUBLISH (waiting at the gate) without yielding first.
+        assert!(futures_util::poll!(call.as_mut()).is_pending());
+        assert_eq!(fake.gate.available_permits(), 0);
+        assert!(
+            lock(&fake.outbox.turns)
+                .get(&ch)
+                .is_some_and(VecDeque::is_empty),
+            "its frame left the queue for its own PUBLISH"
+        );
+        fake.gate.add_permits(1);
+        assert_eq!(call.await, Some(Ok(1)));
     }
 }
