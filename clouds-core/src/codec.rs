@@ -413,6 +413,10 @@ pub(crate) fn split_batch(frame: &Bytes) -> Option<Result<Vec<Bytes>, DecodeErro
     })())
 }
 
+/// Most elements a Call may have: its 6, the trace element and up to 8 later extension
+/// elements that this version skips (§3.1, §11).
+const CALL_MAX_ELEMENTS: u32 = 15;
+
 /// A cursor over a frame that remembers the whole buffer, so the body can be handed out as a
 /// zero-copy slice.
 struct Reader<'a> {
@@ -470,6 +474,24 @@ impl<'a> Reader<'a> {
         }
         let start = self.frame.len() - self.rest.len();
         Ok(self.frame.slice(start..))
+    }
+
+    /// Steps over one MessagePack value of any type (an extension element this version does
+    /// not know).
+    fn skip(&mut self, what: &str) -> Result<(), DecodeError> {
+        let len = value_len(self.rest).map_err(|e| malformed(format!("{what}: {e}")))?;
+        self.rest = &self.rest[len..];
+        Ok(())
+    }
+
+    /// A call's trace element, `[traceparent: str, tracestate: str, attempt: uint]`, or nil
+    /// for none (a call that carries later extension elements but no trace).
+    fn optional_trace(&mut self) -> Result<Option<Trace>, DecodeError> {
+        if self.rest.first() == Some(&0xc0) {
+            self.rest = &self.rest[1..];
+            return Ok(None);
+        }
+        self.trace().map(Some)
     }
 
     /// A call's trace element: `[traceparent: str, tracestate: str, attempt: uint]`.
@@ -534,9 +556,12 @@ pub(crate) fn decode(frame: &Bytes) -> Result<Frame, DecodeError> {
     };
     let frame = match kind {
         k if k == u64::from(KIND_CALL) => {
-            // 6 elements, or 7 with the trace element before the arguments.
-            if len != 7 {
-                Reader::expect_len(len, 6, "call")?;
+            // 6 elements, or more with extension elements before the arguments: the first
+            // is the trace element (or nil), any later ones are skipped (§3.1).
+            if len < 6 || len > CALL_MAX_ELEMENTS {
+                return Err(malformed(format!(
+                    "call has {len} elements, expected 6 to {CALL_MAX_ELEMENTS}"
+                )));
             }
             let id = r.uint("call id")?;
             let method = r.wire_str("method", MAX_METHOD_LEN)?;
@@ -545,11 +570,14 @@ pub(crate) fn decode(frame: &Bytes) -> Result<Frame, DecodeError> {
                 return Err(malformed("reply_to is empty"));
             }
             let deadline_ms = r.uint("deadline")?;
-            let trace = if len == 7 {
-                Some(Box::new(r.trace()?))
+            let trace = if len >= 7 {
+                r.optional_trace()?.map(Box::new)
             } else {
                 None
             };
+            for _ in 7..len {
+                r.skip("call extension")?;
+            }
             let args = body(r, "arguments")?;
             if !claimed && !is_array_marker(args[0]) {
                 return Err(malformed("arguments are not a MessagePack array"));
@@ -1232,12 +1260,45 @@ mod tests {
         good.extend_from_slice(&[0x93, 0xa1, b'x', 0xa0, 1]);
         good.push(0x90);
         assert!(decode(&Bytes::from(good)).is_ok());
-        // Five or eight elements are still malformed.
-        for count in [0x95, 0x98] {
-            let mut bytes = frame.to_vec();
-            bytes[1] = count;
-            assert!(decode(&Bytes::from(bytes)).is_err());
-        }
+        // Five elements are malformed; so are more than 15 (not a fixarray).
+        let mut five = frame.to_vec();
+        five[1] = 0x95;
+        assert!(decode(&Bytes::from(five)).is_err());
+    }
+
+    #[test]
+    fn extension_elements_after_the_trace_are_skipped() {
+        let head = [VERSION, 0x99, KIND_CALL, 1, 0xa1, b'm', 0xa1, b'n', 1];
+        let args = [0x91, 0x05];
+        // Untraced (nil), then two extensions this version does not know: a map and an ext.
+        let mut untraced = head.to_vec();
+        untraced.push(0xc0);
+        untraced.extend_from_slice(&[0x81, 0xa1, b'k', 0x92, 1, 2]);
+        untraced.extend_from_slice(&[0xd4, 7, 9]);
+        untraced.extend_from_slice(&args);
+        let Ok(Frame::Call(call)) = decode(&Bytes::from(untraced.clone())) else {
+            panic!("a call with extensions decodes")
+        };
+        assert!(call.trace.is_none());
+        assert_eq!(&call.args[..], &args, "the arguments are still the rest");
+        // Traced, then the same extensions.
+        let mut traced = head.to_vec();
+        traced.extend_from_slice(&[0x93, 0xa1, b'x', 0xa0, 3]);
+        traced.extend_from_slice(&untraced[head.len() + 1..]);
+        let Ok(Frame::Call(call)) = decode(&Bytes::from(traced)) else {
+            panic!("a traced call with extensions decodes")
+        };
+        assert_eq!(call.trace.expect("trace").attempt, 3);
+        assert_eq!(&call.args[..], &args);
+        // A truncated extension is malformed, never read past.
+        let mut cut = head.to_vec();
+        cut.extend_from_slice(&[0xc0, 0xc4, 200, 1]);
+        assert!(decode(&Bytes::from(cut)).is_err());
+        // An extension count that runs into the arguments leaves none: malformed.
+        let mut short = head.to_vec();
+        short.extend_from_slice(&[0xc0, 1]);
+        short.extend_from_slice(&args);
+        assert!(decode(&Bytes::from(short)).is_err());
     }
 
     #[test]
