@@ -585,7 +585,10 @@ impl Client {
                         // A stream being opened always waits for its PUBLISH.
                         Some(Box::pin(node.send_frame(&calls, frame, false)).await)
                     } else {
-                        Box::pin(outbox::send_call(node, &calls, frame, slot.id)).await
+                        match outbox::send_call(node, &calls, frame, slot.id) {
+                            Some(publishing) => Box::pin(publishing).await,
+                            None => None,
+                        }
                     };
                     if sent.transpose()? == Some(0) {
                         return Ok::<_, Error>(Attempt::NotDelivered);

@@ -220,78 +220,84 @@ pub(crate) async fn send<S: Sink>(
 }
 
 /// Publishes a call's `frame` on `channel` through the outbox, for a call waiting in the
-/// pending table under `id`. The frame joins `channel`'s queue. If the turn was free, this
-/// sender takes it and yields once, so calls made meanwhile (a burst of callers woken
-/// together) join it: if none did, it publishes its frame alone itself and returns what that
-/// `PUBLISH` returned; if some did, a flusher publishes them all as one batch. Every call
-/// whose frame went in a batch gets `None` and hears of its `PUBLISH` only if that failed
-/// or reached nobody ([`Sink::unsent`], which answers its pending slot): so a call at load
-/// waits once, for its answer, with no outcome channel of its own. A batch is never
-/// published from a call's future, so a caller giving up cannot cancel other calls' frames.
+/// pending table under `id`. The frame joins `channel`'s queue. If the turn was held, that
+/// is all (`None`, no future to run). If it was free, this sender takes it and gets a future
+/// to run at once, which yields (while other calls of the node wait for answers) so that
+/// calls made meanwhile (a burst of callers woken together) join: if none did, it publishes
+/// the frame alone and resolves to what that `PUBLISH` returned; if some did, a flusher
+/// publishes them all as one batch and it resolves to `None`. A call whose frame went in a
+/// batch hears of its `PUBLISH` only if that failed or reached nobody ([`Sink::unsent`],
+/// which answers its pending slot): so a call at load waits once, for its answer, with no
+/// outcome channel nor future of its own here. A batch is never published from a call's
+/// future, so a caller giving up cannot cancel other calls' frames.
 ///
 /// Unlike [`send`], a queued call is sent even if its caller gives up meanwhile (nothing
 /// here knows): a caller that gave up after queueing tells the provider with a Cancel,
 /// which follows the call on the same channel.
-pub(crate) async fn send_call<S: Sink>(
-    sink: &Arc<S>,
-    channel: &Channel,
+pub(crate) fn send_call<'a, S: Sink>(
+    sink: &'a Arc<S>,
+    channel: &'a Channel,
     frame: Bytes,
     id: u64,
-) -> Option<Result<u64, TransportError>> {
+) -> Option<impl Future<Output = Option<Result<u64, TransportError>>> + Send + 'a> {
     let outbox = sink.outbox();
-    if !outbox.enabled {
-        return Some(sink.publish(channel.clone(), frame, false).await);
-    }
-    let waiting = Waiting {
-        frame,
-        tell: Tell::Call(id),
-    };
-    {
+    // The turn, held; or with batching off, the frame to publish alone.
+    let held = if outbox.enabled {
+        let waiting = Waiting {
+            frame,
+            tell: Tell::Call(id),
+        };
         let mut turns = lock(&outbox.turns);
-        match turns.get_mut(channel) {
-            Some(queue) => {
-                queue.push_back(waiting);
-                return None;
-            }
-            None => {
-                turns.insert(channel.clone(), VecDeque::from([waiting]));
-            }
+        if let Some(queue) = turns.get_mut(channel) {
+            // The usual case at load: no future to run, nothing more to wait for here.
+            queue.push_back(waiting);
+            return None;
         }
-    }
-    // This sender holds the turn; the guard hands it on (to a flusher, when frames wait)
-    // however this future ends.
-    let turn = Turn::new(sink, channel);
-    // Let the calls runnable now join; again while they keep coming (a burst woken
-    // together spreads over the workers), at most a few times. A call alone goes at once:
-    // a yield can wake an idle worker to take this task over, which costs a lone call more
-    // than it could gain.
-    if sink.calls_waiting() > 1 {
-        let mut queued = 1;
-        for _ in 0..GATHER_ROUNDS {
-            yield_once().await;
-            let now = lock(&outbox.turns).get(channel).map_or(0, VecDeque::len);
-            if now == queued {
-                break;
-            }
-            queued = now;
-        }
-    }
-    let alone = {
-        let mut turns = lock(&outbox.turns);
-        match turns.get_mut(channel) {
-            // Only this call's frame waits (nobody else takes from a held turn's queue).
-            Some(queue) if queue.len() == 1 => queue.pop_front(),
-            _ => None,
-        }
+        turns.insert(channel.clone(), VecDeque::from([waiting]));
+        drop(turns);
+        // This sender holds the turn; the guard, made before the future, hands it on (to
+        // a flusher, when frames wait) however the future ends, polled or not.
+        Ok(Turn::new(sink, channel))
+    } else {
+        Err(frame)
     };
-    let Some(alone) = alone else {
-        // Others joined: the guard hands the turn to a flusher for the batch.
+    Some(async move {
+        let turn = match held {
+            Ok(turn) => turn,
+            Err(frame) => return Some(sink.publish(channel.clone(), frame, false).await),
+        };
+        // Let the calls runnable now join; again while they keep coming (a burst woken
+        // together spreads over the workers), at most a few times. A call alone goes at
+        // once: a yield can wake an idle worker to take this task over, which costs a lone
+        // call more than it could gain.
+        if sink.calls_waiting() > 1 {
+            let mut queued = 1;
+            for _ in 0..GATHER_ROUNDS {
+                yield_once().await;
+                let now = lock(&outbox.turns).get(channel).map_or(0, VecDeque::len);
+                if now == queued {
+                    break;
+                }
+                queued = now;
+            }
+        }
+        let alone = {
+            let mut turns = lock(&outbox.turns);
+            match turns.get_mut(channel) {
+                // Only this call's frame waits (nobody else takes from a held turn's queue).
+                Some(queue) if queue.len() == 1 => queue.pop_front(),
+                _ => None,
+            }
+        };
+        let Some(alone) = alone else {
+            // Others joined: the guard hands the turn to a flusher for the batch.
+            drop(turn);
+            return None;
+        };
+        let sent = sink.publish(channel.clone(), alone.frame, false).await;
         drop(turn);
-        return None;
-    };
-    let sent = sink.publish(channel.clone(), alone.frame, false).await;
-    drop(turn);
-    Some(sent)
+        Some(sent)
+    })
 }
 
 /// Publishes `frames` (not empty), made together for `channel`, through the outbox: the
@@ -813,6 +819,19 @@ mod tests {
         assert_eq!(fake.publishes().len(), 4);
     }
 
+    /// `send_call` and its future, run: what the client does.
+    async fn call(
+        fake: &Arc<Fake>,
+        ch: &Channel,
+        frame: Bytes,
+        id: u64,
+    ) -> Option<Result<u64, TransportError>> {
+        match send_call(fake, ch, frame, id) {
+            Some(publishing) => publishing.await,
+            None => None,
+        }
+    }
+
     /// Sends call `id`'s frame with `send_call` from a task of its own.
     fn spawn_call(
         fake: &Arc<Fake>,
@@ -821,7 +840,7 @@ mod tests {
         id: u64,
     ) -> tokio::task::JoinHandle<Option<Result<u64, TransportError>>> {
         let (fake, ch) = (fake.clone(), ch.clone());
-        tokio::spawn(async move { send_call(&fake, &ch, frame, id).await })
+        tokio::spawn(async move { call(&fake, &ch, frame, id).await })
     }
 
     #[tokio::test]
@@ -829,7 +848,7 @@ mod tests {
         let fake = Fake::new(1024, 2);
         fake.gate.add_permits(1);
         let ch = Channel::from("a");
-        assert_eq!(send_call(&fake, &ch, frame(1, 10), 7).await, Some(Ok(2)));
+        assert_eq!(call(&fake, &ch, frame(1, 10), 7).await, Some(Ok(2)));
         assert_eq!(fake.publishes(), vec![vec![frame(1, 10)]]);
         assert_eq!(fake.outbox.busy(), 0, "the turn is given back");
     }
@@ -902,7 +921,7 @@ mod tests {
         let fake = Fake::new(1024, 1);
         let ch = Channel::from("a");
         let (fake2, ch2) = (fake.clone(), ch.clone());
-        let mut call = Box::pin(async move { send_call(&fake2, &ch2, frame(0, 10), 1).await });
+        let mut call = Box::pin(async move { call(&fake2, &ch2, frame(0, 10), 1).await });
         // Polled once: it takes the turn and yields; then it is dropped.
         assert!(futures_util::poll!(call.as_mut()).is_pending());
         assert_eq!(fake.outbox.busy(), 1);
@@ -925,7 +944,7 @@ mod tests {
         });
         let ch = Channel::from("a");
         fake.gate.add_permits(1);
-        assert_eq!(send_call(&fake, &ch, frame(3, 4), 1).await, Some(Ok(1)));
+        assert_eq!(call(&fake, &ch, frame(3, 4), 1).await, Some(Ok(1)));
         assert_eq!(fake.publishes(), vec![vec![frame(3, 4)]]);
         assert_eq!(fake.outbox.busy(), 0);
     }
@@ -936,7 +955,7 @@ mod tests {
         fake.calls_waiting.store(1, Ordering::SeqCst);
         let ch = Channel::from("a");
         let (fake2, ch2) = (fake.clone(), ch.clone());
-        let mut call = Box::pin(async move { send_call(&fake2, &ch2, frame(0, 10), 1).await });
+        let mut call = Box::pin(async move { call(&fake2, &ch2, frame(0, 10), 1).await });
         // First poll: it reaches the PUBLISH (waiting at the gate) without yielding first.
         assert!(futures_util::poll!(call.as_mut()).is_pending());
         assert_eq!(fake.gate.available_permits(), 0);
@@ -948,5 +967,18 @@ mod tests {
         );
         fake.gate.add_permits(1);
         assert_eq!(call.await, Some(Ok(1)));
+    }
+
+    #[tokio::test]
+    async fn a_call_future_never_polled_hands_the_turn_on_with_its_frame() {
+        let fake = Fake::new(1024, 1);
+        let ch = Channel::from("a");
+        let publishing = send_call(&fake, &ch, frame(0, 10), 1).expect("the turn was free");
+        assert_eq!(send_call(&fake, &ch, frame(1, 10), 2).map(|_| ()), None);
+        drop(publishing);
+        fake.gate.add_permits(10);
+        settle().await;
+        assert_eq!(fake.publishes(), vec![vec![frame(0, 10), frame(1, 10)]]);
+        assert_eq!(fake.outbox.busy(), 0);
     }
 }
