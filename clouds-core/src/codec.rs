@@ -558,7 +558,7 @@ pub(crate) fn decode(frame: &Bytes) -> Result<Frame, DecodeError> {
         k if k == u64::from(KIND_CALL) => {
             // 6 elements, or more with extension elements before the arguments: the first
             // is the trace element (or nil), any later ones are skipped (§3.1).
-            if len < 6 || len > CALL_MAX_ELEMENTS {
+            if !(6..=CALL_MAX_ELEMENTS).contains(&len) {
                 return Err(malformed(format!(
                     "call has {len} elements, expected 6 to {CALL_MAX_ELEMENTS}"
                 )));
