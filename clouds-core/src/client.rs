@@ -585,8 +585,11 @@ impl Client {
                         // A stream being opened always waits for its PUBLISH.
                         Some(Box::pin(node.send_frame(&calls, frame, false)).await)
                     } else {
-                        match outbox::send_call(node, &calls, frame, slot.id) {
-                            Some(publishing) => Box::pin(publishing).await,
+                        // Boxed before any await, so that the call's future holds a pointer
+                        // and not the publishing future (a match on the returned `Option`
+                        // would keep it in the call's state across the await).
+                        match outbox::send_call(node, &calls, frame, slot.id).map(Box::pin) {
+                            Some(publishing) => publishing.await,
                             None => None,
                         }
                     };
