@@ -498,11 +498,6 @@ impl Client {
                 attempts.used(),
                 crate::spans::attempt(method, provider.as_str(), attempts.used()),
             );
-            let trace = node
-                .config()
-                .send_trace_context
-                .then(|| crate::spans::outgoing(&span))
-                .flatten();
             let outcome = {
                 let calls = node.peers().calls(provider.as_str());
                 let (slot, reply) = if inlet.is_some() {
@@ -515,53 +510,66 @@ impl Client {
                     node.caller().pending().open_to(Some(calls.clone()))
                 };
                 let _load = node.caller().balancer().start_call(&provider);
-                let encode = |deadline_ms: u64| {
-                    let frame = codec::encode_call_framed(
-                        slot.id,
-                        method,
-                        node.id().as_str(),
-                        deadline_ms,
-                        trace.as_ref().map(|t| t.element(number)),
-                        args,
-                    )
-                    .map_err(|reason| Error::Codec {
-                        action: format!("encode the arguments of {method}"),
-                        reason,
-                    })?;
-                    node.sized(frame, || format!("the call to {method}"))
-                };
-                let mut frame = encode(deadline_ms)?;
-                let mut timeout = self.timeout;
-                // Room for the frame among this node's calls in flight; held until the
-                // attempt ends. Waiting for room counts towards the attempt's timeout, and is
-                // not the provider's fault: a wait that times out is not held against it.
-                let caller = node.caller();
-                let need = caller.room_needed(frame.len());
-                let _room = match caller.try_room(need) {
-                    Some(room) => room,
-                    None => {
-                        let waiting = tokio::time::Instant::now();
-                        let room = match tokio::time::timeout(timeout, Box::pin(caller.room(need)))
-                            .await
-                        {
-                            Ok(Ok(room)) => room,
-                            Ok(Err(_)) => return Err(Error::Shutdown),
-                            Err(_) => {
-                                return Err(Error::Timeout {
-                                    method: method.to_string(),
-                                    after: started.elapsed(),
-                                    attempts: attempts.used(),
-                                });
-                            }
-                        };
-                        // What is left of the attempt's time, also for the provider.
-                        timeout = timeout
-                            .saturating_sub(waiting.elapsed())
-                            .max(Duration::from_millis(1));
-                        let left_ms = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX);
-                        frame = encode(left_ms.max(1))?;
-                        room
-                    }
+                // The frame, the attempt's time and room for the frame. In a block of its own,
+                // so that the call's future does not keep the trace context and the encoder
+                // across the attempt's wait (memory per call in flight).
+                let (frame, timeout, _room) = {
+                    let trace = node
+                        .config()
+                        .send_trace_context
+                        .then(|| crate::spans::outgoing(&span))
+                        .flatten();
+                    let encode = |deadline_ms: u64| {
+                        let frame = codec::encode_call_framed(
+                            slot.id,
+                            method,
+                            node.id().as_str(),
+                            deadline_ms,
+                            trace.as_ref().map(|t| t.element(number)),
+                            args,
+                        )
+                        .map_err(|reason| Error::Codec {
+                            action: format!("encode the arguments of {method}"),
+                            reason,
+                        })?;
+                        node.sized(frame, || format!("the call to {method}"))
+                    };
+                    let mut frame = encode(deadline_ms)?;
+                    let mut timeout = self.timeout;
+                    // Room for the frame among this node's calls in flight; held until the
+                    // attempt ends. Waiting for room counts towards the attempt's timeout,
+                    // and is not the provider's fault: a wait that times out is not held
+                    // against it.
+                    let caller = node.caller();
+                    let need = caller.room_needed(frame.len());
+                    let room = match caller.try_room(need) {
+                        Some(room) => room,
+                        None => {
+                            let waiting = tokio::time::Instant::now();
+                            let room =
+                                match tokio::time::timeout(timeout, Box::pin(caller.room(need)))
+                                    .await
+                                {
+                                    Ok(Ok(room)) => room,
+                                    Ok(Err(_)) => return Err(Error::Shutdown),
+                                    Err(_) => {
+                                        return Err(Error::Timeout {
+                                            method: method.to_string(),
+                                            after: started.elapsed(),
+                                            attempts: attempts.used(),
+                                        });
+                                    }
+                                };
+                            // What is left of the attempt's time, also for the provider.
+                            timeout = timeout
+                                .saturating_sub(waiting.elapsed())
+                                .max(Duration::from_millis(1));
+                            let left_ms = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX);
+                            frame = encode(left_ms.max(1))?;
+                            room
+                        }
+                    };
+                    (frame, timeout, room)
                 };
                 // A large call's arguments go to Redis first, the claim frame after them.
                 let mut claim = None;
