@@ -168,12 +168,17 @@ impl Client {
     }
 
     /// [`Client::call`] with borrowed arguments (what typed stubs use).
-    pub(crate) async fn call_ref<A, R>(&self, method: &str, args: &A) -> Result<R, Error>
+    pub(crate) fn call_ref<A, R>(
+        &self,
+        method: &str,
+        args: &A,
+    ) -> impl Future<Output = Result<R, Error>>
     where
         A: Serialize + Sync + ?Sized,
         R: DeserializeOwned,
     {
-        self.call_as(method, args, false).await
+        // Not an `async fn`: no layer of state of its own in every call's future.
+        self.call_as(method, args, false)
     }
 
     /// Calls `method` by name **exactly once**, however often it is retried: every attempt
@@ -367,13 +372,14 @@ impl Client {
     ///
     /// `once`: every attempt keeps the first one's call id, and none is cancelled (see
     /// [`Client::call_once`]).
-    pub(crate) async fn invoke(
+    pub(crate) fn invoke(
         &self,
         method: &str,
         args: &(dyn codec::Args + Sync),
         once: bool,
-    ) -> Result<(NodeId, Reply), Error> {
-        self.invoke_with(method, args, once, None).await
+    ) -> impl Future<Output = Result<(NodeId, Reply), Error>> {
+        // Not an `async fn`: no layer of state of its own in every call's future.
+        self.invoke_with(method, args, once, None)
     }
 
     /// Opens the stream `method` by name with `args` as a tuple, and reads its items as `T`.
@@ -432,123 +438,133 @@ impl Client {
 
     /// [`Client::invoke`]; with `inlet`, each attempt opens a stream read into it (a stream
     /// is not cancelled with a Cancel frame: dropping it stops it with a credit of 0).
-    async fn invoke_with(
+    #[expect(
+        clippy::manual_async_fn,
+        reason = "an async fn would keep its arguments twice in every call's future"
+    )]
+    fn invoke_with(
         &self,
         method: &str,
         args: &(dyn codec::Args + Sync),
         once: bool,
         inlet: Option<&Arc<crate::stream::Inlet>>,
-    ) -> Result<(NodeId, Reply), Error> {
-        let mut once_id = None;
-        let node = self.node();
-        let mut refresh = false;
-        let mut looked_up = false;
-        let started = tokio::time::Instant::now();
-        let mut attempts = Attempts::new(method, self.retries);
-        let deadline_ms = u64::try_from(self.timeout.as_millis())
-            .unwrap_or(u64::MAX)
-            .max(1);
-        loop {
-            if node.is_closed() {
-                return Err(Error::Shutdown);
-            }
-            // The cold paths (registry reads, backoff sleeps) are boxed: inlined, they would
-            // make every call's future as large as the largest of them, for its whole life.
-            if refresh {
-                if let Err(e) = Box::pin(node.look_up(method, attempts.is_first())).await {
-                    match attempts.lookup_failed(e) {
-                        Next::Fail(e) => return Err(e),
-                        _ => pause(attempts.used(), node).await,
-                    }
-                    continue;
+    ) -> impl Future<Output = Result<(NodeId, Reply), Error>> {
+        // An `async move` block rather than an `async fn`: an async fn keeps its arguments
+        // twice in its future (as arguments and as locals), and every call in flight holds
+        // this future.
+        async move {
+            let mut once_id = None;
+            let node = self.node();
+            let mut refresh = false;
+            let mut looked_up = false;
+            let started = tokio::time::Instant::now();
+            let mut attempts = Attempts::new(method, self.retries);
+            let deadline_ms = u64::try_from(self.timeout.as_millis())
+                .unwrap_or(u64::MAX)
+                .max(1);
+            loop {
+                if node.is_closed() {
+                    return Err(Error::Shutdown);
                 }
-                refresh = false;
-            }
-            let provider = match node.caller().balancer().choose(method, attempts.tried()) {
-                Choice::Provider(provider) => provider,
-                Choice::Unknown if !looked_up => {
-                    // Only names never looked up need checking: a cached one passed this.
-                    crate::namespace::validate_method(method).map_err(|reason| {
-                        Error::InvalidMethod {
-                            method: method.to_string(),
-                            reason,
+                // The cold paths (registry reads, backoff sleeps) are boxed: inlined, they would
+                // make every call's future as large as the largest of them, for its whole life.
+                if refresh {
+                    if let Err(e) = Box::pin(node.look_up(method, attempts.is_first())).await {
+                        match attempts.lookup_failed(e) {
+                            Next::Fail(e) => return Err(e),
+                            _ => pause(attempts.used(), node).await,
                         }
-                    })?;
-                    looked_up = true;
-                    refresh = true;
-                    continue;
+                        continue;
+                    }
+                    refresh = false;
                 }
-                Choice::Unknown | Choice::Nobody => match attempts.no_provider() {
-                    Next::Fail(e) => return Err(e),
-                    _ => {
-                        // Wait for a provider to join (the join event fills the cache), then
-                        // look again.
-                        pause(attempts.used(), node).await;
+                let provider = match node.caller().balancer().choose(method, attempts.tried()) {
+                    Choice::Provider(provider) => provider,
+                    Choice::Unknown if !looked_up => {
+                        // Only names never looked up need checking: a cached one passed this.
+                        crate::namespace::validate_method(method).map_err(|reason| {
+                            Error::InvalidMethod {
+                                method: method.to_string(),
+                                reason,
+                            }
+                        })?;
+                        looked_up = true;
                         refresh = true;
                         continue;
                     }
-                },
-            };
-            if attempts.used() > 0 {
-                crate::telemetry::retry(method);
-            }
-            attempts.start();
-            // This attempt's span, and the trace context it sends (none without tracing).
-            let (number, span) = (
-                attempts.used(),
-                crate::spans::attempt(method, provider.as_str(), attempts.used()),
-            );
-            let outcome = {
-                let calls = node.peers().calls(provider.as_str());
-                let (slot, reply) = if inlet.is_some() {
-                    node.caller().pending().open_with(inlet)
-                } else if once {
-                    let opened = node.caller().pending().open_as(once_id, None);
-                    once_id = Some(opened.0.id);
-                    opened
-                } else {
-                    node.caller().pending().open_to(Some(calls.clone()))
+                    Choice::Unknown | Choice::Nobody => match attempts.no_provider() {
+                        Next::Fail(e) => return Err(e),
+                        _ => {
+                            // Wait for a provider to join (the join event fills the cache), then
+                            // look again.
+                            pause(attempts.used(), node).await;
+                            refresh = true;
+                            continue;
+                        }
+                    },
                 };
-                let _load = node.caller().balancer().start_call(&provider);
-                // The frame, the attempt's time and room for the frame. In a block of its own,
-                // so that the call's future does not keep the trace context and the encoder
-                // across the attempt's wait (memory per call in flight).
-                let (frame, timeout, _room) = {
-                    let trace = node
-                        .config()
-                        .send_trace_context
-                        .then(|| crate::spans::outgoing(&span))
-                        .flatten();
-                    let encode = |deadline_ms: u64| {
-                        let frame = codec::encode_call_framed(
-                            slot.id,
-                            method,
-                            node.id().as_str(),
-                            deadline_ms,
-                            trace.as_ref().map(|t| t.element(number)),
-                            args,
-                        )
-                        .map_err(|reason| Error::Codec {
-                            action: format!("encode the arguments of {method}"),
-                            reason,
-                        })?;
-                        node.sized(frame, || format!("the call to {method}"))
+                if attempts.used() > 0 {
+                    crate::telemetry::retry(method);
+                }
+                attempts.start();
+                // This attempt's span, and the trace context it sends (none without tracing).
+                let (number, span) = (
+                    attempts.used(),
+                    crate::spans::attempt(method, provider.as_str(), attempts.used()),
+                );
+                let outcome = {
+                    let calls = node.peers().calls(provider.as_str());
+                    let (slot, reply) = if inlet.is_some() {
+                        node.caller().pending().open_with(inlet)
+                    } else if once {
+                        let opened = node.caller().pending().open_as(once_id, None);
+                        once_id = Some(opened.0.id);
+                        opened
+                    } else {
+                        node.caller().pending().open_to(Some(calls.clone()))
                     };
-                    let mut frame = encode(deadline_ms)?;
-                    let mut timeout = self.timeout;
-                    // Room for the frame among this node's calls in flight; held until the
-                    // attempt ends. Waiting for room counts towards the attempt's timeout,
-                    // and is not the provider's fault: a wait that times out is not held
-                    // against it.
-                    let caller = node.caller();
-                    let need = caller.room_needed(frame.len());
-                    let room = match caller.try_room(need) {
-                        Some(room) => room,
-                        None => {
-                            let waiting = tokio::time::Instant::now();
-                            let room =
-                                match tokio::time::timeout(timeout, Box::pin(caller.room(need)))
-                                    .await
+                    let _load = node.caller().balancer().start_call(&provider);
+                    // The frame, the attempt's time and room for the frame. In a block of its own,
+                    // so that the call's future does not keep the trace context and the encoder
+                    // across the attempt's wait (memory per call in flight).
+                    let (frame, timeout, _room) = {
+                        let trace = node
+                            .config()
+                            .send_trace_context
+                            .then(|| crate::spans::outgoing(&span))
+                            .flatten();
+                        let encode = |deadline_ms: u64| {
+                            let frame = codec::encode_call_framed(
+                                slot.id,
+                                method,
+                                node.id().as_str(),
+                                deadline_ms,
+                                trace.as_ref().map(|t| t.element(number)),
+                                args,
+                            )
+                            .map_err(|reason| Error::Codec {
+                                action: format!("encode the arguments of {method}"),
+                                reason,
+                            })?;
+                            node.sized(frame, || format!("the call to {method}"))
+                        };
+                        let mut frame = encode(deadline_ms)?;
+                        let mut timeout = self.timeout;
+                        // Room for the frame among this node's calls in flight; held until the
+                        // attempt ends. Waiting for room counts towards the attempt's timeout,
+                        // and is not the provider's fault: a wait that times out is not held
+                        // against it.
+                        let caller = node.caller();
+                        let need = caller.room_needed(frame.len());
+                        let room = match caller.try_room(need) {
+                            Some(room) => room,
+                            None => {
+                                let waiting = tokio::time::Instant::now();
+                                let room = match tokio::time::timeout(
+                                    timeout,
+                                    Box::pin(caller.room(need)),
+                                )
+                                .await
                                 {
                                     Ok(Ok(room)) => room,
                                     Ok(Err(_)) => return Err(Error::Shutdown),
@@ -560,148 +576,152 @@ impl Client {
                                         });
                                     }
                                 };
-                            // What is left of the attempt's time, also for the provider.
-                            timeout = timeout
-                                .saturating_sub(waiting.elapsed())
-                                .max(Duration::from_millis(1));
-                            let left_ms = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX);
-                            frame = encode(left_ms.max(1))?;
-                            room
+                                // What is left of the attempt's time, also for the provider.
+                                timeout = timeout
+                                    .saturating_sub(waiting.elapsed())
+                                    .max(Duration::from_millis(1));
+                                let left_ms =
+                                    u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX);
+                                frame = encode(left_ms.max(1))?;
+                                room
+                            }
+                        };
+                        (frame, timeout, room)
+                    };
+                    // A large call's arguments go to Redis first, the claim frame after them.
+                    let mut claim = None;
+                    let attempt = async {
+                        let frame = if node.claims().claims(frame.len()) {
+                            let (frame, key) =
+                                Box::pin(node.claim_if_large(frame, timeout)).await?;
+                            claim = key;
+                            frame
+                        } else {
+                            frame
+                        };
+                        // Untimed: the attempt's timeout below bounds the PUBLISH too. Sealed
+                        // after claiming (when published), so a signature covers a claimed
+                        // body's digest. The frame may go in a batch with other calls to this
+                        // provider: its PUBLISH's outcome is this call's (`outbox.rs`). A call
+                        // alone learns it here (`Some`); one in a batch only if it failed or
+                        // reached nobody, as its answer below: one wait per call, not two.
+                        // Boxed: the outbox's state and the PUBLISH would otherwise weigh on
+                        // every call's future for its whole life (memory per call in flight).
+                        let sent = if inlet.is_some() {
+                            // A stream being opened always waits for its PUBLISH.
+                            Some(Box::pin(node.send_frame(&calls, frame, false)).await)
+                        } else {
+                            // Boxed before any await, so that the call's future holds a pointer
+                            // and not the publishing future (a match on the returned `Option`
+                            // would keep it in the call's state across the await).
+                            match outbox::send_call(node, &calls, frame, slot.id).map(Box::pin) {
+                                Some(publishing) => publishing.await,
+                                None => None,
+                            }
+                        };
+                        if sent.transpose()? == Some(0) {
+                            return Ok::<_, Error>(Attempt::NotDelivered);
                         }
+                        // The call reached its provider, or waits to: from here until its
+                        // answer, giving up (this future dropped: the caller's, or the attempt's
+                        // timeout) tells the provider, so it drops the handler (a queued call
+                        // still goes, the Cancel after it on the same channel).
+                        // (A call made once is never cancelled: its retries wait for its run.)
+                        let given_up = GiveUp::new(node, &calls, slot.id, !once);
+                        let answer = match reply.await {
+                            Ok(answer) => answer,
+                            Err(_) => return Ok(Attempt::Closed),
+                        };
+                        given_up.answered();
+                        let reply = match answer {
+                            Answer::Reply(reply) => reply,
+                            Answer::NotDelivered => return Ok(Attempt::NotDelivered),
+                            Answer::Failed(e) => return Err(e.into()),
+                        };
+                        // A large result waits in Redis: fetched now, within the attempt's time.
+                        let Some(result) = reply.claim else {
+                            return Ok(Attempt::Replied(reply));
+                        };
+                        Ok(
+                            match Box::pin(node.fetch_claim(crate::claim::Budget::Results, &result))
+                                .await
+                            {
+                                Ok((body, _room)) => Attempt::Replied(crate::envelope::Reply {
+                                    body,
+                                    claim: None,
+                                    ..reply
+                                }),
+                                Err(unfetched) => Attempt::ResultLost(unfetched.to_string()),
+                            },
+                        )
                     };
-                    (frame, timeout, room)
+                    let outcome =
+                        tokio::time::timeout(timeout, attempt.instrument(span.clone())).await;
+                    if !span.is_disabled() {
+                        record_attempt(&span, &outcome);
+                    }
+                    if let Ok(Ok(Attempt::Replied(_) | Attempt::ResultLost(_))) = outcome {
+                        slot.answered();
+                    } else if let Some(key) = claim {
+                        // Not answered: the provider may never take the arguments.
+                        node.discard_claim(key);
+                    }
+                    outcome
                 };
-                // A large call's arguments go to Redis first, the claim frame after them.
-                let mut claim = None;
-                let attempt = async {
-                    let frame = if node.claims().claims(frame.len()) {
-                        let (frame, key) = Box::pin(node.claim_if_large(frame, timeout)).await?;
-                        claim = key;
-                        frame
-                    } else {
-                        frame
-                    };
-                    // Untimed: the attempt's timeout below bounds the PUBLISH too. Sealed
-                    // after claiming (when published), so a signature covers a claimed
-                    // body's digest. The frame may go in a batch with other calls to this
-                    // provider: its PUBLISH's outcome is this call's (`outbox.rs`). A call
-                    // alone learns it here (`Some`); one in a batch only if it failed or
-                    // reached nobody, as its answer below: one wait per call, not two.
-                    // Boxed: the outbox's state and the PUBLISH would otherwise weigh on
-                    // every call's future for its whole life (memory per call in flight).
-                    let sent = if inlet.is_some() {
-                        // A stream being opened always waits for its PUBLISH.
-                        Some(Box::pin(node.send_frame(&calls, frame, false)).await)
-                    } else {
-                        // Boxed before any await, so that the call's future holds a pointer
-                        // and not the publishing future (a match on the returned `Option`
-                        // would keep it in the call's state across the await).
-                        match outbox::send_call(node, &calls, frame, slot.id).map(Box::pin) {
-                            Some(publishing) => publishing.await,
-                            None => None,
+                let outcome = match outcome {
+                    Ok(Ok(Attempt::Replied(reply))) => match reply.status {
+                        Status::Overloaded => {
+                            node.counters().bump(Count::Overloaded);
+                            Outcome::Overloaded
                         }
-                    };
-                    if sent.transpose()? == Some(0) {
-                        return Ok::<_, Error>(Attempt::NotDelivered);
+                        Status::ShuttingDown => Outcome::ShuttingDown,
+                        _ => {
+                            node.caller().balancer().clear_suspect(&provider);
+                            return Ok((provider, reply));
+                        }
+                    },
+                    Ok(Ok(Attempt::ResultLost(reason))) => {
+                        return Err(Error::ClaimLost {
+                            method: method.to_string(),
+                            node: provider,
+                            what: "result",
+                            reason,
+                        });
                     }
-                    // The call reached its provider, or waits to: from here until its
-                    // answer, giving up (this future dropped: the caller's, or the attempt's
-                    // timeout) tells the provider, so it drops the handler (a queued call
-                    // still goes, the Cancel after it on the same channel).
-                    // (A call made once is never cancelled: its retries wait for its run.)
-                    let given_up = GiveUp::new(node, &calls, slot.id, !once);
-                    let answer = match reply.await {
-                        Ok(answer) => answer,
-                        Err(_) => return Ok(Attempt::Closed),
-                    };
-                    given_up.answered();
-                    let reply = match answer {
-                        Answer::Reply(reply) => reply,
-                        Answer::NotDelivered => return Ok(Attempt::NotDelivered),
-                        Answer::Failed(e) => return Err(e.into()),
-                    };
-                    // A large result waits in Redis: fetched now, within the attempt's time.
-                    let Some(result) = reply.claim else {
-                        return Ok(Attempt::Replied(reply));
-                    };
-                    Ok(
-                        match Box::pin(node.fetch_claim(crate::claim::Budget::Results, &result))
-                            .await
-                        {
-                            Ok((body, _room)) => Attempt::Replied(crate::envelope::Reply {
-                                body,
-                                claim: None,
-                                ..reply
-                            }),
-                            Err(unfetched) => Attempt::ResultLost(unfetched.to_string()),
-                        },
-                    )
+                    Ok(Ok(Attempt::NotDelivered)) => Outcome::NotDelivered,
+                    Ok(Ok(Attempt::Closed)) => return Err(Error::Shutdown),
+                    Ok(Err(e)) => Outcome::Failed(e),
+                    Err(_elapsed) => Outcome::TimedOut,
                 };
-                let outcome = tokio::time::timeout(timeout, attempt.instrument(span.clone())).await;
-                if !span.is_disabled() {
-                    record_attempt(&span, &outcome);
-                }
-                if let Ok(Ok(Attempt::Replied(_) | Attempt::ResultLost(_))) = outcome {
-                    slot.answered();
-                } else if let Some(key) = claim {
-                    // Not answered: the provider may never take the arguments.
-                    node.discard_claim(key);
-                }
-                outcome
-            };
-            let outcome = match outcome {
-                Ok(Ok(Attempt::Replied(reply))) => match reply.status {
-                    Status::Overloaded => {
-                        node.counters().bump(Count::Overloaded);
-                        Outcome::Overloaded
+                let has_untried =
+                    |tried: &[NodeId]| node.caller().balancer().has_untried(method, tried);
+                let (verdict, next) =
+                    attempts.after(&provider, outcome, has_untried, started.elapsed());
+                match verdict {
+                    Verdict::Unchanged => {}
+                    Verdict::Suspect => node.caller().balancer().suspect(&provider),
+                    Verdict::Gone => {
+                        node.caller().balancer().mark_gone(&provider);
+                        node.counters().bump(Count::Rerouted);
                     }
-                    Status::ShuttingDown => Outcome::ShuttingDown,
-                    _ => {
-                        node.caller().balancer().clear_suspect(&provider);
-                        return Ok((provider, reply));
-                    }
-                },
-                Ok(Ok(Attempt::ResultLost(reason))) => {
-                    return Err(Error::ClaimLost {
-                        method: method.to_string(),
-                        node: provider,
-                        what: "result",
-                        reason,
-                    });
-                }
-                Ok(Ok(Attempt::NotDelivered)) => Outcome::NotDelivered,
-                Ok(Ok(Attempt::Closed)) => return Err(Error::Shutdown),
-                Ok(Err(e)) => Outcome::Failed(e),
-                Err(_elapsed) => Outcome::TimedOut,
-            };
-            let has_untried =
-                |tried: &[NodeId]| node.caller().balancer().has_untried(method, tried);
-            let (verdict, next) =
-                attempts.after(&provider, outcome, has_untried, started.elapsed());
-            match verdict {
-                Verdict::Unchanged => {}
-                Verdict::Suspect => node.caller().balancer().suspect(&provider),
-                Verdict::Gone => {
-                    node.caller().balancer().mark_gone(&provider);
-                    node.counters().bump(Count::Rerouted);
-                }
-                Verdict::Leaving => {
-                    node.caller().balancer().remove(&provider);
-                    node.counters().bump(Count::Rerouted);
-                }
-            }
-            match next {
-                Next::Reroute => {}
-                Next::Retry {
-                    pause: wait,
-                    refresh: again,
-                } => {
-                    refresh |= again;
-                    if wait {
-                        pause(attempts.used(), node).await;
+                    Verdict::Leaving => {
+                        node.caller().balancer().remove(&provider);
+                        node.counters().bump(Count::Rerouted);
                     }
                 }
-                Next::Fail(e) => return Err(e),
+                match next {
+                    Next::Reroute => {}
+                    Next::Retry {
+                        pause: wait,
+                        refresh: again,
+                    } => {
+                        refresh |= again;
+                        if wait {
+                            pause(attempts.used(), node).await;
+                        }
+                    }
+                    Next::Fail(e) => return Err(e),
+                }
             }
         }
     }

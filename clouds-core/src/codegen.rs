@@ -49,12 +49,19 @@ impl Stub {
     }
 
     /// Calls a method whose return value is a plain value.
-    pub async fn call_value<A, T>(&self, method: &'static str, args: &A) -> Result<T, Error>
+    ///
+    /// Not an `async fn`: it returns the client's future itself, so a call does not carry
+    /// one more layer of state (memory per call in flight).
+    pub fn call_value<A, T>(
+        &self,
+        method: &'static str,
+        args: &A,
+    ) -> impl Future<Output = Result<T, Error>>
     where
         A: Serialize + Sync + ?Sized,
         T: DeserializeOwned,
     {
-        self.client.call_ref(method, args).await
+        self.client.call_ref(method, args)
     }
 
     /// [`Stub::call_value`] for a method marked `#[clouds(once)]` (see `Client::call_once`).
