@@ -347,17 +347,20 @@ where
         }
         i += 1;
     }
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    print_table(name, measure(quick, reps))
+}
+
+/// Runs `measure` on a runtime of its own and prints the table it makes (or its error): the
+/// end of every subcommand that prints one table.
+fn print_table(
+    name: &str,
+    measure: impl std::future::Future<Output = Result<String, String>>,
+) -> ExitCode {
+    let runtime = match runtime() {
         Ok(runtime) => runtime,
-        Err(e) => {
-            eprintln!("cannot start the runtime: {e}");
-            return ExitCode::FAILURE;
-        }
+        Err(code) => return code,
     };
-    let result = runtime.block_on(measure(quick, reps));
+    let result = runtime.block_on(measure);
     runtime.shutdown_timeout(Duration::from_secs(2));
     match result {
         Ok(table) => {

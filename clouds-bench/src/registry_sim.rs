@@ -113,22 +113,7 @@ pub(crate) fn main(args: &[String]) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let runtime = match crate::runtime() {
-        Ok(runtime) => runtime,
-        Err(code) => return code,
-    };
-    let result = runtime.block_on(run(&setup));
-    runtime.shutdown_timeout(Duration::from_secs(2));
-    match result {
-        Ok(table) => {
-            print!("{table}");
-            ExitCode::SUCCESS
-        }
-        Err(e) => {
-            eprintln!("clouds-bench registry: {e}");
-            ExitCode::FAILURE
-        }
-    }
+    crate::print_table("registry", run(&setup))
 }
 
 /// How callers look their providers up in a phase.
