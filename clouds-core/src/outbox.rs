@@ -99,7 +99,7 @@ enum Tell {
     Nobody,
     /// A sender waiting for the outcome, whatever it is.
     Sender(oneshot::Sender<Result<u64, TransportError>>),
-    /// A call waiting for its reply in the pending table under this id (`queue_call`): told
+    /// A call waiting for its reply in the pending table under this id (`send_call`): told
     /// only if the `PUBLISH` failed or reached nobody.
     Call(u64),
 }

@@ -31,7 +31,7 @@ struct Waiting {
 pub(crate) enum Answer {
     /// Its reply.
     Reply(Reply),
-    /// The `PUBLISH` that carried it (in a batch, `outbox::queue_call`) reached nobody: it
+    /// The `PUBLISH` that carried it (in a batch, `outbox::send_call`) reached nobody: it
     /// certainly did not run.
     NotDelivered,
     /// The `PUBLISH` that carried it failed.
@@ -152,7 +152,7 @@ impl Pending {
                 waiter: Waiter::Call(tx),
                 ..
             }) => tx,
-            // Only calls are queued with their id (`outbox::queue_call`): left as it was.
+            // Only calls are queued with their id (`outbox::send_call`): left as it was.
             Some(other) => {
                 table.insert(id, other);
                 return;
