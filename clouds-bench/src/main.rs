@@ -103,10 +103,21 @@ struct Plan {
     run_limit: Duration,
     /// Also measure the 3-process rows on a Redis Cluster (`--cluster`).
     cluster: bool,
-    /// Only the signing row (`--signing`).
-    signing_only: bool,
-    /// Only the exactly-once row (`--once`).
-    once_only: bool,
+    /// One row alone rather than the full table (`--signing`, `--once`, `--alone`).
+    only: Only,
+}
+
+/// A row measured on its own, without the full table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Only {
+    /// The full table.
+    Everything,
+    /// The signing row (`--signing`).
+    Signing,
+    /// The exactly-once row (`--once`).
+    Once,
+    /// The p50 at 1 in flight, interleaved with raw (`--alone`).
+    Alone,
 }
 
 impl Plan {
@@ -121,8 +132,7 @@ impl Plan {
             rss_in_flight: 10_000,
             run_limit: Duration::from_secs(120),
             cluster: false,
-            signing_only: false,
-            once_only: false,
+            only: Only::Everything,
         }
     }
 
@@ -137,8 +147,7 @@ impl Plan {
             rss_in_flight: 2_000,
             run_limit: Duration::from_secs(30),
             cluster: false,
-            signing_only: false,
-            once_only: false,
+            only: Only::Everything,
         }
     }
 }
@@ -187,7 +196,7 @@ enum Role {
 }
 
 const USAGE: &str = "\
-usage: clouds-bench [--quick] [--reps N] [--cluster] [--signing] [--once]
+usage: clouds-bench [--quick] [--reps N] [--cluster] [--signing] [--once] [--alone]
        clouds-bench --profile raw|clouds [--calls N] [--in-flight N] [--payload BYTES]
                     [--redis URL] [--signed]
 
@@ -200,6 +209,8 @@ usage: clouds-bench [--quick] [--reps N] [--cluster] [--signing] [--once]
                clouds that cannot run on it is reported as skipped, with the reason
   --once       only the exactly-once row: 100 B by name, unmarked and marked once, at 1
                and 64 in flight
+  --alone      only the p50 at 1 in flight, 100 B, raw and clouds interleaved call by
+               call (the full table's latency target)
   --signing    only the signing row: signed frames off and on, 100 B at 64 in flight
                (the full table ends with it too)
   --profile    one in-process scenario once, for callgrind: starts Redis, warms up 200
@@ -287,15 +298,15 @@ fn parse_args(args: &[String]) -> Result<Role, String> {
             let mut plan = Plan::full();
             let mut reps = None;
             let mut cluster = false;
-            let mut signing_only = false;
-            let mut once_only = false;
+            let mut only = Only::Everything;
             let mut i = 0;
             while i < args.len() {
                 match args[i].as_str() {
                     "--quick" => plan = Plan::quick(),
                     "--cluster" => cluster = true,
-                    "--signing" => signing_only = true,
-                    "--once" => once_only = true,
+                    "--signing" => only = Only::Signing,
+                    "--once" => only = Only::Once,
+                    "--alone" => only = Only::Alone,
                     "--reps" => {
                         reps = Some(num(args.get(i + 1), "--reps")?.max(1));
                         i += 1;
@@ -307,8 +318,7 @@ fn parse_args(args: &[String]) -> Result<Role, String> {
             }
             plan.reps = reps.unwrap_or(plan.reps);
             plan.cluster = cluster;
-            plan.signing_only = signing_only;
-            plan.once_only = once_only;
+            plan.only = only;
             Ok(Role::Bench(plan))
         }
     }
@@ -486,35 +496,36 @@ fn bench(runtime: &tokio::runtime::Runtime, plan: &Plan) -> Result<(), String> {
         .cloned()
         .unwrap_or_default();
     eprintln!("redis-server {version} on port {}", redis.port());
-    if plan.once_only {
-        let cost = runtime.block_on(once_row::measure(plan, &redis))?;
+    let notes = match plan.only {
+        Only::Everything => None,
+        Only::Once => Some((
+            "--once",
+            runtime
+                .block_on(once_row::measure(plan, &redis))
+                .map(|c| once_row::notes(&c))?,
+        )),
+        Only::Signing => Some((
+            "--signing",
+            runtime
+                .block_on(signing_row::measure(plan, &redis))
+                .map(|c| signing_row::notes(&c))?,
+        )),
+        Only::Alone => Some((
+            "--alone",
+            runtime
+                .block_on(alone_only(plan, &redis))
+                .map(|a| report::alone_notes(&a))?,
+        )),
+    };
+    if let Some((flag, notes)) = notes {
         let mut out = String::new();
         let _ = writeln!(
             out,
-            "clouds-bench --once, {} mode, {} runs per figure (median shown); redis-server {version} on loopback",
+            "clouds-bench {flag}, {} mode, {} runs per figure (median shown); redis-server {version} on loopback",
             plan.name, plan.reps
         );
         let _ = writeln!(out, "start: {at_start}; allocator: {ALLOCATOR_NAME}");
-        out.push_str(&once_row::notes(&cost));
-        let _ = writeln!(
-            out,
-            "\nend: loadavg {}; took {:.0?}",
-            loadavg(),
-            started.elapsed()
-        );
-        print!("{out}");
-        return Ok(());
-    }
-    if plan.signing_only {
-        let cost = runtime.block_on(signing_row::measure(plan, &redis))?;
-        let mut out = String::new();
-        let _ = writeln!(
-            out,
-            "clouds-bench --signing, {} mode, {} runs per figure (median shown); redis-server {version} on loopback",
-            plan.name, plan.reps
-        );
-        let _ = writeln!(out, "start: {at_start}; allocator: {ALLOCATOR_NAME}");
-        out.push_str(&signing_row::notes(&cost));
+        out.push_str(&notes);
         let _ = writeln!(
             out,
             "\nend: loadavg {}; took {:.0?}",
@@ -696,6 +707,20 @@ async fn interleaved_p50(plan: &Plan, raw: &impl Caller, clouds: &impl Caller) -
         ratio: stats::median(&ratios),
         errors,
     }
+}
+
+/// `--alone`: the raw and clouds pairs of `measure_all`, for the interleaved p50 only.
+async fn alone_only(plan: &Plan, redis: &RedisServer) -> Result<Interleaved, String> {
+    let url = redis.url();
+    let channels = Channels::new("rawbench:alone", 1);
+    let raw_server = RawServer::start(&url, &channels.requests[0], &channels.reply).await?;
+    let raw = RawClient::connect(&url, &channels, CALL_TIMEOUT).await?;
+    let in_process = InProcess::start(&url, NS_IN_PROCESS, CALL_TIMEOUT).await?;
+    let alone = interleaved_p50(plan, &raw, &CloudsCaller::new(&in_process.client)).await;
+    raw.close().await;
+    raw_server.stop().await;
+    in_process.stop().await;
+    Ok(alone)
 }
 
 /// clouds at 1,000 in flight ÷ clouds at 64 in flight (100 B, in-process), the median over

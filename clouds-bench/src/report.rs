@@ -295,7 +295,6 @@ pub(crate) fn memory_table(m: &Memory) -> String {
     t
 }
 
-/// The issue's targets, checked against this run.
 /// 1 in flight, raw and clouds interleaved call by call (`load::interleaved`).
 #[derive(Debug, Clone, Default)]
 pub(crate) struct Interleaved {
@@ -307,6 +306,33 @@ pub(crate) struct Interleaved {
     pub(crate) errors: usize,
 }
 
+/// The latency target's line: clouds' p50 against raw's at 1 in flight, interleaved.
+fn alone_line(alone: &Interleaved) -> String {
+    format!(
+        "- 1 in flight, p50 ≤ 1.03 × raw, interleaved call by call ({} calls each, median of runs): \
+         raw {} clouds {}, {:.3}, {} errors — {}\n",
+        alone.calls,
+        fmt_d(alone.raw_p50),
+        fmt_d(alone.clouds_p50),
+        alone.ratio,
+        alone.errors,
+        if alone.ratio <= 1.03 {
+            "met"
+        } else {
+            "NOT met"
+        }
+    )
+}
+
+/// `--alone`'s report: the latency target alone.
+pub(crate) fn alone_notes(alone: &Interleaved) -> String {
+    format!(
+        "\nTarget (100 B, 1 provider in-process):\n\n{}",
+        alone_line(alone)
+    )
+}
+
+/// The issue's targets, checked against this run.
 pub(crate) fn targets(
     rows: &[Row],
     memory: Option<&Memory>,
@@ -338,17 +364,7 @@ pub(crate) fn targets(
             mark(x >= 4.0)
         );
     }
-    let _ = writeln!(
-        t,
-        "- 1 in flight, p50 ≤ 1.03 × raw, interleaved call by call ({} calls each, median of runs): \
-         raw {} clouds {}, {:.3}, {} errors — {}",
-        alone.calls,
-        fmt_d(alone.raw_p50),
-        fmt_d(alone.clouds_p50),
-        alone.ratio,
-        alone.errors,
-        mark(alone.ratio <= 1.03)
-    );
+    t.push_str(&alone_line(alone));
     if let Some((_, w)) = wire.at_64.iter().find(|(name, _)| *name == "clouds") {
         let x = w.publishes_per_call();
         let _ = writeln!(
