@@ -18,6 +18,7 @@ use crate::node_id::NodeId;
 use crate::outbox;
 use crate::pending::Answer;
 use crate::stats::{Count, Stats};
+use futures_util::FutureExt as _;
 use tracing::Instrument;
 
 /// A connection to the services of one Redis deployment: calls methods, sends messages.
@@ -457,12 +458,20 @@ impl Client {
             let node = self.node();
             let mut refresh = false;
             let mut looked_up = false;
+            // Pause before the next attempt (a backoff, or waiting for a provider to join).
+            let mut wait = false;
             let started = tokio::time::Instant::now();
             let mut attempts = Attempts::new(method, self.retries);
             let deadline_ms = u64::try_from(self.timeout.as_millis())
                 .unwrap_or(u64::MAX)
                 .max(1);
             loop {
+                // The one pause, at the top, where nothing else of an attempt is alive: held
+                // across it, an error, a choice or a verdict would weigh on every call's
+                // future, waiting or not (memory per call in flight).
+                if std::mem::take(&mut wait) {
+                    pause(attempts.used(), node).await;
+                }
                 if node.is_closed() {
                     return Err(Error::Shutdown);
                 }
@@ -470,10 +479,10 @@ impl Client {
                 // make every call's future as large as the largest of them, for its whole life.
                 if refresh {
                     if let Err(e) = Box::pin(node.look_up(method, attempts.is_first())).await {
-                        match attempts.lookup_failed(e) {
-                            Next::Fail(e) => return Err(e),
-                            _ => pause(attempts.used(), node).await,
+                        if let Next::Fail(e) = attempts.lookup_failed(e) {
+                            return Err(e);
                         }
+                        wait = true;
                         continue;
                     }
                     refresh = false;
@@ -492,26 +501,22 @@ impl Client {
                         refresh = true;
                         continue;
                     }
-                    Choice::Unknown | Choice::Nobody => match attempts.no_provider() {
-                        Next::Fail(e) => return Err(e),
-                        _ => {
-                            // Wait for a provider to join (the join event fills the cache), then
-                            // look again.
-                            pause(attempts.used(), node).await;
-                            refresh = true;
-                            continue;
+                    Choice::Unknown | Choice::Nobody => {
+                        if let Next::Fail(e) = attempts.no_provider() {
+                            return Err(e);
                         }
-                    },
+                        // Wait for a provider to join (the join event fills the cache), then
+                        // look again.
+                        wait = true;
+                        refresh = true;
+                        continue;
+                    }
                 };
                 if attempts.used() > 0 {
                     crate::telemetry::retry(method);
                 }
                 attempts.start();
-                // This attempt's span, and the trace context it sends (none without tracing).
-                let (number, span) = (
-                    attempts.used(),
-                    crate::spans::attempt(method, provider.as_str(), attempts.used()),
-                );
+                let number = attempts.used();
                 let outcome = {
                     let calls = node.peers().calls(provider.as_str());
                     let (slot, reply) = if inlet.is_some() {
@@ -524,10 +529,15 @@ impl Client {
                         node.caller().pending().open_to(Some(calls.clone()))
                     };
                     let _load = node.caller().balancer().start_call(&provider);
-                    // The frame, the attempt's time and room for the frame. In a block of its own,
-                    // so that the call's future does not keep the trace context and the encoder
-                    // across the attempt's wait (memory per call in flight).
-                    let (frame, timeout, _room) = {
+                    // The frame, the attempt's time, room for the frame and the attempt's span.
+                    // In a block of its own, so that the call's future does not keep the trace
+                    // context and the encoder across the attempt's wait (memory per call in
+                    // flight); nor the span twice: a local once borrowed keeps its room to the
+                    // end of its scope, even after it moved into the attempt's future.
+                    let (frame, timeout, _room, span, recorded) = {
+                        // This attempt's span, and the trace context it sends (none without
+                        // tracing).
+                        let span = crate::spans::attempt(method, provider.as_str(), number);
                         let trace = node
                             .config()
                             .send_trace_context
@@ -586,7 +596,8 @@ impl Client {
                                 room
                             }
                         };
-                        (frame, timeout, room)
+                        let recorded = !span.is_disabled();
+                        (frame, timeout, room, span, recorded)
                     };
                     // A large call's arguments go to Redis first, the claim frame after them.
                     let mut claim = None;
@@ -655,73 +666,81 @@ impl Client {
                             },
                         )
                     };
-                    let outcome =
-                        tokio::time::timeout(timeout, attempt.instrument(span.clone())).await;
-                    if !span.is_disabled() {
-                        record_attempt(&span, &outcome);
-                    }
+                    // The span moves into the attempt's future, which records the outcome in
+                    // it: the call's future holds one span, not a second one beside it.
+                    // (A combinator, not an async block: that would hold the attempt twice.)
+                    let outcome = tokio::time::timeout(timeout, attempt)
+                        .map(move |outcome| {
+                            if recorded {
+                                // Inside the span: the current span is this attempt's.
+                                record_attempt(&tracing::Span::current(), &outcome);
+                            }
+                            outcome
+                        })
+                        .instrument(span)
+                        .await;
                     if let Ok(Ok(Attempt::Replied(_) | Attempt::ResultLost(_))) = outcome {
                         slot.answered();
                     } else if let Some(key) = claim {
                         // Not answered: the provider may never take the arguments.
                         node.discard_claim(key);
                     }
-                    outcome
+                    // Matched here, so that the attempt's result ends with the block.
+                    match outcome {
+                        Ok(Ok(Attempt::Replied(reply))) => match reply.status {
+                            Status::Overloaded => {
+                                node.counters().bump(Count::Overloaded);
+                                Outcome::Overloaded
+                            }
+                            Status::ShuttingDown => Outcome::ShuttingDown,
+                            _ => {
+                                node.caller().balancer().clear_suspect(&provider);
+                                return Ok((provider, reply));
+                            }
+                        },
+                        Ok(Ok(Attempt::ResultLost(reason))) => {
+                            return Err(Error::ClaimLost {
+                                method: method.to_string(),
+                                node: provider,
+                                what: "result",
+                                reason,
+                            });
+                        }
+                        Ok(Ok(Attempt::NotDelivered)) => Outcome::NotDelivered,
+                        Ok(Ok(Attempt::Closed)) => return Err(Error::Shutdown),
+                        Ok(Err(e)) => Outcome::Failed(e),
+                        Err(_elapsed) => Outcome::TimedOut,
+                    }
                 };
-                let outcome = match outcome {
-                    Ok(Ok(Attempt::Replied(reply))) => match reply.status {
-                        Status::Overloaded => {
-                            node.counters().bump(Count::Overloaded);
-                            Outcome::Overloaded
+                wait = {
+                    let has_untried =
+                        |tried: &[NodeId]| node.caller().balancer().has_untried(method, tried);
+                    let (verdict, next) =
+                        attempts.after(&provider, outcome, has_untried, started.elapsed());
+                    match verdict {
+                        Verdict::Unchanged => {}
+                        Verdict::Suspect => node.caller().balancer().suspect(&provider),
+                        Verdict::Gone => {
+                            node.caller().balancer().mark_gone(&provider);
+                            node.counters().bump(Count::Rerouted);
                         }
-                        Status::ShuttingDown => Outcome::ShuttingDown,
-                        _ => {
-                            node.caller().balancer().clear_suspect(&provider);
-                            return Ok((provider, reply));
+                        Verdict::Leaving => {
+                            node.caller().balancer().remove(&provider);
+                            node.counters().bump(Count::Rerouted);
                         }
-                    },
-                    Ok(Ok(Attempt::ResultLost(reason))) => {
-                        return Err(Error::ClaimLost {
-                            method: method.to_string(),
-                            node: provider,
-                            what: "result",
-                            reason,
-                        });
                     }
-                    Ok(Ok(Attempt::NotDelivered)) => Outcome::NotDelivered,
-                    Ok(Ok(Attempt::Closed)) => return Err(Error::Shutdown),
-                    Ok(Err(e)) => Outcome::Failed(e),
-                    Err(_elapsed) => Outcome::TimedOut,
+                    match next {
+                        Next::Reroute => false,
+                        Next::Retry {
+                            pause: wait,
+                            refresh: again,
+                        } => {
+                            refresh |= again;
+                            wait
+                        }
+                        Next::Fail(e) => return Err(e),
+                    }
                 };
-                let has_untried =
-                    |tried: &[NodeId]| node.caller().balancer().has_untried(method, tried);
-                let (verdict, next) =
-                    attempts.after(&provider, outcome, has_untried, started.elapsed());
-                match verdict {
-                    Verdict::Unchanged => {}
-                    Verdict::Suspect => node.caller().balancer().suspect(&provider),
-                    Verdict::Gone => {
-                        node.caller().balancer().mark_gone(&provider);
-                        node.counters().bump(Count::Rerouted);
-                    }
-                    Verdict::Leaving => {
-                        node.caller().balancer().remove(&provider);
-                        node.counters().bump(Count::Rerouted);
-                    }
-                }
-                match next {
-                    Next::Reroute => {}
-                    Next::Retry {
-                        pause: wait,
-                        refresh: again,
-                    } => {
-                        refresh |= again;
-                        if wait {
-                            pause(attempts.used(), node).await;
-                        }
-                    }
-                    Next::Fail(e) => return Err(e),
-                }
             }
         }
     }
