@@ -517,6 +517,15 @@ fn bench(runtime: &tokio::runtime::Runtime, plan: &Plan) -> Result<(), String> {
                 .map(|a| report::alone_notes(&a))?,
         )),
     };
+    // Every report's second line: the machine at the start, the allocator, batching on or off.
+    let start = format!(
+        "start: {at_start}; allocator: {ALLOCATOR_NAME}; clouds batching {}",
+        if clouds_rows::batching() {
+            "on"
+        } else {
+            "off (CLOUDS_BENCH_BATCHING=off)"
+        }
+    );
     if let Some((flag, notes)) = notes {
         let mut out = String::new();
         let _ = writeln!(
@@ -524,7 +533,7 @@ fn bench(runtime: &tokio::runtime::Runtime, plan: &Plan) -> Result<(), String> {
             "clouds-bench {flag}, {} mode, {} runs per figure (median shown); redis-server {version} on loopback",
             plan.name, plan.reps
         );
-        let _ = writeln!(out, "start: {at_start}; allocator: {ALLOCATOR_NAME}");
+        let _ = writeln!(out, "{start}");
         out.push_str(&notes);
         let _ = writeln!(
             out,
@@ -545,15 +554,7 @@ fn bench(runtime: &tokio::runtime::Runtime, plan: &Plan) -> Result<(), String> {
         "clouds-bench, {} mode, {} runs per figure (median shown); redis-server {version} on loopback",
         plan.name, plan.reps
     );
-    let _ = writeln!(
-        out,
-        "start: {at_start}; allocator: {ALLOCATOR_NAME}; clouds batching {}",
-        if clouds_rows::batching() {
-            "on"
-        } else {
-            "off (CLOUDS_BENCH_BATCHING=off)"
-        }
-    );
+    let _ = writeln!(out, "{start}");
     if let Some(Ok(run)) = &mut cluster {
         rows.append(&mut run.rows);
     }
