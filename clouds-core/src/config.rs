@@ -393,7 +393,9 @@ impl Config {
     /// moves to its own task at its first `.await` that is not ready, so slow handlers still run
     /// side by side. What a handler computes *before* that first wait holds up the server's
     /// other deliveries meanwhile; for handlers that compute for long (or block), set this so
-    /// each call gets its own task and calls spread over the runtime's worker threads.
+    /// each call gets its own task and calls spread over the runtime's worker threads. Such a
+    /// task yields once before it runs its handler, so that an idle worker keeps the runtime's
+    /// I/O going should the handler hold its thread.
     ///
     /// ```
     /// let config = clouds_core::Config::default().spawn_handlers(true);

@@ -218,8 +218,18 @@ impl Running {
         let work = async move {
             match work {
                 Work::Started(running) => Some(context.scope(running).instrument(handling).await),
-                Work::Fresh(_, _) if Instant::now() > deadline => None,
                 Work::Fresh(handler, args) => {
+                    // A task of its own from the start (`spawn_handlers`), for handlers that
+                    // compute for long or block. The yield lets tokio wake an idle worker
+                    // before the handler holds this one: else, if this worker was the one that
+                    // polled the runtime's I/O, nobody would read the next deliveries (to any
+                    // node of the process) until the handler returned, since tokio leaves the
+                    // other idle workers asleep while only one task is queued.
+                    crate::yielding::yield_once().await;
+                    // Skipped if its deadline passed while it waited for a worker.
+                    if Instant::now() > deadline {
+                        return None;
+                    }
                     let running = async move { handler(args).await };
                     Some(context.scope(running).instrument(handling).await)
                 }

@@ -50,6 +50,8 @@
 //!   makes and unwraps them before `codec` reads them.
 //! - `spans`: the `tracing` spans of attempts and handlers, and the trace context a call
 //!   carries (with the `opentelemetry` feature, the caller's span context).
+//! - `yielding`: `yield_once`, the one way clouds yields to the runtime (the outbox's
+//!   gathering, a spawned handler's start).
 //! - `stats`: counters of bad input and load; `meter`: each method's figures (counters and a
 //!   latency histogram) and the summary the heartbeat publishes; `telemetry`: the same
 //!   figures through the `metrics` facade (feature `metrics`); `locks`: poison-tolerant
@@ -104,6 +106,7 @@ pub mod testing;
 #[cfg(test)]
 mod tests;
 mod transport;
+mod yielding;
 
 pub use client::Client;
 pub use config::{Balance, Config};

@@ -44,6 +44,7 @@ use tokio::sync::oneshot;
 use crate::codec;
 use crate::locks::lock;
 use crate::transport::{Channel, TransportError};
+use crate::yielding::yield_once;
 
 /// Where an outbox's frames go.
 pub(crate) trait Sink: Send + Sync + Sized + 'static {
@@ -350,22 +351,6 @@ pub(crate) async fn send_all<S: Sink>(
 }
 /// Most times a call holding a free turn yields for others to join (`send_call`).
 const GATHER_ROUNDS: usize = 4;
-
-/// Lets the tasks already runnable on this worker run before this one goes on: it asks to be
-/// polled again at once, which puts it at the back of the worker's queue. Not
-/// `tokio::task::yield_now`, which waits for the runtime to poll its I/O driver first: that
-/// made a call alone ~14 % slower (BENCHMARKS.md, "One wait per call").
-fn yield_once() -> impl Future<Output = ()> {
-    let mut yielded = false;
-    std::future::poll_fn(move |cx| {
-        if yielded {
-            return std::task::Poll::Ready(());
-        }
-        yielded = true;
-        cx.waker().wake_by_ref();
-        std::task::Poll::Pending
-    })
-}
 
 /// What became of a frame that waited for its turn.
 async fn outcome(
