@@ -625,11 +625,8 @@ async fn measure_all(
     let mut rows = Vec::new();
 
     // One provider in this process.
-    let channels = Channels::new("rawbench:inproc", 1);
-    let raw_server = RawServer::start(&url, &channels.requests[0], &channels.reply).await?;
-    let raw = RawClient::connect(&url, &channels, CALL_TIMEOUT).await?;
-    let in_process = InProcess::start(&url, NS_IN_PROCESS, CALL_TIMEOUT).await?;
-    let clouds = CloudsCaller::new(&in_process.client);
+    let pair = Pair::start(&url, "rawbench:inproc").await?;
+    let (raw, clouds) = (pair.raw.clone(), CloudsCaller::new(&pair.clouds.client));
     let result = async {
         let wire = Wire {
             per_call: vec![
@@ -667,9 +664,7 @@ async fn measure_all(
         Ok::<_, String>((wire, scaling, alone))
     }
     .await;
-    raw.close().await;
-    raw_server.stop().await;
-    in_process.stop().await;
+    pair.stop().await;
     let (wire, scaling, alone) = result?;
 
     // Three provider processes, three raw server processes.
@@ -710,17 +705,41 @@ async fn interleaved_p50(plan: &Plan, raw: &impl Caller, clouds: &impl Caller) -
     }
 }
 
-/// `--alone`: the raw and clouds pairs of `measure_all`, for the interleaved p50 only.
+/// A raw server and client, and a clouds provider and client, all in this process: the
+/// in-process rows' two sides.
+struct Pair {
+    raw_server: RawServer,
+    raw: RawClient,
+    clouds: InProcess,
+}
+
+impl Pair {
+    /// Starts both sides; raw's channels under `prefix`.
+    async fn start(url: &str, prefix: &str) -> Result<Pair, String> {
+        let channels = Channels::new(prefix, 1);
+        let raw_server = RawServer::start(url, &channels.requests[0], &channels.reply).await?;
+        let raw = RawClient::connect(url, &channels, CALL_TIMEOUT).await?;
+        let clouds = InProcess::start(url, NS_IN_PROCESS, CALL_TIMEOUT).await?;
+        Ok(Pair {
+            raw_server,
+            raw,
+            clouds,
+        })
+    }
+
+    /// Stops both sides.
+    async fn stop(self) {
+        self.raw.close().await;
+        self.raw_server.stop().await;
+        self.clouds.stop().await;
+    }
+}
+
+/// `--alone`: the in-process pair of `measure_all`, for the interleaved p50 only.
 async fn alone_only(plan: &Plan, redis: &RedisServer) -> Result<Interleaved, String> {
-    let url = redis.url();
-    let channels = Channels::new("rawbench:alone", 1);
-    let raw_server = RawServer::start(&url, &channels.requests[0], &channels.reply).await?;
-    let raw = RawClient::connect(&url, &channels, CALL_TIMEOUT).await?;
-    let in_process = InProcess::start(&url, NS_IN_PROCESS, CALL_TIMEOUT).await?;
-    let alone = interleaved_p50(plan, &raw, &CloudsCaller::new(&in_process.client)).await;
-    raw.close().await;
-    raw_server.stop().await;
-    in_process.stop().await;
+    let pair = Pair::start(&redis.url(), "rawbench:alone").await?;
+    let alone = interleaved_p50(plan, &pair.raw, &CloudsCaller::new(&pair.clouds.client)).await;
+    pair.stop().await;
     Ok(alone)
 }
 

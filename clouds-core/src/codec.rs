@@ -1260,10 +1260,20 @@ mod tests {
         good.extend_from_slice(&[0x93, 0xa1, b'x', 0xa0, 1]);
         good.push(0x90);
         assert!(decode(&Bytes::from(good)).is_ok());
-        // Five elements are malformed; so are more than 15 (not a fixarray).
+        // Five elements are malformed; so are more than 15 (an array16 header here).
         let mut five = frame.to_vec();
         five[1] = 0x95;
         assert!(decode(&Bytes::from(five)).is_err());
+        let mut sixteen = vec![
+            VERSION, 0xdc, 0x00, 0x10, KIND_CALL, 1, 0xa1, b'm', 0xa1, b'n', 1,
+        ];
+        sixteen.extend_from_slice(&[0xc0; 10]);
+        sixteen.push(0x90);
+        let refused = decode(&Bytes::from(sixteen));
+        assert!(
+            matches!(&refused, Err(e) if e.to_string().contains("16 elements")),
+            "{refused:?}"
+        );
     }
 
     #[test]

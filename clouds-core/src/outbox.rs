@@ -220,6 +220,9 @@ pub(crate) async fn send<S: Sink>(
     sent
 }
 
+/// Most times a call holding a free turn yields for others to join (`send_call`).
+const GATHER_ROUNDS: usize = 4;
+
 /// Publishes a call's `frame` on `channel` through the outbox, for a call waiting in the
 /// pending table under `id`. The frame joins `channel`'s queue. If the turn was held, that
 /// is all (`None`, no future to run). If it was free, this sender takes it and gets a future
@@ -349,8 +352,6 @@ pub(crate) async fn send_all<S: Sink>(
     }
     outcome(waiting).await
 }
-/// Most times a call holding a free turn yields for others to join (`send_call`).
-const GATHER_ROUNDS: usize = 4;
 
 /// What became of a frame that waited for its turn.
 async fn outcome(
