@@ -49,12 +49,17 @@ impl Bench for Provider {
 /// `CLOUDS_BENCH_BATCHING=off` in the environment (inherited by the provider and RSS child
 /// processes) turns batching off, to measure clouds without it.
 pub(crate) fn config(url: &str, namespace: &str, timeout: Duration) -> Result<Config, String> {
-    Ok(Config::from_url(url)
-        .map_err(|e| e.to_string())?
+    let config = Config::from_url(url).map_err(|e| e.to_string())?;
+    Ok(tune(config, namespace, timeout))
+}
+
+/// `config` set as [`config`] sets a URL's (the in-memory broker's, for `cold`).
+pub(crate) fn tune(config: Config, namespace: &str, timeout: Duration) -> Config {
+    config
         .namespace(namespace)
         .timeout(timeout)
         .max_in_flight(20_000)
-        .batching(batching()))
+        .batching(batching())
 }
 
 /// Whether clouds batches in this run (see [`config`]).

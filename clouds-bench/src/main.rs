@@ -7,6 +7,7 @@
 //! cargo run --release -p clouds-bench -- registry  # registry CPU at 1,000 servers and callers
 //! cargo run --release -p clouds-bench -- claims    # large payloads inline against claims
 //! cargo run --release -p clouds-bench -- streams   # stream items/s by window, beside the raw round trip
+//! cargo run --release -p clouds-bench -- cold      # one call with no Redis, caches hot and cold
 //! ```
 //!
 //! Starts its own `redis-server` on a free loopback port and measures, against it, an echo
@@ -25,6 +26,8 @@
 //! - `claims.rs`: `claims`, the echo call inline and through claims from 100 B to 4 MiB.
 //! - `streams.rs`: `streams`, a streaming method's items/s at windows 1–256 beside the raw
 //!   round trip and sequential calls.
+//! - `cold.rs`: `cold`, one call through the in-memory broker on one thread, with its code and
+//!   data in the caches and evicted (what the p50 at 1 in flight is made of).
 //! - `cluster.rs`: the rows on a Redis Cluster (`--cluster`).
 //! - `registry_sim.rs`: `registry`, the registry's Redis CPU with 1,000 servers beating and
 //!   1,000 callers refreshing, full lookups against generation lookups.
@@ -53,6 +56,7 @@ const ALLOCATOR_NAME: &str = if cfg!(feature = "mimalloc") {
 mod claims;
 mod clouds_rows;
 mod cluster;
+mod cold;
 mod load;
 mod once_row;
 mod procs;
@@ -217,6 +221,10 @@ usage: clouds-bench [--quick] [--reps N] [--cluster] [--signing] [--once] [--alo
                calls, then makes --calls calls (default 2000) --in-flight at a time (default 1)
                with --payload bytes (default 100), against --redis URL if given (watch it
                with `redis-cli -p PORT monitor`); --signed: clouds with signed frames
+
+Tables of their own: clouds-bench claims|streams|cold [--quick] [--reps N], and
+clouds-bench registry --help (cold: one call through the in-memory broker, with its
+caches hot and cold; no Redis)
 
 Internal roles (the bench starts them itself): --provider URL NS, --raw-server URL REQ REPLY,
 --rss clouds burst|ramped URL NS ROUND IN_FLIGHT ID...,
@@ -396,6 +404,10 @@ fn main() -> ExitCode {
     }
     if args.first().is_some_and(|a| a == "streams") {
         return streams::main(&args[1..]);
+    }
+    // `cold`: one call through the in-memory broker, hot and cold (cold.rs).
+    if args.first().is_some_and(|a| a == "cold") {
+        return cold::main(&args[1..]);
     }
     let role = match parse_args(&args) {
         Ok(role) => role,
