@@ -420,24 +420,25 @@ impl Node {
     /// Sends replies to one caller (not empty) together, then frees their in-flight slots:
     /// for the receive loop, which bounds the replies it sends all together, with no timer of
     /// their own (see `receive_loop`).
-    async fn reply_all(self: &Arc<Self>, mut replies: Vec<ReadyReply>) {
-        if replies.len() == 1
-            && let Some(mut reply) = replies.pop()
-        {
-            // The common case at low load: no vectors of frames and slots for one reply.
-            if let Some(items) = reply.stream.take() {
-                return self.start_stream(reply, items);
+    async fn reply_all(self: &Arc<Self>, replies: CallerReplies) {
+        let replies = match replies {
+            // The common case at low load: no vectors of replies, frames and slots.
+            CallerReplies::One(mut reply) => {
+                if let Some(items) = reply.stream.take() {
+                    return self.start_stream(reply, items);
+                }
+                let caller = reply.caller.as_str();
+                let frame = self
+                    .reply_frame(caller, reply.id, reply.status, reply.body)
+                    .await;
+                // A lone reply goes at once if the inbox's turn is free.
+                let sent = outbox::send(self, &self.peers.inbox(caller), frame, false).await;
+                self.log_reply(caller, sent);
+                drop(reply.slot);
+                return;
             }
-            let caller = reply.caller.as_str();
-            let frame = self
-                .reply_frame(caller, reply.id, reply.status, reply.body)
-                .await;
-            // A lone reply goes at once if the inbox's turn is free.
-            let sent = outbox::send(self, &self.peers.inbox(caller), frame, false).await;
-            self.log_reply(caller, sent);
-            drop(reply.slot);
-            return;
-        }
+            CallerReplies::Many(replies) => replies,
+        };
         let Some(caller) = replies.first().map(|r| r.caller.clone()) else {
             return;
         };
@@ -484,7 +485,14 @@ impl Node {
         }
         let frame = body.into_frame(id, status);
         let store = self.claim_if_large(frame, self.config.timeout);
-        match tokio::time::timeout(self.config.transport.command_timeout, store).await {
+        // Boxed: only large replies store a claim, and its state would otherwise make every
+        // reply's future (one per caller and pass on the receive loop) ~1.5 KB instead of
+        // under 1 KB.
+        let store = Box::pin(tokio::time::timeout(
+            self.config.transport.command_timeout,
+            store,
+        ));
+        match store.await {
             Ok(Ok((frame, _))) => frame,
             Ok(Err(e)) => error(format!("the reply is large and could not be stored: {e}")),
             Err(_) => error(format!(
@@ -1052,7 +1060,7 @@ async fn receive_loop(node: Arc<Node>, mut inbound: Inbound) {
     // Re-armed a full period after each rotation, so nothing is given up sooner than that.
     let tick = tokio::time::sleep(period);
     tokio::pin!(tick);
-    let send = |replies: Vec<ReadyReply>| node.reply_all(replies);
+    let send = |replies: CallerReplies| node.reply_all(replies);
     // The replies made in one pass over the deliveries, sent per caller: one future each,
     // carrying that caller's replies together (`outbox::send_all`); one alone goes at once.
     let mut made = Vec::new();
@@ -1086,13 +1094,13 @@ async fn receive_loop(node: Arc<Node>, mut inbound: Inbound) {
             };
             handle_guarded(&node, delivery, &mut |r| made.push(r));
         }
-        sending.extend(per_caller(&mut made).into_iter().map(send));
+        per_caller(&mut made, |group| sending.push(send(group)));
     }
     // Hand over what was already delivered (replies to calls still being waited for).
     while let Some(delivery) = inbound.try_recv() {
         handle_guarded(&node, delivery, &mut |r| made.push(r));
     }
-    sending.extend(per_caller(&mut made).into_iter().map(send));
+    per_caller(&mut made, |group| sending.push(send(group)));
     // Finish sending the replies already made, for at most one command timeout.
     let mut both = futures_util::stream::select(sending, older);
     let drain = async { while both.next().await.is_some() {} };
@@ -1102,9 +1110,23 @@ async fn receive_loop(node: Arc<Node>, mut inbound: Inbound) {
     }
 }
 
-/// The replies of one pass grouped by caller, each group in the order the replies were
-/// made (a pass makes at most `RECEIVE_BATCH`, from few callers: a linear search is enough).
-fn per_caller(made: &mut Vec<ReadyReply>) -> Vec<Vec<ReadyReply>> {
+/// The replies of one pass to one caller, in the order they were made: one alone (the usual
+/// case at low load) needs no vector.
+enum CallerReplies {
+    One(ReadyReply),
+    Many(Vec<ReadyReply>),
+}
+
+/// Hands `each` the replies of one pass grouped by caller, each group in the order the
+/// replies were made (a pass makes at most `RECEIVE_BATCH`, from few callers: a linear
+/// search is enough).
+fn per_caller(made: &mut Vec<ReadyReply>, mut each: impl FnMut(CallerReplies)) {
+    if made.len() == 1 {
+        if let Some(reply) = made.pop() {
+            each(CallerReplies::One(reply));
+        }
+        return;
+    }
     let mut groups: Vec<Vec<ReadyReply>> = Vec::new();
     for reply in made.drain(..) {
         match groups.iter_mut().find(|g| g[0].caller == reply.caller) {
@@ -1112,7 +1134,13 @@ fn per_caller(made: &mut Vec<ReadyReply>) -> Vec<Vec<ReadyReply>> {
             None => groups.push(vec![reply]),
         }
     }
-    groups
+    for mut group in groups {
+        if group.len() > 1 {
+            each(CallerReplies::Many(group));
+        } else if let Some(reply) = group.pop() {
+            each(CallerReplies::One(reply));
+        }
+    }
 }
 
 /// Logs replies whose `PUBLISH` got no answer in time (they are dropped with it): `groups`
@@ -1184,5 +1212,53 @@ pub(crate) struct Owner {
 impl Drop for Owner {
     fn drop(&mut self) {
         self.node.close_in_background();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reply(caller: &'static str, id: u64) -> ReadyReply {
+        ReadyReply {
+            caller: crate::envelope::WireStr::new(Bytes::from_static(caller.as_bytes()))
+                .expect("UTF-8"),
+            id,
+            status: Status::Ok,
+            body: ReplyBody::text("ok"),
+            stream: None,
+            slot: None,
+        }
+    }
+
+    fn grouped(made: Vec<ReadyReply>) -> Vec<(String, Vec<u64>)> {
+        let mut made = made;
+        let mut groups = Vec::new();
+        per_caller(&mut made, |group| {
+            groups.push(match group {
+                CallerReplies::One(r) => (format!("one {}", r.caller.as_str()), vec![r.id]),
+                CallerReplies::Many(rs) => (
+                    format!("many {}", rs[0].caller.as_str()),
+                    rs.iter().map(|r| r.id).collect(),
+                ),
+            })
+        });
+        assert!(made.is_empty(), "every reply is handed over");
+        groups
+    }
+
+    #[test]
+    fn replies_are_grouped_per_caller_in_order_and_a_lone_one_goes_alone() {
+        assert_eq!(grouped(vec![reply("a", 1)]), [("one a".into(), vec![1])]);
+        assert_eq!(
+            grouped(vec![
+                reply("a", 1),
+                reply("b", 2),
+                reply("a", 3),
+                reply("a", 4)
+            ]),
+            [("many a".into(), vec![1, 3, 4]), ("one b".into(), vec![2])]
+        );
+        assert!(grouped(Vec::new()).is_empty());
     }
 }
