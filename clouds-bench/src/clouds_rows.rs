@@ -53,7 +53,7 @@ pub(crate) fn config(url: &str, namespace: &str, timeout: Duration) -> Result<Co
     Ok(tune(config, namespace, timeout))
 }
 
-/// `config` set as [`config`] sets a URL's (the in-memory broker's, for `cold`).
+/// Sets up `config` as [`config`] sets up a URL's (used for the in-memory broker's, in `cold`).
 pub(crate) fn tune(config: Config, namespace: &str, timeout: Duration) -> Config {
     config
         .namespace(namespace)
