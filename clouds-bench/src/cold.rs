@@ -118,7 +118,7 @@ async fn rounds(rotations: usize, reps: usize) -> Result<String, String> {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "## One call through the in-memory broker, on one thread (100 B, {rotations} rotations, median of {reps} rounds' p50)\n"
+        "## One call through the in-memory broker, on one thread (100 B, {rotations} rotations, {reps} round(s), the median of their p50s)\n"
     );
     let _ = writeln!(out, "| call | p50 | ÷ hot |");
     let _ = writeln!(out, "|---|--:|--:|");
