@@ -145,7 +145,11 @@ impl InProcess {
         namespace: &str,
         timeout: Duration,
     ) -> Result<InProcess, String> {
-        let config = config(url, namespace, timeout)?;
+        InProcess::with_config(config(url, namespace, timeout)?).await
+    }
+
+    /// Starts both with `config` (the in-memory broker's, in `cold`).
+    pub(crate) async fn with_config(config: Config) -> Result<InProcess, String> {
         let server = start_provider(config.clone()).await?;
         let client = Client::connect(config).await.map_err(|e| e.to_string())?;
         Ok(InProcess { server, client })

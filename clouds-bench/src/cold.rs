@@ -25,7 +25,7 @@ use std::hint::black_box;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use crate::clouds_rows::{CloudsCaller, InProcess, start_provider, tune};
+use crate::clouds_rows::{CloudsCaller, InProcess, tune};
 use crate::load::{Caller, payload};
 use crate::report::fmt_d;
 use crate::stats::{median, percentile};
@@ -73,11 +73,7 @@ async fn rounds(rotations: usize, reps: usize) -> Result<String, String> {
         // A broker and two nodes per round, as the Redis rows start theirs.
         let broker = clouds::testing::Broker::new();
         let config = tune(broker.config(), "bench-cold", Duration::from_secs(10));
-        let server = start_provider(config.clone()).await?;
-        let client = clouds::Client::connect(config)
-            .await
-            .map_err(|e| e.to_string())?;
-        let nodes = InProcess { server, client };
+        let nodes = InProcess::with_config(config).await?;
         let caller = CloudsCaller::new(&nodes.client);
         for _ in 0..1_000 {
             caller.call(&payload).await?;

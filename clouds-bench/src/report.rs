@@ -316,12 +316,13 @@ fn alone_line(alone: &Interleaved) -> String {
         fmt_d(alone.clouds_p50),
         alone.ratio,
         alone.errors,
-        if alone.ratio <= 1.03 {
-            "met"
-        } else {
-            "NOT met"
-        }
+        mark(alone.ratio <= 1.03)
     )
+}
+
+/// How a target's line ends.
+fn mark(ok: bool) -> &'static str {
+    if ok { "met" } else { "NOT met" }
 }
 
 /// `--alone`'s report: the latency target alone.
@@ -347,7 +348,6 @@ pub(crate) fn targets(
     };
     // Three decimals: at two, 0.899 would print as "0.90 — NOT met".
     let mut t = String::from("\nTargets (100 B, 1 provider in-process unless said):\n\n");
-    let mark = |ok: bool| if ok { "met" } else { "NOT met" };
     if let Some(r) = find(100, 64) {
         let x = r.ratios.calls_per_sec;
         let _ = writeln!(
