@@ -37,7 +37,6 @@ use fred::interfaces::{
 use fred::types::cluster::ClusterRouting;
 use fred::types::config::ReconnectPolicy;
 use fred::types::{Builder, Expiration, Value};
-use futures_util::future::Either;
 use tokio::sync::{Semaphore, broadcast};
 
 use crate::channel::Channel;
@@ -45,6 +44,9 @@ use crate::endpoint::{Endpoint, TransportOptions};
 use crate::error::TransportError;
 use crate::inbound::Inbound;
 use crate::script::{Script, ScriptValue};
+
+/// fred's `PUBLISH` (or `SPUBLISH`) future, in the box it was made in.
+type SendPublish<'a> = Pin<Box<dyn Future<Output = Result<i64, fred::error::Error>> + Send + 'a>>;
 
 /// A node's command and subscriber connections to one Redis.
 ///
@@ -219,24 +221,16 @@ impl Transport {
     ///
     /// At most `max_pending_publishes` are outstanding at once; beyond that this waits for
     /// a slot (the wait counts towards the timeout).
-    pub fn publish(
-        &self,
-        channel: Channel,
-        frame: Bytes,
-    ) -> Pin<Box<impl Future<Output = Result<u64, TransportError>> + Send + '_>> {
-        // One box with fred's future inside: the callers of this one (replies, messages,
-        // announcements) do not hold it for long.
-        Box::pin(async move {
-            let publish = async {
-                // Never closed, so acquiring only fails if that changes: then publish unbounded.
-                let _slot = self.publish_slots.acquire().await.ok();
-                self.send_publish(channel, frame).await
-            };
-            match tokio::time::timeout(self.options.command_timeout, publish).await {
-                Ok(receivers) => receivers,
-                Err(_) => Err(self.timed_out("PUBLISH")),
-            }
-        })
+    pub async fn publish(&self, channel: Channel, frame: Bytes) -> Result<u64, TransportError> {
+        let publish = async {
+            // Never closed, so acquiring only fails if that changes: then publish unbounded.
+            let _slot = self.publish_slots.acquire().await.ok();
+            self.receivers(self.send_publish(channel, frame).await)
+        };
+        match tokio::time::timeout(self.options.command_timeout, publish).await {
+            Ok(receivers) => receivers,
+            Err(_) => Err(self.timed_out("PUBLISH")),
+        }
     }
 
     /// [`Transport::publish`] without the command timeout, for a caller that bounds the wait
@@ -257,37 +251,40 @@ impl Transport {
         channel: Channel,
         frame: Bytes,
     ) -> impl Future<Output = Result<u64, TransportError>> + Send + '_ {
-        // Boxed, so that fred's ~5 KB command future does not weigh on a caller's future for
-        // the whole call. A free slot (the usual case) is taken at once and the PUBLISH goes in
-        // one box. Otherwise a small box waits for a slot and only then allocates fred's
-        // future, so calls waiting for a slot hold little.
-        match self.publish_slots.try_acquire() {
-            Ok(slot) => Either::Left(Box::pin(async move {
-                let _slot = slot;
-                self.send_publish(channel, frame).await
-            })),
-            Err(_) => Either::Right(Box::pin(async move {
+        // A free slot (the usual case) is taken at once; otherwise the command is made only
+        // once a slot is free, so calls waiting for one hold little.
+        let slot = self.publish_slots.try_acquire().ok();
+        async move {
+            let _slot = match slot {
+                Some(slot) => Some(slot),
                 // Never closed, so acquiring only fails if that changes: then publish anyway.
-                let _slot = self.publish_slots.acquire().await.ok();
-                Box::pin(self.send_publish(channel, frame)).await
-            })),
+                None => self.publish_slots.acquire().await.ok(),
+            };
+            self.receivers(self.send_publish(channel, frame).await)
         }
     }
 
-    /// The PUBLISH itself, once a slot is held: how many subscribers received the frame.
-    async fn send_publish(&self, channel: Channel, frame: Bytes) -> Result<u64, TransportError> {
-        let receivers: i64 = if self.sharded {
-            self.commands
-                .spublish(channel.0, Value::Bytes(frame))
-                .await
-                .map_err(|e| self.error("SPUBLISH", e))?
+    /// The PUBLISH itself, once a slot is held: fred's command future, boxed as it is made.
+    ///
+    /// fred's future is ~5 KB, and every move of a future holding it copies all of it. Boxed
+    /// at once (one copy), it keeps the futures around it small (a call's, a reply's) and is
+    /// never moved again; awaited inside an `async fn` that was then boxed, it was copied
+    /// twice per PUBLISH, on the path of every call (BENCHMARKS.md, session 12).
+    fn send_publish(&self, channel: Channel, frame: Bytes) -> SendPublish<'_> {
+        if self.sharded {
+            Box::pin(self.commands.spublish(channel.0, Value::Bytes(frame)))
         } else {
-            self.commands
-                .publish(channel.0, Value::Bytes(frame))
-                .await
-                .map_err(|e| self.error("PUBLISH", e))?
-        };
-        Ok(receivers.max(0) as u64)
+            Box::pin(self.commands.publish(channel.0, Value::Bytes(frame)))
+        }
+    }
+
+    /// What a PUBLISH returned, as the number of subscribers that received the frame.
+    fn receivers(&self, published: Result<i64, fred::error::Error>) -> Result<u64, TransportError> {
+        let command = if self.sharded { "SPUBLISH" } else { "PUBLISH" };
+        match published {
+            Ok(receivers) => Ok(receivers.max(0) as u64),
+            Err(e) => Err(self.error(command, e)),
+        }
     }
 
     /// Subscribes to `channel`; the subscription is restored after every reconnect.
