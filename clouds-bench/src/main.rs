@@ -570,7 +570,7 @@ fn bench(runtime: &tokio::runtime::Runtime, plan: &Plan) -> Result<(), String> {
     if let Some(Ok(run)) = &mut cluster {
         rows.append(&mut run.rows);
     }
-    out.push_str(&table(&rows, memory.as_ref()));
+    out.push_str(&table(&rows, &memory));
     out.push_str(&wire_notes(&wire));
     match &cluster {
         Some(Ok(run)) => out.push_str(&cluster_notes(
@@ -596,7 +596,7 @@ fn bench(runtime: &tokio::runtime::Runtime, plan: &Plan) -> Result<(), String> {
             let _ = writeln!(out, "\nExactly-once row: not measured: {e}");
         }
     }
-    out.push_str(&targets(&rows, memory.as_ref(), scaling, &wire, &alone));
+    out.push_str(&targets(&rows, &memory, scaling, &wire, &alone));
     let _ = writeln!(
         out,
         "\nend: loadavg {}; took {:.0?}",
@@ -604,8 +604,9 @@ fn bench(runtime: &tokio::runtime::Runtime, plan: &Plan) -> Result<(), String> {
         started.elapsed()
     );
     print!("{out}");
-    match cluster {
-        Some(Err(e)) => Err(format!("the cluster rows failed: {e}")),
+    match (cluster, memory) {
+        (Some(Err(e)), _) => Err(format!("the cluster rows failed: {e}")),
+        (_, Err(e)) => Err(format!("the memory rows failed: {e}")),
         _ => Ok(()),
     }
 }
@@ -632,7 +633,7 @@ fn measure_cluster(
 async fn measure_all(
     plan: &Plan,
     redis: &RedisServer,
-) -> Result<(Vec<Row>, Wire, Option<Memory>, f64, Interleaved), String> {
+) -> Result<(Vec<Row>, Wire, Result<Memory, String>, f64, Interleaved), String> {
     let url = redis.url();
     let mut rows = Vec::new();
 
@@ -792,13 +793,14 @@ async fn flight_scaling(plan: &Plan, clouds: &impl Caller) -> f64 {
     stats::median(&ratios)
 }
 
-/// The rows with provider processes, and the memory row.
+/// The rows with provider processes, and the memory rows: their own result, so that a memory
+/// child that fails costs those rows only, and the rest of the table still prints.
 async fn processes_rows(
     plan: &Plan,
     url: &str,
     procs: &mut Vec<Proc>,
     rows: &mut Vec<Row>,
-) -> Result<Option<Memory>, String> {
+) -> Result<Result<Memory, String>, String> {
     let raw_prefix = "rawbench:procs";
     let channels = Channels::new(raw_prefix, PROCESSES);
     let mut provider_ids = Vec::new();
@@ -838,8 +840,7 @@ async fn processes_rows(
     raw.close().await;
     client.close().await;
 
-    let memory = memory(plan, url, raw_prefix, &provider_ids).await?;
-    Ok(Some(memory))
+    Ok(memory(plan, url, raw_prefix, &provider_ids).await)
 }
 
 /// Client RSS per call in flight, each figure from fresh child processes (raw and clouds

@@ -97,7 +97,7 @@ pub(crate) fn ratio(clouds: f64, raw: f64) -> String {
     }
 }
 
-pub(crate) fn table(rows: &[Row], memory: Option<&Memory>) -> String {
+pub(crate) fn table(rows: &[Row], memory: &Result<Memory, String>) -> String {
     let mut t = String::new();
     let _ = writeln!(
         t,
@@ -149,8 +149,11 @@ pub(crate) fn table(rows: &[Row], memory: Option<&Memory>) -> String {
             r.clouds.errors,
         );
     }
-    if let Some(m) = memory {
-        t.push_str(&memory_table(m));
+    match memory {
+        Ok(m) => t.push_str(&memory_table(m)),
+        Err(e) => {
+            let _ = writeln!(t, "\nClient RSS per call in flight: not measured: {e}");
+        }
     }
     let _ = writeln!(
         t,
@@ -336,7 +339,7 @@ pub(crate) fn alone_notes(alone: &Interleaved) -> String {
 /// The issue's targets, checked against this run.
 pub(crate) fn targets(
     rows: &[Row],
-    memory: Option<&Memory>,
+    memory: &Result<Memory, String>,
     scaling: f64,
     wire: &Wire,
     alone: &Interleaved,
@@ -384,17 +387,26 @@ pub(crate) fn targets(
             mark(ok)
         );
     }
-    if let Some(m) = memory {
-        let burst = m.burst[1].bytes_per_call() / 1024.0;
-        let ramped = m.ramped[1].bytes_per_call() / 1024.0;
-        let _ = writeln!(
-            t,
-            "- ≤ 1.9 KiB client RSS per call in flight (as before batching; {} in flight): {burst:.2} KiB started at once, \
+    match memory {
+        Ok(m) => {
+            let burst = m.burst[1].bytes_per_call() / 1024.0;
+            let ramped = m.ramped[1].bytes_per_call() / 1024.0;
+            let _ = writeln!(
+                t,
+                "- ≤ 1.9 KiB client RSS per call in flight (as before batching; {} in flight): {burst:.2} KiB started at once, \
              {ramped:.2} KiB ramped — {} / {}",
-            m.in_flight,
-            mark(burst <= 1.9),
-            mark(ramped <= 1.9)
-        );
+                m.in_flight,
+                mark(burst <= 1.9),
+                mark(ramped <= 1.9)
+            );
+        }
+        Err(e) => {
+            let _ = writeln!(
+                t,
+                "- ≤ 1.9 KiB client RSS per call in flight: not measured ({e}) — {}",
+                mark(false)
+            );
+        }
     }
     t
 }
