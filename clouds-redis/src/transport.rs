@@ -37,6 +37,7 @@ use fred::interfaces::{
 use fred::types::cluster::ClusterRouting;
 use fred::types::config::ReconnectPolicy;
 use fred::types::{Builder, Expiration, Value};
+use futures_util::future::Either;
 use tokio::sync::{Semaphore, broadcast};
 
 use crate::channel::Channel;
@@ -221,16 +222,24 @@ impl Transport {
     ///
     /// At most `max_pending_publishes` are outstanding at once; beyond that this waits for
     /// a slot (the wait counts towards the timeout).
-    pub async fn publish(&self, channel: Channel, frame: Bytes) -> Result<u64, TransportError> {
-        let publish = async {
-            // Never closed, so acquiring only fails if that changes: then publish unbounded.
-            let _slot = self.publish_slots.acquire().await.ok();
-            self.receivers(self.send_publish(channel, frame).await)
-        };
-        match tokio::time::timeout(self.options.command_timeout, publish).await {
-            Ok(receivers) => receivers,
-            Err(_) => Err(self.timed_out("PUBLISH")),
-        }
+    pub fn publish(
+        &self,
+        channel: Channel,
+        frame: Bytes,
+    ) -> Pin<Box<impl Future<Output = Result<u64, TransportError>> + Send + '_>> {
+        // Boxed (a few hundred bytes; fred's future has a box of its own): the futures that
+        // await this one, a reply's among them, stay small.
+        Box::pin(async move {
+            let publish = async {
+                // Never closed, so acquiring only fails if that changes: then publish unbounded.
+                let _slot = self.publish_slots.acquire().await.ok();
+                self.receivers(self.send_publish(channel, frame).await)
+            };
+            match tokio::time::timeout(self.options.command_timeout, publish).await {
+                Ok(receivers) => receivers,
+                Err(_) => Err(self.timed_out("PUBLISH")),
+            }
+        })
     }
 
     /// [`Transport::publish`] without the command timeout, for a caller that bounds the wait
@@ -251,25 +260,33 @@ impl Transport {
         channel: Channel,
         frame: Bytes,
     ) -> impl Future<Output = Result<u64, TransportError>> + Send + '_ {
-        // A free slot (the usual case) is taken at once; otherwise the command is made only
-        // once a slot is free, so calls waiting for one hold little.
-        let slot = self.publish_slots.try_acquire().ok();
-        async move {
-            let _slot = match slot {
-                Some(slot) => Some(slot),
+        // Boxed, so that the futures awaiting this one (a call's, a reply's on the receive
+        // loop) stay small: a reply's must stay under glibc's per-thread cache limit
+        // (BENCHMARKS.md, "Hot and cold"). A free slot (the usual case) is taken at once and
+        // fred's command made in its own box. Otherwise the box waits for a slot and only then
+        // makes the command, so calls waiting for a slot hold little.
+        match self.publish_slots.try_acquire() {
+            Ok(slot) => {
+                let publish = self.send_publish(channel, frame);
+                Either::Left(Box::pin(async move {
+                    let _slot = slot;
+                    self.receivers(publish.await)
+                }))
+            }
+            Err(_) => Either::Right(Box::pin(async move {
                 // Never closed, so acquiring only fails if that changes: then publish anyway.
-                None => self.publish_slots.acquire().await.ok(),
-            };
-            self.receivers(self.send_publish(channel, frame).await)
+                let _slot = self.publish_slots.acquire().await.ok();
+                self.receivers(self.send_publish(channel, frame).await)
+            })),
         }
     }
 
     /// The PUBLISH itself, once a slot is held: fred's command future, boxed as it is made.
     ///
     /// fred's future is ~5 KB, and every move of a future holding it copies all of it. Boxed
-    /// at once (one copy), it keeps the futures around it small (a call's, a reply's) and is
-    /// never moved again; awaited inside an `async fn` that was then boxed, it was copied
-    /// twice per PUBLISH, on the path of every call (BENCHMARKS.md, session 12).
+    /// at once (one copy), it is never moved again; awaited inside an `async fn` whose future
+    /// was then boxed, it was copied twice more per PUBLISH, on the path of every call
+    /// (BENCHMARKS.md, session 12). The futures that await it are boxed in turn, small.
     fn send_publish(&self, channel: Channel, frame: Bytes) -> SendPublish<'_> {
         if self.sharded {
             Box::pin(self.commands.spublish(channel.0, Value::Bytes(frame)))
