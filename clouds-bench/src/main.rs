@@ -8,6 +8,7 @@
 //! cargo run --release -p clouds-bench -- claims    # large payloads inline against claims
 //! cargo run --release -p clouds-bench -- streams   # stream items/s by window, beside the raw round trip
 //! cargo run --release -p clouds-bench -- cold      # one call with no Redis, caches hot and cold
+//! cargo run --release -p clouds-bench -- batching  # p50 alone, batching off against on, interleaved
 //! ```
 //!
 //! Starts its own `redis-server` on a free loopback port and measures, against it, an echo
@@ -28,6 +29,8 @@
 //!   round trip and sequential calls.
 //! - `cold.rs`: `cold`, one call through the in-memory broker on one thread, with its code and
 //!   data in the caches and evicted (what the p50 at 1 in flight is made of).
+//! - `batching_row.rs`: `batching`, the p50 at 1 in flight with batching off against on,
+//!   interleaved call by call (what batching costs a call alone).
 //! - `cluster.rs`: the rows on a Redis Cluster (`--cluster`).
 //! - `registry_sim.rs`: `registry`, the registry's Redis CPU with 1,000 servers beating and
 //!   1,000 callers refreshing, full lookups against generation lookups.
@@ -53,6 +56,7 @@ const ALLOCATOR_NAME: &str = if cfg!(feature = "mimalloc") {
     "the system's (glibc malloc)"
 };
 
+mod batching_row;
 mod claims;
 mod clouds_rows;
 mod cluster;
@@ -222,9 +226,10 @@ usage: clouds-bench [--quick] [--reps N] [--cluster] [--signing] [--once] [--alo
                with --payload bytes (default 100), against --redis URL if given (watch it
                with `redis-cli -p PORT monitor`); --signed: clouds with signed frames
 
-Tables of their own: clouds-bench claims|streams|cold [--quick] [--reps N], and
+Tables of their own: clouds-bench claims|streams|cold|batching [--quick] [--reps N], and
 clouds-bench registry --help (cold: one call through the in-memory broker, with its
-caches hot and cold; no Redis)
+caches hot and cold; no Redis; batching: the p50 at 1 in flight with batching off and
+on, interleaved call by call)
 
 Internal roles (the bench starts them itself): --provider URL NS, --raw-server URL REQ REPLY,
 --rss clouds burst|ramped URL NS ROUND IN_FLIGHT ID...,
@@ -401,6 +406,10 @@ fn main() -> ExitCode {
     // `claims`: large payloads inline and through claims (claims.rs).
     if args.first().is_some_and(|a| a == "claims") {
         return claims::main(&args[1..]);
+    }
+    // `batching`: the p50 alone with batching off against on (batching_row.rs).
+    if args.first().is_some_and(|a| a == "batching") {
+        return batching_row::main(&args[1..]);
     }
     if args.first().is_some_and(|a| a == "streams") {
         return streams::main(&args[1..]);
