@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use clouds_testkit::RedisServer;
 
-use crate::clouds_rows::{CloudsCaller, InProcess, config, start_provider};
+use crate::clouds_rows::{CloudsCaller, InProcess, config};
 use crate::load::{self, payload};
 use crate::raw::{Channels, RawClient, RawServer};
 use crate::report::fmt_d;
@@ -86,14 +86,10 @@ async fn measure(quick: bool, reps: usize) -> Result<String, String> {
     Ok(table(&rounds, calls, errors))
 }
 
-/// A provider and a client in `namespace`, batching or not (whatever the environment says).
+/// A provider and a client in `namespace`, batching as `batching` says (this row ignores
+/// `CLOUDS_BENCH_BATCHING`).
 async fn deployment(url: &str, namespace: &str, batching: bool) -> Result<InProcess, String> {
-    let config = config(url, namespace, crate::CALL_TIMEOUT)?.batching(batching);
-    let server = start_provider(config.clone()).await?;
-    let client = clouds::Client::connect(config)
-        .await
-        .map_err(|e| e.to_string())?;
-    Ok(InProcess { server, client })
+    InProcess::with_config(config(url, namespace, crate::CALL_TIMEOUT)?.batching(batching)).await
 }
 
 fn ratio(a: Duration, b: Duration) -> f64 {
