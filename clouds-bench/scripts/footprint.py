@@ -6,9 +6,13 @@ of two runs of the same scenario that differ only in their number of calls (N an
 as `clouds-bench --profile ... --calls N`). An instruction counts as executed by every round
 trip when its count grew by at least 3/4 of EXTRA between the two runs; its 64-byte line is
 part of the footprint. Instructions per round trip are the whole difference over EXTRA.
-It also prints the bytes of those instructions and the lines they would fill packed end to
-end: the footprint of the same machine code laid out perfectly (hot instructions only, no
-gaps), which no reordering of that code can go under.
+It also estimates the bytes of those instructions and the lines they would fill packed end
+to end (the same machine code with every instruction that did not run moved out of the way).
+Callgrind gives addresses, not sizes: an instruction's size is taken as the distance to the
+next address it saw. That is exact inside a run of executed instructions and too large where
+a run ends (the gap then covers code that never ran), so the figure is a range: gaps over
+15 bytes (the longest x86-64 instruction) counted as 1 byte, then as 15. Gaps of 15 bytes
+or less can still hide code that never ran, so even the low end is an estimate, not a floor.
 
     footprint.py EXTRA clouds-N.out clouds-2N.out [raw-N.out raw-2N.out]
 
@@ -61,29 +65,32 @@ def load(path):
 
 
 def per_round_trip(extra, before_path, after_path):
-    """(instructions per round trip, {64-byte line: function}, bytes of code) of one pair."""
+    """(instructions per round trip, {64-byte line: function}, (low, high) bytes of the
+    distinct instructions run) of one pair of runs."""
     before, _ = load(before_path)
     after, function_of = load(after_path)
     instructions = (sum(after.values()) - sum(before.values())) / extra
-    # An instruction's size is the distance to the next address Callgrind saw (at most 15
-    # bytes, the longest x86-64 instruction): exact inside a run of executed instructions.
+    # An instruction's size: the distance to the next address Callgrind saw (see the top).
     addresses = sorted(after)
     following = dict(zip(addresses, addresses[1:]))
     lines = {}
-    code_bytes = 0
+    low = high = 0
     for address, cost in after.items():
         if cost - before.get(address, 0) >= 0.75 * extra:
             lines.setdefault(address // 64, function_of[address])
-            code_bytes += min(following.get(address, address + 4) - address, 15)
-    return instructions, lines, code_bytes
+            gap = following.get(address, address + 16) - address
+            low += gap if gap <= 15 else 1
+            high += min(gap, 15)
+    return instructions, lines, (low, high)
 
 
 def describe(name, pair):
     """One side's figures, as printed."""
-    instructions, lines, code_bytes = pair
+    instructions, lines, (low, high) = pair
     return (f"{name}: {instructions:,.0f} instructions, {len(lines)} code lines "
-            f"({len(lines) * 64 / 1024:.1f} KiB) per round trip; {code_bytes / 1024:.1f} KiB "
-            f"of instructions, {code_bytes / 64:.0f} lines packed")
+            f"({len(lines) * 64 / 1024:.1f} KiB) per round trip; the distinct instructions "
+            f"run, about {low / 1024:.1f}-{high / 1024:.1f} KiB, would fill "
+            f"{-(-low // 64)}-{-(-high // 64)} lines packed")
 
 
 def area(function):

@@ -1,12 +1,14 @@
 //! `clouds-bench batching`: what batching costs a call alone. The p50 at 1 call in flight of
 //! two otherwise identical deployments, one with batching off (`Config::batching(false)`) and
 //! one with it on, interleaved call by call, beside raw's p50 interleaved the same way with
-//! the batching deployment (the full table's latency row).
+//! the batching deployment (the full table's latency row). Each round makes both pairings,
+//! the first of them alternating from round to round.
 //!
-//! Why: issue 14 promised batching "the same latency alone". The full table's row compares
-//! clouds with raw fred, and so measures all of clouds' work on a call's path, most of which
-//! predates batching. Interleaving clouds with itself, batching off against on, measures
-//! batching's part alone; separate runs drift by more than the difference looked for.
+//! Why: batching is meant to leave a call made alone as fast as without it. The full table's
+//! latency row compares clouds with raw fred, and so measures all of clouds' work on a call's
+//! path, most of which predates batching. Interleaving clouds with itself, batching off
+//! against on, measures batching's part alone; separate runs drift by more than the
+//! difference looked for.
 
 use std::fmt::Write as _;
 use std::time::Duration;
@@ -40,50 +42,94 @@ struct Round {
 async fn measure(quick: bool, reps: usize) -> Result<String, String> {
     let calls = if quick { 500 } else { 5_000 };
     let redis = RedisServer::start().map_err(|e| format!("redis-server: {e}"))?;
-    let url = redis.url();
-    let off = deployment(&url, "bench-batching-off", false).await?;
-    let on = deployment(&url, "bench-batching-on", true).await?;
-    let channels = Channels::new("batching-raw", 1);
-    let raw_server = RawServer::start(&url, &channels.requests[0], &channels.reply).await?;
-    let raw = RawClient::connect(&url, &channels, crate::CALL_TIMEOUT).await?;
+    let mut sides = Sides::default();
+    let measured = sides.start_and_measure(&redis.url(), calls, reps).await;
+    // Stopped whether or not all of them started.
+    sides.stop().await;
+    measured
+}
 
-    let (off_caller, on_caller) = (
-        CloudsCaller::new(&off.client),
-        CloudsCaller::new(&on.client),
-    );
-    let payload = payload(PAYLOAD);
-    // Warm-up: connections, provider caches, the allocator.
-    let _ = load::interleaved(&off_caller, &on_caller, &payload, 200).await;
-    let _ = load::interleaved(&raw, &on_caller, &payload, 200).await;
-    let mut rounds = Vec::new();
-    let mut errors = 0;
-    for rep in 0..reps {
-        let (off_p50, on_p50, e1) =
-            load::interleaved(&off_caller, &on_caller, &payload, calls).await;
-        let (raw_p50, beside, e2) = load::interleaved(&raw, &on_caller, &payload, calls).await;
-        errors += e1 + e2;
-        eprintln!(
-            "batching run {}: off {} on {} ({:.3}); raw {} on {} ({:.3})",
-            rep + 1,
-            fmt_d(off_p50),
-            fmt_d(on_p50),
-            ratio(on_p50, off_p50),
-            fmt_d(raw_p50),
-            fmt_d(beside),
-            ratio(beside, raw_p50),
+/// The three deployments the row compares, each there once started.
+#[derive(Default)]
+struct Sides {
+    off: Option<InProcess>,
+    on: Option<InProcess>,
+    raw_server: Option<RawServer>,
+    raw: Option<RawClient>,
+}
+
+impl Sides {
+    async fn start_and_measure(
+        &mut self,
+        url: &str,
+        calls: usize,
+        reps: usize,
+    ) -> Result<String, String> {
+        let off = &*self
+            .off
+            .insert(deployment(url, "bench-batching-off", false).await?);
+        let on = &*self
+            .on
+            .insert(deployment(url, "bench-batching-on", true).await?);
+        let channels = Channels::new("batching-raw", 1);
+        self.raw_server =
+            Some(RawServer::start(url, &channels.requests[0], &channels.reply).await?);
+        let raw = &*self
+            .raw
+            .insert(RawClient::connect(url, &channels, crate::CALL_TIMEOUT).await?);
+
+        let (off, on) = (
+            CloudsCaller::new(&off.client),
+            CloudsCaller::new(&on.client),
         );
-        rounds.push(Round {
-            off: off_p50,
-            on: on_p50,
-            raw: raw_p50,
-            on_beside_raw: beside,
-        });
+        let payload = payload(PAYLOAD);
+        // Warm-up: connections, provider caches, the allocator.
+        let _ = load::interleaved(&off, &on, &payload, 200).await;
+        let _ = load::interleaved(raw, &on, &payload, 200).await;
+        let mut rounds = Vec::new();
+        let mut errors = 0;
+        for rep in 0..reps {
+            // Which pairing goes first alternates, so neither always follows the other.
+            let ((off_p50, on_p50, e1), (raw_p50, beside, e2)) = if rep % 2 == 0 {
+                let off_on = load::interleaved(&off, &on, &payload, calls).await;
+                (off_on, load::interleaved(raw, &on, &payload, calls).await)
+            } else {
+                let raw_on = load::interleaved(raw, &on, &payload, calls).await;
+                (load::interleaved(&off, &on, &payload, calls).await, raw_on)
+            };
+            errors += e1 + e2;
+            eprintln!(
+                "batching run {}: off {} on {} ({:.3}); raw {} on {} ({:.3})",
+                rep + 1,
+                fmt_d(off_p50),
+                fmt_d(on_p50),
+                ratio(on_p50, off_p50),
+                fmt_d(raw_p50),
+                fmt_d(beside),
+                ratio(beside, raw_p50),
+            );
+            rounds.push(Round {
+                off: off_p50,
+                on: on_p50,
+                raw: raw_p50,
+                on_beside_raw: beside,
+            });
+        }
+        Ok(table(&rounds, calls, errors))
     }
-    raw.close().await;
-    raw_server.stop().await;
-    on.stop().await;
-    off.stop().await;
-    Ok(table(&rounds, calls, errors))
+
+    /// Stops what started.
+    async fn stop(&mut self) {
+        if let Some(raw) = self.raw.take() {
+            raw.close().await;
+        }
+        if let Some(server) = self.raw_server.take() {
+            server.stop().await;
+        }
+        for side in [self.on.take(), self.off.take()].into_iter().flatten() {
+            side.stop().await;
+        }
+    }
 }
 
 /// A provider and a client in `namespace`, batching as `batching` says (this row ignores
