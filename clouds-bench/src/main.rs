@@ -34,7 +34,8 @@
 //! - `cluster.rs`: the rows on a Redis Cluster (`--cluster`).
 //! - `registry_sim.rs`: `registry`, the registry's Redis CPU with 1,000 servers beating and
 //!   1,000 callers refreshing, full lookups against generation lookups.
-//! - `load.rs`: the bounded load generator both are driven by.
+//! - `load.rs`: the bounded load generator both are driven by, and the interleaved p50 (with
+//!   `--mark-calls`, each call marked for `scripts/segments.py`).
 //! - `rss.rs`: client memory per call in flight, in a child process.
 //! - `signing_row.rs`: signed frames on against off, at 64 in flight.
 //! - `once_row.rs`: exactly-once calls against ordinary ones (`--once` alone).
@@ -113,6 +114,9 @@ struct Plan {
     cluster: bool,
     /// One row alone rather than the full table (`--signing`, `--once`, `--alone`).
     only: Only,
+    /// Mark each interleaved call's start and end with a system call, for
+    /// `scripts/segments.py` (`--mark-calls`).
+    mark_calls: bool,
 }
 
 /// A row measured on its own, without the full table.
@@ -141,6 +145,7 @@ impl Plan {
             run_limit: Duration::from_secs(120),
             cluster: false,
             only: Only::Everything,
+            mark_calls: false,
         }
     }
 
@@ -156,6 +161,7 @@ impl Plan {
             run_limit: Duration::from_secs(30),
             cluster: false,
             only: Only::Everything,
+            mark_calls: false,
         }
     }
 }
@@ -205,6 +211,7 @@ enum Role {
 
 const USAGE: &str = "\
 usage: clouds-bench [--quick] [--reps N] [--cluster] [--signing] [--once] [--alone]
+                    [--mark-calls]
        clouds-bench --profile raw|clouds [--calls N] [--in-flight N] [--payload BYTES]
                     [--redis URL] [--signed]
 
@@ -219,6 +226,9 @@ usage: clouds-bench [--quick] [--reps N] [--cluster] [--signing] [--once] [--alo
                and 64 in flight
   --alone      only the p50 at 1 in flight, 100 B, raw and clouds interleaved call by
                call (the full table's latency target)
+  --mark-calls one getppid system call right before and after each of those interleaved
+               calls, for scripts/segments.py (where the time of a call alone goes, by
+               perf record; the same for raw and clouds)
   --signing    only the signing row: signed frames off and on, 100 B at 64 in flight
                (the full table ends with it too)
   --profile    one in-process scenario once, for callgrind: starts Redis, warms up 200
@@ -312,6 +322,7 @@ fn parse_args(args: &[String]) -> Result<Role, String> {
             let mut reps = None;
             let mut cluster = false;
             let mut only = Only::Everything;
+            let mut mark_calls = false;
             let mut i = 0;
             while i < args.len() {
                 match args[i].as_str() {
@@ -320,6 +331,7 @@ fn parse_args(args: &[String]) -> Result<Role, String> {
                     "--signing" => only = Only::Signing,
                     "--once" => only = Only::Once,
                     "--alone" => only = Only::Alone,
+                    "--mark-calls" => mark_calls = true,
                     "--reps" => {
                         reps = Some(num(args.get(i + 1), "--reps")?.max(1));
                         i += 1;
@@ -332,6 +344,7 @@ fn parse_args(args: &[String]) -> Result<Role, String> {
             plan.reps = reps.unwrap_or(plan.reps);
             plan.cluster = cluster;
             plan.only = only;
+            plan.mark_calls = mark_calls;
             Ok(Role::Bench(plan))
         }
     }
@@ -701,11 +714,12 @@ async fn measure_all(
 /// `plan.reps` times: the medians of the p50s and of their ratios.
 async fn interleaved_p50(plan: &Plan, raw: &impl Caller, clouds: &impl Caller) -> Interleaved {
     let payload = payload(100);
-    let _ = load::interleaved(raw, clouds, &payload, 200).await;
+    let mark = load::Marks(plan.mark_calls);
+    let _ = load::interleaved(raw, clouds, &payload, 200, mark).await;
     let (mut raws, mut cloudss, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
     let mut errors = 0;
     for rep in 0..plan.reps {
-        let (r, c, e) = load::interleaved(raw, clouds, &payload, plan.seq_calls).await;
+        let (r, c, e) = load::interleaved(raw, clouds, &payload, plan.seq_calls, mark).await;
         eprintln!(
             "interleaved run {}: raw p50 {} clouds p50 {} ({:.3})",
             rep + 1,
