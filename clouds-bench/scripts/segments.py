@@ -21,16 +21,23 @@ two `writev`s (fred writes the caller's `PUBLISH`, then the provider's) and read
     4  PUBLISH written     -> caller reads the reply     (kernel, Redis, waking the reader)
     5  caller reads reply  -> call ends                  (caller's work, and waking the caller)
 
-A call whose events do not fit that shape (another message between its marks, a read split
-in two) is left out and counted. Which calls are raw's: the bench alternates `a b`, `b a`,
-..., and raw is `a` (see `load::interleaved`); the script also checks that each side's calls
-all start with a write on the same connection. The medians of the segments need not add up
-to the median of the whole call.
+A message read in two parts (two reads on one connection with no write between) counts once,
+at its last part. A call whose events still do not fit that shape (another message between
+its marks) is left out, and the calls left out are counted per side. The first 400 marked
+calls are the bench's warm-up (200 rounds of `a b` / `b a`) and are skipped.
 
-Timestamps are the system calls' entries (a read: its return), so work between a read's
-return and the next entry into the kernel is in the segment it ends. The marks cost about a
-microsecond each, on both sides alike.
+Which calls are raw's: the bench alternates `a b`, `b a`, ..., and raw is `a` (see
+`load::interleaved`). Each side's connection (the one its caller's `PUBLISH` goes on) is
+taken from that pattern by a majority, and then every call is labelled by the connection its
+first write uses, so a lost event cannot shift the labels of later calls.
+
+Timestamps are the system calls' entries (a read: its return). So work done after a read
+returns, up to the next write, falls in the segment that read starts. The marks sit outside
+each call's own timing in the bench; each costs a system call, on both sides alike. The
+medians of the segments need not add up to the median of the whole call.
 """
+
+WARM_UP = 400
 
 import collections
 import re
@@ -59,17 +66,15 @@ def events(path):
                           "comm,pid,tid,time,event,trace"],
                          capture_output=True, text=True, check=True).stdout
     found, reading = [], {}
-    marker = None
+    marks = collections.Counter()
     for line in out.splitlines():
         m = EVENT.match(line)
         if not m:
             continue
         pid, tid, time, event = int(m["pid"]), int(m["tid"]), float(m["time"]) * 1e6, m["event"]
         if event == "sys_enter_getppid":
-            # The bench's process is the one that marks (Redis runs as another process).
-            marker = marker or pid
-            if pid == marker:
-                found.append((time, "mark", None))
+            marks[pid] += 1
+            found.append((time, "mark", None, pid))
         elif event == "sys_enter_writev":
             found.append((time, "write", int(FD.search(m["args"])[1], 16), pid))
         elif event == "sys_enter_recvfrom":
@@ -80,8 +85,11 @@ def events(path):
             got = int(value, 16) if value.startswith("0x") else int(value)
             if 0 < got < 1 << 62:
                 found.append((time, "read" if got > 8 else "ack", fd, pid))
-    return [(e[0], e[1], e[2]) for e in sorted(found, key=lambda e: e[0])
-            if e[1] == "mark" or e[3] == marker]
+    if not marks:
+        return []
+    # The bench's process is the one that marks its calls (Redis runs as another process).
+    marker = marks.most_common(1)[0][0]
+    return [(e[0], e[1], e[2]) for e in sorted(found, key=lambda e: e[0]) if e[3] == marker]
 
 
 def calls(found):
@@ -104,7 +112,16 @@ def split(call):
     """The five segments of one call (µs), and the connection its PUBLISH went on; None if the
     call does not have the expected shape."""
     writes = [e for e in call if e[1] == "write"]
-    reads = [e for e in call if e[1] == "read"]
+    reads, last_read_fd = [], None
+    for event in call:
+        if event[1] == "write":
+            last_read_fd = None
+        elif event[1] == "read":
+            if reads and event[2] == last_read_fd:
+                reads[-1] = event  # the rest of a message read in two parts
+            else:
+                reads.append(event)
+            last_read_fd = event[2]
     if len(writes) != 2 or len(reads) != 2:
         return None
     start, end = call[0][0], call[-1][0]
@@ -118,36 +135,43 @@ def split(call):
 
 def median(values):
     values = sorted(values)
-    return values[len(values) // 2]
+    return values[len(values) // 2] if values else float("nan")
 
 
 def main(args):
     if len(args) != 1:
         print(__doc__, file=sys.stderr)
         return 2
-    made = calls(events(args[0]))
+    made = calls(events(args[0]))[WARM_UP:]
     if not made:
-        print("no marked calls: record with --mark-calls and the events above", file=sys.stderr)
+        print("no marked calls after the warm-up: record with --mark-calls and the events "
+              "above", file=sys.stderr)
         return 1
+    # Each side's connection, by the alternation; then each call by its connection.
+    votes = {"raw": collections.Counter(), "clouds": collections.Counter()}
+    parts = [split(call) for call in made]
+    for k, part in enumerate(parts):
+        if part is not None:
+            votes["raw" if k % 4 in (0, 3) else "clouds"][part[1]] += 1
+    side_of = {}
+    for side, used in votes.items():
+        if used:
+            fd, n = used.most_common(1)[0]
+            if n < 0.95 * sum(used.values()):
+                print(f"warning: {side}'s calls do not go out on one connection "
+                      f"({dict(used)}): are raw and clouds told apart right?", file=sys.stderr)
+            side_of[fd] = side
     sides = {"raw": [], "clouds": []}
-    connections = {"raw": collections.Counter(), "clouds": collections.Counter()}
-    left_out = 0
-    for k, call in enumerate(made):
-        side = "raw" if k % 4 in (0, 3) else "clouds"
-        parts = split(call)
-        if parts is None:
-            left_out += 1
-            continue
-        sides[side].append(parts[0])
-        connections[side][parts[1]] += 1
-    for side, used in connections.items():
-        fd, n = used.most_common(1)[0] if used else (None, 0)
-        if n < 0.99 * sum(used.values()):
-            print(f"warning: {side}'s calls do not all go out on one connection ({dict(used)}): "
-                  "are raw and clouds told apart right?", file=sys.stderr)
-    print(f"{len(made)} marked calls; {len(sides['raw'])} raw and {len(sides['clouds'])} "
-          f"clouds split, {left_out} left out (another message between the marks, or a "
-          "read in two)")
+    left_out = collections.Counter()
+    for k, part in enumerate(parts):
+        side = side_of.get(part[1]) if part is not None else None
+        if side is None:
+            left_out["raw" if k % 4 in (0, 3) else "clouds"] += 1
+        else:
+            sides[side].append(part[0])
+    print(f"{len(made)} marked calls after the warm-up; split: {len(sides['raw'])} raw, "
+          f"{len(sides['clouds'])} clouds; left out (another message between the marks): "
+          f"{left_out['raw']} raw, {left_out['clouds']} clouds")
     print(f"{'median, µs':44s}{'raw':>8s}{'clouds':>8s}{'clouds - raw':>14s}")
     for i, name in enumerate(SEGMENTS):
         raw = median([c[i] for c in sides["raw"]])

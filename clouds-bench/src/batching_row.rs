@@ -84,23 +84,22 @@ impl Sides {
         );
         let payload = payload(PAYLOAD);
         // Warm-up: connections, provider caches, the allocator.
-        let _ = load::interleaved(&off, &on, &payload, 200, load::Marks(false)).await;
-        let _ = load::interleaved(raw, &on, &payload, 200, load::Marks(false)).await;
+        let _ = load::interleaved(&off, &on, &payload, 200, load::Marks::OFF).await;
+        let _ = load::interleaved(raw, &on, &payload, 200, load::Marks::OFF).await;
         let mut rounds = Vec::new();
         let mut errors = 0;
         for rep in 0..reps {
             // Which pairing goes first alternates, so neither always follows the other.
             let ((off_p50, on_p50, e1), (raw_p50, beside, e2)) = if rep % 2 == 0 {
-                let off_on =
-                    load::interleaved(&off, &on, &payload, calls, load::Marks(false)).await;
+                let off_on = load::interleaved(&off, &on, &payload, calls, load::Marks::OFF).await;
                 (
                     off_on,
-                    load::interleaved(raw, &on, &payload, calls, load::Marks(false)).await,
+                    load::interleaved(raw, &on, &payload, calls, load::Marks::OFF).await,
                 )
             } else {
-                let raw_on = load::interleaved(raw, &on, &payload, calls, load::Marks(false)).await;
+                let raw_on = load::interleaved(raw, &on, &payload, calls, load::Marks::OFF).await;
                 (
-                    load::interleaved(&off, &on, &payload, calls, load::Marks(false)).await,
+                    load::interleaved(&off, &on, &payload, calls, load::Marks::OFF).await,
                     raw_on,
                 )
             };

@@ -79,11 +79,14 @@ pub(crate) async fn run<C: Caller>(
 /// Whether [`interleaved`] marks each call's start and end with a `getppid` system call, which
 /// nothing else in the bench makes: `scripts/segments.py` finds the calls by these marks in a
 /// `perf record` of the system calls, and splits each one at its socket reads and writes.
-/// A mark costs about a microsecond, the same on both sides.
+/// The marks are outside each call's timing; each costs one system call, on both sides alike.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Marks(pub(crate) bool);
 
 impl Marks {
+    /// No marks (the rows other than the latency row).
+    pub(crate) const OFF: Marks = Marks(false);
+
     fn mark(self) {
         if self.0 {
             std::hint::black_box(std::os::unix::process::parent_id());
@@ -96,8 +99,9 @@ impl Marks {
 /// drift by more than the difference looked for. Returns the two p50s and the errors.
 ///
 /// The calls go `a b`, `b a`, `a b`, ...: with `marks`, the `k`-th marked call (from 0, over
-/// every run of this process) is `a`'s when `k % 4` is 0 or 3, as long as every run makes an
-/// even number of `calls`.
+/// every run of this process) is `a`'s when `k % 4` is 0 or 3 while every run makes an even
+/// number of `calls` (as the latency row's do). `segments.py` learns each side's connection
+/// from that pattern by a majority, and then labels each call by its connection.
 pub(crate) async fn interleaved<A: Caller, B: Caller>(
     a: &A,
     b: &B,

@@ -227,8 +227,8 @@ usage: clouds-bench [--quick] [--reps N] [--cluster] [--signing] [--once] [--alo
   --alone      only the p50 at 1 in flight, 100 B, raw and clouds interleaved call by
                call (the full table's latency target)
   --mark-calls one getppid system call right before and after each of those interleaved
-               calls, for scripts/segments.py (where the time of a call alone goes, by
-               perf record; the same for raw and clouds)
+               calls (with --alone, or in the full table's latency row; no other row), for
+               scripts/segments.py: where the time of a call alone goes, by perf record
   --signing    only the signing row: signed frames off and on, 100 B at 64 in flight
                (the full table ends with it too)
   --profile    one in-process scenario once, for callgrind: starts Redis, warms up 200
