@@ -148,11 +148,19 @@ impl InProcess {
         InProcess::with_config(config(url, namespace, timeout)?).await
     }
 
-    /// Starts both with `config` (the in-memory broker's, in `cold`).
+    /// Starts both with `config` (the in-memory broker's, in `cold`); a provider started for
+    /// a client that then cannot connect is shut down again.
     pub(crate) async fn with_config(config: Config) -> Result<InProcess, String> {
         let server = start_provider(config.clone()).await?;
-        let client = Client::connect(config).await.map_err(|e| e.to_string())?;
-        Ok(InProcess { server, client })
+        match Client::connect(config).await {
+            Ok(client) => Ok(InProcess { server, client }),
+            Err(e) => {
+                if let Err(stop) = server.shutdown().await {
+                    eprintln!("provider shutdown: {stop}");
+                }
+                Err(e.to_string())
+            }
+        }
     }
 
     /// Closes the client and shuts the provider down.

@@ -4,11 +4,10 @@
 
 use std::fmt::Write as _;
 
-use clouds::Client;
 use clouds_testkit::RedisServer;
 
 use crate::Plan;
-use crate::clouds_rows::{self, CloudsCaller, InProcess, start_provider};
+use crate::clouds_rows::{self, CloudsCaller, InProcess};
 use crate::load::{self, payload};
 use crate::report::{Ratios, fmt_d};
 use crate::stats::{Figures, median, median_figures};
@@ -76,9 +75,7 @@ pub(crate) async fn deployment(
     if signed {
         config = config.signing_key(1, KEY);
     }
-    let server = start_provider(config.clone()).await?;
-    let client = Client::connect(config).await.map_err(|e| e.to_string())?;
-    Ok(InProcess { server, client })
+    InProcess::with_config(config).await
 }
 
 /// Measures 100 B echo calls at 64 in flight with signing off and on.
