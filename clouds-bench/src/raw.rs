@@ -101,6 +101,9 @@ struct PubSub {
     sharded: bool,
     /// On a cluster, re-subscribes after the subscriber reconnects (aborted on close).
     resubscriber: Option<tokio::task::JoinHandle<()>>,
+    /// Print each connection's errors (aborted on close): raw has no retries, so a dropped
+    /// connection shows only as calls with no reply, which this names.
+    error_loggers: [tokio::task::JoinHandle<Result<(), fred::error::Error>>; 2],
 }
 
 impl PubSub {
@@ -117,11 +120,26 @@ impl PubSub {
         commands.init().await.map_err(|e| e.to_string())?;
         subscriber.init().await.map_err(|e| e.to_string())?;
         let resubscriber = sharded.then(|| subscriber.manage_subscriptions());
+        let log = |connection: &'static str| {
+            move |(error, server): (fred::error::Error, Option<fred::types::config::Server>)| async move {
+                let server = server.map_or_else(String::new, |s| format!(" ({s})"));
+                eprintln!(
+                    "raw (pid {}): {connection} connection error{server}: {error}",
+                    std::process::id()
+                );
+                Ok(())
+            }
+        };
+        let error_loggers = [
+            commands.on_error(log("command")),
+            subscriber.on_error(log("subscriber")),
+        ];
         Ok(PubSub {
             commands,
             subscriber,
             sharded,
             resubscriber,
+            error_loggers,
         })
     }
 
@@ -145,6 +163,8 @@ impl PubSub {
         if let Some(resubscriber) = &self.resubscriber {
             resubscriber.abort();
         }
+        // Quitting is not an error to report.
+        self.error_loggers.iter().for_each(|l| l.abort());
         let _ = self.subscriber.quit().await;
         let _ = self.commands.quit().await;
     }
@@ -155,6 +175,7 @@ impl Drop for PubSub {
         if let Some(resubscriber) = &self.resubscriber {
             resubscriber.abort();
         }
+        self.error_loggers.iter().for_each(|l| l.abort());
     }
 }
 
