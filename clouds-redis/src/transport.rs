@@ -283,10 +283,11 @@ impl Transport {
 
     /// The PUBLISH itself, once a slot is held: fred's command future, boxed as it is made.
     ///
-    /// fred's future is ~5 KB, and every move of a future holding it copies all of it. Boxed
-    /// at once (one copy), it is never moved again; awaited inside an `async fn` whose future
-    /// was then boxed, it was copied twice more per PUBLISH, on the path of every call
-    /// (BENCHMARKS.md, session 12). The futures that await it are boxed in turn, small.
+    /// fred's future is 5-7 KB (5,048 B in this crate's build, 6,792 B in the bench's), and
+    /// every move of a future holding it copies all of it. Boxed at once (one copy), it is
+    /// never moved again; awaited inside an `async fn` whose future was then boxed, it was
+    /// copied twice more per PUBLISH, on the path of every call (BENCHMARKS.md, session 12).
+    /// The futures that await it are boxed in turn, small.
     fn send_publish(&self, channel: Channel, frame: Bytes) -> SendPublish<'_> {
         if self.sharded {
             Box::pin(self.commands.spublish(channel.0, Value::Bytes(frame)))
