@@ -29,7 +29,9 @@ calls are the bench's warm-up (200 rounds of `a b` / `b a`) and are skipped.
 Which calls are raw's: the bench alternates `a b`, `b a`, ..., and raw is `a` (see
 `load::interleaved`). Each side's connection (the one its caller's `PUBLISH` goes on) is
 taken from that pattern by a majority, and then every call is labelled by the connection its
-first write uses, so a lost event cannot shift the labels of later calls.
+first write uses, so a lost event cannot shift the labels of later calls. (A lost mark would
+still pair the marks wrongly from there on: those calls fail the shape check and show in the
+count left out.)
 
 Timestamps are the system calls' entries (a read: its return). So work done after a read
 returns, up to the next write, falls in the segment that read starts. The marks sit outside
