@@ -9,10 +9,11 @@
 //! share goes alone), tells each frame's sender what its `PUBLISH` returned, and goes on until
 //! the queue is empty. Two senders gather before they publish:
 //!
-//! - A call (`send_call`) that finds the turn free takes it and yields, so calls woken
-//!   together (a burst of callers answered by one batch of replies) join it; if none did, it
-//!   publishes its frame alone and learns the outcome itself; if some did, a flusher publishes
-//!   them all. A call whose frame went in a batch is told only if that `PUBLISH` failed or
+//! - A call (`send_call`) that finds the turn free takes it. If no other call of the node
+//!   waits for an answer, it publishes its frame at once, alone, and learns the outcome
+//!   itself. Otherwise it queues its frame and yields, so calls woken together (a burst of
+//!   callers answered by one batch of replies) join it; if none did, it publishes its frame
+//!   alone as before; if some did, a flusher publishes them all. A call whose frame went in a batch is told only if that `PUBLISH` failed or
 //!   reached nobody, through its pending slot ([`Sink::unsent`]): it waits once, for its
 //!   answer, with no outcome channel of its own.
 //! - The receive loop, which makes several replies to one caller in one pass, hands them over
@@ -39,6 +40,7 @@ use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use foldhash::HashMap;
+use std::collections::hash_map::Entry;
 use tokio::sync::oneshot;
 
 use crate::codec;
@@ -166,12 +168,14 @@ impl Outbox {
     fn release<S: Sink>(sink: &Arc<S>, channel: &Channel) {
         let waiting = {
             let mut turns = lock(&sink.outbox().turns);
-            match turns.get(channel) {
-                Some(queue) if !queue.is_empty() => true,
-                _ => {
-                    turns.remove(channel);
-                    false
+            // Removed first: nothing waits in the usual case, and this looks the channel up
+            // once. Put back (still held, for the flusher) if frames wait.
+            match turns.remove(channel) {
+                Some(queue) if !queue.is_empty() => {
+                    turns.insert(channel.clone(), queue);
+                    true
                 }
+                _ => false,
             }
         };
         if waiting {
@@ -194,17 +198,17 @@ pub(crate) async fn send<S: Sink>(
     }
     let waiting = {
         let mut turns = lock(&outbox.turns);
-        match turns.get_mut(channel) {
-            Some(queue) => {
+        match turns.entry(channel.clone()) {
+            Entry::Occupied(mut queue) => {
                 let (done, waiting) = oneshot::channel();
-                queue.push_back(Waiting {
+                queue.get_mut().push_back(Waiting {
                     frame,
                     tell: Tell::Sender(done),
                 });
                 Err(waiting)
             }
-            None => {
-                turns.insert(channel.clone(), VecDeque::new());
+            Entry::Vacant(free) => {
+                free.insert(VecDeque::new());
                 Ok(frame)
             }
         }
@@ -220,16 +224,28 @@ pub(crate) async fn send<S: Sink>(
     sent
 }
 
+/// What a call that sends through the outbox holds (`send_call`), when it has a future to run.
+enum Held {
+    /// Batching off: its frame, to publish alone.
+    Off(Bytes),
+    /// The turn, and its frame, to publish at once: the call was alone.
+    Alone(Bytes),
+    /// The turn, its frame queued behind it: others may join before it publishes.
+    Gathering,
+}
+
 /// Most times a call holding a free turn yields for others to join (`send_call`).
 const GATHER_ROUNDS: usize = 4;
 
 /// Publishes a call's `frame` on `channel` through the outbox, for a call waiting in the
-/// pending table under `id`. The frame joins `channel`'s queue. If the turn was held, that
+/// pending table under `id`. If the turn was held, the frame joins `channel`'s queue and that
 /// is all (`None`, no future to run). If it was free, this sender takes it and gets a future
-/// to run at once, which yields (while other calls of the node wait for answers) so that
-/// calls made meanwhile (a burst of callers woken together) join: if none did, it publishes
-/// the frame alone and resolves to what that `PUBLISH` returned; if some did, a flusher
-/// publishes them all as one batch and it resolves to `None`. A call whose frame went in a
+/// to run at once. A call alone (no other call of the node waits for an answer) keeps its
+/// frame, and the future publishes it and resolves to what that `PUBLISH` returned; dropped
+/// before it ran, the frame is never sent. Otherwise the frame joins the queue and the future
+/// yields, so that calls made meanwhile (a burst of callers woken together) join: if none
+/// did, it publishes the frame alone and resolves to what that `PUBLISH` returned; if some
+/// did, a flusher publishes them all as one batch and it resolves to `None`. A call whose frame went in a
 /// batch hears of its `PUBLISH` only if that failed or reached nobody ([`Sink::unsent`],
 /// which answers its pending slot): so a call at load waits once, for its answer, with no
 /// outcome channel nor future of its own here. A batch is never published from a call's
@@ -245,60 +261,69 @@ pub(crate) fn send_call<'a, S: Sink>(
     id: u64,
 ) -> Option<impl Future<Output = Option<Result<u64, TransportError>>> + Send + 'a> {
     let outbox = sink.outbox();
-    // The turn, held; or with batching off, the frame to publish alone.
+    // A call alone (no other call of this node waits for an answer) that finds the turn free
+    // keeps its frame and publishes it at once: no queue entry, no yield (which can wake an
+    // idle worker to take this task over: that costs a lone call more than it could gain).
+    // Any other that finds it free queues its frame and gathers (`Held::Gathering`).
     let held = if outbox.enabled {
-        let waiting = Waiting {
-            frame,
-            tell: Tell::Call(id),
-        };
+        let alone = sink.calls_waiting() <= 1;
         let mut turns = lock(&outbox.turns);
-        if let Some(queue) = turns.get_mut(channel) {
-            // The usual case at load: no future to run, nothing more to wait for here.
-            queue.push_back(waiting);
-            return None;
+        let queue = match turns.entry(channel.clone()) {
+            Entry::Occupied(mut queue) => {
+                // The usual case at load: no future to run, nothing more to wait for here.
+                queue.get_mut().push_back(Waiting {
+                    frame,
+                    tell: Tell::Call(id),
+                });
+                return None;
+            }
+            Entry::Vacant(free) => free,
+        };
+        if alone {
+            queue.insert(VecDeque::new());
+            Held::Alone(frame)
+        } else {
+            queue.insert(VecDeque::from([Waiting {
+                frame,
+                tell: Tell::Call(id),
+            }]));
+            Held::Gathering
         }
-        turns.insert(channel.clone(), VecDeque::from([waiting]));
-        drop(turns);
-        // This sender holds the turn; the guard, made before the future, hands it on (to
-        // a flusher, when frames wait) however the future ends, polled or not.
-        Ok(Turn::new(sink, channel))
     } else {
-        Err(frame)
+        Held::Off(frame)
     };
+    // This sender holds the turn (batching on); the guard, made before the future, hands it
+    // on (to a flusher, when frames wait) however the future ends, polled or not.
+    let turn = (!matches!(held, Held::Off(_))).then(|| Turn::new(sink, channel));
     Some(async move {
-        let turn = match held {
-            Ok(turn) => turn,
-            Err(frame) => return Some(sink.publish(channel.clone(), frame, false).await),
-        };
-        // Let the calls runnable now join; again while they keep coming (a burst woken
-        // together spreads over the workers), at most a few times. A call alone goes at
-        // once: a yield can wake an idle worker to take this task over, which costs a lone
-        // call more than it could gain.
-        if sink.calls_waiting() > 1 {
-            let mut queued = 1;
-            for _ in 0..GATHER_ROUNDS {
-                yield_once().await;
-                let now = lock(&outbox.turns).get(channel).map_or(0, VecDeque::len);
-                if now == queued {
-                    break;
+        let frame = match held {
+            Held::Off(frame) | Held::Alone(frame) => frame,
+            Held::Gathering => {
+                // Let the calls runnable now join; again while they keep coming (a burst
+                // woken together spreads over the workers), at most a few times.
+                let mut queued = 1;
+                for _ in 0..GATHER_ROUNDS {
+                    yield_once().await;
+                    let now = lock(&outbox.turns).get(channel).map_or(0, VecDeque::len);
+                    if now == queued {
+                        break;
+                    }
+                    queued = now;
                 }
-                queued = now;
-            }
-        }
-        let alone = {
-            let mut turns = lock(&outbox.turns);
-            match turns.get_mut(channel) {
-                // Only this call's frame waits (nobody else takes from a held turn's queue).
-                Some(queue) if queue.len() == 1 => queue.pop_front(),
-                _ => None,
+                let alone = {
+                    let mut turns = lock(&outbox.turns);
+                    match turns.get_mut(channel) {
+                        // Only this call's frame waits (nobody else takes from a held
+                        // turn's queue).
+                        Some(queue) if queue.len() == 1 => queue.pop_front(),
+                        _ => None,
+                    }
+                };
+                // Others joined: the guard hands the turn to a flusher for the batch.
+                alone?.frame
             }
         };
-        let Some(alone) = alone else {
-            // Others joined: the guard hands the turn to a flusher for the batch.
-            drop(turn);
-            return None;
-        };
-        let sent = sink.publish(channel.clone(), alone.frame, false).await;
+        let sent = sink.publish(channel.clone(), frame, false).await;
         drop(turn);
         Some(sent)
     })
@@ -953,6 +978,23 @@ mod tests {
         );
         fake.gate.add_permits(1);
         assert_eq!(call.await, Some(Ok(1)));
+    }
+
+    #[tokio::test]
+    async fn a_lone_call_dropped_before_it_ran_sends_nothing_and_frees_the_turn() {
+        // A call alone keeps its frame in its future: given up before that future ran, the
+        // call was never sent (and so needs no Cancel), and the turn is free again.
+        let fake = Fake::new(1024, 1);
+        fake.calls_waiting.store(1, Ordering::SeqCst);
+        let ch = Channel::from("a");
+        let publishing = send_call(&fake, &ch, frame(0, 10), 1).expect("the turn was free");
+        assert_eq!(fake.outbox.busy(), 1, "held until the future ends");
+        drop(publishing);
+        assert_eq!(fake.outbox.busy(), 0);
+        fake.gate.add_permits(10);
+        let later = send_call(&fake, &ch, frame(1, 10), 2).expect("the turn is free again");
+        assert_eq!(later.await, Some(Ok(1)));
+        assert_eq!(fake.publishes(), vec![vec![frame(1, 10)]]);
     }
 
     #[tokio::test]
