@@ -846,7 +846,8 @@ impl Sink for Node {
         // they were taken; a batch is sealed as one frame.
         let frame = self.seal(&channel, frame);
         // Chosen here, not in an `async` block: no state machine of its own around either
-        // (fewer lines of code run per round trip, BENCHMARKS.md "A lone call's path, cut").
+        // (fewer lines of code run per round trip: BENCHMARKS.md, "A lone call's path, cut, and
+        // how low it can go").
         if timed {
             Either::Left(self.wire.publish(channel, frame))
         } else {
