@@ -13,16 +13,17 @@
 //!   waits for an answer, it publishes its frame at once, alone, and learns the outcome
 //!   itself. Otherwise it queues its frame and yields, so calls woken together (a burst of
 //!   callers answered by one batch of replies) join it; if none did, it publishes its frame
-//!   alone as before; if some did, a flusher publishes them all. A call whose frame went in a batch is told only if that `PUBLISH` failed or
-//!   reached nobody, through its pending slot ([`Sink::unsent`]): it waits once, for its
-//!   answer, with no outcome channel of its own.
+//!   alone; if some did, a flusher publishes them all. A call whose frame went in a batch
+//!   is told only if that `PUBLISH` failed or reached nobody, through its pending slot
+//!   ([`Sink::unsent`]): it waits once, for its answer, with no outcome channel of its own.
 //! - The receive loop, which makes several replies to one caller in one pass, hands them over
 //!   together (`send_all`): one run in the queue behind one waiter; if the turn was free it
 //!   yields once, so frames made meanwhile join, and flushes them itself.
 //!
 //! So a batch's outcome is exactly each of its frames' outcome: a `PUBLISH` that reached
 //! nobody reached none of them, one that failed failed for each of them. Frames keep their
-//! order per destination. A sender dropped while its frame waits takes the frame out of the
+//! order per destination. A call alone whose future is dropped before it ran never sends its
+//! frame (it kept it). A sender dropped while its frame waits takes the frame out of the
 //! next batch (of a run from `send_all`, only the last frame: replies whose sending was given
 //! up may still go, and a caller ignores a late reply; a call from `send_call` still goes, its
 //! caller's Cancel after it); one dropped while holding the turn hands it on from its `Drop`
@@ -40,7 +41,6 @@ use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use foldhash::HashMap;
-use std::collections::hash_map::Entry;
 use tokio::sync::oneshot;
 
 use crate::codec;
@@ -198,17 +198,17 @@ pub(crate) async fn send<S: Sink>(
     }
     let waiting = {
         let mut turns = lock(&outbox.turns);
-        match turns.entry(channel.clone()) {
-            Entry::Occupied(mut queue) => {
+        match turns.get_mut(channel) {
+            Some(queue) => {
                 let (done, waiting) = oneshot::channel();
-                queue.get_mut().push_back(Waiting {
+                queue.push_back(Waiting {
                     frame,
                     tell: Tell::Sender(done),
                 });
                 Err(waiting)
             }
-            Entry::Vacant(free) => {
-                free.insert(VecDeque::new());
+            None => {
+                turns.insert(channel.clone(), VecDeque::new());
                 Ok(frame)
             }
         }
@@ -245,11 +245,12 @@ const GATHER_ROUNDS: usize = 4;
 /// before it ran, the frame is never sent. Otherwise the frame joins the queue and the future
 /// yields, so that calls made meanwhile (a burst of callers woken together) join: if none
 /// did, it publishes the frame alone and resolves to what that `PUBLISH` returned; if some
-/// did, a flusher publishes them all as one batch and it resolves to `None`. A call whose frame went in a
-/// batch hears of its `PUBLISH` only if that failed or reached nobody ([`Sink::unsent`],
-/// which answers its pending slot): so a call at load waits once, for its answer, with no
-/// outcome channel nor future of its own here. A batch is never published from a call's
-/// future, so a caller giving up cannot cancel other calls' frames.
+/// did, a flusher publishes them all as one batch and it resolves to `None` (dropped before
+/// it ran, its frame still goes, with the batch). A call whose frame went in a batch hears of
+/// its `PUBLISH` only if that failed or reached nobody ([`Sink::unsent`], which answers its
+/// pending slot): so a call at load waits once, for its answer, with no outcome channel nor
+/// future of its own here. A batch is never published from a call's future, so a caller
+/// giving up cannot cancel other calls' frames.
 ///
 /// Unlike [`send`], a queued call is sent even if its caller gives up meanwhile (nothing
 /// here knows): a caller that gave up after queueing tells the provider with a Cancel,
@@ -261,32 +262,31 @@ pub(crate) fn send_call<'a, S: Sink>(
     id: u64,
 ) -> Option<impl Future<Output = Option<Result<u64, TransportError>>> + Send + 'a> {
     let outbox = sink.outbox();
-    // A call alone (no other call of this node waits for an answer) that finds the turn free
-    // keeps its frame and publishes it at once: no queue entry, no yield (which can wake an
-    // idle worker to take this task over: that costs a lone call more than it could gain).
-    // Any other that finds it free queues its frame and gathers (`Held::Gathering`).
+    // A call that finds the turn free takes it. Alone (no other call of this node waits for
+    // an answer), it keeps its frame and publishes it at once: nothing queued, no yield
+    // (which can wake an idle worker to take this task over: that costs a lone call more
+    // than it could gain). Otherwise its frame is queued and it gathers (`Held::Gathering`).
     let held = if outbox.enabled {
-        let alone = sink.calls_waiting() <= 1;
         let mut turns = lock(&outbox.turns);
-        let queue = match turns.entry(channel.clone()) {
-            Entry::Occupied(mut queue) => {
-                // The usual case at load: no future to run, nothing more to wait for here.
-                queue.get_mut().push_back(Waiting {
-                    frame,
-                    tell: Tell::Call(id),
-                });
-                return None;
-            }
-            Entry::Vacant(free) => free,
-        };
-        if alone {
-            queue.insert(VecDeque::new());
-            Held::Alone(frame)
-        } else {
-            queue.insert(VecDeque::from([Waiting {
+        if let Some(queue) = turns.get_mut(channel) {
+            // The usual case at load: no future to run, nothing more to wait for here.
+            queue.push_back(Waiting {
                 frame,
                 tell: Tell::Call(id),
-            }]));
+            });
+            return None;
+        }
+        // Asked only of a call that takes the turn (the pending table's lock is never held
+        // while the outbox's is taken, so this order cannot deadlock).
+        if sink.calls_waiting() <= 1 {
+            turns.insert(channel.clone(), VecDeque::new());
+            Held::Alone(frame)
+        } else {
+            let waiting = Waiting {
+                frame,
+                tell: Tell::Call(id),
+            };
+            turns.insert(channel.clone(), VecDeque::from([waiting]));
             Held::Gathering
         }
     } else {
@@ -974,7 +974,7 @@ mod tests {
             lock(&fake.outbox.turns)
                 .get(&ch)
                 .is_some_and(VecDeque::is_empty),
-            "its frame left the queue for its own PUBLISH"
+            "its frame went to its own PUBLISH, never through the queue"
         );
         fake.gate.add_permits(1);
         assert_eq!(call.await, Some(Ok(1)));
@@ -995,6 +995,42 @@ mod tests {
         let later = send_call(&fake, &ch, frame(1, 10), 2).expect("the turn is free again");
         assert_eq!(later.await, Some(Ok(1)));
         assert_eq!(fake.publishes(), vec![vec![frame(1, 10)]]);
+    }
+
+    #[tokio::test]
+    async fn a_lone_call_holding_the_turn_hands_it_on_to_those_queued_behind() {
+        let fake = Fake::new(1024, 1);
+        fake.calls_waiting.store(1, Ordering::SeqCst);
+        let ch = Channel::from("a");
+        let (fake2, ch2) = (fake.clone(), ch.clone());
+        let mut first = Box::pin(async move { call(&fake2, &ch2, frame(0, 10), 1).await });
+        assert!(futures_util::poll!(first.as_mut()).is_pending(), "at the gate");
+        // Two more, queued behind the held turn (no future of their own).
+        assert_eq!(send_call(&fake, &ch, frame(1, 10), 2).map(|_| ()), None);
+        assert_eq!(send_call(&fake, &ch, frame(2, 10), 3).map(|_| ()), None);
+        fake.gate.add_permits(10);
+        assert_eq!(first.await, Some(Ok(1)));
+        settle().await;
+        assert_eq!(
+            fake.publishes(),
+            vec![vec![frame(0, 10)], vec![frame(1, 10), frame(2, 10)]],
+            "the lone call's frame alone, then the queue as one batch, in order"
+        );
+        assert_eq!(fake.outbox.busy(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_lone_call_dropped_before_it_ran_hands_the_turn_to_those_queued_behind() {
+        let fake = Fake::new(1024, 1);
+        fake.calls_waiting.store(1, Ordering::SeqCst);
+        let ch = Channel::from("a");
+        let lone = send_call(&fake, &ch, frame(0, 10), 1).expect("the turn was free");
+        assert_eq!(send_call(&fake, &ch, frame(1, 10), 2).map(|_| ()), None);
+        drop(lone);
+        fake.gate.add_permits(10);
+        settle().await;
+        assert_eq!(fake.publishes(), vec![vec![frame(1, 10)]]);
+        assert_eq!(fake.outbox.busy(), 0);
     }
 
     #[tokio::test]
