@@ -543,6 +543,14 @@ mod tests {
         tokio::spawn(async move { send(&fake, &ch, frame, false).await })
     }
 
+    /// A sink whose node has one call waiting for an answer (the one about to send), and
+    /// the channel it sends on: a call that takes the turn is alone.
+    fn alone() -> (Arc<Fake>, Channel) {
+        let fake = Fake::new(1024, 1);
+        fake.calls_waiting.store(1, Ordering::SeqCst);
+        (fake, Channel::from("a"))
+    }
+
     /// Lets spawned tasks and queued senders run until nothing moves.
     async fn settle() {
         for _ in 0..50 {
@@ -962,9 +970,7 @@ mod tests {
 
     #[tokio::test(flavor = "current_thread")]
     async fn a_call_alone_publishes_without_yielding() {
-        let fake = Fake::new(1024, 1);
-        fake.calls_waiting.store(1, Ordering::SeqCst);
-        let ch = Channel::from("a");
+        let (fake, ch) = alone();
         let (fake2, ch2) = (fake.clone(), ch.clone());
         let mut call = Box::pin(async move { call(&fake2, &ch2, frame(0, 10), 1).await });
         // First poll: it reaches the PUBLISH (waiting at the gate) without yielding first.
@@ -984,9 +990,7 @@ mod tests {
     async fn a_lone_call_dropped_before_it_ran_sends_nothing_and_frees_the_turn() {
         // A call alone keeps its frame in its future: given up before that future ran, the
         // call was never sent (and so needs no Cancel), and the turn is free again.
-        let fake = Fake::new(1024, 1);
-        fake.calls_waiting.store(1, Ordering::SeqCst);
-        let ch = Channel::from("a");
+        let (fake, ch) = alone();
         let publishing = send_call(&fake, &ch, frame(0, 10), 1).expect("the turn was free");
         assert_eq!(fake.outbox.busy(), 1, "held until the future ends");
         drop(publishing);
@@ -999,12 +1003,13 @@ mod tests {
 
     #[tokio::test]
     async fn a_lone_call_holding_the_turn_hands_it_on_to_those_queued_behind() {
-        let fake = Fake::new(1024, 1);
-        fake.calls_waiting.store(1, Ordering::SeqCst);
-        let ch = Channel::from("a");
+        let (fake, ch) = alone();
         let (fake2, ch2) = (fake.clone(), ch.clone());
         let mut first = Box::pin(async move { call(&fake2, &ch2, frame(0, 10), 1).await });
-        assert!(futures_util::poll!(first.as_mut()).is_pending(), "at the gate");
+        assert!(
+            futures_util::poll!(first.as_mut()).is_pending(),
+            "at the gate"
+        );
         // Two more, queued behind the held turn (no future of their own).
         assert_eq!(send_call(&fake, &ch, frame(1, 10), 2).map(|_| ()), None);
         assert_eq!(send_call(&fake, &ch, frame(2, 10), 3).map(|_| ()), None);
@@ -1021,9 +1026,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_lone_call_dropped_before_it_ran_hands_the_turn_to_those_queued_behind() {
-        let fake = Fake::new(1024, 1);
-        fake.calls_waiting.store(1, Ordering::SeqCst);
-        let ch = Channel::from("a");
+        let (fake, ch) = alone();
         let lone = send_call(&fake, &ch, frame(0, 10), 1).expect("the turn was free");
         assert_eq!(send_call(&fake, &ch, frame(1, 10), 2).map(|_| ()), None);
         drop(lone);
