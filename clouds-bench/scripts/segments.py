@@ -39,12 +39,12 @@ each call's own timing in the bench; each costs a system call, on both sides ali
 medians of the segments need not add up to the median of the whole call.
 """
 
-WARM_UP = 400
-
 import collections
 import re
 import subprocess
 import sys
+
+WARM_UP = 400
 
 EVENT = re.compile(
     r"^\s*(?P<comm>.+?)\s+(?P<pid>\d+)/(?P<tid>\d+)\s+(?P<time>[\d.]+):\s+"

@@ -19,7 +19,7 @@ use crate::clouds_rows::{CloudsCaller, InProcess, config};
 use crate::load::{self, payload};
 use crate::raw::{Channels, RawClient, RawServer};
 use crate::report::fmt_d;
-use crate::stats::median;
+use crate::stats::{median, ratio};
 
 /// Payload bytes, as the full table's latency row.
 const PAYLOAD: usize = 100;
@@ -142,10 +142,6 @@ impl Sides {
 /// `CLOUDS_BENCH_BATCHING`).
 async fn deployment(url: &str, namespace: &str, batching: bool) -> Result<InProcess, String> {
     InProcess::with_config(config(url, namespace, crate::CALL_TIMEOUT)?.batching(batching)).await
-}
-
-fn ratio(a: Duration, b: Duration) -> f64 {
-    a.as_secs_f64() / b.as_secs_f64().max(1e-12)
 }
 
 /// The table: per round and the medians.

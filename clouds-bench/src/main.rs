@@ -725,11 +725,11 @@ async fn interleaved_p50(plan: &Plan, raw: &impl Caller, clouds: &impl Caller) -
             rep + 1,
             fmt_d(r),
             fmt_d(c),
-            c.as_secs_f64() / r.as_secs_f64().max(1e-12)
+            stats::ratio(c, r)
         );
         raws.push(r);
         cloudss.push(c);
-        ratios.push(c.as_secs_f64() / r.as_secs_f64().max(1e-12));
+        ratios.push(stats::ratio(c, r));
         errors += e;
     }
     Interleaved {

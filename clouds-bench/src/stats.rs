@@ -47,6 +47,11 @@ pub(crate) fn percentile(sorted: &[Duration], pct: f64) -> Duration {
     sorted[rank.clamp(1, sorted.len()) - 1]
 }
 
+/// `a ÷ b` of two durations (a p50 over another), safe for a zero `b`.
+pub(crate) fn ratio(a: Duration, b: Duration) -> f64 {
+    a.as_secs_f64() / b.as_secs_f64().max(1e-12)
+}
+
 /// The median of some values (the lower middle one for an even count; zero when empty).
 pub(crate) fn median<T: Copy + Default + PartialOrd>(values: &[T]) -> T {
     let mut v = values.to_vec();

@@ -225,13 +225,15 @@ pub(crate) async fn send<S: Sink>(
 }
 
 /// What a call that sends through the outbox holds (`send_call`), when it has a future to run.
-enum Held {
+/// A held turn is a guard, made before the future: it hands the turn on (to a flusher, when
+/// frames wait) however the future ends, polled or not.
+enum Held<T> {
     /// Batching off: its frame, to publish alone.
     Off(Bytes),
     /// The turn, and its frame, to publish at once: the call was alone.
-    Alone(Bytes),
+    Alone(Bytes, T),
     /// The turn, its frame queued behind it: others may join before it publishes.
-    Gathering,
+    Gathering(T),
 }
 
 /// Most times a call holding a free turn yields for others to join (`send_call`).
@@ -280,25 +282,23 @@ pub(crate) fn send_call<'a, S: Sink>(
         // while the outbox's is taken, so this order cannot deadlock).
         if sink.calls_waiting() <= 1 {
             turns.insert(channel.clone(), VecDeque::new());
-            Held::Alone(frame)
+            Held::Alone(frame, Turn::new(sink, channel))
         } else {
             let waiting = Waiting {
                 frame,
                 tell: Tell::Call(id),
             };
             turns.insert(channel.clone(), VecDeque::from([waiting]));
-            Held::Gathering
+            Held::Gathering(Turn::new(sink, channel))
         }
     } else {
         Held::Off(frame)
     };
-    // This sender holds the turn (batching on); the guard, made before the future, hands it
-    // on (to a flusher, when frames wait) however the future ends, polled or not.
-    let turn = (!matches!(held, Held::Off(_))).then(|| Turn::new(sink, channel));
     Some(async move {
-        let frame = match held {
-            Held::Off(frame) | Held::Alone(frame) => frame,
-            Held::Gathering => {
+        let (frame, turn) = match held {
+            Held::Off(frame) => (frame, None),
+            Held::Alone(frame, turn) => (frame, Some(turn)),
+            Held::Gathering(turn) => {
                 // Let the calls runnable now join; again while they keep coming (a burst
                 // woken together spreads over the workers), at most a few times.
                 let mut queued = 1;
@@ -320,7 +320,7 @@ pub(crate) fn send_call<'a, S: Sink>(
                     }
                 };
                 // Others joined: the guard hands the turn to a flusher for the batch.
-                alone?.frame
+                (alone?.frame, Some(turn))
             }
         };
         let sent = sink.publish(channel.clone(), frame, false).await;
